@@ -1,0 +1,27 @@
+"""fastattn: fused attention, softmax and cross-entropy kernels for PyTorch.
+
+Importing fastattn registers its ``torch.library`` ops and nothing else: no device queries, no
+kernel compilation, no prints.
+"""
+
+from fastattn import nn
+from fastattn.backends import (
+    BackendUnavailableError,
+    available_backends,
+    backend_status,
+    use_backend,
+)
+from fastattn.functional import cross_entropy, log_softmax, softmax
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "available_backends",
+    "backend_status",
+    "cross_entropy",
+    "log_softmax",
+    "nn",
+    "softmax",
+    "use_backend",
+]

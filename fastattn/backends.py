@@ -1,0 +1,145 @@
+"""Which backend runs an op: availability, the per-call choice, and ``use_backend``.
+
+This module is the only place a backend is chosen. The choice is made per call, from (in order)
+the innermost ``use_backend`` block on this thread, the ``FASTATTN_BACKEND`` environment
+variable (read at call time), or the default for the tensor's device. An explicitly requested
+backend that cannot serve the call raises :class:`BackendUnavailableError`, naming the backends
+that can; nothing falls back silently.
+
+Default order when nothing is requested:
+
+- CUDA tensors: ``triton`` if Triton imports, else ``torch``.
+- CPU tensors: ``torch`` (PyTorch's own CPU kernels). ``triton`` on CPU is the Triton
+  interpreter, which exists for tests and is never picked by default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import os
+import threading
+from collections.abc import Callable, Iterator
+
+import torch
+
+BACKENDS = ("torch", "triton", "native", "numba")
+ENV_VAR = "FASTATTN_BACKEND"
+
+_state = threading.local()
+
+
+class BackendUnavailableError(RuntimeError):
+    """A requested backend cannot run on this machine or for this device."""
+
+
+def _triton_reason(device_type: str | None) -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if device_type == "cpu" and not interpret:
+        return "triton runs CPU tensors only through its interpreter (set TRITON_INTERPRET=1)"
+    if device_type == "cuda" and interpret:
+        return "TRITON_INTERPRET=1 is set, so triton runs CPU tensors only"
+    if device_type is None and not interpret and not torch.cuda.is_available():
+        return "no CUDA device, and TRITON_INTERPRET=1 is not set"
+    if device_type not in (None, "cpu", "cuda"):
+        return f"triton does not run on {device_type} tensors"
+    return None
+
+
+def _reason_unavailable(name: str, device_type: str | None) -> str | None:
+    """Why ``name`` cannot serve tensors on ``device_type`` (any device if None); None if it can."""
+    if name == "torch":
+        return None
+    if name == "triton":
+        return _triton_reason(device_type)
+    if name == "native":
+        return "the C++/CUDA extension is not part of this release yet"
+    if name == "numba":
+        return "the numba backend is not part of this release yet"
+    raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(BACKENDS)}")
+
+
+def backend_status(device: torch.device | str | None = None) -> dict[str, str | None]:
+    """Map every known backend to None (usable) or the reason it is not usable on ``device``."""
+    device_type = None if device is None else torch.device(device).type
+    return {name: _reason_unavailable(name, device_type) for name in BACKENDS}
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """The backends usable on this machine, or for tensors on ``device`` when given."""
+    return [name for name, why in backend_status(device).items() if why is None]
+
+
+def _check_known(name: object) -> str:
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(BACKENDS)}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force backend ``name`` for fastattn calls made on this thread inside the block.
+
+    Raises ``ValueError`` for an unknown name and :class:`BackendUnavailableError` when the
+    backend cannot run on this machine at all. A backend that runs here but not for a given
+    tensor's device (``triton`` with CPU tensors and no interpreter) raises at that call.
+    """
+    _check_known(name)
+    why = _reason_unavailable(name, None)
+    if why is not None:
+        raise BackendUnavailableError(
+            f"backend {name!r} is unavailable: {why}; available: {', '.join(available_backends())}"
+        )
+    stack = _stack()
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def _stack() -> list[str]:
+    if not hasattr(_state, "stack"):
+        _state.stack = []
+    return _state.stack
+
+
+def requested_backend() -> tuple[str | None, str]:
+    """The explicitly requested backend for this thread, and where the request came from."""
+    stack = _stack()
+    if stack:
+        return stack[-1], "use_backend()"
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env:
+        if env not in BACKENDS:
+            raise ValueError(
+                f"{ENV_VAR}={env!r} names an unknown backend; known backends: {', '.join(BACKENDS)}"
+            )
+        return env, ENV_VAR
+    return None, "default"
+
+
+def select(device: torch.device) -> str:
+    """The backend that serves a call whose tensors live on ``device``."""
+    name, origin = requested_backend()
+    if name is None:
+        if device.type == "cuda" and _reason_unavailable("triton", "cuda") is None:
+            return "triton"
+        return "torch"
+    why = _reason_unavailable(name, device.type)
+    if why is not None:
+        raise BackendUnavailableError(
+            f"backend {name!r} (requested by {origin}) cannot run on {device.type} tensors: {why}; "
+            f"backends that can: {', '.join(available_backends(device))}"
+        )
+    return name
+
+
+def launcher(backend: str, op: str, fn: str) -> Callable:
+    """The launcher ``fn`` of ``op`` in ``backend``: ``fastattn.reference`` for torch, else
+    ``fastattn.<backend>.<op>``. Imported on first use so that importing fastattn stays cheap."""
+    module = "fastattn.reference" if backend == "torch" else f"fastattn.{_check_known(backend)}.{op}"
+    return getattr(importlib.import_module(module), fn)

@@ -1,0 +1,172 @@
+"""``fastattn::cross_entropy_fwd`` (functional) and ``fastattn::cross_entropy_fwd_inplace``
+(writes the gradient into the logits), with their autograd.
+
+The forward op returns the loss, the per-token log-sum-exp and, when asked, the gradient of the
+loss for a unit upstream gradient; backward only scales that gradient by the upstream one, and
+skips even that when the upstream gradient is exactly 1 (``loss.backward()``), so a training
+step reads the logits in forward and writes their gradient once. Inputs reach these ops with
+classes on dim 1 and at least 2 dims (``fastattn.functional`` turns ``(C,)`` into ``(1, C)``).
+
+Mutable custom ops cannot carry registered autograd, so the in-place variant is wrapped in a
+``torch.autograd.Function``; the functional op uses ``register_autograd``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastattn import reference
+from fastattn.backends import launcher
+
+
+def _check_class_indices(input: Tensor, target: Tensor, ignore_index: int) -> None:
+    """Raise IndexError for a class index outside [0, C) that is not ``ignore_index``.
+
+    Runs inside the op (so also under ``torch.compile``), on the host side of the launch, so a
+    bad index can never become a device-side assert or an out-of-bounds read."""
+    if target.is_floating_point() or target.numel() == 0:
+        return
+    num_classes = input.shape[1]
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):
+        value = int(target[bad][0])
+        raise IndexError(f"target holds class index {value}, outside [0, {num_classes}) and not "
+                         f"ignore_index={ignore_index}")
+
+
+def _loss_shape(input: Tensor, reduction: int) -> tuple[int, ...]:
+    return tuple(input.shape[:1] + input.shape[2:]) if reduction == 0 else ()
+
+
+@torch.library.custom_op("fastattn::cross_entropy_fwd", mutates_args=())
+def cross_entropy_fwd(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    reduction: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    compute_grad: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    _check_class_indices(input, target, ignore_index)
+    grad = torch.empty(input.shape, dtype=input.dtype, device=input.device) if compute_grad else None
+    fwd = launcher(backend, "cross_entropy", "cross_entropy_fwd")
+    loss, lse = fwd(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                    softcap, grad)
+    return loss, lse, input.new_empty(0) if grad is None else grad
+
+
+@cross_entropy_fwd.register_fake
+def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+      compute_grad, backend):
+    acc = reference.accumulate_dtype(input.dtype)
+    loss = input.new_empty(_loss_shape(input, reduction), dtype=acc)
+    lse = input.new_empty(_loss_shape(input, 0), dtype=torch.float32)
+    grad = input.new_empty(input.shape if compute_grad else (0,))
+    return loss, lse, grad
+
+
+@torch.library.custom_op("fastattn::cross_entropy_fwd_inplace", mutates_args=("input",))
+def cross_entropy_fwd_inplace(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    reduction: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    _check_class_indices(input, target, ignore_index)
+    fwd = launcher(backend, "cross_entropy", "cross_entropy_fwd")
+    return fwd(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+               input)
+
+
+@cross_entropy_fwd_inplace.register_fake
+def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, backend):
+    acc = reference.accumulate_dtype(input.dtype)
+    loss = input.new_empty(_loss_shape(input, reduction), dtype=acc)
+    return loss, input.new_empty(_loss_shape(input, 0), dtype=torch.float32)
+
+
+def _is_one(grad_loss: Tensor) -> bool:
+    """True when the upstream gradient is the scalar 1 (eager only: under torch.compile the
+    data-dependent check would break the graph, so the scale is always applied there)."""
+    if torch.compiler.is_compiling() or grad_loss.numel() != 1:
+        return False
+    return bool(grad_loss == 1)
+
+
+def _upstream(grad_loss: Tensor, reduction: int) -> Tensor:
+    """The upstream gradient shaped to broadcast against ``(N, C, d1, ...)``."""
+    return grad_loss.unsqueeze(1) if reduction == 0 else grad_loss
+
+
+def _setup_context(ctx, inputs, output):
+    input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, \
+        compute_grad, backend = inputs
+    loss, lse, grad = output
+    target_grad = target.is_floating_point() and target.requires_grad
+    ctx.save_for_backward(grad, input if target_grad else None, lse if target_grad else None,
+                          weight)
+    ctx.args = (reduction, label_smoothing, softcap, compute_grad)
+
+
+def _backward(ctx, grad_loss, grad_lse, grad_grad):
+    grad, input, lse, weight = ctx.saved_tensors
+    reduction, label_smoothing, softcap, compute_grad = ctx.args
+    grad_input = grad_target = None
+    if ctx.needs_input_grad[0]:
+        if not compute_grad:
+            raise RuntimeError("fastattn::cross_entropy_fwd ran with compute_grad=False, so it "
+                               "has no gradient for input")
+        grad_input = grad if _is_one(grad_loss) else grad * _upstream(grad_loss, reduction)
+    if ctx.needs_input_grad[1]:
+        per_token = reference.cross_entropy_target_grad(input, lse, weight, label_smoothing,
+                                                        softcap)
+        upstream = _upstream(grad_loss, reduction)
+        if reduction == 1:
+            upstream = upstream * (input.shape[1] / max(input.numel(), 1))
+        grad_target = (per_token * upstream).to(input.dtype)
+    return grad_input, grad_target, None, None, None, None, None, None, None, None
+
+
+cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _CrossEntropyInplace(torch.autograd.Function):
+    """Autograd for ``cross_entropy_fwd_inplace``: the gradient lives in the input's memory."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                softcap, backend):
+        loss, lse = cross_entropy_fwd_inplace(input, target, weight, ignore_index, reduction,
+                                              label_smoothing, z_loss, softcap, backend)
+        ctx.save_for_backward(input)
+        ctx.reduction = reduction
+        ctx.mark_non_differentiable(lse)
+        return loss, lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse):
+        (grad,) = ctx.saved_tensors
+        if not _is_one(grad_loss):
+            grad.mul_(_upstream(grad_loss, ctx.reduction))
+        return grad, None, None, None, None, None, None, None, None
+
+
+def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                  softcap, inplace_backward, backend):
+    """Checked arguments in, ``(loss, lse)`` out; ``input`` is ``(N, C, d1, ...)``."""
+    compute_grad = input.requires_grad and torch.is_grad_enabled()
+    args = (ignore_index, reduction, label_smoothing, z_loss, softcap)
+    if inplace_backward and compute_grad:
+        return _CrossEntropyInplace.apply(input, target, weight, *args, backend)
+    loss, lse, _ = cross_entropy_fwd(input, target, weight, *args, compute_grad, backend)
+    return loss, lse

@@ -1,0 +1,257 @@
+"""The ``torch`` backend: compositions of PyTorch ops that define what every op computes.
+
+Two kinds of function live here:
+
+- The specification (``softmax``, ``log_softmax``, ``cross_entropy``): plain differentiable
+  compositions, in the dtype they are given. Run in float64 they are the oracle the tests and
+  the benchmark harness compare every backend against; run in a low precision they are
+  "PyTorch's error" in the twice-PyTorch's-error rule.
+- The launchers of the ``torch`` backend (``softmax_fwd``, ``softmax_bwd``,
+  ``cross_entropy_fwd``), with the same signatures as the Triton launchers. They accumulate in
+  float32 for 16-bit inputs, as every backend must.
+
+Masking, defined once for every backend: an element is *masked* when a boolean ``mask`` is False
+there, an additive ``mask`` is -inf there, or ``causal`` is set and its column index exceeds its
+row index (last two dims, aligned top-left). Masked elements get probability 0 and gradient 0.
+A row whose elements are all masked gives 0 from ``softmax`` and -inf (the log of those zeros)
+from ``log_softmax``. Rows that are not fully masked behave exactly like ``torch.softmax`` on the
+unmasked values, NaN and inf included.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+REDUCTIONS = ("none", "mean", "sum")  # index = the code passed to the registered ops
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other float type accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def row_output(shape, dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The output buffer of a row-wise op reducing along ``dim``: contiguous with ``dim`` moved
+    last, viewed back in the input's dim order (plain contiguous when ``dim`` is the last dim),
+    so every backend and the fake function agree on strides and kernels write rows densely."""
+    moved = list(shape[:dim]) + list(shape[dim + 1 :]) + [shape[dim]]
+    return torch.empty(moved, dtype=dtype, device=device).movedim(-1, dim)
+
+
+def keep_mask(
+    shape: torch.Size, mask: torch.Tensor | None, causal: bool, device: torch.device
+) -> torch.Tensor | None:
+    """Boolean tensor broadcastable to ``shape``: True where an element takes part."""
+    keep = None
+    if mask is not None:
+        keep = mask if mask.dtype == torch.bool else mask != float("-inf")
+    if causal:
+        rows, cols = shape[-2], shape[-1]
+        tri = torch.ones(rows, cols, dtype=torch.bool, device=device).tril()  # (L, S)
+        keep = tri if keep is None else keep & tri
+    return keep
+
+
+def _softmax_spec(input, dim, dtype, scale, mask, causal, log):
+    out_dtype = input.dtype if dtype is None else dtype
+    z = input if dtype is None else input.to(dtype)
+    if scale is not None:
+        z = z * scale
+    if mask is not None and mask.dtype != torch.bool:
+        z = z + mask
+    keep = keep_mask(z.shape, mask, causal, z.device)
+    if keep is None:
+        y = torch.log_softmax(z, dim) if log else torch.softmax(z, dim)
+        return y.to(out_dtype)
+    z = z.masked_fill(~keep, float("-inf"))
+    y = torch.log_softmax(z, dim) if log else torch.softmax(z, dim)
+    dead = ~keep.expand(z.shape).any(dim, keepdim=True)
+    y = y.masked_fill(dead, float("-inf") if log else 0.0)
+    return y.to(out_dtype)
+
+
+def softmax(input, dim=-1, dtype=None, *, scale=None, mask=None, causal=False):
+    """Specification of :func:`fastattn.softmax`: softmax(mask(input * scale)) along ``dim``."""
+    return _softmax_spec(input, dim, dtype, scale, mask, causal, log=False)
+
+
+def log_softmax(input, dim=-1, dtype=None, *, scale=None, mask=None, causal=False):
+    """Specification of :func:`fastattn.log_softmax`."""
+    return _softmax_spec(input, dim, dtype, scale, mask, causal, log=True)
+
+
+def softmax_fwd(input, dim, scale, mask, causal, log, out_dtype):
+    """torch-backend launcher: the specification run in the accumulation dtype."""
+    acc = accumulate_dtype(input.dtype)
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(acc)
+    y = _softmax_spec(input.to(acc), dim, None, scale, mask, causal, log)
+    return row_output(y.shape, dim, out_dtype, y.device).copy_(y)
+
+
+def softmax_bwd(grad_output, output, dim, scale, mask, causal, log, input_dtype):
+    """torch-backend launcher: d(input) from d(output) and the saved output."""
+    acc = accumulate_dtype(output.dtype)
+    y, g = output.to(acc), grad_output.to(acc)
+    if log:
+        gz = g - y.exp() * g.sum(dim, keepdim=True)
+    else:
+        gz = y * (g - (g * y).sum(dim, keepdim=True))
+    keep = keep_mask(y.shape, mask, causal, y.device)
+    if keep is not None:
+        gz = gz.masked_fill(~keep, 0.0)
+    return row_output(gz.shape, dim, input_dtype, gz.device).copy_(gz * scale)
+
+
+def apply_softcap(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """``softcap * tanh(logits / softcap)``; the identity when softcap is None or 0."""
+    if not softcap:
+        return logits
+    return softcap * torch.tanh(logits / softcap)
+
+
+def _valid_tokens(target: torch.Tensor, ignore_index: int, probability: bool) -> torch.Tensor:
+    if probability:
+        return torch.ones(target.shape[:1] + target.shape[2:], dtype=torch.bool, device=target.device)
+    return target != ignore_index
+
+
+def cross_entropy_denominator(target, weight, ignore_index, num_classes, probability):
+    """What ``reduction="mean"`` divides the summed loss by, as a 0-dim float32 tensor.
+
+    Class indices: the sum of the target classes' weights over non-ignored tokens (their count
+    without ``weight``). Probability targets: the number of tokens. 0 gives NaN, as in PyTorch.
+    """
+    if probability:
+        return torch.tensor(float(target.numel() // max(num_classes, 1)), device=target.device)
+    valid = target != ignore_index
+    if weight is None:
+        return valid.sum().to(torch.float32)
+    picked = weight.float()[target.clamp(0, num_classes - 1).long()]
+    return torch.where(valid, picked, 0.0).sum()
+
+
+def cross_entropy(
+    input,
+    target,
+    weight=None,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    *,
+    z_loss=0.0,
+    softcap=None,
+    return_lse=False,
+):
+    """Specification of :func:`fastattn.cross_entropy`.
+
+    ``F.cross_entropy`` on the soft-capped logits, plus ``z_loss * lse**2`` for every
+    non-ignored token, reduced as PyTorch reduces (``mean`` divides by the target weights).
+    """
+    class_dim = 1 if input.ndim > 1 else 0
+    probability = target.is_floating_point()
+    logits = apply_softcap(input, softcap)
+    loss = F.cross_entropy(
+        logits, target, weight, ignore_index=ignore_index, reduction="none",
+        label_smoothing=label_smoothing,
+    )
+    lse = torch.logsumexp(logits, dim=class_dim)
+    if z_loss:
+        if input.ndim == 1:
+            valid = torch.tensor(probability or int(target) != ignore_index, device=input.device)
+        else:
+            valid = _valid_tokens(target, ignore_index, probability)
+        loss = loss + torch.where(valid, z_loss * lse * lse, 0.0)
+    if reduction == "sum":
+        loss = loss.sum()
+    elif reduction == "mean":
+        num_classes = input.shape[class_dim]
+        tgt = target.reshape(1, *target.shape) if input.ndim == 1 else target
+        denom = cross_entropy_denominator(tgt, weight, ignore_index, num_classes, probability)
+        loss = loss.sum() / denom.to(loss.dtype)
+    return (loss, lse) if return_lse else loss
+
+
+def _class_view(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A ``(C,)`` vector shaped to broadcast along dim 1 of an ``ndim``-d input."""
+    return v.view([1, -1] + [1] * (ndim - 2))
+
+
+def cross_entropy_fwd(
+    input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, grad
+):
+    """torch-backend launcher: (loss, lse) and, when ``grad`` is a tensor, d(loss)/d(input) for
+    a unit upstream gradient written into it (which may be ``input`` itself).
+
+    ``input`` is ``(N, C, d1, ...)``, ``reduction`` an index into ``REDUCTIONS``. The gradient
+    is written out by formula rather than by autograd, so the Triton kernel and this launcher
+    are both checked against autograd of the specification. With ``u`` the soft-capped logits,
+    ``p = softmax(u)``, ``w`` the class weights and ``eps`` the smoothing, per token:
+
+    - class index ``y``: ``loss = (1-eps) w_y (lse - u_y) + eps/C sum_c w_c (lse - u_c)``,
+      ``dloss/du_c = p_c ((1-eps) w_y + eps/C sum(w)) - (1-eps) w_y [c=y] - eps/C w_c``;
+    - probabilities ``t``, ``t' = (1-eps) t + eps/C``: ``loss = sum_c w_c t'_c (lse - u_c)``,
+      ``dloss/du_c = p_c sum(w t') - w_c t'_c``;
+
+    plus ``z lse^2`` in the loss and ``2 z lse p_c`` in the gradient, then the soft-cap chain
+    rule ``1 - (u / softcap)^2``; ignored tokens give 0 for both.
+    """
+    acc = accumulate_dtype(input.dtype)
+    ndim, num_classes = input.ndim, input.shape[1]
+    u = apply_softcap(input.to(acc), softcap)
+    lse = torch.logsumexp(u, 1)  # (N, d1, ...)
+    logp = u - lse.unsqueeze(1)
+    w = torch.ones(num_classes, dtype=acc, device=input.device) if weight is None else weight.to(acc)
+    wb = _class_view(w, ndim)
+    eps = label_smoothing
+    if target.is_floating_point():
+        valid = torch.ones_like(lse, dtype=torch.bool)
+        wt = (target.to(acc) * (1.0 - eps) + eps / num_classes) * wb
+        loss = -(logp * wt).sum(1)
+        coef = wt.sum(1)
+    else:
+        valid = target != ignore_index
+        safe = torch.where(valid, target, 0).long().unsqueeze(1)  # (N, 1, d1, ...)
+        wy = w[safe.squeeze(1)]
+        loss = -(1.0 - eps) * wy * logp.gather(1, safe).squeeze(1)
+        if eps:
+            loss = loss - eps / num_classes * (logp * wb).sum(1)
+        coef = (1.0 - eps) * wy + eps / num_classes * w.sum()
+    if z_loss:
+        loss = loss + z_loss * lse * lse
+    loss = torch.where(valid, loss, 0.0)
+    denom = None
+    if reduction == 1:
+        denom = cross_entropy_denominator(target, weight, ignore_index, num_classes,
+                                          target.is_floating_point()).to(acc)
+        loss_out = loss.sum() / denom
+    else:
+        loss_out = loss.sum() if reduction == 2 else loss
+    if grad is not None:
+        g = logp.exp() * (coef + 2.0 * z_loss * lse).unsqueeze(1)
+        if target.is_floating_point():
+            g = g - wt
+        else:
+            onehot = torch.zeros_like(g).scatter_(1, safe, 1.0)
+            g = g - (1.0 - eps) * wy.unsqueeze(1) * onehot - eps / num_classes * wb
+        if softcap:
+            g = g * (1.0 - (u / softcap) ** 2)
+        g = torch.where(valid.unsqueeze(1), g, 0.0)
+        if denom is not None:
+            g = g / denom
+        grad.copy_(g)
+    return loss_out, lse.float()
+
+
+def cross_entropy_target_grad(input, lse, weight, label_smoothing, softcap):
+    """d(per-token loss)/d(target) for probability targets: ``-(1 - eps) * w_c * log p_c``."""
+    class_dim = 1 if input.ndim > 1 else 0
+    acc = accumulate_dtype(input.dtype)
+    logp = apply_softcap(input.to(acc), softcap) - lse.to(acc).unsqueeze(class_dim)
+    g = -(1.0 - label_smoothing) * logp
+    if weight is not None:
+        shape = [1] * input.ndim
+        shape[class_dim] = -1
+        g = g * weight.to(acc).view(shape)
+    return g

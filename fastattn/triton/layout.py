@@ -1,0 +1,96 @@
+"""Row layout shared by the row-wise kernels (softmax, cross-entropy).
+
+A row-wise op reduces along one dim. The launcher moves that dim last (a view, no copy) and
+describes every other dim as at most three *leading* dims: row ``r`` of the kernel's grid is
+``(i0, i1, i2)`` in row-major order over sizes ``(n0, n1, n2)``, and each tensor reaches its
+row through its own three strides. Adjacent leading dims are merged where every tensor allows
+it, so a contiguous input, a column-major one, a mask broadcast with zero strides, or a class
+dim in the middle of ``(N, C, d1, ...)`` all run without copies. Only when more than three
+leading dims survive the merge are the tensors materialised contiguous.
+
+Offsets are 64-bit: rows times columns exceeds 2**31 elements in real training.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def merge_leading(sizes, strides_list, keep_last=False):
+    """Merge adjacent leading dims that every tensor can address with one stride.
+
+    ``sizes`` are the leading sizes; ``strides_list`` holds one stride list per tensor.
+    With ``keep_last`` the last leading dim is kept on its own (causal masking needs its index).
+    Returns (sizes, strides_list) with size-1 dims dropped and mergeable dims merged.
+    """
+    dims = [d for d, n in enumerate(sizes) if n != 1]
+    if keep_last and sizes and (not dims or dims[-1] != len(sizes) - 1):
+        dims.append(len(sizes) - 1)
+    out_sizes = []
+    out_strides = [[] for _ in strides_list]
+    for d in dims:
+        protected = keep_last and d == len(sizes) - 1
+        can_merge = out_sizes and not protected and all(
+            s[-1] == st[d] * sizes[d] for s, st in zip(out_strides, strides_list, strict=True)
+        )
+        if can_merge:
+            out_sizes[-1] *= sizes[d]
+            for s, st in zip(out_strides, strides_list, strict=True):
+                s[-1] = st[d]
+        else:
+            out_sizes.append(sizes[d])
+            for s, st in zip(out_strides, strides_list, strict=True):
+                s.append(st[d])
+    return out_sizes, out_strides
+
+
+def row_layout(shape, tensors, keep_last=False):
+    """Describe tensors that share ``shape`` (reduced dim last) as 3 leading dims + columns.
+
+    ``tensors`` may hold None (skipped, returned as None) and tensors broadcast to ``shape``
+    (zero strides). Returns ``(sizes3, tensors, strides3_list, col_strides)``; the tensors may
+    have been replaced by contiguous copies when the leading dims could not be merged to three.
+    """
+    lead = list(shape[:-1])
+    present = [t for t in tensors if t is not None]
+    sizes, strides = merge_leading(lead, [list(t.stride()[:-1]) for t in present], keep_last)
+    if len(sizes) > 3:
+        present = [t.contiguous() for t in present]
+        sizes, strides = merge_leading(lead, [list(t.stride()[:-1]) for t in present], keep_last)
+    pad = 3 - len(sizes)
+    sizes = [1] * pad + sizes
+    strides = [[0] * pad + s for s in strides]
+    it = iter(zip(present, strides, strict=True))
+    out_tensors, out_strides, col_strides = [], [], []
+    for t in tensors:
+        if t is None:
+            out_tensors.append(None)
+            out_strides.append((0, 0, 0))
+            col_strides.append(0)
+        else:
+            tt, st = next(it)
+            out_tensors.append(tt)
+            out_strides.append(tuple(st))
+            col_strides.append(tt.stride(-1))
+    return sizes, out_tensors, out_strides, col_strides
+
+
+def broadcast_to(t: torch.Tensor | None, shape) -> torch.Tensor | None:
+    """``t`` expanded to ``shape`` (a view with zero strides), or None."""
+    return None if t is None else t.expand(shape)
+
+
+@triton.jit
+def row_indices(n1, n2):
+    """This program's row as (i0, i1, i2), 64-bit."""
+    r = tl.program_id(0).to(tl.int64)
+    i2 = r % n2
+    r = r // n2
+    return r // n1, r % n1, i2
+
+
+@triton.jit
+def row_offset(i0, i1, i2, s0, s1, s2):
+    return i0 * s0 + i1 * s1 + i2 * s2
