@@ -201,7 +201,7 @@ def cross_entropy_fwd(
     ndim, num_classes = input.ndim, input.shape[1]
     u = apply_softcap(input.to(acc), softcap)
     lse = torch.logsumexp(u, 1)  # (N, d1, ...)
-    logp = u - lse.unsqueeze(1)
+    logp = torch.log_softmax(u, 1)  # max-shifted: u - lse would cancel digits when |u| is large
     w = torch.ones(num_classes, dtype=acc, device=input.device) if weight is None else weight.to(acc)
     wb = _class_view(w, ndim)
     eps = label_smoothing
@@ -237,10 +237,9 @@ def cross_entropy_fwd(
             g = g - (1.0 - eps) * wy.unsqueeze(1) * onehot - eps / num_classes * wb
         if softcap:
             g = g * (1.0 - (u / softcap) ** 2)
-        g = torch.where(valid.unsqueeze(1), g, 0.0)
         if denom is not None:
             g = g / denom
-        grad.copy_(g)
+        grad.copy_(torch.where(valid.unsqueeze(1), g, 0.0))
     return loss_out, lse.float()
 
 

@@ -96,9 +96,11 @@ def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, s
 
 
 def _is_one(grad_loss: Tensor) -> bool:
-    """True when the upstream gradient is the scalar 1 (eager only: under torch.compile the
-    data-dependent check would break the graph, so the scale is always applied there)."""
-    if torch.compiler.is_compiling() or grad_loss.numel() != 1:
+    """True when the upstream gradient is the scalar 1. Eager only: while tracing (dynamo, or
+    AOT autograd's fake/functional tensors) the data-dependent check would break the graph, so
+    the scale is always applied there."""
+    tracing = torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_tracing()
+    if tracing or type(grad_loss) is not torch.Tensor or grad_loss.numel() != 1:
         return False
     return bool(grad_loss == 1)
 
@@ -112,6 +114,7 @@ def _setup_context(ctx, inputs, output):
     input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, \
         compute_grad, backend = inputs
     loss, lse, grad = output
+    ctx.mark_non_differentiable(lse, grad)
     target_grad = target.is_floating_point() and target.requires_grad
     ctx.save_for_backward(grad, input if target_grad else None, lse if target_grad else None,
                           weight)
