@@ -40,6 +40,8 @@ def _triton_reason(device_type: str | None) -> str | None:
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if device_type == "cpu" and not interpret:
         return "triton runs CPU tensors only through its interpreter (set TRITON_INTERPRET=1)"
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is available"
     if device_type == "cuda" and interpret:
         return "TRITON_INTERPRET=1 is set, so triton runs CPU tensors only"
     if device_type is None and not interpret and not torch.cuda.is_available():
@@ -141,5 +143,8 @@ def select(device: torch.device) -> str:
 def launcher(backend: str, op: str, fn: str) -> Callable:
     """The launcher ``fn`` of ``op`` in ``backend``: ``fastattn.reference`` for torch, else
     ``fastattn.<backend>.<op>``. Imported on first use so that importing fastattn stays cheap."""
-    module = "fastattn.reference" if backend == "torch" else f"fastattn.{_check_known(backend)}.{op}"
+    if backend == "torch":
+        module = "fastattn.reference"
+    else:
+        module = f"fastattn.{_check_known(backend)}.{op}"
     return getattr(importlib.import_module(module), fn)

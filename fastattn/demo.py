@@ -43,9 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cpu":
         # Show the Triton kernels on CPU through Triton's interpreter (set before import).
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    import fastattn
     from rich.console import Console
     from rich.table import Table
+
+    import fastattn
 
     quick = args.quick or args.device == "cpu"
     dtypes = [torch.float32, torch.bfloat16]

@@ -8,6 +8,7 @@ runs before any kernel launches and raises ``TypeError``/``ValueError`` naming t
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -39,8 +40,9 @@ def _check_same_device(name: str, value: torch.Tensor, input: torch.Tensor) -> N
 
 
 def _check_dim(dim: object, ndim: int) -> int:
-    if isinstance(dim, bool) or not isinstance(dim, int):
+    if isinstance(dim, bool) or not hasattr(dim, "__index__"):
         raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    dim = operator.index(dim)
     lo, hi = (-1, 0) if ndim == 0 else (-ndim, ndim - 1)
     if not lo <= dim <= hi:
         raise IndexError(f"dim={dim} is out of range for a {ndim}-d input; allowed: [{lo}, {hi}]")

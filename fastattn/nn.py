@@ -4,6 +4,7 @@ keyword-only constructor arguments."""
 
 from __future__ import annotations
 
+import operator
 import warnings
 
 import torch
@@ -11,6 +12,7 @@ from torch import Tensor
 from torch.nn.modules.loss import _Reduction
 
 from fastattn import functional as F
+from fastattn.reference import REDUCTIONS
 
 __all__ = ["Softmax", "LogSoftmax", "CrossEntropyLoss"]
 
@@ -27,8 +29,10 @@ class _SoftmaxBase(torch.nn.Module):
     def __init__(self, dim: int | None = None, *, scale: float | None = None,
                  causal: bool = False) -> None:
         super().__init__()
-        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int)):
-            raise TypeError(f"dim must be an int or None, got {type(dim).__name__}")
+        if dim is not None:
+            if isinstance(dim, bool) or not hasattr(dim, "__index__"):
+                raise TypeError(f"dim must be an int or None, got {type(dim).__name__}")
+            dim = operator.index(dim)
         self.dim = dim
         self.scale = scale
         self.causal = causal
@@ -43,7 +47,7 @@ class _SoftmaxBase(torch.nn.Module):
         fn = F.log_softmax if self._log else F.softmax
         dim = self.dim
         if dim is None:
-            dim = _legacy_softmax_dim(type(self).__name__, input.ndim)
+            dim = _legacy_softmax_dim("log_softmax" if self._log else "softmax", input.ndim)
         return fn(input, dim, scale=self.scale, mask=mask, causal=self.causal)
 
     def extra_repr(self) -> str:
@@ -85,6 +89,8 @@ class CrossEntropyLoss(torch.nn.Module):
         super().__init__()
         if size_average is not None or reduce is not None:
             reduction = _Reduction.legacy_get_string(size_average, reduce)
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction={reduction!r} is not allowed; use one of {REDUCTIONS}")
         self.register_buffer("weight", weight)
         self.reduction = reduction
         self.ignore_index = ignore_index

@@ -113,7 +113,8 @@ def apply_softcap(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
 
 def _valid_tokens(target: torch.Tensor, ignore_index: int, probability: bool) -> torch.Tensor:
     if probability:
-        return torch.ones(target.shape[:1] + target.shape[2:], dtype=torch.bool, device=target.device)
+        batch = target.shape[:1] + target.shape[2:]
+        return torch.ones(batch, dtype=torch.bool, device=target.device)
     return target != ignore_index
 
 
@@ -202,7 +203,10 @@ def cross_entropy_fwd(
     u = apply_softcap(input.to(acc), softcap)
     lse = torch.logsumexp(u, 1)  # (N, d1, ...)
     logp = torch.log_softmax(u, 1)  # max-shifted: u - lse would cancel digits when |u| is large
-    w = torch.ones(num_classes, dtype=acc, device=input.device) if weight is None else weight.to(acc)
+    if weight is None:
+        w = torch.ones(num_classes, dtype=acc, device=input.device)
+    else:
+        w = weight.to(acc)
     wb = _class_view(w, ndim)
     eps = label_smoothing
     if target.is_floating_point():

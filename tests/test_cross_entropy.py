@@ -221,7 +221,7 @@ def test_bad_input():
         (ValueError, "probability target must have the input's shape", (x, x[:, :3]), {}),
         (TypeError, "target must hold integer class indices", (x, t > 2), {}),
         (ValueError, r"weight must have shape \(6,\)", (x, t, torch.ones(5)), {}),
-        (TypeError, "weight must have a floating-point dtype", (x, t, torch.ones(6, dtype=int)), {}),
+        (TypeError, "weight must have a floating-point dtype", (x, t, torch.ones(6).long()), {}),
         (ValueError, "reduction='avg' is not allowed", (x, t), {"reduction": "avg"}),
         (ValueError, r"label_smoothing=1.5 is not allowed; it must be in \[0, 1\]", (x, t),
          {"label_smoothing": 1.5}),

@@ -53,7 +53,9 @@ def cross_entropy_fwd(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     _check_class_indices(input, target, ignore_index)
-    grad = torch.empty(input.shape, dtype=input.dtype, device=input.device) if compute_grad else None
+    grad = None
+    if compute_grad:
+        grad = torch.empty(input.shape, dtype=input.dtype, device=input.device)
     fwd = launcher(backend, "cross_entropy", "cross_entropy_fwd")
     loss, lse = fwd(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
                     softcap, grad)

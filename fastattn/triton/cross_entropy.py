@@ -1,22 +1,24 @@
 """Fused cross-entropy forward (+ gradient) in Triton: loss, log-sum-exp and d(loss)/d(logits).
 
 What it computes, per token (a row of ``C`` class logits ``x``; ``w`` the class weights, 1
-without ``weight``; ``eps`` the label smoothing; ``z`` the z-loss coefficient):
+without ``weight``, ``W = sum_c w_c``; ``eps`` the label smoothing; ``z`` the z-loss coefficient):
 
     u_c   = softcap * tanh(x_c / softcap)                  (u = x when softcap is off)
-    lse   = log(sum_c exp(u_c)),   p_c = exp(u_c - lse)
+    m     = max_c u_c,  s = sum_c exp(u_c - m),  lse = m + log(s),  -log p_c = (m - u_c) + log(s)
     class index y:
-      loss  = (1-eps) w_y (lse - u_y) + eps/C (W lse - sum_c w_c u_c) + z lse^2,  W = sum_c w_c
+      loss  = (1-eps) w_y (-log p_y) + eps/C sum_c w_c (-log p_c) + z lse^2
       dl/du = p_c ((1-eps) w_y + eps/C W + 2 z lse) - (1-eps) w_y [c=y] - eps/C w_c
     probabilities t, t'_c = (1-eps) t_c + eps/C:
-      loss  = sum(w t') lse - sum_c w_c t'_c u_c + z lse^2
-      dl/du = p_c (sum(w t') + 2 z lse) - w_c t'_c
+      loss  = sum_c w_c t'_c (-log p_c) + z lse^2
+      dl/du = p_c (sum_c w_c t'_c + 2 z lse) - w_c t'_c
     grad_c = dl/du_c * (1 - (u_c / softcap)^2 if softcap) * (1 / denominator if mean)
 
 Tokens whose class index equals ``ignore_index`` get loss 0 and gradient 0 (selected, never
 multiplied by 0, so inf/NaN in an ignored row cannot leak). The semantics are exactly those of
-``fastattn.reference.cross_entropy_fwd``, the oracle this kernel is tested against: NaN in a row
-gives NaN, a row of -inf logits gives NaN loss and ``lse = -inf``, ``mean`` over nothing is NaN.
+``fastattn.reference.cross_entropy_fwd``, the oracle this kernel is tested against: ``lse`` as
+``torch.logsumexp`` (-inf for a row of -inf, +inf with a +inf logit), loss and gradient as
+``torch.log_softmax`` (NaN for a row holding NaN or +inf, or of only -inf), ``mean`` over
+nothing NaN.
 
 Shapes and layout: ``input`` is ``(N, C, d1, ...)`` with any strides and dtype fp16 / bf16 / fp32
 / fp64. The launcher moves the class dim last (a view) and addresses tokens through
@@ -29,16 +31,17 @@ are reduced on the host side with torch ops afterwards.
 
 Algorithm: one program per token. Pass 1 sweeps the row in chunks of ``BLOCK`` columns with the
 online log-sum-exp (running max ``m``, running sum ``s`` rescaled by ``exp(m_old - m_new)``), so
-any vocabulary size runs at the same per-element cost; alongside it accumulates what the loss
-needs (``sum w u`` and ``sum w`` for smoothing, ``sum w t'`` and ``sum w t' u`` for probability
-targets). The target logit is one scalar load. The max used in exponents is 0 while the running
-max is not finite, so a leading all -inf chunk cannot make NaN, and a +inf logit gives
-``lse = +inf`` as ``torch.logsumexp`` does. Pass 2 (only when a gradient is wanted) re-reads the
-row chunk by chunk and writes the gradient. Rows of at most ``_MAX_SINGLE`` columns are held in
-registers and both the loss and the gradient come from one load. Accumulation is fp32 for 16-bit
-and fp32 inputs and fp64 for fp64; float scalars reach the kernel as fp32 hi + lo pairs so fp64
-keeps (nearly) full precision. ``tanh`` is written with ``exp`` (a Pade approximant near 0) because
-libdevice is not available in the interpreter the CPU tests use.
+any vocabulary size runs at the same per-element cost. Log-probabilities stay max-shifted as in
+``torch.log_softmax`` (``u - lse`` would cancel digits when ``|u|`` is large): alongside ``s`` pass
+1 accumulates ``sum v`` and ``sum v (m - u)`` with ``v = w`` (smoothing) or ``v = w t'``
+(probability targets), every term >= 0, adding ``sum v * (m_new - m_old)`` when the max moves.
+The target logit is one scalar load. The max used in exponents is 0 while the running max is not
+finite, so a leading all -inf chunk cannot make NaN. Pass 2 (only when a gradient is wanted)
+re-reads the row chunk by chunk and writes the gradient. Rows of at most ``_MAX_SINGLE`` columns
+are held in registers and both the loss and the gradient come from one load. Accumulation is
+fp32 for 16-bit and fp32 inputs and fp64 for fp64; float scalars reach the kernel as fp32 hi + lo
+pairs so fp64 keeps (nearly) full precision. ``tanh`` is written with ``exp`` (a Pade approximant
+near 0, < 2 ulp) because libdevice is not available in the interpreter the CPU tests use.
 
 Bytes moved per token of C classes (``b`` bytes per logit): rows of at most ``_MAX_SINGLE``
 columns read the logits once (``C b``) and write the gradient once (``C b``); longer rows read the
@@ -54,6 +57,7 @@ dozen FLOPs per element and is not tuned either. Not supported: ``C == 0`` (reje
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -63,7 +67,7 @@ import triton.language as tl
 from fastattn.reference import accumulate_dtype, cross_entropy_denominator
 from fastattn.triton.layout import row_indices, row_layout, row_offset
 
-_MAX_SINGLE = 8192  # longest row kept in registers in one piece
+_MAX_SINGLE = 8192  # longest row kept in registers in one piece (half that for fp64)
 _CHUNK = 4096  # columns per sweep step of the online path
 
 
@@ -180,16 +184,21 @@ def _cross_entropy_fwd_kernel(
     # Every log-probability is kept max-shifted, log p_c = (u_c - m) - log(s), as
     # torch.log_softmax does: u - lse would cancel digits when |u| is large. With v = w (class
     # targets, smoothing) or v = w t' (probabilities) pass 1 sums sum_v = sum v and
-    # sum_vd = sum v (m - u), all terms >= 0; a new running max adds sum_v * (m_new - m_old).
+    # sum_vd = sum v (m - u), terms >= 0 for weights >= 0; a new running max adds
+    # sum_v * (m_new - m_old).
     if SINGLE:
         u, w, wt = _load_chunk(x_row, t_row, w_ptr, cols, C, sxc, stc, swc, one_m_eps, eps_c,
                                cap, HAS_WEIGHT, PROB, SMOOTH, SOFTCAP, ACC)
         m = tl.max(u, 0)
         m_safe = _safe_max(m)
         s = tl.sum(tl.exp(u - m_safe), 0)
-        v = wt if PROB else w
-        sum_v = tl.sum(v, 0)
-        sum_vd = tl.sum(tl.where(cols < C, v * (m_safe - u), 0.0), 0)
+        sum_v = tl.zeros((), ACC)
+        sum_vd = tl.zeros((), ACC)
+        if PROB or SMOOTH:
+            v = wt if PROB else w
+            sum_v = tl.sum(v, 0)
+            # v = 0 past the row end; select the -inf fill away rather than multiply it by 0.
+            sum_vd = tl.sum(v * tl.where(cols < C, m_safe - u, 0.0), 0)
     else:
         m = tl.full((), float("-inf"), ACC)
         m_safe = tl.zeros((), ACC)
@@ -206,7 +215,7 @@ def _cross_entropy_fwd_kernel(
             if PROB or SMOOTH:
                 v = wt if PROB else w
                 sum_vd += sum_v * (m_safe_new - m_safe)
-                sum_vd += tl.sum(tl.where(c < C, v * (m_safe_new - u), 0.0), 0)
+                sum_vd += tl.sum(v * tl.where(c < C, m_safe_new - u, 0.0), 0)
                 sum_v += tl.sum(v, 0)
             m = m_new
             m_safe = m_safe_new
@@ -256,9 +265,11 @@ def _cross_entropy_fwd_kernel(
                 tl.store(g_row + c * sgc, g.to(g_ptr.dtype.element_ty), mask=c < C)
 
 
-def _config(num_cols: int) -> tuple[int, bool, int]:
+def _config(num_cols: int, dtype: torch.dtype) -> tuple[int, bool, int]:
     """(BLOCK, SINGLE, num_warps) for rows of ``num_cols`` classes."""
-    if num_cols <= _MAX_SINGLE:
+    # fp64 rows of 8192 held in registers spill on sm_90 (ptxas); 4096 do not.
+    max_single = _MAX_SINGLE // 2 if dtype == torch.float64 else _MAX_SINGLE
+    if num_cols <= max_single:
         block, single = max(triton.next_power_of_2(num_cols), 16), True
     else:
         block, single = _CHUNK, False
@@ -266,6 +277,7 @@ def _config(num_cols: int) -> tuple[int, bool, int]:
     return block, single, num_warps
 
 
+@functools.lru_cache(maxsize=256)
 def _split(value: float) -> tuple[float, float]:
     """``value`` as float32 hi + lo halves: Triton passes Python floats as float32."""
     hi = float(torch.tensor(value, dtype=torch.float32))
@@ -295,7 +307,10 @@ def cross_entropy_fwd(
     loss = torch.empty(num_rows, dtype=acc, device=input.device)
     lse = torch.empty(num_rows, dtype=torch.float32, device=input.device)
     denom = None
-    if reduction == 1:
+    if reduction == 1 and probability:
+        # The token count, filled on the device: a host scalar copied over would sync.
+        denom = torch.full((), float(num_rows), dtype=acc, device=input.device)
+    elif reduction == 1:
         # Before the launch, on the device: the gradient is divided by it too. No host sync.
         denom = cross_entropy_denominator(target, weight, ignore_index, num_classes,
                                           probability).to(acc)
@@ -304,7 +319,7 @@ def cross_entropy_fwd(
         t = target.movedim(1, -1) if probability else target.unsqueeze(-1)  # (N, d1, ..., C | 1)
         g = None if grad is None else grad.movedim(1, -1)  # (N, d1, ..., C)
         sizes, (xk, tk, gk), strides, cols = row_layout(x.shape, [x, t, g])
-        block, single, num_warps = _config(num_classes)
+        block, single, num_warps = _config(num_classes, input.dtype)
         inv_denom = None if denom is None else (1.0 / denom).reshape(1)
         w = weight
         _cross_entropy_fwd_kernel[(num_rows,)](

@@ -1,0 +1,252 @@
+"""Backend availability, selection and ``use_backend``: which backend actually ran is read from
+the ``backend`` argument of the registered ``fastattn::`` ops, recorded by a dispatch mode."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastattn
+from fastattn.backends import BACKENDS, ENV_VAR
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# What runs with no request, and a different backend to request, for tensors on DEVICE.
+DEFAULT = "triton" if DEVICE == "cuda" and HAS_TRITON and not INTERPRETED else "torch"
+OTHER = "torch" if DEFAULT == "triton" else "triton"
+
+needs_triton = pytest.mark.skipif(
+    "triton" not in fastattn.available_backends(DEVICE),
+    reason=f"triton cannot run {DEVICE} tensors here",
+)
+
+
+class RecordBackends(TorchDispatchMode):
+    """Records ``(op name, backend argument)`` for every ``fastattn::`` op that runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "fastattn":
+            bound = dict(zip([a.name for a in func._schema.arguments], args, strict=False))
+            bound.update(kwargs)
+            self.calls.append((func.name(), bound["backend"]))
+        return func(*args, **kwargs)
+
+
+def ran_on(fn=None):
+    """Run a softmax forward + backward (or ``fn``) and return the set of backends that ran."""
+    x = torch.randn(3, 7, device=DEVICE, requires_grad=True)
+    with RecordBackends() as rec:
+        if fn is None:
+            fastattn.softmax(x, -1).sum().backward()
+        else:
+            fn(x)
+    assert rec.calls, "no fastattn op ran"
+    return {backend for _, backend in rec.calls}
+
+
+def test_recorder_sees_forward_and_backward_ops():
+    x = torch.randn(3, 7, device=DEVICE, requires_grad=True)
+    with RecordBackends() as rec:
+        fastattn.log_softmax(x, 0).sum().backward()
+    assert [name for name, _ in rec.calls] == ["fastattn::softmax_fwd", "fastattn::softmax_bwd"]
+
+
+def test_status_covers_every_backend_with_reason_or_none():
+    status = fastattn.backend_status()
+    assert list(status) == list(BACKENDS)
+    assert status["torch"] is None
+    for name in ("native", "numba"):  # not built in this release
+        assert isinstance(status[name], str) and status[name].strip(), name
+    for name, why in status.items():
+        assert why is None or (isinstance(why, str) and why), name
+    assert fastattn.available_backends() == [n for n, why in status.items() if why is None]
+
+
+def test_available_backends_on_this_machine():
+    available = fastattn.available_backends()
+    assert "torch" in available
+    assert "native" not in available and "numba" not in available
+    if HAS_TRITON and (INTERPRETED or torch.cuda.is_available()):
+        assert "triton" in available
+
+
+def test_available_backends_per_device():
+    # The interpreter serves CPU tensors only; without it triton serves CUDA tensors only.
+    triton_on_cpu = HAS_TRITON and INTERPRETED
+    assert fastattn.available_backends("cpu") == ["torch"] + ["triton"] * triton_on_cpu
+    assert fastattn.available_backends(torch.device("cpu")) == fastattn.available_backends("cpu")
+    assert fastattn.available_backends("meta") == ["torch"]
+    assert fastattn.backend_status("meta")["triton"] is not None
+    if torch.cuda.is_available():
+        triton_on_cuda = HAS_TRITON and not INTERPRETED
+        assert fastattn.available_backends("cuda") == ["torch"] + ["triton"] * triton_on_cuda
+
+
+def test_default_on_cpu_is_torch_even_with_interpreter():
+    x = torch.randn(3, 7, requires_grad=True)
+    with RecordBackends() as rec:
+        fastattn.softmax(x, -1).sum().backward()
+    assert {backend for _, backend in rec.calls} == {"torch"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_triton
+def test_default_on_cuda_is_triton():
+    assert ran_on() == {"triton"}
+
+
+@needs_triton
+@pytest.mark.parametrize("name", ["torch", "triton"])
+def test_use_backend_picks_the_backend_that_runs(name):
+    with fastattn.use_backend(name):
+        assert ran_on() == {name}
+
+
+@needs_triton
+def test_use_backend_routes_cross_entropy():
+    # Every public op goes through the same selection, not only softmax.
+    def ce(x):
+        target = torch.randint(0, x.shape[1], (x.shape[0],), device=x.device)
+        fastattn.cross_entropy(x, target).backward()
+
+    with fastattn.use_backend(OTHER):
+        assert ran_on(ce) == {OTHER}
+    assert ran_on(ce) == {DEFAULT}
+
+
+@needs_triton
+def test_nested_use_backend_inner_wins_and_outer_is_restored():
+    assert ran_on() == {DEFAULT}
+    with fastattn.use_backend(OTHER):
+        assert ran_on() == {OTHER}
+        with fastattn.use_backend(DEFAULT):
+            assert ran_on() == {DEFAULT}
+        assert ran_on() == {OTHER}
+        with pytest.raises(KeyError), fastattn.use_backend(DEFAULT):
+            raise KeyError("leaves the inner block by an exception")
+        assert ran_on() == {OTHER}
+    assert ran_on() == {DEFAULT}
+    assert fastattn.backends.requested_backend() == (None, "default")
+
+
+@needs_triton
+def test_use_backend_is_thread_local():
+    seen = {}
+
+    def worker():
+        try:
+            seen["thread"] = ran_on()
+        except BaseException as exc:  # reported by the main thread
+            seen["thread"] = exc
+
+    with fastattn.use_backend(OTHER):
+        thread = threading.Thread(target=worker)
+        thread.start()
+        thread.join()
+        seen["main"] = ran_on()
+    assert seen["thread"] == {DEFAULT}
+    assert seen["main"] == {OTHER}
+
+
+@needs_triton
+def test_env_var_is_read_at_call_time_and_use_backend_overrides_it(monkeypatch):
+    monkeypatch.setenv(ENV_VAR, OTHER)
+    assert fastattn.backends.requested_backend() == (OTHER, ENV_VAR)
+    assert ran_on() == {OTHER}
+    with fastattn.use_backend(DEFAULT):
+        assert ran_on() == {DEFAULT}
+    assert ran_on() == {OTHER}
+    monkeypatch.delenv(ENV_VAR)
+    assert ran_on() == {DEFAULT}
+
+
+def test_unknown_backend_name_is_a_value_error_naming_the_known_ones():
+    with pytest.raises(ValueError, match="nope") as info, fastattn.use_backend("nope"):
+        pass
+    for name in BACKENDS:
+        assert name in str(info.value)
+    assert fastattn.backends.requested_backend() == (None, "default")
+
+
+def test_unavailable_backend_raises_naming_the_available_ones():
+    with pytest.raises(fastattn.BackendUnavailableError, match="native") as info:
+        with fastattn.use_backend("native"):
+            pass
+    message = str(info.value)
+    assert "available: " + ", ".join(fastattn.available_backends()) in message
+    assert fastattn.backends.requested_backend() == (None, "default")
+    x = torch.randn(2, 3, device=DEVICE)
+    torch.testing.assert_close(fastattn.softmax(x, -1), torch.softmax(x, -1))
+
+
+def test_unknown_env_backend_raises_at_call_time(monkeypatch):
+    x = torch.randn(2, 3, device=DEVICE)
+    monkeypatch.setenv(ENV_VAR, "nope")
+    with pytest.raises(ValueError, match=ENV_VAR) as info:
+        fastattn.softmax(x, -1)
+    assert "nope" in str(info.value) and "torch" in str(info.value)
+
+
+def test_unavailable_env_backend_raises_at_call_time(monkeypatch):
+    monkeypatch.setenv(ENV_VAR, "numba")
+    with pytest.raises(fastattn.BackendUnavailableError, match=ENV_VAR) as info:
+        fastattn.softmax(torch.randn(2, 3), -1)
+    assert "backends that can: " + ", ".join(fastattn.available_backends("cpu")) in str(info.value)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_without_interpreter_rejects_cpu_tensors(monkeypatch):
+    # Holds on CUDA machines too: without the interpreter triton never takes CPU tensors.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv(ENV_VAR, "triton")
+    assert fastattn.available_backends("cpu") == ["torch"]
+    with pytest.raises(fastattn.BackendUnavailableError, match="TRITON_INTERPRET") as info:
+        fastattn.log_softmax(torch.randn(2, 3), -1)
+    assert "backends that can: torch" in str(info.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA, triton is usable here")
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_use_backend_triton_without_interpreter_or_cuda(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert fastattn.available_backends() == ["torch"]
+    with pytest.raises(fastattn.BackendUnavailableError, match="triton") as info:
+        with fastattn.use_backend("triton"):
+            pass
+    assert "available: torch" in str(info.value)
+
+
+def test_import_has_no_side_effects():
+    # A fresh interpreter: no triton import, no CUDA initialisation, nothing printed.
+    code = (
+        "import sys\n"
+        "import fastattn\n"
+        "import torch\n"
+        "loaded = [m for m in sys.modules if m.split('.')[0] == 'triton'\n"
+        "          or m.startswith('fastattn.triton')]\n"
+        "sys.exit(f'imported {loaded}' if loaded else\n"
+        "         'initialised CUDA' if torch.cuda.is_initialized() else 0)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""
+    assert proc.stderr == ""
