@@ -247,11 +247,11 @@ def cross_entropy_fwd(
     return loss_out, lse.float()
 
 
-def cross_entropy_target_grad(input, lse, weight, label_smoothing, softcap):
+def cross_entropy_target_grad(input, weight, label_smoothing, softcap):
     """d(per-token loss)/d(target) for probability targets: ``-(1 - eps) * w_c * log p_c``."""
     class_dim = 1 if input.ndim > 1 else 0
     acc = accumulate_dtype(input.dtype)
-    logp = apply_softcap(input.to(acc), softcap) - lse.to(acc).unsqueeze(class_dim)
+    logp = torch.log_softmax(apply_softcap(input.to(acc), softcap), class_dim)
     g = -(1.0 - label_smoothing) * logp
     if weight is not None:
         shape = [1] * input.ndim

@@ -118,13 +118,12 @@ def _setup_context(ctx, inputs, output):
     loss, lse, grad = output
     ctx.mark_non_differentiable(lse, grad)
     target_grad = target.is_floating_point() and target.requires_grad
-    ctx.save_for_backward(grad, input if target_grad else None, lse if target_grad else None,
-                          weight)
+    ctx.save_for_backward(grad, input if target_grad else None, weight)
     ctx.args = (reduction, label_smoothing, softcap, compute_grad)
 
 
 def _backward(ctx, grad_loss, grad_lse, grad_grad):
-    grad, input, lse, weight = ctx.saved_tensors
+    grad, input, weight = ctx.saved_tensors
     reduction, label_smoothing, softcap, compute_grad = ctx.args
     grad_input = grad_target = None
     if ctx.needs_input_grad[0]:
@@ -133,8 +132,7 @@ def _backward(ctx, grad_loss, grad_lse, grad_grad):
                                "has no gradient for input")
         grad_input = grad if _is_one(grad_loss) else grad * _upstream(grad_loss, reduction)
     if ctx.needs_input_grad[1]:
-        per_token = reference.cross_entropy_target_grad(input, lse, weight, label_smoothing,
-                                                        softcap)
+        per_token = reference.cross_entropy_target_grad(input, weight, label_smoothing, softcap)
         upstream = _upstream(grad_loss, reduction)
         if reduction == 1:
             upstream = upstream * (input.shape[1] / max(input.numel(), 1))

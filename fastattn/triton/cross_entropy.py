@@ -126,7 +126,7 @@ def _safe_max(m):
 
 
 @triton.jit
-def _grad_chunk(u, w, wt, c, y, m_safe, log_s, coef, wy_hard, eps_c, cap, scale, valid,
+def _grad_chunk(u, w, wt, c, C, y, m_safe, log_s, coef, wy_hard, eps_c, cap, scale, valid,
                 PROB: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr):
     g = tl.exp((u - m_safe) - log_s) * coef
     if PROB:
@@ -136,7 +136,8 @@ def _grad_chunk(u, w, wt, c, y, m_safe, log_s, coef, wy_hard, eps_c, cap, scale,
         if SMOOTH:
             g = g - eps_c * w
     if SOFTCAP:
-        r = u / cap
+        # Past the row end u is the -inf fill (never stored); keep it out of 0 * inf.
+        r = tl.where(c < C, u / cap, 0.0)
         g = g * (1.0 - r * r)
     # Selected, not multiplied: an ignored row may hold inf/NaN.
     return tl.where(valid, g * scale, 0.0)
@@ -250,7 +251,7 @@ def _cross_entropy_fwd_kernel(
         else:
             scale = tl.full((), 1.0, ACC)
         if SINGLE:
-            g = _grad_chunk(u, w, wt, cols, y, m_safe, log_s, coef, wy_hard, eps_c, cap, scale,
+            g = _grad_chunk(u, w, wt, cols, C, y, m_safe, log_s, coef, wy_hard, eps_c, cap, scale,
                             valid, PROB, SMOOTH, SOFTCAP)
             tl.store(g_row + cols * sgc, g.to(g_ptr.dtype.element_ty), mask=cols < C)
         else:
@@ -260,7 +261,7 @@ def _cross_entropy_fwd_kernel(
                 c = start + cols
                 u, w, wt = _load_chunk(x_row, t_row, w_ptr, c, C, sxc, stc, swc, one_m_eps,
                                        eps_c, cap, HAS_WEIGHT, PROB, SMOOTH, SOFTCAP, ACC)
-                g = _grad_chunk(u, w, wt, c, y, m_safe, log_s, coef, wy_hard, eps_c, cap, scale,
+                g = _grad_chunk(u, w, wt, c, C, y, m_safe, log_s, coef, wy_hard, eps_c, cap, scale,
                                 valid, PROB, SMOOTH, SOFTCAP)
                 tl.store(g_row + c * sgc, g.to(g_ptr.dtype.element_ty), mask=c < C)
 
