@@ -37,13 +37,13 @@ any vocabulary size runs at the same per-element cost. Log-probabilities stay ma
 (probability targets), every term >= 0, adding ``sum v * (m_new - m_old)`` when the max moves.
 The target logit is one scalar load. The max used in exponents is 0 while the running max is not
 finite, so a leading all -inf chunk cannot make NaN. Pass 2 (only when a gradient is wanted)
-re-reads the row chunk by chunk and writes the gradient. Rows of at most ``_MAX_SINGLE`` columns
-are held in registers and both the loss and the gradient come from one load. Accumulation is
+re-reads the row chunk by chunk and writes the gradient. Rows of at most ``layout.MAX_SINGLE``
+columns are held in registers and both the loss and the gradient come from one load. Accumulation is
 fp32 for 16-bit and fp32 inputs and fp64 for fp64; float scalars reach the kernel as fp32 hi + lo
 pairs so fp64 keeps (nearly) full precision. ``tanh`` is written with ``exp`` (a Pade approximant
 near 0, < 2 ulp) because libdevice is not available in the interpreter the CPU tests use.
 
-Bytes moved per token of C classes (``b`` bytes per logit): rows of at most ``_MAX_SINGLE``
+Bytes moved per token of C classes (``b`` bytes per logit): rows of at most ``layout.MAX_SINGLE``
 columns read the logits once (``C b``) and write the gradient once (``C b``); longer rows read the
 logits twice, the second sweep served from L2 only while the rows in flight fit there (short
 rows), otherwise from memory. Probability targets are read like the logits; the weight vector is
@@ -65,10 +65,7 @@ import triton
 import triton.language as tl
 
 from fastattn.reference import accumulate_dtype, cross_entropy_denominator
-from fastattn.triton.layout import row_indices, row_layout, row_offset
-
-_MAX_SINGLE = 8192  # longest row kept in registers in one piece (half that for fp64)
-_CHUNK = 4096  # columns per sweep step of the online path
+from fastattn.triton.layout import row_config, row_indices, row_layout, row_offset
 
 
 @triton.jit
@@ -266,18 +263,6 @@ def _cross_entropy_fwd_kernel(
                 tl.store(g_row + c * sgc, g.to(g_ptr.dtype.element_ty), mask=c < C)
 
 
-def _config(num_cols: int, dtype: torch.dtype) -> tuple[int, bool, int]:
-    """(BLOCK, SINGLE, num_warps) for rows of ``num_cols`` classes."""
-    # fp64 rows of 8192 held in registers spill on sm_90 (ptxas); 4096 do not.
-    max_single = _MAX_SINGLE // 2 if dtype == torch.float64 else _MAX_SINGLE
-    if num_cols <= max_single:
-        block, single = max(triton.next_power_of_2(num_cols), 16), True
-    else:
-        block, single = _CHUNK, False
-    num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
-    return block, single, num_warps
-
-
 @functools.lru_cache(maxsize=256)
 def _split(value: float) -> tuple[float, float]:
     """``value`` as float32 hi + lo halves: Triton passes Python floats as float32."""
@@ -320,7 +305,7 @@ def cross_entropy_fwd(
         t = target.movedim(1, -1) if probability else target.unsqueeze(-1)  # (N, d1, ..., C | 1)
         g = None if grad is None else grad.movedim(1, -1)  # (N, d1, ..., C)
         sizes, (xk, tk, gk), strides, cols = row_layout(x.shape, [x, t, g])
-        block, single, num_warps = _config(num_classes, input.dtype)
+        block, single, num_warps = row_config(num_classes, input.dtype)
         inv_denom = None if denom is None else (1.0 / denom).reshape(1)
         w = weight
         _cross_entropy_fwd_kernel[(num_rows,)](

@@ -20,7 +20,7 @@ Shapes and layout: the launcher moves ``dim`` last (a view) and addresses rows t
 read through zero strides and never expanded in memory). Outputs are written densely in the
 layout of ``fastattn.reference.row_output``.
 
-Algorithm: one program per row. A row of at most ``_MAX_SINGLE`` elements is loaded once into
+Algorithm: one program per row. A row of at most ``layout.MAX_SINGLE`` elements is loaded once into
 registers (one read, one write). Longer rows use the online softmax: a first sweep keeps a
 running max ``m`` and a running sum ``s`` rescaled by ``exp(m_old - m_new)``, a second sweep
 writes the output, so any row length works (the test suite goes beyond 64k columns). The max
@@ -30,7 +30,8 @@ from a float64 buffer, since Triton passes Python floats as float32).
 
 Bytes moved per row of C elements: forward reads C inputs (+ C mask elements for an unbroadcast
 mask) and writes C outputs; backward reads y and g and writes dx. Rows longer than
-``_MAX_SINGLE`` read their inputs twice (the second sweep mostly from L2).
+``layout.MAX_SINGLE`` read their inputs twice (the second sweep from L2 only while the rows in
+flight fit there; not measured yet).
 
 Not done yet: block sizes and warp counts are fixed by row length, not autotuned on a GPU;
 rows much shorter than a warp's width waste lanes (one row per program).
@@ -43,10 +44,13 @@ import triton
 import triton.language as tl
 
 from fastattn.reference import row_output
-from fastattn.triton.layout import broadcast_to, row_indices, row_layout, row_offset
-
-_MAX_SINGLE = 8192  # longest row kept in registers in one piece
-_CHUNK = 4096  # columns per sweep step of the online path
+from fastattn.triton.layout import (
+    broadcast_to,
+    row_config,
+    row_indices,
+    row_layout,
+    row_offset,
+)
 
 
 @triton.jit
@@ -189,16 +193,6 @@ def _softmax_bwd_kernel(
         tl.store(d_row + c * sdc, dx.to(dx_ptr.dtype.element_ty), mask=c < C)
 
 
-def _config(num_cols: int) -> tuple[int, bool, int]:
-    """(BLOCK, SINGLE, num_warps) for rows of ``num_cols`` elements."""
-    if num_cols <= _MAX_SINGLE:
-        block, single = max(triton.next_power_of_2(num_cols), 16), True
-    else:
-        block, single = _CHUNK, False
-    num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
-    return block, single, num_warps
-
-
 def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -232,7 +226,7 @@ def softmax_fwd(
     x, o = input.movedim(dim, -1), out.movedim(dim, -1)  # (..., C)
     sizes, (x, o, m), strides, cols = row_layout(x.shape, [x, o, m], keep_last=causal)
     num_cols = x.shape[-1]
-    block, single, num_warps = _config(num_cols)
+    block, single, num_warps = row_config(num_cols, input.dtype)
     _softmax_fwd_kernel[(sizes[0] * sizes[1] * sizes[2],)](
         x, o, x if m is None else m, sizes[1], sizes[2], num_cols,
         *strides[0], cols[0], *strides[1], cols[1], *strides[2], cols[2],
@@ -255,8 +249,8 @@ def softmax_bwd(
     g, y, d = (t.movedim(dim, -1) for t in (grad_output, output, grad_input))  # (..., C)
     sizes, (g, y, d, m), strides, cols = row_layout(g.shape, [g, y, d, m], keep_last=causal)
     num_cols = g.shape[-1]
-    block, single, num_warps = _config(num_cols)
     acc_dtype = torch.float64 if torch.float64 in (output.dtype, input_dtype) else torch.float32
+    block, single, num_warps = row_config(num_cols, acc_dtype)
     _softmax_bwd_kernel[(sizes[0] * sizes[1] * sizes[2],)](
         g, y, d, g if m is None else m, sizes[1], sizes[2], num_cols,
         *strides[0], cols[0], *strides[1], cols[1], *strides[2], cols[2],
