@@ -239,3 +239,21 @@ def test_bad_input():
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="target is on cpu but input is on cuda"):
             ce(x, t.cpu())
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_mixed_dtype_probability_target(backend):
+    # As in PyTorch: the loss takes the promoted dtype, each gradient its tensor's dtype.
+    x = torch.randn(3, 7, device=DEVICE, requires_grad=True)
+    target = torch.softmax(torch.randn(3, 7, device=DEVICE, dtype=torch.float64), 1)
+    target.requires_grad_(True)
+    with fastattn.use_backend(backend):
+        ours = fastattn.cross_entropy(x, target)
+    expected = F.cross_entropy(x, target)
+    assert ours.dtype == expected.dtype == torch.float64
+    torch.testing.assert_close(ours, expected)
+    got = torch.autograd.grad(ours, (x, target))
+    want = torch.autograd.grad(expected, (x, target))
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

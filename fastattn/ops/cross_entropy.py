@@ -119,12 +119,12 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse, grad)
     target_grad = target.is_floating_point() and target.requires_grad
     ctx.save_for_backward(grad, input if target_grad else None, weight)
-    ctx.args = (reduction, label_smoothing, softcap, compute_grad)
+    ctx.args = (reduction, label_smoothing, softcap, compute_grad, target.dtype)
 
 
 def _backward(ctx, grad_loss, grad_lse, grad_grad):
     grad, input, weight = ctx.saved_tensors
-    reduction, label_smoothing, softcap, compute_grad = ctx.args
+    reduction, label_smoothing, softcap, compute_grad, target_dtype = ctx.args
     grad_input = grad_target = None
     if ctx.needs_input_grad[0]:
         if not compute_grad:
@@ -136,7 +136,7 @@ def _backward(ctx, grad_loss, grad_lse, grad_grad):
         upstream = _upstream(grad_loss, reduction)
         if reduction == 1:
             upstream = upstream * (input.shape[1] / max(input.numel(), 1))
-        grad_target = (per_token * upstream).to(input.dtype)
+        grad_target = (per_token * upstream).to(target_dtype)
     return grad_input, grad_target, None, None, None, None, None, None, None, None
 
 
