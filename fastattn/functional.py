@@ -88,7 +88,11 @@ def _softmax(input, dim, dtype, scale, mask, causal, log):
             raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to the input "
                              f"shape {tuple(input.shape)}")
     out_dtype = input.dtype if dtype is None else dtype
-    x = input if dtype is None else input.to(dtype)
+    # PyTorch casts the input to ``dtype`` first. A widening cast is exact, so the kernels read
+    # the input as it is and write ``dtype`` (no extra copy); narrowing casts are done here.
+    widening = dtype in (torch.float32, torch.float64) and (
+        torch.finfo(input.dtype).bits <= torch.finfo(dtype).bits)
+    x = input if dtype is None or widening else input.to(dtype)
     backend = backends.select(x.device)
     if x.ndim == 0:  # a 0-d tensor is one row of one element
         y = _softmax_ops.softmax(x.reshape(1), 0, scale, mask, causal, log, out_dtype, backend)

@@ -83,7 +83,7 @@ def log_softmax(input, dim=-1, dtype=None, *, scale=None, mask=None, causal=Fals
 
 def softmax_fwd(input, dim, scale, mask, causal, log, out_dtype):
     """torch-backend launcher: the specification run in the accumulation dtype."""
-    acc = accumulate_dtype(input.dtype)
+    acc = accumulate_dtype(torch.promote_types(input.dtype, out_dtype))
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(acc)
     y = _softmax_spec(input.to(acc), dim, None, scale, mask, causal, log)
@@ -92,7 +92,7 @@ def softmax_fwd(input, dim, scale, mask, causal, log, out_dtype):
 
 def softmax_bwd(grad_output, output, dim, scale, mask, causal, log, input_dtype):
     """torch-backend launcher: d(input) from d(output) and the saved output."""
-    acc = accumulate_dtype(output.dtype)
+    acc = accumulate_dtype(torch.promote_types(output.dtype, input_dtype))
     y, g = output.to(acc), grad_output.to(acc)
     if log:
         gz = g - y.exp() * g.sum(dim, keepdim=True)

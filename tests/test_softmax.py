@@ -203,3 +203,20 @@ def test_bad_input():
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="mask is on cpu but input is on cuda"):
             fastattn.softmax(x, mask=torch.ones(4, dtype=torch.bool))
+
+
+# Widening (read 16-bit, write float32/64 directly) and narrowing (cast first, as PyTorch) dtypes.
+@pytest.mark.parametrize("dtypes", [
+    (torch.bfloat16, torch.float32), (torch.float16, torch.float64),
+    (torch.float32, torch.float64), (torch.float32, torch.bfloat16),
+])
+@pytest.mark.parametrize("backend", backends())
+def test_dtype_argument_matches_pytorch(backend, dtypes):
+    src, dst = dtypes
+    x = (4 * torch.randn(5, 301, device=DEVICE)).to(src)
+    if torch.finfo(dst).bits >= torch.finfo(src).bits:  # exact cast: same numbers as PyTorch
+        with fastattn.use_backend(backend):
+            y = fastattn.log_softmax(x, -1, dst)
+        torch.testing.assert_close(y, torch.log_softmax(x, -1, dtype=dst))
+    # Forward and the gradient (in the input's dtype) by the twice-PyTorch's-error rule.
+    _compare(backend, True, x, dtype=dst)

@@ -226,12 +226,13 @@ def softmax_fwd(
     x, o = input.movedim(dim, -1), out.movedim(dim, -1)  # (..., C)
     sizes, (x, o, m), strides, cols = row_layout(x.shape, [x, o, m], keep_last=causal)
     num_cols = x.shape[-1]
-    block, single, num_warps = row_config(num_cols, input.dtype)
+    acc_dtype = torch.float64 if torch.float64 in (input.dtype, out_dtype) else torch.float32
+    block, single, num_warps = row_config(num_cols, acc_dtype)
     _softmax_fwd_kernel[(sizes[0] * sizes[1] * sizes[2],)](
         x, o, x if m is None else m, sizes[1], sizes[2], num_cols,
         *strides[0], cols[0], *strides[1], cols[1], *strides[2], cols[2],
-        *_scale_args(scale, input.dtype, x),
-        MASK_KIND=kind, CAUSAL=causal, LOG=log, ACC=_acc(input.dtype), BLOCK=block,
+        *_scale_args(scale, acc_dtype, x),
+        MASK_KIND=kind, CAUSAL=causal, LOG=log, ACC=_acc(acc_dtype), BLOCK=block,
         SINGLE=single, num_warps=num_warps,
     )
     return out
