@@ -72,7 +72,7 @@ def _load_keep(m_row, cols, C, smc, row_i, MASK_KIND: tl.constexpr, CAUSAL: tl.c
 def _load_scale(scale, scale_ptr, ACC: tl.constexpr):
     """Triton passes Python floats as float32, so float64 rows read their scale from memory."""
     if ACC == tl.float64:
-        return tl.load(scale_ptr)
+        scale = tl.load(scale_ptr)
     return scale
 
 
