@@ -251,7 +251,8 @@ def test_mixed_dtype_probability_target(backend):
         ours = fastattn.cross_entropy(x, target)
     expected = F.cross_entropy(x, target)
     assert ours.dtype == expected.dtype == torch.float64
-    torch.testing.assert_close(ours, expected)
+    # Both compute log-probabilities from the float32 logits: float32-level agreement.
+    torch.testing.assert_close(ours, expected, atol=1e-6, rtol=1e-5)
     got = torch.autograd.grad(ours, (x, target))
     want = torch.autograd.grad(expected, (x, target))
     for a, b in zip(got, want, strict=True):
