@@ -34,7 +34,7 @@ def _compile_all(family: str) -> int:
                 return "constexpr"
             if name in pointers:
                 return pointers[name]
-            return "fp32" if name == "scale" or name.endswith(("_hi", "_lo")) else "i64"
+            return "fp32" if name.endswith(("_hi", "_lo")) else "i64"
         signature = {name: kind(name) for name in kernel.arg_names}
         for arch in (80, 90):
             compiled = triton.compile(ASTSource(kernel, signature, constants),
@@ -51,10 +51,9 @@ def _compile_all(family: str) -> int:
             constants = dict(MASK_KIND=kind, CAUSAL=kind == 1, LOG=log, ACC=acc, BLOCK=block,
                              SINGLE=single)
             build(softmax_kernels._softmax_fwd_kernel, constants,
-                  {"x_ptr": ptr, "out_ptr": ptr, "mask_ptr": mask_ptr, "scale_ptr": "*fp64"})
+                  {"x_ptr": ptr, "out_ptr": ptr, "mask_ptr": mask_ptr})
             build(softmax_kernels._softmax_bwd_kernel, constants,
-                  {"g_ptr": ptr, "y_ptr": ptr, "dx_ptr": ptr, "mask_ptr": mask_ptr,
-                   "scale_ptr": "*fp64"})
+                  {"g_ptr": ptr, "y_ptr": ptr, "dx_ptr": ptr, "mask_ptr": mask_ptr})
     else:
         # Class-index and probability targets, one block and online, every option off and on.
         for (ptr, acc), probability, single, on in itertools.product(

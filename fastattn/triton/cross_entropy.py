@@ -57,7 +57,6 @@ dozen FLOPs per element and is not tuned either. Not supported: ``C == 0`` (reje
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -65,7 +64,15 @@ import triton
 import triton.language as tl
 
 from fastattn.reference import accumulate_dtype, cross_entropy_denominator
-from fastattn.triton.layout import row_config, row_indices, row_layout, row_offset
+from fastattn.triton.layout import (
+    join_float,
+    row_config,
+    row_indices,
+    row_layout,
+    row_offset,
+    split_float,
+    tl_accumulate,
+)
 
 
 @triton.jit
@@ -81,11 +88,6 @@ def _tanh(a):
     small = b < 0.55
     r = tl.where(small, b * p, 1.0 - e) / tl.where(small, q, 1.0 + e)
     return tl.where(a < 0, -r, r)
-
-
-@triton.jit
-def _pair(hi, lo, ACC: tl.constexpr):
-    return tl.cast(hi, ACC) + tl.cast(lo, ACC)
 
 
 @triton.jit
@@ -155,9 +157,9 @@ def _cross_entropy_fwd_kernel(
     x_row = x_ptr + row_offset(i0, i1, i2, sx0, sx1, sx2)
     t_row = t_ptr + row_offset(i0, i1, i2, st0, st1, st2)
     g_row = g_ptr + row_offset(i0, i1, i2, sg0, sg1, sg2)
-    one_m_eps = _pair(one_m_eps_hi, one_m_eps_lo, ACC)
-    eps_c = _pair(eps_c_hi, eps_c_lo, ACC)
-    cap = _pair(cap_hi, cap_lo, ACC)
+    one_m_eps = join_float(one_m_eps_hi, one_m_eps_lo, ACC)
+    eps_c = join_float(eps_c_hi, eps_c_lo, ACC)
+    cap = join_float(cap_hi, cap_lo, ACC)
     # 64-bit column offsets: rows * C exceeds 2**31 elements in real training.
     cols = tl.arange(0, BLOCK).to(tl.int64)
 
@@ -223,7 +225,7 @@ def _cross_entropy_fwd_kernel(
     lse = m_safe + log_s
     log_s = tl.where(tl.abs(m) == float("inf"), float("nan"), log_s)
 
-    z = _pair(z_hi, z_lo, ACC)
+    z = join_float(z_hi, z_lo, ACC)
     if PROB:
         loss = sum_vd + sum_v * log_s
         coef = sum_v
@@ -261,13 +263,6 @@ def _cross_entropy_fwd_kernel(
                 g = _grad_chunk(u, w, wt, c, C, y, m_safe, log_s, coef, wy_hard, eps_c, cap, scale,
                                 valid, PROB, SMOOTH, SOFTCAP)
                 tl.store(g_row + c * sgc, g.to(g_ptr.dtype.element_ty), mask=c < C)
-
-
-@functools.lru_cache(maxsize=256)
-def _split(value: float) -> tuple[float, float]:
-    """``value`` as float32 hi + lo halves: Triton passes Python floats as float32."""
-    hi = float(torch.tensor(value, dtype=torch.float32))
-    return hi, float(torch.tensor(value - hi, dtype=torch.float32))
 
 
 def cross_entropy_fwd(
@@ -315,12 +310,12 @@ def cross_entropy_fwd(
             *strides[0], cols[0], *strides[1], cols[1], *strides[2], cols[2],
             0 if w is None else w.stride(0),
             ignore_index,
-            *_split(1.0 - label_smoothing), *_split(label_smoothing / num_classes),
-            *_split(z_loss), *_split(softcap or 1.0),
+            *split_float(1.0 - label_smoothing), *split_float(label_smoothing / num_classes),
+            *split_float(z_loss), *split_float(softcap or 1.0),
             HAS_WEIGHT=w is not None, PROB=probability, SMOOTH=label_smoothing > 0,
             SOFTCAP=bool(softcap), ZLOSS=z_loss > 0, GRAD=grad is not None,
             MEAN=denom is not None, SINGLE=single, BLOCK=block,
-            ACC=tl.float64 if acc == torch.float64 else tl.float32, num_warps=num_warps,
+            ACC=tl_accumulate(acc), num_warps=num_warps,
         )
         if gk is not None and gk is not g:
             g.copy_(gk)  # row_layout had to materialise a contiguous copy

@@ -9,9 +9,15 @@ dim in the middle of ``(N, C, d1, ...)`` all run without copies. Only when more 
 leading dims survive the merge are the tensors materialised contiguous.
 
 Offsets are 64-bit: rows times columns exceeds 2**31 elements in real training.
+
+Also shared: the block configuration by row length, and float scalars for float64 rows (Triton
+passes Python floats as float32, so a scalar travels as float32 hi + lo halves and is joined in
+the accumulation dtype, about 48 bits).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -93,6 +99,25 @@ def row_config(num_cols: int, dtype: torch.dtype) -> tuple[int, bool, int]:
         block, single = CHUNK, False
     num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
     return block, single, num_warps
+
+
+def tl_accumulate(dtype: torch.dtype):
+    """The Triton type of a torch accumulation dtype (see ``reference.accumulate_dtype``)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+@functools.lru_cache(maxsize=256)
+def split_float(value: float) -> tuple[float, float]:
+    """``value`` as float32 hi + lo halves, for a kernel to rejoin with ``join_float``."""
+    hi = float(torch.tensor(value, dtype=torch.float32))
+    return hi, float(torch.tensor(value - hi, dtype=torch.float32))
+
+
+@triton.jit
+def join_float(hi, lo, ACC: tl.constexpr):
+    # Summed after the casts: in float64 the halves add up exactly, and an inf input times the
+    # joined value never meets a 0 * inf from a zero ``lo``.
+    return tl.cast(hi, ACC) + tl.cast(lo, ACC)
 
 
 def broadcast_to(t: torch.Tensor | None, shape) -> torch.Tensor | None:

@@ -25,8 +25,8 @@ registers (one read, one write). Longer rows use the online softmax: a first swe
 running max ``m`` and a running sum ``s`` rescaled by ``exp(m_old - m_new)``, a second sweep
 writes the output, so any row length works (the test suite goes beyond 64k columns). The max
 used in exponents is 0 when the running max is still -inf, so a leading all-masked chunk cannot
-turn ``s`` into NaN. 16-bit inputs accumulate in float32, float64 in float64 (reading ``scale``
-from a float64 buffer, since Triton passes Python floats as float32).
+turn ``s`` into NaN. 16-bit inputs accumulate in float32, float64 in float64 (``scale`` arrives
+as float32 halves joined in float64, see ``layout.join_float``).
 
 Bytes moved per row of C elements: forward reads C inputs (+ C mask elements for an unbroadcast
 mask) and writes C outputs; backward reads y and g and writes dx. Rows longer than
@@ -43,13 +43,16 @@ import torch
 import triton
 import triton.language as tl
 
-from fastattn.reference import row_output
+from fastattn.reference import accumulate_dtype, row_output
 from fastattn.triton.layout import (
     broadcast_to,
+    join_float,
     row_config,
     row_indices,
     row_layout,
     row_offset,
+    split_float,
+    tl_accumulate,
 )
 
 
@@ -69,14 +72,6 @@ def _load_keep(m_row, cols, C, smc, row_i, MASK_KIND: tl.constexpr, CAUSAL: tl.c
 
 
 @triton.jit
-def _load_scale(scale, scale_ptr, ACC: tl.constexpr):
-    """Triton passes Python floats as float32, so float64 rows read their scale from memory."""
-    if ACC == tl.float64:
-        scale = tl.load(scale_ptr)
-    return scale
-
-
-@triton.jit
 def _load_scores(x_row, m_row, cols, C, sxc, smc, scale, row_i,
                  MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, ACC: tl.constexpr):
     keep = _load_keep(m_row, cols, C, smc, row_i, MASK_KIND, CAUSAL)
@@ -93,11 +88,11 @@ def _load_scores(x_row, m_row, cols, C, sxc, smc, scale, row_i,
 def _softmax_fwd_kernel(
     x_ptr, out_ptr, mask_ptr, n1, n2, C,
     sx0, sx1, sx2, sxc, so0, so1, so2, soc, sm0, sm1, sm2, smc,
-    scale, scale_ptr,
+    scale_hi, scale_lo,
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, LOG: tl.constexpr, ACC: tl.constexpr,
     BLOCK: tl.constexpr, SINGLE: tl.constexpr,
 ):
-    scale = _load_scale(scale, scale_ptr, ACC)
+    scale = join_float(scale_hi, scale_lo, ACC)
     i0, i1, i2 = row_indices(n1, n2)
     x_row = x_ptr + row_offset(i0, i1, i2, sx0, sx1, sx2)
     o_row = out_ptr + row_offset(i0, i1, i2, so0, so1, so2)
@@ -148,11 +143,11 @@ def _softmax_fwd_kernel(
 def _softmax_bwd_kernel(
     g_ptr, y_ptr, dx_ptr, mask_ptr, n1, n2, C,
     sg0, sg1, sg2, sgc, sy0, sy1, sy2, syc, sd0, sd1, sd2, sdc, sm0, sm1, sm2, smc,
-    scale, scale_ptr,
+    scale_hi, scale_lo,
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, LOG: tl.constexpr, ACC: tl.constexpr,
     BLOCK: tl.constexpr, SINGLE: tl.constexpr,
 ):
-    scale = _load_scale(scale, scale_ptr, ACC)
+    scale = join_float(scale_hi, scale_lo, ACC)
     i0, i1, i2 = row_indices(n1, n2)
     g_row = g_ptr + row_offset(i0, i1, i2, sg0, sg1, sg2)
     y_row = y_ptr + row_offset(i0, i1, i2, sy0, sy1, sy2)
@@ -193,17 +188,6 @@ def _softmax_bwd_kernel(
         tl.store(d_row + c * sdc, dx.to(dx_ptr.dtype.element_ty), mask=c < C)
 
 
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _scale_args(scale: float, dtype: torch.dtype, like: torch.Tensor) -> tuple:
-    """(scale, scale_ptr): float64 rows get a float64 copy in device memory (a fill, no sync)."""
-    if dtype != torch.float64:
-        return scale, like
-    return scale, torch.full((1,), scale, dtype=torch.float64, device=like.device)
-
-
 def _mask_operand(mask: torch.Tensor | None, shape, dim: int):
     """(kind, tensor): 0 no mask, 1 bool (read as uint8), 2 additive; broadcast, dim moved last."""
     if mask is None:
@@ -226,13 +210,13 @@ def softmax_fwd(
     x, o = input.movedim(dim, -1), out.movedim(dim, -1)  # (..., C)
     sizes, (x, o, m), strides, cols = row_layout(x.shape, [x, o, m], keep_last=causal)
     num_cols = x.shape[-1]
-    acc_dtype = torch.float64 if torch.float64 in (input.dtype, out_dtype) else torch.float32
+    acc_dtype = accumulate_dtype(torch.promote_types(input.dtype, out_dtype))
     block, single, num_warps = row_config(num_cols, acc_dtype)
     _softmax_fwd_kernel[(sizes[0] * sizes[1] * sizes[2],)](
         x, o, x if m is None else m, sizes[1], sizes[2], num_cols,
         *strides[0], cols[0], *strides[1], cols[1], *strides[2], cols[2],
-        *_scale_args(scale, acc_dtype, x),
-        MASK_KIND=kind, CAUSAL=causal, LOG=log, ACC=_acc(acc_dtype), BLOCK=block,
+        *split_float(scale),
+        MASK_KIND=kind, CAUSAL=causal, LOG=log, ACC=tl_accumulate(acc_dtype), BLOCK=block,
         SINGLE=single, num_warps=num_warps,
     )
     return out
@@ -250,13 +234,13 @@ def softmax_bwd(
     g, y, d = (t.movedim(dim, -1) for t in (grad_output, output, grad_input))  # (..., C)
     sizes, (g, y, d, m), strides, cols = row_layout(g.shape, [g, y, d, m], keep_last=causal)
     num_cols = g.shape[-1]
-    acc_dtype = torch.float64 if torch.float64 in (output.dtype, input_dtype) else torch.float32
+    acc_dtype = accumulate_dtype(torch.promote_types(output.dtype, input_dtype))
     block, single, num_warps = row_config(num_cols, acc_dtype)
     _softmax_bwd_kernel[(sizes[0] * sizes[1] * sizes[2],)](
         g, y, d, g if m is None else m, sizes[1], sizes[2], num_cols,
         *strides[0], cols[0], *strides[1], cols[1], *strides[2], cols[2],
-        *strides[3], cols[3], *_scale_args(scale, acc_dtype, g),
-        MASK_KIND=kind, CAUSAL=causal, LOG=log, ACC=_acc(acc_dtype), BLOCK=block, SINGLE=single,
-        num_warps=num_warps,
+        *strides[3], cols[3], *split_float(scale),
+        MASK_KIND=kind, CAUSAL=causal, LOG=log, ACC=tl_accumulate(acc_dtype), BLOCK=block,
+        SINGLE=single, num_warps=num_warps,
     )
     return grad_input
