@@ -39,10 +39,21 @@ def _check_same_device(name: str, value: torch.Tensor, input: torch.Tensor) -> N
                          "they must be on the same device")
 
 
+def check_index(name: str, value: object, allowed: str = "an int") -> int:
+    """``value`` as a Python int; anything with ``__index__`` but bool is accepted."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{name} must be {allowed}, got {type(value).__name__}")
+    return operator.index(value)
+
+
+def check_reduction(reduction: object) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r} is not allowed; use one of {REDUCTIONS}")
+    return reduction
+
+
 def _check_dim(dim: object, ndim: int) -> int:
-    if isinstance(dim, bool) or not hasattr(dim, "__index__"):
-        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
-    dim = operator.index(dim)
+    dim = check_index("dim", dim)
     lo, hi = (-1, 0) if ndim == 0 else (-ndim, ndim - 1)
     if not lo <= dim <= hi:
         raise IndexError(f"dim={dim} is out of range for a {ndim}-d input; allowed: [{lo}, {hi}]")
@@ -230,8 +241,7 @@ def cross_entropy(
                              f"class, got {tuple(weight.shape)}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction={reduction!r} is not allowed; use one of {REDUCTIONS}")
+    check_reduction(reduction)
     label_smoothing = _check_scale("label_smoothing", label_smoothing)
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing={label_smoothing} is not allowed; it must be in [0, 1]")

@@ -4,7 +4,6 @@ keyword-only constructor arguments."""
 
 from __future__ import annotations
 
-import operator
 import warnings
 
 import torch
@@ -12,7 +11,6 @@ from torch import Tensor
 from torch.nn.modules.loss import _Reduction
 
 from fastattn import functional as F
-from fastattn.reference import REDUCTIONS
 
 __all__ = ["Softmax", "LogSoftmax", "CrossEntropyLoss"]
 
@@ -29,11 +27,7 @@ class _SoftmaxBase(torch.nn.Module):
     def __init__(self, dim: int | None = None, *, scale: float | None = None,
                  causal: bool = False) -> None:
         super().__init__()
-        if dim is not None:
-            if isinstance(dim, bool) or not hasattr(dim, "__index__"):
-                raise TypeError(f"dim must be an int or None, got {type(dim).__name__}")
-            dim = operator.index(dim)
-        self.dim = dim
+        self.dim = None if dim is None else F.check_index("dim", dim, "an int or None")
         self.scale = scale
         self.causal = causal
 
@@ -89,8 +83,7 @@ class CrossEntropyLoss(torch.nn.Module):
         super().__init__()
         if size_average is not None or reduce is not None:
             reduction = _Reduction.legacy_get_string(size_average, reduce)
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction={reduction!r} is not allowed; use one of {REDUCTIONS}")
+        F.check_reduction(reduction)
         self.register_buffer("weight", weight)
         self.reduction = reduction
         self.ignore_index = ignore_index
