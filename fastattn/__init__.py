@@ -11,7 +11,13 @@ from fastattn.backends import (
     backend_status,
     use_backend,
 )
-from fastattn.functional import cross_entropy, log_softmax, softmax
+from fastattn.functional import (
+    cross_entropy,
+    flash_attn_func,
+    log_softmax,
+    scaled_dot_product_attention,
+    softmax,
+)
 
 __version__ = "0.1.0"
 
@@ -20,8 +26,10 @@ __all__ = [
     "available_backends",
     "backend_status",
     "cross_entropy",
+    "flash_attn_func",
     "log_softmax",
     "nn",
+    "scaled_dot_product_attention",
     "softmax",
     "use_backend",
 ]

@@ -13,11 +13,16 @@ import operator
 import torch
 
 from fastattn import backends
+from fastattn.ops import attention as _attention_ops
 from fastattn.ops import cross_entropy as _ce_ops
 from fastattn.ops import softmax as _softmax_ops
 from fastattn.reference import REDUCTIONS
 
-__all__ = ["softmax", "log_softmax", "cross_entropy"]
+__all__ = [
+    "softmax", "log_softmax", "cross_entropy", "scaled_dot_product_attention", "flash_attn_func",
+]
+
+MAX_HEAD_DIM = 256
 
 
 def _check_tensor(name: str, value: object) -> torch.Tensor:
@@ -270,3 +275,226 @@ def cross_entropy(
             loss = loss.squeeze(0)
     loss = loss.to(out_dtype)
     return (loss, lse) if return_lse else loss
+
+
+# --- attention ---------------------------------------------------------------------------------
+
+
+def _check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def _check_qkv(names: tuple[str, str, str], q, k, v) -> None:
+    """Types, dtypes, devices and the dims every layout shares: same rank, head dims in
+    [1, 256], query and key head dims equal, key and value lengths equal."""
+    for name, t in zip(names, (q, k, v), strict=True):
+        _check_float_tensor(name, t)
+    qn, kn, vn = names
+    if not q.ndim == k.ndim == v.ndim:
+        raise ValueError(f"{qn}, {kn} and {vn} must have the same number of dims, got "
+                         f"{q.ndim}, {k.ndim} and {v.ndim}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"{qn}, {kn} and {vn} must have the same dtype, got {q.dtype}, "
+                        f"{k.dtype} and {v.dtype}")
+    _check_same_device(kn, k, q)
+    _check_same_device(vn, v, q)
+    for name, t in ((qn, q), (vn, v)):
+        if not 1 <= t.shape[-1] <= MAX_HEAD_DIM:
+            raise ValueError(f"{name} has head dim {t.shape[-1]} (its last dim); head dims from "
+                             f"1 to {MAX_HEAD_DIM} are supported")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"{kn} has head dim {k.shape[-1]} but {qn} has {q.shape[-1]}; they "
+                         "must match (the value head dim may differ)")
+
+
+def _check_attention_extras(dropout_p, scale, window_size, softcap, deterministic, head_dim):
+    """The options both attention entry points share; returns (dropout_p, scale, left, right,
+    softcap)."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p={dropout_p} is not allowed; it must be in [0, 1)")
+    scale = _check_scale("scale", scale)
+    scale = head_dim**-0.5 if scale is None else scale
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or any(isinstance(w, bool) or not isinstance(w, int) for w in window_size)):
+        raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
+    left, right = window_size
+    if left < -1 or right < -1:
+        raise ValueError(f"window_size={tuple(window_size)} is not allowed; each side must be "
+                         ">= 0 (keys that far from the query) or -1 (unbounded)")
+    softcap = _check_scale("softcap", softcap, positive=True) or 0.0
+    _check_bool("deterministic", deterministic)
+    return float(dropout_p), scale, left, right, softcap
+
+
+def _attention_backend(q: torch.Tensor) -> str:
+    backend = backends.select(q.device)
+    if backend == "triton" and q.dtype == torch.float64:
+        raise TypeError("the triton attention kernel has no float64 path; run float64 attention "
+                        "with fastattn.use_backend('torch')")
+    return backend
+
+
+def _to_bhnd(t: torch.Tensor, batch: torch.Size, heads: int) -> torch.Tensor:
+    """``t`` (..., H or 1, N, E) broadcast to (*batch, heads, N, E), then viewed as
+    (B, heads, N, E); only the broadcast batch dims of a >4-d input can force a copy."""
+    if t.ndim == 2:
+        t = t.unsqueeze(0)  # (1, N, E)
+    t = t.expand(*batch, heads, *t.shape[-2:])  # (*batch, heads, N, E), stride 0 where broadcast
+    return t.reshape(math.prod(batch), heads, *t.shape[-2:])  # (B, heads, N, E)
+
+
+def scaled_dot_product_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    deterministic: bool = False,
+) -> torch.Tensor:
+    """Fused attention, drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
+
+    ``query`` is ``(..., Hq, L, D)``, ``key`` ``(..., Hk, S, D)``, ``value`` ``(..., Hk, S,
+    Dv)`` (the same rank, at least 2; leading batch dims broadcast; ``Dv`` may differ from
+    ``D``; head dims up to 256); the output is ``(..., Hq, L, Dv)`` in the query's dtype.
+    ``attn_mask`` is bool (True = take part) or floating (added to the scores), broadcastable to
+    ``(..., Hq, L, S)``; it is read tile by tile with its broadcast strides, never expanded in
+    memory, and a floating mask that requires grad gets its gradient. ``is_causal`` lets query
+    ``i`` see keys ``j <= i``, aligned top-left (row 0 sees key 0 even when L != S).
+    ``enable_gqa`` lets ``Hq`` be a multiple of ``Hk`` (query head ``h`` reads key/value head
+    ``h // (Hq // Hk)``); without it ``Hk`` must equal ``Hq`` or be 1. ``scale`` defaults to
+    ``1 / sqrt(D)``. ``dropout_p`` drops probabilities after the softmax and rescales the rest
+    by ``1 / (1 - dropout_p)``; its mask comes from a seed drawn from PyTorch's generator for
+    the device, so ``torch.manual_seed`` reproduces it, and backward regenerates it.
+
+    A query row whose keys are all masked out gives output 0 and zero gradients (PyTorch's math
+    backend gives NaN there). Low-precision inputs accumulate in float32.
+
+    Keyword-only extras:
+
+    - ``window_size=(left, right)``: query ``i`` sees only keys ``i - left <= j <= i + right``
+      (-1 leaves a side unbounded; with ``is_causal`` the right side is 0). Tiles outside the
+      window are skipped, not masked.
+    - ``softcap``: scores become ``softcap * tanh(scores / softcap)`` before masking (Gemma 2).
+    - ``deterministic``: a backward without atomics, bitwise reproducible (a little slower).
+    """
+    _check_qkv(("query", "key", "value"), query, key, value)
+    q, k, v = query, key, value
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"key has {k.shape[-2]} positions (dim -2) but value has "
+                         f"{v.shape[-2]}; they must match")
+    _check_bool("is_causal", is_causal)
+    _check_bool("enable_gqa", enable_gqa)
+    dropout_p, scale, left, right, softcap = _check_attention_extras(
+        dropout_p, scale, window_size, softcap, deterministic, q.shape[-1])
+    if is_causal:
+        right = 0
+    heads = [t.shape[-3] if t.ndim > 2 else 1 for t in (q, k, v)]
+    hq, hk, hv = heads
+    if hk != hv:
+        raise ValueError(f"key has {hk} heads (dim -3) but value has {hv}; they must match")
+    if enable_gqa and hq % hk:
+        raise ValueError(f"query has {hq} heads (dim -3), not a multiple of key/value's {hk}; "
+                         "enable_gqa needs query heads = a multiple of key/value heads")
+    if not enable_gqa and hq != hk and hk != 1 and hq != 1:
+        raise ValueError(f"query has {hq} heads (dim -3) but key/value have {hk}; they must "
+                         "match or be 1 (or pass enable_gqa=True with query heads a multiple "
+                         "of key/value heads)")
+    try:
+        batch = torch.broadcast_shapes(*(t.shape[:-3] for t in (q, k, v)))
+    except RuntimeError:
+        raise ValueError(f"the batch dims (all but the last 3) of query {tuple(q.shape)}, key "
+                         f"{tuple(k.shape)} and value {tuple(v.shape)} do not broadcast") from None
+    heads_out = max(hq, hk)
+    L, S = q.shape[-2], k.shape[-2]
+    full = (*batch, heads_out, L, S)
+    mask = attn_mask
+    if mask is not None:
+        _check_tensor("attn_mask", mask)
+        if mask.dtype != torch.bool and not mask.is_floating_point():
+            raise TypeError(f"attn_mask must be bool (True = take part) or floating "
+                            f"(added to the scores), got {mask.dtype}")
+        _check_same_device("attn_mask", mask, q)
+        try:
+            ok = mask.ndim <= len(full) and torch.broadcast_shapes(mask.shape, full) == full
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"attn_mask of shape {tuple(mask.shape)} does not broadcast to "
+                             f"(batch..., heads, L, S) = {full}")
+        mask = mask.expand(full).reshape(math.prod(batch), heads_out, L, S)  # (B, Hq, L, S)
+    backend = _attention_backend(q)
+    qn = _to_bhnd(q, batch, heads_out)  # (B, Hq, L, D)
+    kn = _to_bhnd(k, batch, hk)  # (B, Hk, S, D)
+    vn = _to_bhnd(v, batch, hk)  # (B, Hk, S, Dv)
+    seed = _attention_ops.dropout_seed(q.device) if dropout_p > 0 else None
+    out, _ = _attention_ops.attention_fwd(qn, kn, vn, mask, seed, dropout_p, scale, left, right,
+                                          False, softcap, deterministic, backend)
+    if q.ndim == 2:
+        return out.reshape(L, v.shape[-1])  # (L, Dv)
+    return out.reshape(*batch, heads_out, L, v.shape[-1])  # (..., Hq, L, Dv)
+
+
+def flash_attn_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    deterministic: bool = False,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Fused attention with flash-attn's ``flash_attn_func`` convention.
+
+    ``q`` is ``(B, T, Hq, D)``, ``k`` ``(B, S, Hk, D)``, ``v`` ``(B, S, Hk, Dv)`` with ``Hq`` a
+    multiple of ``Hk`` (GQA/MQA: query head ``h`` reads key/value head ``h // (Hq // Hk)``),
+    head dims up to 256; the output is ``(B, T, Hq, Dv)``, contiguous, in q's dtype.
+    ``softmax_scale`` defaults to ``1 / sqrt(D)``. ``causal`` is aligned bottom-right: query
+    ``i`` sees keys ``j <= i + S - T`` (so with T > S the first T - S rows see nothing and give
+    0). ``window_size=(left, right)`` keeps keys ``i + S - T - left <= j <= i + S - T + right``
+    (-1 = unbounded; ``causal`` sets right to 0). ``softcap`` > 0 caps the scores with
+    ``softcap * tanh(scores / softcap)``. ``dropout_p`` drops probabilities after the softmax
+    (seeded from PyTorch's generator; backward regenerates the mask). ``deterministic`` selects
+    a backward without atomics. ``return_lse`` also returns the per-row log-sum-exp of the
+    scores, ``(B, Hq, T)`` float32 (-inf for a row that sees no key; no gradient).
+
+    A query row that sees no key gives output 0 and zero gradients.
+    """
+    _check_qkv(("q", "k", "v"), q, k, v)
+    if q.ndim != 4:
+        raise ValueError(f"q, k and v must be 4-d (batch, seqlen, heads, head_dim), got "
+                         f"{q.ndim}-d tensors")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree on batch, "
+                         "seqlen and heads")
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"q has batch {q.shape[0]} but k and v have {k.shape[0]}; they must "
+                         "match")
+    hq, hk = q.shape[2], k.shape[2]
+    if hq % hk:
+        raise ValueError(f"q has {hq} heads, not a multiple of k/v's {hk}")
+    _check_bool("causal", causal)
+    _check_bool("return_lse", return_lse)
+    dropout_p, scale, left, right, softcap = _check_attention_extras(
+        dropout_p, softmax_scale, window_size, softcap, deterministic, q.shape[-1])
+    if causal:
+        right = 0
+    backend = _attention_backend(q)
+    seed = _attention_ops.dropout_seed(q.device) if dropout_p > 0 else None
+    out, lse = _attention_ops.attention_fwd(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, H, T, D) views
+        None, seed, dropout_p, scale, left, right, True, softcap, deterministic, backend)
+    out = out.transpose(1, 2)  # (B, T, Hq, Dv)
+    return (out, lse) if return_lse else out

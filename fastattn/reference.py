@@ -258,3 +258,166 @@ def cross_entropy_target_grad(input, weight, label_smoothing, softcap):
         shape[class_dim] = -1
         g = g * weight.to(acc).view(shape)
     return g
+
+
+# --- attention -------------------------------------------------------------------------------
+#
+# Every backend sees attention in one normalised form: q (B, Hq, L, D), k (B, Hk, S, D),
+# v (B, Hk, S, Dv) with any strides, Hq a multiple of Hk (query head h reads key/value head
+# h // (Hq // Hk)), an optional mask already broadcast (as a view) to (B, Hq, L, S), and the
+# positional masking as a window: query i sees key j when
+#     i + offset - left <= j <= i + offset + right,
+# where offset is 0 (aligned top-left, SDPA's causal) or S - L (aligned bottom-right,
+# flash-attn's causal) and -1 leaves a side unbounded. Causal attention is right = 0.
+
+
+def window_keep(
+    L: int, S: int, left: int, right: int, align_bottom: bool, device: torch.device
+) -> torch.Tensor | None:
+    """(L, S) bool: True where query i may see key j under the window; None when unbounded."""
+    if left < 0 and right < 0:
+        return None
+    offset = S - L if align_bottom else 0
+    i = torch.arange(L, device=device).unsqueeze(1)  # (L, 1)
+    j = torch.arange(S, device=device).unsqueeze(0)  # (1, S)
+    keep = torch.ones(L, S, dtype=torch.bool, device=device)
+    if left >= 0:
+        keep &= j >= i + offset - left
+    if right >= 0:
+        keep &= j <= i + offset + right
+    return keep
+
+
+def attention_output(q: torch.Tensor, value_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """The output buffer (B, Hq, L, Dv) for a normalised ``q``: laid out (B, L, Hq, Dv) in
+    memory when ``q`` is (flash-attn's layout, heads inside tokens), else contiguous, so that
+    ``flash_attn_func`` returns a contiguous (B, L, H, Dv) tensor with no copy."""
+    B, H, L, _ = q.shape
+    if H > 1 and L > 1 and q.stride(1) < q.stride(2):
+        return torch.empty(B, L, H, value_dim, dtype=dtype, device=q.device).transpose(1, 2)
+    return torch.empty(B, H, L, value_dim, dtype=dtype, device=q.device)
+
+
+def attention(
+    q,
+    k,
+    v,
+    attn_mask=None,
+    dropout_keep=None,
+    dropout_p=0.0,
+    scale=None,
+    window=(-1, -1),
+    align_bottom=False,
+    softcap=0.0,
+):
+    """Specification of attention in the normalised form (see above), differentiable.
+
+    ``scores = q k^T * scale`` (``scale`` defaults to 1/sqrt(D)), soft-capped to
+    ``softcap * tanh(scores / softcap)`` when ``softcap`` > 0, plus an additive ``attn_mask``
+    (or masked where a bool ``attn_mask`` is False, or outside the window); softmax over keys;
+    a query row with every key masked gives probabilities 0 (so output 0, gradients 0). With
+    ``dropout_keep`` (bool, broadcastable to (B, Hq, L, S)) the probabilities are multiplied by
+    ``dropout_keep / (1 - dropout_p)`` before they weight the values.
+    """
+    s = attention_scores(q, k, attn_mask, scale, window, align_bottom, softcap)
+    return _attend(s, v, dropout_keep, dropout_p)
+
+
+def attention_scores(q, k, attn_mask, scale, window, align_bottom, softcap):
+    """(B, Hq, L, S) scores of the specification: scaled, soft-capped, masked (-inf)."""
+    k = _repeat_heads(k, q.shape[-3])  # GQA/MQA: (B, Hq, S, D)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = apply_softcap(q @ k.transpose(-2, -1) * scale, softcap)  # (B, Hq, L, S)
+    keep = window_keep(s.shape[-2], s.shape[-1], window[0], window[1], align_bottom, s.device)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        keep = attn_mask if keep is None else keep & attn_mask
+    elif attn_mask is not None:
+        s = s + attn_mask
+    return s if keep is None else s.masked_fill(~keep, float("-inf"))
+
+
+def _repeat_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, Hk, N, E) -> (B, heads, N, E): each key/value head serves heads // Hk query heads."""
+    return t if t.shape[-3] == heads else t.repeat_interleave(heads // t.shape[-3], dim=-3)
+
+
+def _probs(s: torch.Tensor) -> torch.Tensor:
+    """Softmax over keys of masked scores; rows with every key masked give 0, not NaN."""
+    dead = (s == float("-inf")).all(-1, keepdim=True)  # (B, Hq, L, 1): no key left to attend
+    return torch.softmax(s.masked_fill(dead, 0.0), -1).masked_fill(dead, 0.0)
+
+
+def _attend(s, v, dropout_keep, dropout_p):
+    p = _probs(s)
+    if dropout_keep is not None:
+        p = p * dropout_keep / (1.0 - dropout_p)
+    return p @ _repeat_heads(v, s.shape[-3])  # (B, Hq, L, Dv)
+
+
+def dropout_mask(seed: torch.Tensor, shape, dropout_p: float, device) -> torch.Tensor:
+    """torch backend's dropout mask: bool ``shape``, True with probability 1 - dropout_p, drawn
+    from a generator seeded with ``seed`` (forward and backward draw the same mask)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed.item()))
+    return torch.rand(shape, generator=gen, device=device) >= dropout_p
+
+
+def _attention_spec_args(q, k, v, mask, seed, dropout_p, acc):
+    keep = None
+    if dropout_p > 0:
+        keep = dropout_mask(seed, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]), dropout_p,
+                            q.device)
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(acc)
+    return keep, mask
+
+
+def attention_fwd(q, k, v, mask, seed, dropout_p, scale, left, right, align_bottom, softcap):
+    """torch-backend launcher: (out (B, Hq, L, Dv) in q's dtype, lse (B, Hq, L) float32).
+
+    ``lse`` is the log-sum-exp of each row's scores after masking (before dropout); -inf for a
+    fully masked row."""
+    acc = accumulate_dtype(q.dtype)
+    keep, mask = _attention_spec_args(q, k, v, mask, seed, dropout_p, acc)
+    s = attention_scores(q.to(acc), k.to(acc), mask, scale, (left, right), align_bottom, softcap)
+    o = _attend(s, v.to(acc), keep, dropout_p)
+    lse = torch.logsumexp(s, -1).float()  # (B, Hq, L)
+    return attention_output(q, v.shape[-1], q.dtype).copy_(o), lse
+
+
+def _sum_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, Hq, N, E) -> (B, heads, N, E): the sum over the query heads sharing a K/V head."""
+    B, Hq, N, E = t.shape
+    return t.view(B, heads, Hq // heads, N, E).sum(2)
+
+
+def attention_bwd(grad_out, q, k, v, out, lse, mask, seed, dropout_p, scale, left, right,
+                  align_bottom, softcap, deterministic, mask_grad):
+    """torch-backend launcher: (dq, dk, dv, dmask) in the accumulation dtype, by formula (the
+    one the kernels implement, checked against autograd of the specification by the tests).
+    With p the probabilities, P = p * keep / (1 - dropout_p) and g = grad_out:
+    dv = P^T g, dP = (g v^T) * keep / (1 - dropout_p), ds = p (dP - rowsum(p dP)) (the
+    additive mask's gradient), dq = scale (ds c) k, dk = scale (ds c)^T q, with
+    c = 1 - tanh^2 under softcap. ``dmask`` is (B, Hq, L, S) float32 when ``mask_grad``."""
+    acc = accumulate_dtype(q.dtype)
+    keep, mask = _attention_spec_args(q, k, v, mask, seed, dropout_p, acc)
+    Hq, Hk = q.shape[1], k.shape[1]
+    qa, g = q.to(acc), grad_out.to(acc)
+    ka, va = _repeat_heads(k.to(acc), Hq), _repeat_heads(v.to(acc), Hq)  # (B, Hq, S, E)
+    s = attention_scores(qa, ka, mask, scale, (left, right), align_bottom, softcap)
+    p = _probs(s)  # (B, Hq, L, S)
+    dp = g @ va.transpose(-2, -1)
+    if keep is not None:
+        dp = dp * keep / (1.0 - dropout_p)
+        dv = (p * keep / (1.0 - dropout_p)).transpose(-2, -1) @ g
+    else:
+        dv = p.transpose(-2, -1) @ g
+    ds = p * (dp - (p * dp).sum(-1, keepdim=True))
+    dmask = ds.float() if mask_grad else q.new_empty(0, dtype=torch.float32)
+    if softcap:
+        ds = ds * (1.0 - torch.tanh(qa @ ka.transpose(-2, -1) * (scale / softcap)) ** 2)
+    dq = ds @ ka * scale
+    dk = _sum_heads(ds.transpose(-2, -1) @ qa * scale, Hk)
+    dv = _sum_heads(dv, Hk)
+    dq, dk, dv = (torch.empty_like(t).copy_(d) for t, d in ((q, dq), (k, dk), (v, dv)))
+    return dq, dk, dv, dmask

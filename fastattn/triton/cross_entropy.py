@@ -71,23 +71,9 @@ from fastattn.triton.layout import (
     row_layout,
     row_offset,
     split_float,
+    tanh,
     tl_accumulate,
 )
-
-
-@triton.jit
-def _tanh(a):
-    # 1 - exp(-2|a|) cancels near 0, so |a| < 0.55 uses the [7/8] Pade approximant of tanh
-    # (Lambert's continued fraction; < 2 ulp in fp32 and fp64 there). Integer coefficients stay
-    # exact when Triton rounds literals to fp32.
-    b = tl.abs(a)
-    e = tl.exp(-2.0 * b)
-    x = b * b
-    p = ((36.0 * x + 6930.0) * x + 270270.0) * x + 2027025.0
-    q = (((x + 630.0) * x + 51975.0) * x + 945945.0) * x + 2027025.0
-    small = b < 0.55
-    r = tl.where(small, b * p, 1.0 - e) / tl.where(small, q, 1.0 + e)
-    return tl.where(a < 0, -r, r)
 
 
 @triton.jit
@@ -98,7 +84,7 @@ def _load_chunk(x_row, t_row, w_ptr, c, C, sxc, stc, swc, one_m_eps, eps_c, cap,
     inb = c < C
     u = tl.load(x_row + c * sxc, mask=inb, other=0.0).to(ACC)
     if SOFTCAP:
-        u = cap * _tanh(u / cap)
+        u = cap * tanh(u / cap)
     # -inf past the row end: it neither wins the max nor adds to the sum (softcap would have
     # turned a -inf fill value into -cap, hence the select after capping).
     u = tl.where(inb, u, float("-inf"))
@@ -175,7 +161,7 @@ def _cross_entropy_fwd_kernel(
         y = tl.where(valid, y, 0)
         u_y = tl.load(x_row + y * sxc, mask=valid, other=0.0).to(ACC)
         if SOFTCAP:
-            u_y = cap * _tanh(u_y / cap)
+            u_y = cap * tanh(u_y / cap)
         if HAS_WEIGHT:
             w_y = tl.load(w_ptr + y * swc, mask=valid, other=0.0).to(ACC)
         else:

@@ -1,4 +1,4 @@
-"""Row layout shared by the row-wise kernels (softmax, cross-entropy).
+"""Row layout and small helpers shared by the Triton kernels (softmax, cross-entropy, attention).
 
 A row-wise op reduces along one dim. The launcher moves that dim last (a view, no copy) and
 describes every other dim as at most three *leading* dims: row ``r`` of the kernel's grid is
@@ -10,9 +10,10 @@ leading dims survive the merge are the tensors materialised contiguous.
 
 Offsets are 64-bit: rows times columns exceeds 2**31 elements in real training.
 
-Also shared: the block configuration by row length, and float scalars for float64 rows (Triton
-passes Python floats as float32, so a scalar travels as float32 hi + lo halves and is joined in
-the accumulation dtype, about 48 bits).
+Also shared: the block configuration by row length, ``tanh`` for softcapping (Triton has no
+portable one), and float scalars for float64 rows (Triton passes Python floats as float32, so a
+scalar travels as float32 hi + lo halves and is joined in the accumulation dtype, about 48
+bits).
 """
 
 from __future__ import annotations
@@ -137,3 +138,18 @@ def row_indices(n1, n2):
 @triton.jit
 def row_offset(i0, i1, i2, s0, s1, s2):
     return i0 * s0 + i1 * s1 + i2 * s2
+
+
+@triton.jit
+def tanh(a):
+    # 1 - exp(-2|a|) cancels near 0, so |a| < 0.55 uses the [7/8] Pade approximant of tanh
+    # (Lambert's continued fraction; < 2 ulp in fp32 and fp64 there). Integer coefficients stay
+    # exact when Triton rounds literals to fp32.
+    b = tl.abs(a)
+    e = tl.exp(-2.0 * b)
+    x = b * b
+    p = ((36.0 * x + 6930.0) * x + 270270.0) * x + 2027025.0
+    q = (((x + 630.0) * x + 51975.0) * x + 945945.0) * x + 2027025.0
+    small = b < 0.55
+    r = tl.where(small, b * p, 1.0 - e) / tl.where(small, q, 1.0 + e)
+    return tl.where(a < 0, -r, r)

@@ -1,0 +1,108 @@
+"""``fastattn::attention_fwd`` / ``fastattn::attention_bwd`` and the autograd that joins them.
+
+Both ops take attention in the normalised form of ``fastattn.reference`` (q (B, Hq, L, D),
+k (B, Hk, S, D), v (B, Hk, S, Dv), mask broadcast to (B, Hq, L, S) as a view, positional
+masking as a window) and the backend name last. Forward returns the output and the per-row
+log-sum-exp, which backward uses to recompute the probabilities tile by tile. Dropout travels
+as a seed tensor drawn from PyTorch's generator (``dropout_seed``), so backward regenerates the
+forward's mask and ``torch.manual_seed`` reproduces both.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastattn.backends import launcher
+from fastattn.reference import attention_output
+
+
+def dropout_seed(device: torch.device) -> Tensor:
+    """A fresh dropout seed (int64, shape (1,)) from PyTorch's generator for ``device``."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
+@torch.library.custom_op("fastattn::attention_fwd", mutates_args=())
+def attention_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    seed: Tensor | None,
+    dropout_p: float,
+    scale: float,
+    window_left: int,
+    window_right: int,
+    align_bottom: bool,
+    softcap: float,
+    deterministic: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    fwd = launcher(backend, "attention", "attention_fwd")
+    return fwd(q, k, v, mask, seed, dropout_p, scale, window_left, window_right, align_bottom,
+               softcap)
+
+
+@attention_fwd.register_fake
+def _(q, k, v, mask, seed, dropout_p, scale, window_left, window_right, align_bottom, softcap,
+      deterministic, backend):
+    out = attention_output(q, v.shape[-1], q.dtype)
+    return out, q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastattn::attention_bwd", mutates_args=())
+def attention_bwd(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    mask: Tensor | None,
+    seed: Tensor | None,
+    dropout_p: float,
+    scale: float,
+    window_left: int,
+    window_right: int,
+    align_bottom: bool,
+    softcap: float,
+    deterministic: bool,
+    mask_grad: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    bwd = launcher(backend, "attention", "attention_bwd")
+    return bwd(grad_out, q, k, v, out, lse, mask, seed, dropout_p, scale, window_left,
+               window_right, align_bottom, softcap, deterministic, mask_grad)
+
+
+@attention_bwd.register_fake
+def _(grad_out, q, k, v, out, lse, mask, seed, dropout_p, scale, window_left, window_right,
+      align_bottom, softcap, deterministic, mask_grad, backend):
+    B, H, L, _ = q.shape
+    shape = (B, H, L, k.shape[2]) if mask_grad else (0,)
+    dmask = q.new_empty(shape, dtype=torch.float32)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, seed, *args = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, mask, seed)
+    ctx.args = args  # dropout_p, scale, left, right, align_bottom, softcap, deterministic, backend
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, mask, seed = ctx.saved_tensors
+    dropout_p, scale, left, right, align_bottom, softcap, deterministic, backend = ctx.args
+    mask_grad = ctx.needs_input_grad[3]
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv, dmask = attention_bwd(grad_out, q, k, v, out, lse, mask, seed, dropout_p, scale,
+                                      left, right, align_bottom, softcap, deterministic,
+                                      mask_grad, backend)
+    grad_mask = dmask.to(mask.dtype) if mask_grad else None
+    return (dq, dk, dv, grad_mask) + (None,) * 9
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)

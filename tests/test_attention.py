@@ -1,0 +1,403 @@
+"""scaled_dot_product_attention and flash_attn_func against the float64 specification.
+
+Output and dq, dk, dv (and an additive mask's gradient) must be within twice the error of
+``reference.attention`` run in the input dtype (PyTorch's own error), plus a small slack.
+Interpreter sizes on CPU are small but cross several tiles with remainders (the interpreter's
+tiles are 32 x 16 forward, 16 x 32 for dk/dv).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from check import DEVICE, assert_twice_error, backends
+
+import fastattn
+from fastattn import reference
+from fastattn.ops.attention import dropout_seed
+
+LOW = [torch.bfloat16, torch.float16]
+
+
+def _qkv(B, Hq, Hk, L, S, D, Dv, dtype, layout="bhld"):
+    """Fresh q, k, v leaves; ``layout='bthd'`` gives flash-attn's (B, T, H, D)."""
+    def make(H, N, E):
+        shape = (B, N, H, E) if layout == "bthd" else (B, H, N, E)
+        return torch.randn(shape, device=DEVICE, dtype=dtype).requires_grad_()
+    return make(Hq, L, D), make(Hk, S, D), make(Hk, S, Dv)
+
+
+def _spec(q, k, v, dtype, *, mask=None, window=(-1, -1), bottom=False, softcap=0.0, scale=None,
+          keep=None, dropout_p=0.0, layout="bhld"):
+    """The specification in ``dtype`` (float64 = the oracle), with its input leaves."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    qs, ks, vs = (t.transpose(1, 2) if layout == "bthd" else t for t in leaves)
+    m = mask
+    if mask is not None and mask.is_floating_point():
+        m = mask.detach().to(dtype).requires_grad_(mask.requires_grad)
+        leaves.append(m)
+    out = reference.attention(qs, ks, vs, m, keep, dropout_p, scale, window, bottom, softcap)
+    return (out.transpose(1, 2) if layout == "bthd" else out), leaves
+
+
+def _check(fn, q, k, v, *, mask=None, layout="bhld", **spec):
+    """Run ``fn`` (the fastattn call) and compare output and every gradient to the oracle."""
+    out = fn(q, k, v)
+    grad = torch.randn_like(out)
+    inputs = [q, k, v] + ([mask] if mask is not None and mask.requires_grad else [])
+    grads = torch.autograd.grad(out, inputs, grad)
+    ref, ref_leaves = _spec(q, k, v, torch.float64, mask=mask, layout=layout, **spec)
+    pt, pt_leaves = _spec(q, k, v, q.dtype, mask=mask, layout=layout, **spec)
+    ref_grads = torch.autograd.grad(ref, ref_leaves[:len(inputs)], grad.double())
+    pt_grads = torch.autograd.grad(pt, pt_leaves[:len(inputs)], grad)
+    assert_twice_error(out, ref, pt, "out")
+    for name, g, rg, pg in zip(("dq", "dk", "dv", "dmask"), grads, ref_grads, pt_grads,
+                               strict=False):
+        assert_twice_error(g, rg, pg, name)
+    return out, grads
+
+
+# One size per regime: a single tile, odd lengths crossing tiles (flash-attn's 113 x 203),
+# L > S and L < S, odd head dims (59, 111) with Dv != D, L = 1 and S = 1.
+SHAPES = [(16, 16, 32, 32), (113, 203, 64, 64), (70, 23, 59, 111), (1, 45, 40, 40),
+          (37, 1, 16, 24)]
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("L,S,D,Dv", SHAPES)
+def test_sdpa_matches_reference(backend, L, S, D, Dv, causal):
+    q, k, v = _qkv(1, 2, 2, L, S, D, Dv, torch.bfloat16)
+    with fastattn.use_backend(backend):
+        _check(lambda q, k, v: fastattn.scaled_dot_product_attention(q, k, v, is_causal=causal),
+               q, k, v, window=(-1, 0 if causal else -1))
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("L,S,D,Dv", SHAPES)
+def test_flash_attn_func_matches_reference(backend, L, S, D, Dv, causal):
+    q, k, v = _qkv(2, 2, 2, L, S, D, Dv, torch.float16, layout="bthd")
+    with fastattn.use_backend(backend):
+        out, _ = _check(lambda q, k, v: fastattn.flash_attn_func(q, k, v, causal=causal),
+                        q, k, v, layout="bthd", window=(-1, 0 if causal else -1), bottom=True)
+    assert out.shape == (2, L, 2, Dv) and out.is_contiguous()
+
+
+# Each supported dtype, on both entry points.
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dtypes(backend, dtype):
+    q, k, v = _qkv(2, 3, 3, 50, 41, 48, 48, dtype)
+    with fastattn.use_backend(backend):
+        out, _ = _check(lambda q, k, v: fastattn.scaled_dot_product_attention(q, k, v), q, k, v)
+    assert out.dtype == dtype
+
+
+def test_matches_pytorch_sdpa():
+    # The drop-in claim, against PyTorch's own function (float32, causal, GQA).
+    q, k, v = _qkv(2, 4, 2, 33, 33, 32, 32, torch.float32)
+    ours = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    theirs = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+# GQA (3 query heads per K/V head) and MQA (one K/V head), both layouts.
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("Hq,Hk", [(6, 2), (4, 1)])
+def test_gqa_mqa(backend, Hq, Hk):
+    q, k, v = _qkv(2, Hq, Hk, 45, 38, 32, 32, torch.bfloat16)
+    with fastattn.use_backend(backend):
+        _check(lambda q, k, v: fastattn.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=True), q, k, v, window=(-1, 0))
+    q, k, v = _qkv(2, Hq, Hk, 45, 38, 32, 32, torch.bfloat16, layout="bthd")
+    with fastattn.use_backend(backend):
+        _check(lambda q, k, v: fastattn.flash_attn_func(q, k, v, causal=True), q, k, v,
+               layout="bthd", window=(-1, 0), bottom=True)
+
+
+# Every broadcast shape a mask takes in practice: (L, S), key padding (B, 1, 1, S), per batch,
+# per head, full; bool and additive; alone and with causal.
+MASK_SHAPES = [(37, 45), (2, 1, 1, 45), (2, 1, 37, 45), (1, 3, 37, 45), (2, 3, 37, 45), (37, 1)]
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("shape", MASK_SHAPES)
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_masks(backend, shape, kind):
+    q, k, v = _qkv(2, 3, 3, 37, 45, 32, 32, torch.float16)
+    if kind == "bool":
+        mask = torch.rand(shape, device=DEVICE) > 0.25
+    else:  # finite values plus some -inf (masked), with a gradient to check
+        mask = torch.randn(shape, device=DEVICE, dtype=torch.float16)
+        mask = mask.masked_fill(torch.rand(shape, device=DEVICE) < 0.2, float("-inf"))
+        mask.requires_grad_()
+    causal = len(shape) == 4
+    with fastattn.use_backend(backend):
+        _check(lambda q, k, v: fastattn.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal), q, k, v, mask=mask,
+            window=(-1, 0 if causal else -1))
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_additive_mask_huge_negative_is_not_masking(backend):
+    # Hugging Face pads with finfo.min, not -inf: a row padded everywhere is then a uniform
+    # softmax in PyTorch, and must stay one here (not the fully-masked 0).
+    q, k, v = _qkv(1, 2, 2, 9, 20, 16, 16, torch.float32)
+    mask = torch.zeros(1, 1, 9, 20, device=DEVICE)
+    mask[..., 3, :] = torch.finfo(torch.float32).min
+    mask[..., :, 15:] = torch.finfo(torch.float32).min
+    with fastattn.use_backend(backend):
+        out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+# Sliding windows: symmetric, one-sided, zero-width, with both causal alignments.
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("window", [(5, 7), (20, 0), (0, 0), (-1, 3)])
+def test_windows(backend, window):
+    q, k, v = _qkv(1, 2, 2, 61, 50, 32, 32, torch.bfloat16)
+    with fastattn.use_backend(backend):
+        _check(lambda q, k, v: fastattn.scaled_dot_product_attention(q, k, v, window_size=window),
+               q, k, v, window=window)
+    q, k, v = _qkv(1, 2, 2, 40, 75, 32, 32, torch.bfloat16, layout="bthd")
+    with fastattn.use_backend(backend):
+        _check(lambda q, k, v: fastattn.flash_attn_func(q, k, v, causal=True, window_size=window),
+               q, k, v, layout="bthd", window=(window[0], 0), bottom=True)
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("causal", [False, True])
+def test_softcap(backend, causal):
+    q, k, v = _qkv(2, 2, 2, 39, 52, 64, 64, torch.float16)
+    q.data *= 3  # scores well into tanh's curved range
+    with fastattn.use_backend(backend):
+        _check(lambda q, k, v: fastattn.scaled_dot_product_attention(
+            q, k, v, is_causal=causal, softcap=2.5), q, k, v, softcap=2.5,
+            window=(-1, 0 if causal else -1))
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_scale_and_strides(backend):
+    # Non-contiguous views (a transposed (B, T, H, D) tensor, a sliced head dim) and a custom
+    # scale; inputs must come back unmodified.
+    q = torch.randn(2, 45, 3, 80, device=DEVICE, dtype=torch.float16).transpose(1, 2)
+    q = q[..., :48].detach().requires_grad_()  # (2, 3, 45, 48), tokens strided by heads
+    k = torch.randn(2, 3, 30, 96, device=DEVICE, dtype=torch.float16)[..., ::2]
+    k = k.detach().requires_grad_()  # (2, 3, 30, 48), head dim strided by 2
+    v = torch.randn(2, 30, 3, 40, device=DEVICE, dtype=torch.float16).transpose(1, 2)
+    v = v.detach().requires_grad_()  # (2, 3, 30, 40)
+    before = [t.detach().clone() for t in (q, k, v)]
+    with fastattn.use_backend(backend):
+        _check(lambda q, k, v: fastattn.scaled_dot_product_attention(q, k, v, scale=0.3),
+               q, k, v, scale=0.3)
+    for t, b in zip((q, k, v), before, strict=True):
+        assert torch.equal(t.detach(), b)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_ranks_and_batch_broadcast(backend):
+    # (L, D), (H, L, D) and (B1, B2, H, L, D) inputs, and key/value broadcast over a batch dim.
+    with fastattn.use_backend(backend):
+        for shape in [(19, 16), (3, 19, 16), (2, 2, 3, 19, 16)]:
+            q = torch.randn(shape, device=DEVICE)
+            kv = torch.randn(shape[:-2] + (23, 16), device=DEVICE)
+            out = fastattn.scaled_dot_product_attention(q, kv, kv, is_causal=True)
+            torch.testing.assert_close(out, F.scaled_dot_product_attention(q, kv, kv,
+                                                                            is_causal=True))
+        q, k, v = _qkv(3, 2, 2, 17, 21, 16, 16, torch.float32)
+        k1 = k[:1].detach().requires_grad_()
+        v1 = v[:1].detach().requires_grad_()
+        out = fastattn.scaled_dot_product_attention(q, k1, v1)
+        out.backward(torch.ones_like(out))
+    ref = F.scaled_dot_product_attention(q, k1.expand(3, -1, -1, -1), v1.expand(3, -1, -1, -1))
+    torch.testing.assert_close(out, ref)
+    assert k1.grad.shape == k1.shape  # summed over the broadcast batch
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_fully_masked_rows(backend):
+    # Rows 0, 5, 10, ... see no key (bool mask), and with flash-attn's bottom-right causal and
+    # T > S the first T - S rows see none: output 0, gradients finite and equal to the oracle.
+    q, k, v = _qkv(2, 2, 2, 33, 29, 32, 32, torch.float16)
+    mask = torch.rand(2, 2, 33, 29, device=DEVICE) > 0.3
+    mask[:, :, ::5] = False
+    with fastattn.use_backend(backend):
+        out, grads = _check(lambda q, k, v: fastattn.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask), q, k, v, mask=mask)
+    assert torch.all(out[:, :, ::5] == 0)
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert torch.all(grads[0][:, :, ::5] == 0)
+    q, k, v = _qkv(1, 2, 2, 40, 17, 32, 32, torch.float16, layout="bthd")
+    with fastattn.use_backend(backend):
+        out, lse = fastattn.flash_attn_func(q, k, v, causal=True, return_lse=True)
+        _check(lambda q, k, v: fastattn.flash_attn_func(q, k, v, causal=True), q, k, v,
+               layout="bthd", window=(-1, 0), bottom=True)
+    assert torch.all(out[:, :23] == 0)
+    assert torch.all(lse[:, :, :23] == float("-inf")) and torch.isfinite(lse[:, :, 23:]).all()
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_return_lse(backend):
+    q, k, v = _qkv(2, 4, 2, 27, 35, 32, 32, torch.float32, layout="bthd")
+    with fastattn.use_backend(backend):
+        out, lse = fastattn.flash_attn_func(q, k, v, causal=True, window_size=(9, 0),
+                                            return_lse=True)
+    s = reference.attention_scores(q.double().transpose(1, 2), k.double().transpose(1, 2), None,
+                                   32**-0.5, (9, 0), True, 0.0)
+    assert lse.dtype == torch.float32 and lse.shape == (2, 4, 27)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_empty_inputs(backend):
+    with fastattn.use_backend(backend):
+        q = torch.randn(2, 3, 0, 16, device=DEVICE)
+        kv = torch.randn(2, 3, 7, 16, device=DEVICE)
+        assert fastattn.scaled_dot_product_attention(q, kv, kv).shape == (2, 3, 0, 16)
+        q = torch.randn(2, 3, 5, 16, device=DEVICE, requires_grad=True)
+        kv = torch.randn(2, 3, 0, 16, device=DEVICE, requires_grad=True)
+        out = fastattn.scaled_dot_product_attention(q, kv, kv)  # no keys: every row masked
+        out.sum().backward()
+    assert torch.equal(out, torch.zeros_like(out)) and torch.equal(q.grad, torch.zeros_like(q))
+
+
+# --- dropout --------------------------------------------------------------------------------
+
+
+def _dropout_mask(backend, seed, shape, p):
+    if backend == "torch":
+        return reference.dropout_mask(seed, shape, p, DEVICE)
+    from fastattn.triton.attention import dropout_mask
+    return dropout_mask(seed, shape, p, DEVICE)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_dropout_statistics(backend):
+    # With v = identity (S = Dv), each output row is its dropped, rescaled probability row:
+    # dropped entries are exactly 0, kept ones are p / (1 - dropout_p), and about dropout_p of
+    # them are dropped.
+    S, p = 48, 0.3
+    q = torch.randn(2, 4, 64, 16, device=DEVICE)
+    k = torch.randn(2, 4, S, 16, device=DEVICE)
+    v = torch.eye(S, device=DEVICE).expand(2, 4, S, S)
+    with fastattn.use_backend(backend):
+        out = fastattn.scaled_dot_product_attention(q, k, v, dropout_p=p)
+    probs = torch.softmax(q @ k.transpose(-2, -1) / 4.0, -1)
+    kept = out != 0
+    frac = 1 - kept.float().mean().item()
+    n = kept.numel()
+    assert abs(frac - p) < 5 * (p * (1 - p) / n) ** 0.5, f"dropped fraction {frac} vs {p}"
+    torch.testing.assert_close(out[kept], (probs / (1 - p))[kept], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_dropout_reproducible_and_consistent(backend):
+    # Same torch seed, same output; forward and backward agree with the specification run on
+    # the backend's own mask for the seed the call drew.
+    q, k, v = _qkv(2, 2, 2, 40, 37, 32, 32, torch.float16)
+    p = 0.2
+    with fastattn.use_backend(backend):
+        torch.manual_seed(1234)
+        a = fastattn.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        torch.manual_seed(1234)
+        b = fastattn.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        c = fastattn.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        assert torch.equal(a, b) and not torch.equal(a, c)
+        torch.manual_seed(1234)
+        seed = dropout_seed(q.device)
+        keep = _dropout_mask(backend, seed, (2, 2, 40, 37), p)
+        torch.manual_seed(1234)
+        _check(lambda q, k, v: fastattn.scaled_dot_product_attention(
+            q, k, v, dropout_p=p, is_causal=True), q, k, v, window=(-1, 0), keep=keep,
+            dropout_p=p)
+
+
+# --- determinism ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_deterministic_backward(backend):
+    # deterministic=True: bitwise-equal gradients over repeated runs (GQA, where several query
+    # heads add into one key/value head), and the same values as the default backward.
+    q, k, v = _qkv(2, 4, 2, 70, 66, 32, 32, torch.bfloat16)
+    grad = torch.randn(2, 4, 70, 32, device=DEVICE, dtype=torch.bfloat16)
+
+    def grads(deterministic):
+        out = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True,
+                                                    deterministic=deterministic)
+        return torch.autograd.grad(out, (q, k, v), grad)
+
+    with fastattn.use_backend(backend):
+        first = grads(True)
+        for _ in range(2):
+            assert all(torch.equal(a, b) for a, b in zip(first, grads(True), strict=True))
+        for a, b in zip(first, grads(False), strict=True):
+            torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+def _t(*shape, dtype=torch.float32):
+    return torch.randn(shape, device=DEVICE, dtype=dtype)
+
+
+SDPA = fastattn.scaled_dot_product_attention
+
+BAD_SDPA = [
+    (lambda: SDPA(_t(2, 3, 5, 16), _t(3, 7, 16), _t(3, 7, 16)), ValueError, "same number of dims"),
+    (lambda: SDPA(_t(2, 3, 5, 16), _t(2, 3, 7, 8), _t(2, 3, 7, 16)), ValueError, "head dim"),
+    (lambda: SDPA(_t(2, 3, 5, 16), _t(2, 3, 7, 16), _t(2, 3, 6, 16)), ValueError, "positions"),
+    (lambda: SDPA(_t(2, 4, 5, 16), _t(2, 3, 7, 16), _t(2, 3, 7, 16), enable_gqa=True),
+     ValueError, "multiple"),
+    (lambda: SDPA(_t(2, 4, 5, 16), _t(2, 2, 7, 16), _t(2, 2, 7, 16)), ValueError, "enable_gqa"),
+    (lambda: SDPA(_t(2, 4, 5, 16), _t(2, 4, 7, 16), _t(2, 2, 7, 16)), ValueError, "heads"),
+    (lambda: SDPA(_t(2, 3, 5, 16), _t(2, 3, 7, 16, dtype=torch.float16), _t(2, 3, 7, 16)),
+     TypeError, "same dtype"),
+    (lambda: SDPA(_t(1, 1, 5, 300), _t(1, 1, 7, 300), _t(1, 1, 7, 300)), ValueError, "256"),
+    (lambda: SDPA(_t(1, 1, 5, 16), _t(1, 1, 7, 16), _t(1, 1, 7, 0)), ValueError, "head dim"),
+    (lambda: SDPA(_t(2, 3, 5, 16), _t(2, 3, 7, 16), _t(2, 3, 7, 16), attn_mask=_t(5, 6) > 0),
+     ValueError, "broadcast"),
+    (lambda: SDPA(_t(2, 3, 5, 16), _t(2, 3, 7, 16), _t(2, 3, 7, 16),
+                  attn_mask=torch.ones(5, 7, dtype=torch.int32, device=DEVICE)),
+     TypeError, "attn_mask"),
+    (lambda: SDPA(_t(2, 3, 5, 16), _t(2, 3, 7, 16), _t(2, 3, 7, 16), dropout_p=1.0),
+     ValueError, "dropout_p"),
+    (lambda: SDPA(_t(2, 3, 5, 16), _t(2, 3, 7, 16), _t(2, 3, 7, 16), dropout_p=-0.1),
+     ValueError, "dropout_p"),
+    (lambda: SDPA(_t(2, 3, 5, 16), _t(2, 3, 7, 16), _t(2, 3, 7, 16), window_size=(-2, 0)),
+     ValueError, "window_size"),
+    (lambda: SDPA(_t(2, 3, 5, 16), _t(2, 3, 7, 16), _t(2, 3, 7, 16), window_size=3),
+     TypeError, "window_size"),
+    (lambda: SDPA(_t(2, 3, 5, 16), _t(2, 3, 7, 16), _t(2, 3, 7, 16), softcap=-1.0),
+     ValueError, "softcap"),
+    (lambda: SDPA(_t(2, 3, 5, 16), _t(2, 3, 7, 16), _t(2, 3, 7, 16), is_causal=1),
+     TypeError, "is_causal"),
+    (lambda: SDPA(_t(2, 3, 5, 16).int(), _t(2, 3, 7, 16), _t(2, 3, 7, 16)), TypeError, "query"),
+    (lambda: fastattn.flash_attn_func(_t(2, 5, 3, 16), _t(2, 7, 2, 16), _t(2, 7, 2, 16)),
+     ValueError, "multiple"),
+    (lambda: fastattn.flash_attn_func(_t(5, 3, 16), _t(7, 3, 16), _t(7, 3, 16)),
+     ValueError, "4-d"),
+    (lambda: fastattn.flash_attn_func(_t(2, 5, 3, 16), _t(1, 7, 3, 16), _t(1, 7, 3, 16)),
+     ValueError, "batch"),
+]
+
+
+@pytest.mark.parametrize("call,error,words", BAD_SDPA)
+def test_bad_input(call, error, words):
+    with pytest.raises(error, match=words):
+        call()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs two devices: CUDA and CPU")
+def test_device_mismatch():
+    q = torch.randn(1, 1, 4, 16, device="cuda")
+    with pytest.raises(ValueError, match="same device"):
+        SDPA(q, torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 16))
+
+
+@pytest.mark.skipif("triton" not in backends(), reason="triton backend not available")
+def test_triton_rejects_float64():
+    q = torch.randn(1, 1, 4, 16, device=DEVICE, dtype=torch.float64)
+    with fastattn.use_backend("triton"), pytest.raises(TypeError, match="float64"):
+        SDPA(q, q, q)
