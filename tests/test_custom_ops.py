@@ -55,6 +55,35 @@ def test_opcheck_cross_entropy(backend):
         torch.library.opcheck(OPS.cross_entropy_fwd_inplace.default, (x, *args[1:], backend))
 
 
+def _attention_args(backend):
+    q = torch.randn(2, 4, 21, 24, device=DEVICE, requires_grad=True)
+    k = torch.randn(2, 2, 17, 24, device=DEVICE, requires_grad=True)
+    v = torch.randn(2, 2, 17, 40, device=DEVICE, requires_grad=True)
+    add = torch.randn(21, 17, device=DEVICE).expand(2, 4, 21, 17).requires_grad_()
+    seed = torch.tensor([7], device=DEVICE)
+    #      mask, seed, dropout_p, scale, left, right, align_bottom, softcap, deterministic
+    return [
+        (q, k, v, None, None, 0.0, 0.2, -1, -1, False, 0.0, False, backend),
+        (q, k, v, add, None, 0.0, 0.2, -1, 0, True, 0.0, True, backend),
+        (q, k, v, add > 0, seed, 0.25, 0.2, 3, 5, False, 2.0, False, backend),
+        (q.transpose(1, 2).contiguous().transpose(1, 2), k, v, None, None, 0.0, 0.2, 4, 0, True,
+         0.0, False, backend),
+    ]
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_opcheck_attention(backend):
+    for args in _attention_args(backend):
+        torch.library.opcheck(OPS.attention_fwd.default, args)
+        out, lse = OPS.attention_fwd(*args)
+        q, k, v, mask, seed, p, scale, left, right, bottom, cap, det, _ = args
+        mask_grad = mask is not None and mask.is_floating_point()
+        bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse,
+                    mask if mask is None else mask.detach(), seed, p, scale, left, right, bottom,
+                    cap, det, mask_grad, backend)
+        torch.library.opcheck(OPS.attention_bwd.default, bwd_args)
+
+
 def _public_calls():
     """(name, function of (x, target), target kind) for each public function."""
     return [
@@ -99,3 +128,41 @@ def test_compile_matches_pytorch_cross_entropy():
     with fastattn.use_backend("torch"):
         loss = compiled(x, t)
     torch.testing.assert_close(loss, F.cross_entropy(x, t))
+
+
+# The attention entry points, captured whole: masks, GQA, dropout (the seed is drawn inside the
+# graph) and flash-attn's layout.
+@pytest.mark.parametrize("compiler", ["inductor", "aot_eager"])
+def test_compile_fullgraph_attention(compiler):
+    backend = "torch" if compiler == "inductor" else backends()[-1]
+    q = torch.randn(2, 4, 19, 16, device=DEVICE, requires_grad=True)
+    k = torch.randn(2, 2, 23, 16, device=DEVICE, requires_grad=True)
+    mask = torch.rand(19, 23, device=DEVICE) > 0.2
+    torch._dynamo.reset()
+
+    def step(q, k):
+        a = fastattn.scaled_dot_product_attention(q, k, k, attn_mask=mask, is_causal=True,
+                                                  enable_gqa=True, window_size=(6, 0))
+        b = fastattn.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), k.transpose(1, 2),
+                                     causal=True, softcap=3.0)
+        return (a * a).sum() + (b * b).sum()
+
+    def dropped(q, k, eye):  # value = identity: the output is the dropped probabilities
+        return fastattn.scaled_dot_product_attention(q, k, eye, dropout_p=0.3, enable_gqa=True)
+
+    with fastattn.use_backend(backend):
+        y_c = torch.compile(step, fullgraph=True, backend=compiler)(q, k)
+        g_c = torch.autograd.grad(y_c, (q, k))
+        y_e = step(q, k)
+        g_e = torch.autograd.grad(y_e, (q, k))
+        eye = torch.eye(23, device=DEVICE).expand(2, 2, 23, 23)
+        compiled = torch.compile(dropped, fullgraph=True, backend=compiler)
+        torch.manual_seed(5)
+        out = compiled(q, k, eye)
+        torch.manual_seed(5)
+        assert torch.equal(out, compiled(q, k, eye))
+    torch.testing.assert_close(y_c, y_e)
+    for a, b in zip(g_c, g_e, strict=True):
+        torch.testing.assert_close(a, b)
+    zeros = (out == 0).float().mean().item()
+    assert 0.25 < zeros < 0.35, f"compiled dropout dropped {zeros:.3f} of the weights, not 0.3"

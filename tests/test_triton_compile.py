@@ -27,18 +27,18 @@ def _compile_all(family: str) -> int:
     floats = [("*bf16", tl.float32), ("*fp32", tl.float32), ("*fp64", tl.float64)]
     count = 0
 
-    def build(kernel, constants, pointers):
+    def build(kernel, constants, pointers, floats=(), archs=(80, 90), ints="i64", **options):
         nonlocal count
         def kind(name):
             if name in constants:
                 return "constexpr"
             if name in pointers:
                 return pointers[name]
-            return "fp32" if name.endswith(("_hi", "_lo")) else "i64"
+            return "fp32" if name.endswith(("_hi", "_lo")) or name in floats else ints
         signature = {name: kind(name) for name in kernel.arg_names}
-        for arch in (80, 90):
+        for arch in archs:
             compiled = triton.compile(ASTSource(kernel, signature, constants),
-                                      target=GPUTarget("cuda", arch, 32))
+                                      target=GPUTarget("cuda", arch, 32), options=options)
             assert compiled.asm["cubin"], (kernel, constants, arch)
             count += 1
 
@@ -54,6 +54,8 @@ def _compile_all(family: str) -> int:
                   {"x_ptr": ptr, "out_ptr": ptr, "mask_ptr": mask_ptr})
             build(softmax_kernels._softmax_bwd_kernel, constants,
                   {"g_ptr": ptr, "y_ptr": ptr, "dx_ptr": ptr, "mask_ptr": mask_ptr})
+    elif family == "attention":
+        _compile_attention(build)
     else:
         # Class-index and probability targets, one block and online, every option off and on.
         for (ptr, acc), probability, single, on in itertools.product(
@@ -67,9 +69,47 @@ def _compile_all(family: str) -> int:
     return count
 
 
+def _compile_attention(build):
+    from fastattn.triton import attention as at
+
+    # Each kernel with every option off, with every option on (bool mask, softcap, dropout, a
+    # two-sided window, padded head dims 64 > 59 and 128 > 111), and at head dim 256 with an
+    # additive mask and causal; bf16 on both architectures, fp32 (IEEE dots) on sm_90. Tiles
+    # and warps are the largest the autotuner may pick for that head dim.
+    off = dict(HAS_MASK=False, BOOL_MASK=False, SOFTCAP=False, DROPOUT=False, HAS_LEFT=False,
+               HAS_RIGHT=False, PAD_D=False, PAD_DV=False, BLOCK_D=128, BLOCK_DV=128)
+    on = dict(off, HAS_MASK=True, BOOL_MASK=True, SOFTCAP=True, DROPOUT=True, HAS_LEFT=True,
+              HAS_RIGHT=True, PAD_D=True, PAD_DV=True, BLOCK_D=64)
+    wide = dict(off, HAS_MASK=True, HAS_RIGHT=True, BLOCK_D=256, BLOCK_DV=256)
+    tiles = {"fwd": (128, 64), "dkdv": (64, 128), "dq": (128, 64)}
+    kernels = {"fwd": at._attention_fwd_kernel, "dkdv": at._attention_bwd_dkdv_kernel,
+               "dq": at._attention_bwd_dq_kernel}
+    variants = [("*bf16", off, (80, 90)), ("*bf16", on, (80, 90)), ("*bf16", wide, (80, 90)),
+                ("*fp32", off, (90,))]
+    for (name, kernel), (dtype, opts, archs) in itertools.product(kernels.items(), variants):
+        m, n = tiles[name] if opts["BLOCK_D"] < 256 else (64, 64) if name == "fwd" else (32, 64)
+        constants = dict(opts, BLOCK_M=m, BLOCK_N=n,
+                         PRECISION="ieee" if dtype == "*fp32" else "tf32")
+        if name == "dkdv":
+            constants.update(ATOMIC_DQ=True, WRITE_DS=opts["HAS_MASK"])
+        pointers = {p: dtype for p in ("Q", "K", "V", "Out", "DO", "DK", "DV_", "DQ")}
+        pointers.update(Mask="*u8" if opts["BOOL_MASK"] else dtype, Seed="*i64", Lse="*fp32",
+                        Delta="*fp32", DS="*fp32")
+        if name == "dkdv":
+            pointers["DQ"] = "*fp32"
+        build(kernel.fn, constants, pointers, archs=archs, ints="i32",
+              floats=("qk_scale", "cap2", "drop_p", "drop_scale", "sm_scale"),
+              num_warps=8 if m * n >= 8192 else 4, num_stages=2)
+    build(at._attention_bwd_delta_kernel, dict(BLOCK_M=64, BLOCK_DV=128),
+          {"Out": "*bf16", "DO": "*bf16", "Delta": "*fp32"}, ints="i32")
+    build(at._dropout_mask_kernel, dict(BLOCK_M=32, BLOCK_N=32),
+          {"Seed": "*i64", "Keep": "*i8"}, floats=("drop_p",), ints="i32")
+
+
 # Every kernel family, lowered for both architectures the project targets.
 @pytest.mark.parametrize("family,expected", [("softmax", 2 * 3 * 3 * 2 * 2 * 2),
-                                             ("cross_entropy", 2 * 3 * 2 * 2 * 2)])
+                                             ("cross_entropy", 2 * 3 * 2 * 2 * 2),
+                                             ("attention", 3 * (3 * 2 + 1) + 2 * 2)])
 def test_kernels_compile_for_sm80_and_sm90(family, expected):
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -399,7 +399,8 @@ def _dscores(q, k, v, do, lse2, delta, seed, bh, rows, cols, M_bh, smm, smn, L, 
              HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, SOFTCAP: tl.constexpr,
              DROPOUT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
              MASKED: tl.constexpr, PRECISION: tl.constexpr):
-    """Recompute one tile: (dropped probabilities P, ds = dL/d(score), the softcap factor)."""
+    """Recompute one tile: (dropped probabilities P, ds = dL/d(score), ds times the softcap
+    factor 1 - tanh^2, i.e. dL/d(scale * q.k))."""
     s, t = _scores(q, k, rows, cols, M_bh, smm, smn, L, S, offset, left, right, qk_scale, cap2,
                    HAS_MASK, BOOL_MASK, SOFTCAP, HAS_LEFT, HAS_RIGHT, MASKED, PRECISION)
     p = tl.exp2(s - lse2[:, None])
@@ -412,10 +413,10 @@ def _dscores(q, k, v, do, lse2, delta, seed, bh, rows, cols, M_bh, smm, smn, L, 
         pd = p
     ds = p * (dp - delta[:, None])
     if SOFTCAP:
-        chain = 1.0 - t * t
+        ds_qk = ds * (1.0 - t * t)
     else:
-        chain = t * 0.0 + 1.0
-    return pd, ds, chain
+        ds_qk = ds
+    return pd, ds, ds_qk
 
 
 @triton.jit
@@ -434,7 +435,7 @@ def _bwd_kv_tile(dk, dv, k, v, Q_bh, DO_bh, Lse_bh, Delta_bh, M_bh, DQ_bh, DS_bh
     do = _load_tile(DO_bh + rows64[:, None] * sdom + offs_dv[None, :] * sdod, rows, L, offs_dv,
                     DV, MASKED, PAD_DV)
     lse2, delta = _load_row_stats(Lse_bh, Delta_bh, rows, L, MASKED)
-    pd, ds, chain = _dscores(q, k, v, do, lse2, delta, seed, bh, rows, cols, M_bh, smm, smn, L,
+    pd, ds, ds_qk = _dscores(q, k, v, do, lse2, delta, seed, bh, rows, cols, M_bh, smm, smn, L,
                              S, offset, left, right, qk_scale, cap2, drop_p, drop_scale,
                              HAS_MASK, BOOL_MASK, SOFTCAP, DROPOUT, HAS_LEFT, HAS_RIGHT, MASKED,
                              PRECISION)
@@ -442,10 +443,10 @@ def _bwd_kv_tile(dk, dv, k, v, Q_bh, DO_bh, Lse_bh, Delta_bh, M_bh, DQ_bh, DS_bh
     if WRITE_DS:  # the additive mask's gradient, d(loss)/d(score), before the softcap factor
         tl.store(DS_bh + rows64[:, None] * sdsm + cols[None, :].to(tl.int64) * sdsn, ds,
                  mask=(rows[:, None] < L) & (cols[None, :] < S))
-    ds = _operand(ds * chain, q, PRECISION)
-    dk += _dot(tl.trans(ds), q, PRECISION)
+    ds_op = _operand(ds_qk, q, PRECISION)
+    dk += _dot(tl.trans(ds_op), q, PRECISION)
     if ATOMIC_DQ:
-        dq = _dot(ds, k, PRECISION) * sm_scale
+        dq = _dot(ds_op, k, PRECISION) * sm_scale
         tl.atomic_add(DQ_bh + rows64[:, None] * sdqm + offs_d[None, :] * sdqd, dq,
                       mask=(rows[:, None] < L) & (offs_d[None, :] < D), sem="relaxed")
     return dk, dv
@@ -537,10 +538,10 @@ def _bwd_q_tile(dq, q, do, lse2, delta, K_bh, V_bh, M_bh, seed, bh, rows, n0, of
                    MASKED, PAD_D)
     v = _load_tile(V_bh + cols64[:, None] * svn + offs_dv[None, :] * svd, cols, S, offs_dv, DV,
                    MASKED, PAD_DV)
-    _, ds, chain = _dscores(q, k, v, do, lse2, delta, seed, bh, rows, cols, M_bh, smm, smn, L, S,
+    _, _, ds_qk = _dscores(q, k, v, do, lse2, delta, seed, bh, rows, cols, M_bh, smm, smn, L, S,
                             offset, left, right, qk_scale, cap2, drop_p, drop_scale, HAS_MASK,
                             BOOL_MASK, SOFTCAP, DROPOUT, HAS_LEFT, HAS_RIGHT, MASKED, PRECISION)
-    return dq + _dot(_operand(ds * chain, k, PRECISION), k, PRECISION)
+    return dq + _dot(_operand(ds_qk, k, PRECISION), k, PRECISION)
 
 
 @_autotune("dq")
