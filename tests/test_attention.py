@@ -401,3 +401,29 @@ def test_triton_rejects_float64():
     q = torch.randn(1, 1, 4, 16, device=DEVICE, dtype=torch.float64)
     with fastattn.use_backend("triton"), pytest.raises(TypeError, match="float64"):
         SDPA(q, q, q)
+
+
+@pytest.mark.skipif("triton" not in backends(), reason="triton backend not available")
+@pytest.mark.parametrize("layout", ["bhld", "bthd"])
+def test_tensor_descriptor_path(monkeypatch, layout):
+    # The forward's TMA path (Hopper's default; forced here so the interpreter runs it too):
+    # odd lengths, GQA, a mask and a window, in both layouts.
+    from fastattn.triton import attention as kernels
+
+    monkeypatch.setenv(kernels.TMA_ENV, "1")
+    q, k, v = _qkv(2, 4, 2, 45, 70, 64, 32, torch.bfloat16, layout=layout)
+    views = [t.transpose(1, 2) if layout == "bthd" else t for t in (q, k, v)]
+    arch = 90 if DEVICE == "cuda" else 0
+    assert kernels._use_tma(arch, views), "aligned inputs must take the descriptor path"
+    mask = torch.rand(2, 1, 45, 70, device=DEVICE) > 0.2
+
+    def call(q, k, v):
+        if layout == "bthd":
+            return fastattn.flash_attn_func(q, k, v, causal=True, window_size=(30, 0))
+        return fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    with fastattn.use_backend("triton"):
+        if layout == "bthd":
+            _check(call, q, k, v, layout=layout, window=(30, 0), bottom=True)
+        else:
+            _check(call, q, k, v, mask=mask)

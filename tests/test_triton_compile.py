@@ -74,8 +74,9 @@ def _compile_attention(build):
 
     # Each kernel with every option off, with every option on (bool mask, softcap, dropout, a
     # two-sided window, padded head dims 64 > 59 and 128 > 111), and at head dim 256 with an
-    # additive mask and causal; bf16 on both architectures, fp32 (IEEE dots) on sm_90. Tiles
-    # and warps are the largest the autotuner may pick for that head dim.
+    # additive mask and causal; bf16 on both architectures (the forward through pointers on
+    # sm_80 and tensor descriptors on sm_90), fp32 (IEEE dots) on sm_90. Tiles and warps are
+    # the largest the autotuner may pick for that head dim.
     off = dict(HAS_MASK=False, BOOL_MASK=False, SOFTCAP=False, DROPOUT=False, HAS_LEFT=False,
                HAS_RIGHT=False, PAD_D=False, PAD_DV=False, BLOCK_D=128, BLOCK_DV=128)
     on = dict(off, HAS_MASK=True, BOOL_MASK=True, SOFTCAP=True, DROPOUT=True, HAS_LEFT=True,
@@ -97,9 +98,14 @@ def _compile_attention(build):
                         Delta="*fp32", DS="*fp32")
         if name == "dkdv":
             pointers["DQ"] = "*fp32"
-        build(kernel.fn, constants, pointers, archs=archs, ints="i32",
-              floats=("qk_scale", "cap2", "drop_p", "drop_scale", "sm_scale"),
-              num_warps=8 if m * n >= 8192 else 4, num_stages=2)
+        paths = [(archs, None)]
+        if name == "fwd":  # bf16: pointers on sm_80, tensor descriptors (TMA) on sm_90
+            paths = [((80,), False), ((90,), True)] if dtype == "*bf16" else [(archs, False)]
+        for path_archs, tma in paths:
+            extra = {} if tma is None else {"TMA": tma}
+            build(kernel.fn, dict(constants, **extra), pointers, archs=path_archs, ints="i32",
+                  floats=("qk_scale", "cap2", "drop_p", "drop_scale", "sm_scale"),
+                  num_warps=8 if m * n >= 8192 else 4, num_stages=2)
     build(at._attention_bwd_delta_kernel, dict(BLOCK_M=64, BLOCK_DV=128),
           {"Out": "*bf16", "DO": "*bf16", "Delta": "*fp32"}, ints="i32")
     build(at._dropout_mask_kernel, dict(BLOCK_M=32, BLOCK_N=32),

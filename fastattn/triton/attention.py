@@ -42,9 +42,11 @@ Padding: head dims are padded on chip to a power of two >= 16 (loads masked, nev
 Low-precision inputs feed the tensor cores in their dtype and accumulate in float32; float32
 inputs use full-precision (IEEE) dots, not TF32, so they match PyTorch's float32 matmul.
 
+On Hopper the forward moves q, k, v and out with tensor descriptors (TMA) when their layout
+allows (see ``_use_tma``); the compiler picks wgmma for ``tl.dot`` on sm_90 by itself.
+
 Not supported here: float64 (the torch backend serves it), head dims above 256, variable-length
-(packed) batches, key/value caches, Hopper's TMA/wgmma-specific paths (the compiler picks wgmma
-for ``tl.dot`` on sm_90 by itself).
+(packed) batches, key/value caches, TMA in the backward passes, warp specialisation.
 """
 
 from __future__ import annotations
@@ -121,7 +123,7 @@ def _prune(kind: str):
 # Tuning key: head dims, positional masking, dropout and sequence lengths rounded to powers of
 # two, the GPU generation (ARCH), and (added by Triton) the dtypes of the tensor arguments.
 _KEY = ["BLOCK_D", "BLOCK_DV", "HAS_LEFT", "HAS_RIGHT", "HAS_MASK", "SOFTCAP", "DROPOUT",
-        "L_BUCKET", "S_BUCKET", "ARCH"]
+        "TMA", "L_BUCKET", "S_BUCKET", "ARCH"]
 
 
 def _autotune(kind: str, **kwargs):
@@ -274,11 +276,14 @@ def _fwd_tile(acc, l_i, m_i, q, K_bh, V_bh, M_bh, seed, bh, rows, n0,
               HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, SOFTCAP: tl.constexpr,
               DROPOUT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
               MASKED: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
-              PRECISION: tl.constexpr):
+              PRECISION: tl.constexpr, TMA: tl.constexpr):
     cols = n0 + offs_n
     cols64 = cols.to(tl.int64)
-    k = _load_tile(K_bh + cols64[:, None] * skn + offs_d[None, :] * skd, cols, S, offs_d, D,
-                   MASKED, PAD_D)
+    if TMA:  # K_bh, V_bh are tensor descriptors: out-of-range rows and columns read as 0
+        k = K_bh.load([n0, 0])
+    else:
+        k = _load_tile(K_bh + cols64[:, None] * skn + offs_d[None, :] * skd, cols, S, offs_d, D,
+                       MASKED, PAD_D)
     s, _ = _scores(q, k, rows, cols, M_bh, smm, smn, L, S, offset, left, right, qk_scale, cap2,
                    HAS_MASK, BOOL_MASK, SOFTCAP, HAS_LEFT, HAS_RIGHT, MASKED, PRECISION)
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -289,8 +294,11 @@ def _fwd_tile(acc, l_i, m_i, q, K_bh, V_bh, M_bh, seed, bh, rows, n0,
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
         p = tl.where(_dropout_keep(seed, bh, rows, cols, drop_p), p, 0.0)
-    v = _load_tile(V_bh + cols64[:, None] * svn + offs_dv[None, :] * svd, cols, S, offs_dv, DV,
-                   MASKED, PAD_DV)
+    if TMA:
+        v = V_bh.load([n0, 0])
+    else:
+        v = _load_tile(V_bh + cols64[:, None] * svn + offs_dv[None, :] * svd, cols, S, offs_dv,
+                       DV, MASKED, PAD_DV)
     acc = acc * alpha[:, None] + _dot(_operand(p, v, PRECISION), v, PRECISION)
     return acc, l_i, m_new
 
@@ -306,7 +314,7 @@ def _attention_fwd_kernel(
     HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, SOFTCAP: tl.constexpr,
     DROPOUT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     PAD_D: tl.constexpr, PAD_DV: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     m0 = tl.program_id(0) * BLOCK_M
@@ -323,8 +331,19 @@ def _attention_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _load_tile(Q_bh + rows64[:, None] * sqm + offs_d[None, :] * sqd, rows, L, offs_d, D,
-                   True, PAD_D)
+    O_bh = Out + b64 * sob + h64 * soh
+    if TMA:
+        # Hopper's tensor memory accelerator: one descriptor per (batch, head) matrix, whole
+        # tiles moved by hardware, bounds handled by it (zeros in, clipped out).
+        q = tl.make_tensor_descriptor(Q_bh, shape=[L, D], strides=[sqm, 1],
+                                      block_shape=[BLOCK_M, BLOCK_D]).load([m0, 0])
+        K_bh = tl.make_tensor_descriptor(K_bh, shape=[S, D], strides=[skn, 1],
+                                         block_shape=[BLOCK_N, BLOCK_D])
+        V_bh = tl.make_tensor_descriptor(V_bh, shape=[S, DV], strides=[svn, 1],
+                                         block_shape=[BLOCK_N, BLOCK_DV])
+    else:
+        q = _load_tile(Q_bh + rows64[:, None] * sqm + offs_d[None, :] * sqd, rows, L, offs_d, D,
+                       True, PAD_D)
     seed = tl.load(Seed) if DROPOUT else 0
     bh = b * H + h
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -337,24 +356,27 @@ def _attention_fwd_kernel(
             acc, l_i, m_i, q, K_bh, V_bh, M_bh, seed, bh, rows, nb * BLOCK_N, offs_n, offs_d,
             offs_dv, skn, skd, svn, svd, smm, smn, L, S, D, DV, offset, left, right, qk_scale,
             cap2, drop_p, HAS_MASK, BOOL_MASK, SOFTCAP, DROPOUT, HAS_LEFT, HAS_RIGHT, True,
-            PAD_D, PAD_DV, PRECISION)
+            PAD_D, PAD_DV, PRECISION, TMA)
     for nb in range(fl, fh):
         acc, l_i, m_i = _fwd_tile(
             acc, l_i, m_i, q, K_bh, V_bh, M_bh, seed, bh, rows, nb * BLOCK_N, offs_n, offs_d,
             offs_dv, skn, skd, svn, svd, smm, smn, L, S, D, DV, offset, left, right, qk_scale,
             cap2, drop_p, HAS_MASK, BOOL_MASK, SOFTCAP, DROPOUT, HAS_LEFT, HAS_RIGHT, False,
-            PAD_D, PAD_DV, PRECISION)
+            PAD_D, PAD_DV, PRECISION, TMA)
     for nb in range(fh, hi):
         acc, l_i, m_i = _fwd_tile(
             acc, l_i, m_i, q, K_bh, V_bh, M_bh, seed, bh, rows, nb * BLOCK_N, offs_n, offs_d,
             offs_dv, skn, skd, svn, svd, smm, smn, L, S, D, DV, offset, left, right, qk_scale,
             cap2, drop_p, HAS_MASK, BOOL_MASK, SOFTCAP, DROPOUT, HAS_LEFT, HAS_RIGHT, True,
-            PAD_D, PAD_DV, PRECISION)
+            PAD_D, PAD_DV, PRECISION, TMA)
     # A fully masked row has l = 0: output 0 and lse = -inf (log of an empty sum).
-    out = acc * (drop_scale / tl.where(l_i == 0.0, 1.0, l_i))[:, None]
-    o_ptrs = Out + b64 * sob + h64 * soh + rows64[:, None] * som + offs_dv[None, :] * sod
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty),
-             mask=(rows[:, None] < L) & (offs_dv[None, :] < DV))
+    out = (acc * (drop_scale / tl.where(l_i == 0.0, 1.0, l_i))[:, None]).to(Out.dtype.element_ty)
+    if TMA:
+        tl.make_tensor_descriptor(O_bh, shape=[L, DV], strides=[som, 1],
+                                  block_shape=[BLOCK_M, BLOCK_DV]).store([m0, 0], out)
+    else:
+        tl.store(O_bh + rows64[:, None] * som + offs_dv[None, :] * sod, out,
+                 mask=(rows[:, None] < L) & (offs_dv[None, :] < DV))
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
     tl.store(Lse + (b64 * H + h64) * L + rows64, lse, mask=rows < L)
 
@@ -675,6 +697,48 @@ class _Problem:
                     BLOCK_D=self.block_d, BLOCK_DV=self.block_dv)
 
 
+TMA_ENV = "FASTATTN_TRITON_TMA"
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _allocator_ready() -> bool:
+    """Device-side tensor descriptors need Triton's scratch allocator: install one backed by
+    PyTorch's caching allocator unless the program set its own. False if that cannot be told."""
+    try:
+        from triton.runtime import _allocation
+        current = _allocation._allocator.get()
+        null = isinstance(current, _allocation.NullAllocator)
+    except (ImportError, AttributeError):
+        return False
+    if null:
+        triton.set_allocator(_scratch)
+    return True
+
+
+def _use_tma(arch: int, tensors) -> bool:
+    """Whether the forward kernel moves q, k, v and out with tensor descriptors (TMA).
+
+    ``FASTATTN_TRITON_TMA`` (read per call): ``auto`` (default) on Hopper and newer, ``0``
+    never, ``1`` also under the interpreter (for tests). Needs what TMA needs: unit stride
+    along the head dim and 16-byte aligned bases and strides; other layouts take the pointer
+    path of the same kernel."""
+    policy = os.environ.get(TMA_ENV, "auto").strip() or "auto"
+    if policy not in ("auto", "0", "1"):
+        raise ValueError(f"{TMA_ENV}={policy!r} is not allowed; use auto, 0 or 1")
+    if policy == "0" or not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    if not (arch >= 90 or (policy == "1" and _interpreted())):
+        return False
+    for t in tensors:
+        size = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:-1]):
+            return False
+    return not tensors[0].is_cuda or _allocator_ready()
+
+
 def _empty_case(q, k, v):
     return q.numel() == 0 or k.shape[2] == 0 or v.shape[3] == 0
 
@@ -693,7 +757,7 @@ def attention_fwd(q, k, v, mask, seed, dropout_p, scale, left, right, align_bott
     _attention_fwd_kernel[grid](
         q, k, v, pr.mask, pr.seed, out, lse, *q.stride(), *k.stride(), *v.stride(),
         *pr.mask_strides, *out.stride(), *pr.scalars(), pr.drop_p, pr.drop_scale, *pr.keys(),
-        **pr.flags(q))
+        TMA=_use_tma(pr.arch, (q, k, v, out)), **pr.flags(q))
     return out, lse
 
 
