@@ -33,7 +33,9 @@ MODELS = {
     "llama3-70b": (64, 8, 128),
     "gemma-7b": (16, 16, 256),
 }
-FULL_SEQLENS = (1024, 2048, 4096, 8192, 16384)
+# 1k-16k tokens, in an order that spreads coverage when --budget-s cuts the sweep short (plots
+# sort by length).
+FULL_SEQLENS = (4096, 16384, 1024, 8192, 2048)
 TOKENS = 16384  # batch = TOKENS // seqlen, flash-attention's benchmark convention
 QUICK_MODELS = {"tiny-gqa": (4, 2, 64)}
 QUICK_SEQLENS = (128, 384)

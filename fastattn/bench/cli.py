@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 
@@ -227,28 +229,37 @@ def run_main(argv: Sequence[str]) -> int:
         device=device, quick=quick, dtypes=dtypes, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
         flush_l2=args.flush_l2, cuda_graph=args.cuda_graph, memory=memory_mode,
         budget_s=args.budget_s, providers=providers, modes=args.modes)
+    # A time limit's SIGTERM stops the sweep like Ctrl-C: what was measured is still written.
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main else None
     started = time.monotonic()
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, transient=True,
-                  disable=not args.progress) as progress:
-        task = progress.add_task("planning", total=None)
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=console, transient=True,
+                      disable=not args.progress) as progress:
+            task = progress.add_task("planning", total=None)
 
-        def on_case(text: str) -> None:
-            progress.update(task, description=text[:70])
+            def on_case(text: str) -> None:
+                progress.update(task, description=text[:70])
+                progress.advance(task)
+
+            run = runner.Runner(settings, ceil, on_case)
+            plan = run.plan(args.ops)
+            progress.update(task, total=sum(len(cases) for _, cases in plan) + 1)
             progress.advance(task)
-
-        run = runner.Runner(settings, ceil, on_case)
-        plan = run.plan(args.ops)
-        progress.update(task, total=sum(len(cases) for _, cases in plan) + 1)
-        progress.advance(task)
-        results = [r.to_dict() for r in run.run(plan)]
+            results = [r.to_dict() for r in run.run(plan)]
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
     elapsed = time.monotonic() - started
     settings_dict = {"device": str(device), "quick": quick, "dtypes": list(dtypes),
                      "ops": list(args.ops), "modes": args.modes, "providers": providers,
                      "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms,
                      "flush_l2": args.flush_l2, "cuda_graph": args.cuda_graph,
                      "memory": memory_mode, "budget_s": args.budget_s, "seed": args.seed,
-                     "elapsed_s": elapsed}
+                     "elapsed_s": elapsed, "interrupted": run.interrupted}
+    if run.interrupted:
+        console.print("[yellow]interrupted: writing the results measured so far[/yellow]")
     tables, notes = report.tables(results, host_clock=device.type != "cuda")
     for t in tables:
         console.print(t)
@@ -272,7 +283,11 @@ def run_main(argv: Sequence[str]) -> int:
     console.print(f"done in {elapsed:.0f} s: {sum(r['status'] == 'ok' for r in results)} timed, "
                   f"{sum(r['status'] == 'failed' for r in results)} failed, "
                   f"{sum(r['status'] == 'skipped' for r in results)} skipped")
-    return 1 if bad else 0
+    return 1 if bad or run.interrupted else 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -238,25 +238,34 @@ class Runner:
         self.ceilings = ceilings or {}
         self.on_case = on_case or (lambda text: None)
         self.log: list[str] = []
+        self.interrupted = False
 
     def plan(self, ops: Sequence[str]) -> list[tuple[OpBench, list[Case]]]:
         return [(op, op.sweep(self.s.device, self.s.quick, self.s.dtypes))
                 for op in (get_op(name) for name in ops)]
 
     def run(self, plan: list[tuple[OpBench, list[Case]]]) -> list[Result]:
+        """Every case of ``plan``. With a budget, each op gets an equal share of what is left
+        when it starts; cases past its share are reported as skipped. A KeyboardInterrupt
+        (or SIGTERM, which the CLI turns into one) stops the run and keeps what was measured;
+        ``self.interrupted`` tells."""
         results: list[Result] = []
         start = time.monotonic()
-        for i, (op, cases) in enumerate(plan):
-            deadline = None
-            if self.s.budget_s is not None:
-                left = self.s.budget_s - (time.monotonic() - start)
-                deadline = time.monotonic() + max(0.0, left) / (len(plan) - i)
-            for case in cases:
-                self.on_case(f"{op.name} {case.name} {case.dtype}")
-                if deadline is not None and time.monotonic() > deadline:
-                    results += self._skip_all(op, case, "time budget (--budget-s) used up")
-                    continue
-                results += self.run_case(op, case, largest=case is cases[-1])
+        self.interrupted = False
+        try:
+            for i, (op, cases) in enumerate(plan):
+                deadline = None
+                if self.s.budget_s is not None:
+                    left = self.s.budget_s - (time.monotonic() - start)
+                    deadline = time.monotonic() + max(0.0, left) / (len(plan) - i)
+                for case in cases:
+                    self.on_case(f"{op.name} {case.name} {case.dtype}")
+                    if deadline is not None and time.monotonic() > deadline:
+                        results += self._skip_all(op, case, "time budget (--budget-s) used up")
+                        continue
+                    results += self.run_case(op, case, largest=case is cases[-1])
+        except KeyboardInterrupt:
+            self.interrupted = True
         return results
 
     def _result(self, op: OpBench, case: Case, mode: str, provider: Provider, status: str,
