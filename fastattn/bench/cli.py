@@ -13,6 +13,7 @@ Exit status of a run: 0, or 1 when a fastattn provider disagreed with the refere
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import os
 import signal
 import sys
@@ -206,6 +207,14 @@ def run_main(argv: Sequence[str]) -> int:
         providers = [x.strip() for x in args.providers.split(",") if x.strip()]
         if not providers:
             parser.error("--providers: give at least one pattern")
+    if providers is not None:
+        from fastattn.bench.suite import get_op
+
+        known = sorted({p.name for op in args.ops for p in get_op(op).providers()})
+        unmatched = [pat for pat in providers if not fnmatch.filter(known, pat)]
+        if unmatched:
+            parser.error(f"--providers: {', '.join(unmatched)} matches no provider of "
+                         f"{', '.join(args.ops)}; known providers: {', '.join(known)}")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.manual_seed(args.seed)

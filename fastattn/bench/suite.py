@@ -184,7 +184,8 @@ def compile_provider(eager: Callable[[Case], Callable[..., torch.Tensor]], **fie
         torch._dynamo.reset()
         # Timing backward alone replays one forward graph (retain_graph=True), which compiled
         # backward graphs refuse when they donate their saved buffers.
-        torch._functorch.config.donated_buffer = False
+        if hasattr(torch._functorch.config, "donated_buffer"):
+            torch._functorch.config.donated_buffer = False
         return torch.compile(eager(case), dynamic=False)
 
     def unavailable(case: Case, device: torch.device) -> str | None:

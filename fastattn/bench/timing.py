@@ -113,16 +113,23 @@ def l2_flush_buffer(device: torch.device) -> torch.Tensor:
     return torch.empty(size, dtype=torch.int8, device=device)
 
 
+class GraphCaptureError(RuntimeError):
+    """The call cannot be captured in a CUDA graph (host synchronisation, CPU work, ...)."""
+
+
 def _capture_graph(fn: Callable[[], object], device: torch.device) -> Callable[[], None]:
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for _ in range(3):  # warm-up on a side stream, as capture requires
+    try:
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(3):  # warm-up on a side stream, as capture requires
+                fn()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
             fn()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    except Exception as e:  # noqa: BLE001 - any capture failure means "not graph-capturable"
+        raise GraphCaptureError(f"cannot be captured in a CUDA graph: {e}") from e
     return graph.replay
 
 
