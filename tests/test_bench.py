@@ -166,6 +166,36 @@ def test_provider_that_disagrees_is_failed_not_timed():
         assert good.status == "ok" and good.timing is not None and good.speedup == 1.0
 
 
+def _sdpa_in_bthd(case):
+    # A provider in flash-attn's (B, T, H, D) layout, built from SDPA.
+    def fn(q, k, v):
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, H, T, D)
+            is_causal=case.p["causal"], enable_gqa=True)
+        return out.transpose(1, 2)  # (B, T, H, D)
+    return fn
+
+
+def test_check_converts_provider_layouts_outside_the_call():
+    op = get_op("attention")
+    case = Case.make("attention", "float32", model="t", batch=2, heads=4, kv_heads=2,
+                     head_dim=16, seqlen=33, causal=True)
+    def bthd(t):
+        return t.transpose(1, 2)  # (B, H, T, D) <-> (B, T, H, D)
+
+    good = Provider("bthd", _sdpa_in_bthd, to_layout=bthd, from_layout=bthd)
+    verdict = runner.check(op, case, good, torch.device("cpu"), backward=True)
+    assert verdict["ok"], verdict
+    assert set(verdict["tensors"]) == {"out", "grad0", "grad1", "grad2"}
+    # the same kernel declared in the wrong layout is caught, not timed
+    wrong = Provider("bthd-undeclared", _sdpa_in_bthd)
+    verdict = runner.check(op, case, wrong, torch.device("cpu"), backward=False)
+    assert not verdict["ok"]
+    call = runner.build_call(op, case, good, "fwd_bwd", torch.device("cpu"))
+    grads = call()
+    assert [tuple(g.shape) for g in grads] == [(2, 33, 4, 16), (2, 33, 2, 16), (2, 33, 2, 16)]
+
+
 def test_check_passes_pytorch_itself_for_every_op():
     for name in ("softmax", "cross_entropy", "attention"):
         op = get_op(name)

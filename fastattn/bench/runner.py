@@ -18,7 +18,7 @@ import torch
 
 from fastattn.bench import ceilings as _ceilings
 from fastattn.bench import memory, timing
-from fastattn.bench.suite import Case, OpBench, Provider, get_op
+from fastattn.bench.suite import Case, Inputs, OpBench, Provider, get_op
 from fastattn.bench.work import MODES
 
 # Absolute slack of the twice-PyTorch's-error rule, per dtype, relative to the reference's
@@ -85,23 +85,25 @@ class Result:
 
 @dataclass
 class _Prepared:
-    """A provider's inputs in its own layout, as leaves."""
+    """Input tensors as fresh leaves in a provider's layout; ``diff`` are the differentiated."""
 
     args: list[torch.Tensor]
     diff: list[torch.Tensor] = field(default_factory=list)
 
 
-def _prepare(op: OpBench, case: Case, provider: Provider, device: torch.device,
-             requires_grad: bool, base: list[torch.Tensor] | None = None) -> _Prepared:
-    inputs = op.inputs(case, device)
-    src = inputs.args if base is None else base
+def _prepare(inputs: Inputs, requires_grad: bool, dtype: torch.dtype | None = None,
+             to_layout: Callable[[torch.Tensor], torch.Tensor] | None = None) -> _Prepared:
+    """Copies of ``inputs`` (floating-point ones cast to ``dtype`` when given and moved to
+    ``to_layout``), with the differentiable ones requiring grad when ``requires_grad``."""
     args, diff = [], []
-    for i, t in enumerate(src):
-        t = t.detach()
-        if provider.to_layout is not None and t.is_floating_point():
-            t = provider.to_layout(t).contiguous()
-        else:
-            t = t.clone()
+    for i, src in enumerate(inputs.args):
+        t = src.detach()
+        if t.is_floating_point():
+            t = t.to(dtype) if dtype is not None else t
+            t = to_layout(t) if to_layout is not None else t
+        t = t.contiguous()
+        if t.data_ptr() == src.data_ptr():
+            t = t.clone()  # never share storage: some providers write into their inputs
         if requires_grad and i in inputs.differentiable:
             t.requires_grad_(True)
             diff.append(t)
@@ -118,25 +120,23 @@ def build_call(op: OpBench, case: Case, provider: Provider, mode: str,
     - ``fwd_bwd``: forward then backward, as in a training step.
     Gradients are returned by ``torch.autograd.grad``, never accumulated into ``.grad``.
     """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not allowed; use one of {MODES}")
     fn = provider.make(case)
+    prep = _prepare(op.inputs(case, device), mode != "fwd", to_layout=provider.to_layout)
     if mode == "fwd":
-        prep = _prepare(op, case, provider, device, requires_grad=False)
-
         def fwd() -> object:
             with torch.no_grad():
                 return fn(*prep.args)
 
         return fwd
-    prep = _prepare(op, case, provider, device, requires_grad=True)
     if mode == "bwd":
         out = fn(*prep.args)
         grad = torch.randn_like(out)
         return lambda: torch.autograd.grad(out, prep.diff, grad, retain_graph=True)
-    if mode == "fwd_bwd":
-        with torch.no_grad():
-            grad = torch.randn_like(fn(*prep.args))
-        return lambda: torch.autograd.grad(fn(*prep.args), prep.diff, grad)
-    raise ValueError(f"mode={mode!r} is not allowed; use one of {MODES}")
+    with torch.no_grad():
+        grad = torch.randn_like(fn(*prep.args))
+    return lambda: torch.autograd.grad(fn(*prep.args), prep.diff, grad)
 
 
 def _max_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -148,41 +148,32 @@ def check(op: OpBench, case: Case, provider: Provider, device: torch.device,
           backward: bool) -> dict:
     """Compare ``provider`` with the float64 reference on ``op.check_case(case)``.
 
-    Passes when every output and gradient is within twice PyTorch's own error at the same
-    precision (the reference composition run in ``case.dtype``) plus a small slack. Returns
+    Passes when the output (and, with ``backward``, the gradient of every differentiable input
+    for a random output gradient) is within twice PyTorch's own error at the same precision --
+    the reference composition run in ``case.dtype`` -- plus a small slack. Returns
     ``{"ok", "reason", "checked_on", "tensors": {name: {err, pytorch_err, bound}}}``."""
     small = op.check_case(case)
     inputs = op.inputs(small, device)
-    base = [t.detach() for t in inputs.args]
-    ref_prep = _prepare(op, small, Provider("reference", lambda c: None), device, True, base)
-    ref64_args = [t.double() if t.is_floating_point() else t for t in ref_prep.args]
-    ref64_args = [t.detach().requires_grad_(t.requires_grad or i in inputs.differentiable)
-                  if t.is_floating_point() else t for i, t in enumerate(ref64_args)]
-    ref_out = op.reference(small, *ref64_args)
-    diff64 = [ref64_args[i] for i in inputs.differentiable]
-    pt_out = op.reference(small, *ref_prep.args)
-    grad = torch.randn_like(ref_out)
-    outs = {"out": (None, ref_out.detach(), pt_out.detach())}
+    ref64 = _prepare(inputs, backward, dtype=torch.float64)
+    low = _prepare(inputs, backward)
+    got = _prepare(inputs, backward, to_layout=provider.to_layout)
+    ref_out = op.reference(small, *ref64.args)
+    pt_out = op.reference(small, *low.args)
+    out = provider.make(small)(*got.args)
+    back = provider.from_layout or (lambda t: t)
+    # name -> (reference in float64, PyTorch in case.dtype, provider in canonical layout)
+    triples = {"out": (ref_out, pt_out, back(out))}
     if backward:
-        ref_grads = torch.autograd.grad(ref_out, diff64, grad)
-        pt_grads = torch.autograd.grad(pt_out, ref_prep.diff, grad.to(pt_out.dtype))
-        for i, (r, p) in enumerate(zip(ref_grads, pt_grads, strict=True)):
-            outs[f"grad{inputs.differentiable[i]}"] = (None, r, p.detach())
-    prep = _prepare(op, small, provider, device, backward, base)
-    fn = provider.make(small)
-    out = fn(*prep.args)
-    got = {"out": out}
-    if backward:
-        grads = torch.autograd.grad(out, prep.diff, grad.to(out.dtype)
-                                    if provider.from_layout is None
-                                    else provider.to_layout(grad).to(out.dtype))
-        for i, g in enumerate(grads):
-            got[f"grad{inputs.differentiable[i]}"] = g
+        grad = torch.randn_like(ref_out)
+        g_ref = torch.autograd.grad(ref_out, ref64.diff, grad)
+        g_pt = torch.autograd.grad(pt_out, low.diff, grad.to(pt_out.dtype))
+        g_got = torch.autograd.grad(out, got.diff, (provider.to_layout or (lambda t: t))(
+            grad.to(out.dtype)))
+        for i, r, p, g in zip(inputs.differentiable, g_ref, g_pt, g_got, strict=True):
+            triples[f"grad{i}"] = (r, p, back(g))
     tensors, reasons = {}, []
-    for name, (_, ref, pt) in outs.items():
-        val = got[name]
-        if provider.from_layout is not None:
-            val = provider.from_layout(val)
+    for name, (ref, pt, val) in triples.items():
+        ref, pt, val = ref.detach(), pt.detach(), val.detach()
         if val.shape != ref.shape:
             reasons.append(f"{name}: shape {tuple(val.shape)} != {tuple(ref.shape)}")
             continue
