@@ -128,6 +128,25 @@ def test_time_cuda_and_memory_on_gpu(graph):
     assert m["peak_increase_bytes"] >= a.nbytes  # the output at least
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("graph", [False, True])
+def test_quick_run_on_cuda_end_to_end(tmp_path, graph):
+    out = tmp_path / "r.json"
+    argv = ["--device", "cuda", "--quick", "--ops", "softmax,attention", "--providers",
+            "fastattn-*,torch,sdpa-flash,flex-attention", "--warmup-ms", "1", "--rep-ms", "3",
+            "--json", str(out), "--no-progress", *(["--cuda-graph"] if graph else [])]
+    assert cli.main(argv) == 0
+    doc = report.load(out)
+    assert doc["environment"]["device"]["type"] == "cuda"
+    ok = [r for r in doc["results"] if r["status"] == "ok"]
+    # (a provider whose call cannot be captured in a graph is reported skipped, not timed)
+    assert {r["provider"] for r in ok} >= ({"torch"} if graph else {"torch", "fastattn-triton"})
+    for r in ok:
+        assert r["timing"]["clock"] == ("cuda-graph" if graph else "cuda-event")
+        assert r["memory"]["peak_allocated_bytes"] >= r["memory"]["peak_increase_bytes"] >= 0
+        assert r["pct_of_ceiling"] > 0
+
+
 # --- cases, providers and the correctness gate -------------------------------------------------
 
 

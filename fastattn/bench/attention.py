@@ -108,6 +108,46 @@ def _composition(case: Case) -> Callable[..., torch.Tensor]:
     return fn
 
 
+def _flex(case: Case) -> Callable[..., torch.Tensor]:
+    """PyTorch's FlexAttention, compiled (its only fast form), masks as a block mask."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    causal, gqa, (left, right) = case.p["causal"], _gqa(case), _window(case)
+    L = S = case.p["seqlen"]
+
+    def keep(b, h, q_idx, kv_idx):
+        ok = kv_idx <= q_idx if causal else q_idx >= 0
+        if left != -1:
+            ok = ok & (q_idx - kv_idx <= left)
+        if right != -1 and not causal:
+            ok = ok & (kv_idx - q_idx <= right)
+        return ok
+
+    torch._dynamo.reset()  # a fresh compile per case, as for torch.compile
+    compiled = torch.compile(flex_attention, dynamic=False)
+    masks: dict[torch.device, object] = {}
+
+    def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        block_mask = None
+        if causal or (left, right) != (-1, -1):
+            if q.device not in masks:  # built once, outside the timed calls
+                masks[q.device] = create_block_mask(keep, None, None, L, S, device=q.device)
+            block_mask = masks[q.device]
+        return compiled(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+
+    return fn
+
+
+def _flex_unavailable(case: Case, device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return "flex-attention is timed on CUDA only (its CPU compile takes tens of seconds)"
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError as e:
+        return f"this torch has no flex_attention: {e}"
+    return None
+
+
 def _bthd(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2)  # (B, H, T, D) <-> (B, T, H, D)
 
@@ -221,6 +261,7 @@ class AttentionBench(OpBench):
             sdpa_provider("torch", None),
             *[sdpa_provider(name, backend) for name, backend in SDPA_BACKENDS.items()],
             compile_provider(_composition, scratch_bytes=_materialized_scores),
+            Provider("flex-attention", _flex, _flex_unavailable),
             third_party("flash-attn", "flash_attn", _flash_attn("flash_attn"),
                         to_layout=_bthd, from_layout=_bthd),
             third_party("flash-attn-3", "flash_attn_interface",

@@ -122,6 +122,9 @@ class KernelBench:
         if DEVICE.type == "cuda":
             info.update(memory.cuda_peak(call, DEVICE))
         del call
+        if DEVICE.type == "cpu":
+            spec = {"case": case.to_dict(), "provider": provider.name, "mode": mode}
+            info.update(memory.cpu_peak_in_subprocess(spec))
         base_ms = self._baseline_ms(op, case, mode)
         if base_ms is not None:
             info["baseline"] = op.baseline
