@@ -116,6 +116,16 @@ def library_versions() -> dict[str, str | None]:
     }
 
 
+def command_line(argv: list[str]) -> str | None:
+    """The command as typed: ``fastattn-bench ...`` or ``python -m fastattn.bench ...``."""
+    if not argv:
+        return None
+    head = Path(argv[0]).name
+    if head == "__main__.py":
+        return shlex.join([Path(sys.executable).name, "-m", "fastattn.bench", *argv[1:]])
+    return shlex.join([head, *argv[1:]])
+
+
 def environment(device: torch.device | str, argv: list[str] | None = None) -> dict:
     """Everything a result file records about where and how it was measured."""
     argv = sys.argv if argv is None else argv
@@ -124,7 +134,7 @@ def environment(device: torch.device | str, argv: list[str] | None = None) -> di
         "versions": library_versions(),
         "git": git_info(),
         "platform": platform.platform(),
-        "command": shlex.join([Path(argv[0]).name, *argv[1:]]) if argv else None,
+        "command": command_line(argv),
         "env": {k: os.environ[k] for k in ("FASTATTN_BACKEND", "TRITON_INTERPRET",
                                            "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")
                 if k in os.environ},
