@@ -2,12 +2,15 @@
 # One call on a GPU machine: environment, the whole test suite on CUDA, the fastattn-bench full
 # sweep and the pytest-benchmark suites, every output into OUT_DIR. Each step has a time limit
 # and the next step runs whatever the previous one did; the exit status is non-zero when any
-# step failed. Fits the device tool's 10-minute call (about 9 minutes at most).
+# step failed. Fits the device tool's 10-minute call: at most 30+180+220+70 s, plus 15 s of
+# grace per step that overruns (about 9 minutes).
 #
 #   bash benchmarks/gpu_session.sh OUT_DIR
 #
 # Needs no network: run from the repository root of a copied working tree; fastattn is used
 # from here through PYTHONPATH (or install it with pip install --no-deps --no-build-isolation -e .).
+# OUT_DIR gets 8 files (the device tool brings back at most 8): session.log, junit.xml,
+# bench.json, bench.csv, plots/<op>.png x 3, pytest-benchmark.json.
 # Limits (seconds) can be changed: TESTS_S, BENCH_S, PYTEST_BENCH_S; BENCH_SIZE=--quick makes
 # a dry run on a CPU machine.
 set -uo pipefail
@@ -17,9 +20,9 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export COLUMNS=${COLUMNS:-200}
-TESTS_S=${TESTS_S:-200}
-BENCH_S=${BENCH_S:-230}
-PYTEST_BENCH_S=${PYTEST_BENCH_S:-80}
+TESTS_S=${TESTS_S:-180}
+BENCH_S=${BENCH_S:-220}
+PYTEST_BENCH_S=${PYTEST_BENCH_S:-70}
 BENCH_SIZE=${BENCH_SIZE:---full}  # --quick for a dry run of this script on a CPU machine
 
 # pytest with SIGTERM turned into KeyboardInterrupt, so a step cut by its time limit still
@@ -34,13 +37,13 @@ step() {  # step NAME LIMIT_S COMMAND...; prints "=== NAME: exit RC" for the sum
     shift 2
     echo "=== $name (limit ${limit}s): $*"
     start=$(date +%s)
-    timeout --signal=TERM --kill-after=20 "$limit" "$@"
+    timeout --signal=TERM --kill-after=15 "$limit" "$@"
     rc=$?
     echo "=== $name: exit $rc after $(( $(date +%s) - start ))s"
 }
 
 {
-step environment 60 bash -c '
+step environment 30 bash -c '
     nvidia-smi || true
     python - <<PY
 import platform, torch

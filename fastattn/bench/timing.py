@@ -88,7 +88,8 @@ class Timing:
             "outliers_low": low,
             "outliers_high": high,
             "notes": list(self.notes),
-            "samples_ms": list(self.samples_ms),
+            # 0.1 us: finer than either clock resolves, and keeps result files small
+            "samples_ms": [round(x, 4) for x in self.samples_ms],
         }
 
 
