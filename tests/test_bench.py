@@ -332,6 +332,15 @@ def test_cli_rejects_bad_arguments_naming_them(argv, name, capsys):
     assert name in capsys.readouterr().err
 
 
+def test_cli_lists_providers_and_why_they_cannot_run(capsys):
+    assert cli.main(["--list", "--device", "cpu", "--ops", "attention"]) == 0
+    rows = {r[1]: r[3] for r in cli.list_providers(["attention"], torch.device("cpu"), True,
+                                                    ["float32"])}
+    assert rows["sdpa-math"] == "available" and rows["torch"] == "available"
+    assert "CUDA only" in rows["sdpa-cudnn"] and "CUDA only" in rows["xformers"]
+    assert "sdpa-cudnn" in capsys.readouterr().out
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA message differs")
 def test_cli_rejects_cuda_without_a_gpu(capsys):
     with pytest.raises(SystemExit):
@@ -404,6 +413,13 @@ def test_cpu_memory_auto_measures_fwd_bwd_of_the_largest_case():
     # the input gradient at least (float32); page-granular RSS, so no exact figure
     size = largest.p["rows"] * largest.p["cols"] * 4
     assert size <= measured[0].memory["peak_increase_bytes"] < 8 * size
+
+
+def test_case_too_large_for_free_memory_is_skipped_before_allocating():
+    huge = Case.make("softmax", "float32", rows=2**20, cols=2**20)  # 4 TiB per tensor
+    s = runner.Settings(device=torch.device("cpu"), memory="off", providers=["torch"])
+    results = runner.Runner(s, ceilings={}).run_case(get_op("softmax"), huge)
+    assert results and all(r.status == "skipped" and "GiB free" in r.reason for r in results)
 
 
 def test_time_budget_skips_remaining_cases(capsys):

@@ -124,7 +124,25 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="DIR", help="write one PNG per op here (needs matplotlib)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar")
+    p.add_argument("--list", action="store_true",
+                   help="list the providers of the selected ops and whether each can run on "
+                        "this device (for the sweep's first case), then exit")
     return p
+
+
+def list_providers(ops: Sequence[str], device: torch.device, quick: bool,
+                   dtypes: Sequence[str]) -> list[tuple[str, str, str, str]]:
+    """(op, provider, kind, "available" or the reason it is not) for each provider."""
+    from fastattn.bench.suite import get_op
+
+    rows = []
+    for name in ops:
+        op = get_op(name)
+        case = op.sweep(device, quick, dtypes)[0]
+        for p in op.providers():
+            why = p.unavailable(case, device)
+            rows.append((name, p.name, p.kind, "available" if why is None else why))
+    return rows
 
 
 def compare_parser() -> argparse.ArgumentParser:
@@ -218,6 +236,16 @@ def run_main(argv: Sequence[str]) -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.manual_seed(args.seed)
+    if args.list:
+        from rich.table import Table
+
+        table = Table(title=f"providers on {device}", title_justify="left")
+        for col in ("op", "provider", "kind", "status"):
+            table.add_column(col, overflow="fold")
+        for row in list_providers(args.ops, device, quick, dtypes):
+            table.add_row(*row)
+        Console().print(table)
+        return 0
     # Wide tables when writing to a file or CI log (rich assumes 80 columns there).
     console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 180)
     argv_full = [sys.argv[0] if sys.argv else "fastattn-bench", *argv]

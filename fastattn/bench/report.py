@@ -118,7 +118,7 @@ def _fmt_ms(x: float | None) -> str:
     return f"{x * 1e3:.1f}us" if x < 0.1 else f"{x:.3g}ms" if x < 100 else f"{x:.0f}ms"
 
 
-def tables(results: list[dict], host_clock: bool):
+def tables(results: list[dict], host_clock: bool) -> tuple[list, list[str]]:
     """rich Tables, one per op, of every result that is not skipped; and the skip reasons."""
     from rich.table import Table
 

@@ -13,6 +13,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -211,8 +212,15 @@ def _status_of(e: BaseException) -> str:
 
 
 def _free_bytes(device: torch.device) -> int | None:
+    """Free device memory; on a CPU the kernel's MemAvailable (None where unreadable)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     return None
 
 
@@ -292,7 +300,7 @@ class Runner:
                 need = op.input_bytes(case) + provider.scratch_bytes(case)
                 if need > self.s.memory_fraction * free:
                     why = (f"needs about {need / 2**30:.1f} GiB; {free / 2**30:.1f} GiB free on "
-                           "the device")
+                           f"{device.type}")
             if why is not None:
                 results += [self._result(op, case, m, provider, "skipped", why) for m in modes]
                 continue
