@@ -332,59 +332,71 @@ class Runner:
 
     def _time_mode(self, op: OpBench, case: Case, mode: str,
                    group: list[tuple[Provider, dict]], measure_memory: bool) -> list[Result]:
-        device = self.s.device
-        out: list[Result] = []
-        calls: dict[str, Callable[[], object]] = {}
+        out = []
         for provider, verdict in group:
             r = self._result(op, case, mode, provider, "ok")
             r.error = verdict
-            try:
-                calls[provider.name] = build_call(op, case, provider, mode, device)
-            except Exception as e:  # noqa: BLE001
-                r.status, r.reason = _status_of(e), _describe(e)
-                _release(device)
             out.append(r)
-        by_name = {r.provider: r for r in out}
-        if device.type == "cuda":
-            for name, call in list(calls.items()):
-                r = by_name[name]
-                try:
-                    r.timing = timing.time_cuda(
-                        call, device=device, warmup_ms=self.s.warmup_ms, rep_ms=self.s.rep_ms,
-                        flush_l2=self.s.flush_l2, cuda_graph=self.s.cuda_graph)
-                    if measure_memory:
-                        r.memory = memory.cuda_peak(call, device)
-                except Exception as e:  # noqa: BLE001
-                    r.status, r.reason, r.timing = _status_of(e), _describe(e), None
-                del calls[name]
-                _release(device)
-        elif calls:
-            for name, call in list(calls.items()):  # first calls alone: compile, or fail alone
-                try:
-                    call()
-                except Exception as e:  # noqa: BLE001
-                    by_name[name].status, by_name[name].reason = _status_of(e), _describe(e)
-                    del calls[name]
-        if device.type != "cuda" and calls:
-            try:
-                timings = timing.time_host(calls, warmup_ms=self.s.warmup_ms, rep_ms=self.s.rep_ms)
-            except Exception as e:  # noqa: BLE001
-                for name in calls:
-                    by_name[name].status, by_name[name].reason = "failed", _describe(e)
-                timings = {}
-            calls.clear()
-            for name, t in timings.items():
-                by_name[name].timing = t
-                if measure_memory:
-                    spec = {"case": case.to_dict(), "provider": name, "mode": mode}
-                    try:
-                        by_name[name].memory = memory.cpu_peak_in_subprocess(spec)
-                    except Exception as e:  # noqa: BLE001 - memory is reported as missing
-                        by_name[name].memory = {"error": _describe(e)}
+        if self.s.device.type == "cuda":
+            self._time_cuda(op, case, mode, group, out, measure_memory)
+        else:
+            self._time_host(op, case, mode, group, out, measure_memory)
         for r in out:
             if r.timing is not None:
                 self._rate(op, r)
         return out
+
+    def _time_cuda(self, op: OpBench, case: Case, mode: str, group: list[tuple[Provider, dict]],
+                   out: list[Result], measure_memory: bool) -> None:
+        """One provider at a time: only its tensors are alive while it is timed and measured,
+        so its memory peak is its own."""
+        device = self.s.device
+        for (provider, _), r in zip(group, out, strict=True):
+            try:
+                call = build_call(op, case, provider, mode, device)
+                r.timing = timing.time_cuda(
+                    call, device=device, warmup_ms=self.s.warmup_ms, rep_ms=self.s.rep_ms,
+                    flush_l2=self.s.flush_l2, cuda_graph=self.s.cuda_graph)
+                if measure_memory:
+                    r.memory = memory.cuda_peak(call, device)
+            except Exception as e:  # noqa: BLE001 - a provider's failure is a result
+                self.log.append(f"{provider.name} {case.name} {mode}: {traceback.format_exc()}")
+                r.status, r.reason, r.timing = _status_of(e), _describe(e), None
+            call = None
+            _release(device)
+
+    def _time_host(self, op: OpBench, case: Case, mode: str, group: list[tuple[Provider, dict]],
+                   out: list[Result], measure_memory: bool) -> None:
+        """All providers interleaved; each called once alone first (compilation, or failing on
+        its own), then timed together. Memory is measured in fresh subprocesses."""
+        calls: dict[str, Callable[[], object]] = {}
+        by_name = {r.provider: r for r in out}
+        for provider, _ in group:
+            try:
+                call = build_call(op, case, provider, mode, self.s.device)
+                call()
+                calls[provider.name] = call
+            except Exception as e:  # noqa: BLE001
+                self.log.append(f"{provider.name} {case.name} {mode}: {traceback.format_exc()}")
+                r = by_name[provider.name]
+                r.status, r.reason = _status_of(e), _describe(e)
+        if not calls:
+            return
+        try:
+            timings = timing.time_host(calls, warmup_ms=self.s.warmup_ms, rep_ms=self.s.rep_ms)
+        except Exception as e:  # noqa: BLE001 - interleaved: which provider failed is unknown
+            for name in calls:
+                by_name[name].status, by_name[name].reason = _status_of(e), _describe(e)
+            return
+        calls.clear()
+        for name, t in timings.items():
+            by_name[name].timing = t
+            if measure_memory:
+                spec = {"case": case.to_dict(), "provider": name, "mode": mode}
+                try:
+                    by_name[name].memory = memory.cpu_peak_in_subprocess(spec)
+                except Exception as e:  # noqa: BLE001 - memory is reported as missing
+                    by_name[name].memory = {"error": _describe(e)}
 
     def _rate(self, op: OpBench, r: Result) -> None:
         work = op.work(r.case, r.mode)
