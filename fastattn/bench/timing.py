@@ -5,7 +5,9 @@ cache is flushed by overwriting a buffer twice its size, so each sample is one c
 and nothing of the flush is timed. Warm-up and repetition are time budgets: a few calls
 estimate the cost, then as many calls run as fit the budget (bounded). With ``cuda_graph`` the
 call is captured once in a CUDA graph and each sample is one graph replay (no launch overhead),
-still after an L2 flush.
+still after an L2 flush. In eager mode the host enqueues the call while the GPU flushes; a call
+whose host-side work (Python, dispatch, launches) outlasts the flush is timed with that work
+included, which is what an eager user pays. ``cuda_graph`` shows the kernels alone.
 
 CPU (:func:`time_host`): the providers of one case are timed in rounds, each round calling every
 provider once, in an order rotated every round, so slow drift of a shared, noisy machine and
