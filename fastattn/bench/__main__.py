@@ -1,0 +1,7 @@
+"""``python -m fastattn.bench``: the same as the ``fastattn-bench`` command."""
+
+import sys
+
+from fastattn.bench.cli import main
+
+sys.exit(main())

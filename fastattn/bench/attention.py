@@ -1,0 +1,275 @@
+"""Attention in the SDPA layout: ``q (B, H, L, D)``, ``k, v (B, Hkv, S, D)``, causal aligned
+top-left, grouped-query when ``Hkv < H``. Compute-bound: reported in TFLOPS (flash-attention's
+FLOP model) against the measured matmul ceiling.
+
+The oracle is PyTorch's SDPA math backend run in float64 (``fastattn.reference`` gains its own
+attention specification with the attention op). Providers in the flash-attn layout
+``(B, T, H, D)`` get their inputs transposed outside the timed call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from fastattn.bench.suite import (
+    Case,
+    Inputs,
+    OpBench,
+    Provider,
+    compile_provider,
+    fastattn_providers,
+    third_party,
+)
+from fastattn.bench.work import Work, attention_flops
+
+# Head layouts of real models: (query heads, key/value heads, head dim).
+MODELS = {
+    "gpt2": (12, 12, 64),
+    "llama3-8b": (32, 8, 128),
+    "llama3-70b": (64, 8, 128),
+    "gemma-7b": (16, 16, 256),
+}
+# 1k-16k tokens, in an order that spreads coverage when --budget-s cuts the sweep short (plots
+# sort by length).
+FULL_SEQLENS = (4096, 16384, 1024, 8192, 2048)
+TOKENS = 16384  # batch = TOKENS // seqlen, flash-attention's benchmark convention
+QUICK_MODELS = {"tiny-gqa": (4, 2, 64)}
+QUICK_SEQLENS = (128, 384)
+
+SDPA_BACKENDS = {
+    "sdpa-flash": "FLASH_ATTENTION",
+    "sdpa-efficient": "EFFICIENT_ATTENTION",
+    "sdpa-cudnn": "CUDNN_ATTENTION",
+    "sdpa-math": "MATH",
+}
+
+
+def _gqa(case: Case) -> bool:
+    return case.p["kv_heads"] != case.p["heads"]
+
+
+def _window(case: Case) -> tuple[int, int]:
+    return tuple(case.p.get("window", (-1, -1)))
+
+
+def _keep_mask(case: Case, device: torch.device) -> torch.Tensor | None:
+    """(L, S) bool, True where a query attends a key; None for no mask. Top-left aligned."""
+    left, right = _window(case)
+    causal = case.p["causal"]
+    if left == -1 and right == -1:
+        return None
+    if causal:
+        right = 0
+    L = S = case.p["seqlen"]
+    i = torch.arange(L, device=device)[:, None]
+    j = torch.arange(S, device=device)[None, :]
+    keep = torch.ones(L, S, dtype=torch.bool, device=device)
+    if left != -1:
+        keep &= j >= i - left
+    if right != -1:
+        keep &= j <= i + right
+    return keep
+
+
+def _sdpa(case: Case, backend: str | None) -> Callable[..., torch.Tensor]:
+    causal, gqa = case.p["causal"], _gqa(case)
+
+    def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        keep = _keep_mask(case, q.device)
+        if backend is None:
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=keep, is_causal=causal and keep is None, enable_gqa=gqa)
+        with sdpa_kernel(getattr(SDPBackend, backend)):
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=keep, is_causal=causal and keep is None, enable_gqa=gqa)
+
+    return fn
+
+
+def _composition(case: Case) -> Callable[..., torch.Tensor]:
+    """Textbook attention in PyTorch ops (what torch.compile is given to fuse)."""
+    causal, heads, kv_heads = case.p["causal"], case.p["heads"], case.p["kv_heads"]
+
+    def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k = k.repeat_interleave(heads // kv_heads, dim=1)  # (B, H, S, D)
+        v = v.repeat_interleave(heads // kv_heads, dim=1)  # (B, H, S, D)
+        s = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5  # (B, H, L, S)
+        keep = _keep_mask(case, q.device)
+        if keep is None and causal:
+            keep = torch.ones(s.shape[-2:], dtype=torch.bool, device=q.device).tril()
+        if keep is not None:
+            s = s.masked_fill(~keep, float("-inf"))
+        return torch.softmax(s, -1).to(v.dtype) @ v  # (B, H, L, D)
+
+    return fn
+
+
+def _flex(case: Case) -> Callable[..., torch.Tensor]:
+    """PyTorch's FlexAttention, compiled (its only fast form), masks as a block mask."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    causal, gqa, (left, right) = case.p["causal"], _gqa(case), _window(case)
+    L = S = case.p["seqlen"]
+
+    def keep(b, h, q_idx, kv_idx):
+        ok = kv_idx <= q_idx if causal else q_idx >= 0
+        if left != -1:
+            ok = ok & (q_idx - kv_idx <= left)
+        if right != -1 and not causal:
+            ok = ok & (kv_idx - q_idx <= right)
+        return ok
+
+    torch._dynamo.reset()  # a fresh compile per case, as for torch.compile
+    compiled = torch.compile(flex_attention, dynamic=False)
+    masks: dict[torch.device, object] = {}
+
+    def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        block_mask = None
+        if causal or (left, right) != (-1, -1):
+            if q.device not in masks:  # built once, outside the timed calls
+                masks[q.device] = create_block_mask(keep, None, None, L, S, device=q.device)
+            block_mask = masks[q.device]
+        return compiled(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+
+    return fn
+
+
+def _flex_unavailable(case: Case, device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return "flex-attention is timed on CUDA only (its CPU compile takes tens of seconds)"
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError as e:
+        return f"this torch has no flex_attention: {e}"
+    return None
+
+
+def _bthd(t: torch.Tensor) -> torch.Tensor:
+    return t.transpose(1, 2)  # (B, H, T, D) <-> (B, T, H, D)
+
+
+def _flash_attn(module: str) -> Callable[[Case], Callable[..., torch.Tensor]]:
+    def make(case: Case) -> Callable[..., torch.Tensor]:
+        import importlib
+
+        flash_attn_func = importlib.import_module(module).flash_attn_func
+        causal, window = case.p["causal"], _window(case)
+
+        def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            out = flash_attn_func(q, k, v, causal=causal, window_size=window)
+            return out[0] if isinstance(out, tuple) else out  # some versions also return lse
+
+        return fn
+
+    return make
+
+
+def _xformers(case: Case) -> Callable[..., torch.Tensor]:
+    import xformers.ops as xops
+
+    bias = xops.LowerTriangularMask() if case.p["causal"] else None
+    return lambda q, k, v: xops.memory_efficient_attention(q, k, v, attn_bias=bias)
+
+
+def _xformers_check(case: Case) -> str | None:
+    if _gqa(case):
+        return "xformers takes grouped-query attention only in its 5-d layout; not wired here"
+    if _window(case) != (-1, -1):
+        return "sliding windows are not wired for xformers"
+    return None
+
+
+def _materialized_scores(case: Case) -> int:
+    p = case.p
+    return 3 * p["batch"] * p["heads"] * p["seqlen"] ** 2 * 4  # fp32 scores, probs, grad
+
+
+class AttentionBench(OpBench):
+    name = "attention"
+    baseline = "torch"
+    x_param = "seqlen"
+
+    def sweep(self, device: torch.device, quick: bool, dtypes: Sequence[str]) -> list[Case]:
+        models, seqlens = (QUICK_MODELS, QUICK_SEQLENS) if quick else (MODELS, FULL_SEQLENS)
+        cases = []
+        for seqlen in seqlens:
+            for model, (heads, kv_heads, head_dim) in models.items():
+                for causal in (False, True):
+                    for d in dtypes:
+                        cases.append(Case.make(
+                            "attention", d, model=model, batch=max(1, TOKENS // seqlen)
+                            if not quick else 1, heads=heads, kv_heads=kv_heads,
+                            head_dim=head_dim, seqlen=seqlen, causal=causal))
+        return cases
+
+    def series(self, case: Case) -> str:
+        return f"{case.p['model']} causal={case.p['causal']}"
+
+    def label(self, case: Case) -> str:
+        p = case.p
+        return (f"{p['model']} B{p['batch']} L{p['seqlen']}{' causal' if p['causal'] else ''} "
+                f"{case.dtype}")
+
+    def inputs(self, case: Case, device: torch.device) -> Inputs:
+        p = case.p
+        dt = case.torch_dtype
+        q = torch.randn(p["batch"], p["heads"], p["seqlen"], p["head_dim"], device=device)
+        k = torch.randn(p["batch"], p["kv_heads"], p["seqlen"], p["head_dim"], device=device)
+        v = torch.randn(p["batch"], p["kv_heads"], p["seqlen"], p["head_dim"], device=device)
+        return Inputs([q.to(dt), k.to(dt), v.to(dt)], differentiable=(0, 1, 2))
+
+    def reference(self, case: Case, *args: torch.Tensor) -> torch.Tensor:
+        return _sdpa(case, "MATH")(*args)
+
+    def work(self, case: Case, mode: str) -> Work:
+        p = case.p
+        return attention_flops(p["batch"], p["heads"], p["seqlen"], p["seqlen"], p["head_dim"],
+                               causal=p["causal"], window_size=_window(case), mode=mode)
+
+    def check_case(self, case: Case) -> Case:
+        return case.replace(batch=1, seqlen=min(case.p["seqlen"], 1024))
+
+    def input_bytes(self, case: Case) -> int:
+        p = case.p
+        per = p["batch"] * p["seqlen"] * p["head_dim"] * case.torch_dtype.itemsize
+        return 2 * (2 * p["heads"] + 2 * p["kv_heads"]) * per  # q, k, v, out and their grads
+
+    def providers(self) -> list[Provider]:
+        def sdpa_provider(name: str, backend: str | None) -> Provider:
+            def unavailable(case: Case, device: torch.device) -> str | None:
+                if backend is not None and not hasattr(SDPBackend, backend):
+                    return f"this torch has no SDPBackend.{backend}"
+                if backend in ("EFFICIENT_ATTENTION", "CUDNN_ATTENTION") and (
+                        device.type != "cuda"):
+                    return f"SDPBackend.{backend} runs on CUDA only"
+                return None
+
+            scratch = _materialized_scores if backend == "MATH" else (lambda case: 0)
+            return Provider(name, lambda case: _sdpa(case, backend), unavailable,
+                            scratch_bytes=scratch)
+
+        return [
+            *fastattn_providers(
+                lambda f, case, q, k, v: f.scaled_dot_product_attention(
+                    q, k, v, is_causal=case.p["causal"], enable_gqa=_gqa(case),
+                    window_size=_window(case)),
+                needs="scaled_dot_product_attention"),
+            sdpa_provider("torch", None),
+            *[sdpa_provider(name, backend) for name, backend in SDPA_BACKENDS.items()],
+            compile_provider(_composition, scratch_bytes=_materialized_scores),
+            Provider("flex-attention", _flex, _flex_unavailable),
+            third_party("flash-attn", "flash_attn", _flash_attn("flash_attn"),
+                        to_layout=_bthd, from_layout=_bthd),
+            third_party("flash-attn-3", "flash_attn_interface",
+                        _flash_attn("flash_attn_interface"),
+                        to_layout=_bthd, from_layout=_bthd),
+            third_party("xformers", "xformers.ops", _xformers, check=_xformers_check,
+                        to_layout=_bthd, from_layout=_bthd),
+        ]
+
+
+BENCH = AttentionBench()

@@ -1,0 +1,331 @@
+"""``fastattn-bench``: benchmark every op on every provider of this device, and gate
+regressions.
+
+    fastattn-bench                         # quick suite on CPU, full sweep on a GPU
+    fastattn-bench --ops softmax --json out.json --csv out.csv --plot plots/
+    fastattn-bench compare BASE.json NEW.json
+
+Exit status of a run: 0, or 1 when a fastattn provider disagreed with the reference or failed
+(other providers' failures are reported, not fatal). ``compare``: 0 pass, 1 regression,
+2 refused (different devices, unreadable files, nothing in common).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+
+import torch
+
+from fastattn.bench.suite import DTYPES, OP_NAMES
+from fastattn.bench.work import MODES
+
+
+def _positive(name: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {text!r}")
+        return value
+    return parse
+
+
+def _fraction(name: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if not 0 <= value < 10:
+            raise argparse.ArgumentTypeError(
+                f"{name} must be a fraction >= 0 (0.1 = 10% slower), got {text!r}")
+        return value
+    return parse
+
+
+def _choices(name: str, allowed: Sequence[str]):
+    def parse(text: str) -> list[str]:
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        bad = [x for x in items if x not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(
+                f"{name}: {', '.join(bad) or 'empty'} not allowed; choose from "
+                f"{', '.join(allowed)} (comma-separated)")
+        return items
+    return parse
+
+
+def _device(text: str) -> torch.device:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"--device {text!r} is not a device; use cpu or cuda"
+                                         ) from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"--device must be cpu or cuda[:N], got {text!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("--device cuda: no CUDA device is available here")
+    if device.type == "cuda" and device.index is not None and (
+            device.index >= torch.cuda.device_count()):
+        raise argparse.ArgumentTypeError(
+            f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) present")
+    return device
+
+
+def run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fastattn-bench",
+        description="Benchmark fastattn against PyTorch and other kernels on this device "
+                    "(subcommand: 'fastattn-bench compare BASE.json NEW.json').")
+    p.add_argument("--ops", type=_choices("--ops", OP_NAMES), default=list(OP_NAMES),
+                   help=f"comma-separated ops (default: all of {', '.join(OP_NAMES)})")
+    p.add_argument("--device", type=_device, default=None,
+                   help="cpu or cuda[:N] (default: cuda when available, else cpu)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", default=None,
+                      help="small sweep (the default on CPU)")
+    size.add_argument("--full", dest="quick", action="store_false",
+                      help="model-sized sweep (the default on CUDA), shrunk to fit memory")
+    p.add_argument("--dtypes", type=_choices("--dtypes", list(DTYPES)), default=None,
+                   help="comma-separated (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--modes", type=_choices("--modes", MODES), default=None,
+                   help="comma-separated subset of fwd,bwd,fwd_bwd (default: all)")
+    p.add_argument("--providers", default=None,
+                   help="comma-separated glob patterns of providers to run, e.g. "
+                        "'fastattn-*,torch' (default: all)")
+    p.add_argument("--warmup-ms", type=_positive("--warmup-ms"), default=25.0,
+                   help="warm-up budget per timing, ms (default 25)")
+    p.add_argument("--rep-ms", type=_positive("--rep-ms"), default=100.0,
+                   help="measurement budget per timing, ms (default 100)")
+    p.add_argument("--budget-s", type=_positive("--budget-s"), default=None,
+                   help="wall-clock budget for the whole sweep, split evenly over the ops; "
+                        "cases past it are reported as skipped")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="time CUDA-graph replays (still flushing L2 between calls)")
+    p.add_argument("--no-flush-l2", dest="flush_l2", action="store_false",
+                   help="do not flush L2 between timed calls")
+    p.add_argument("--memory", choices=("auto", "all", "off"), default="auto",
+                   help="peak-memory measurement: all results, off, or auto (all on CUDA; on "
+                        "CPU only fwd_bwd of each op's largest case, each in a subprocess)")
+    p.add_argument("--remeasure-ceilings", action="store_true",
+                   help="measure the bandwidth/matmul ceilings again instead of the cache")
+    p.add_argument("--seed", type=int, default=0, help="torch seed for the inputs (default 0)")
+    p.add_argument("--json", metavar="PATH", help="write the full results (raw samples) here")
+    p.add_argument("--csv", metavar="PATH", help="write one row per result here")
+    p.add_argument("--plot", metavar="DIR", help="write one PNG per op here (needs matplotlib)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar")
+    p.add_argument("--list", action="store_true",
+                   help="list the providers of the selected ops and whether each can run on "
+                        "this device (for the sweep's first case), then exit")
+    return p
+
+
+def list_providers(ops: Sequence[str], device: torch.device, quick: bool,
+                   dtypes: Sequence[str]) -> list[tuple[str, str, str, str]]:
+    """(op, provider, kind, "available" or the reason it is not) for each provider."""
+    from fastattn.bench.suite import get_op
+
+    rows = []
+    for name in ops:
+        op = get_op(name)
+        case = op.sweep(device, quick, dtypes)[0]
+        for p in op.providers():
+            why = p.unavailable(case, device)
+            rows.append((name, p.name, p.kind, "available" if why is None else why))
+    return rows
+
+
+def compare_parser() -> argparse.ArgumentParser:
+    from fastattn.bench.compare import DEFAULT_GEOMEAN, DEFAULT_PER_KERNEL
+
+    p = argparse.ArgumentParser(prog="fastattn-bench compare",
+                                description="Fail on a performance regression from BASE to NEW.")
+    p.add_argument("base", metavar="BASE.json")
+    p.add_argument("new", metavar="NEW.json")
+    p.add_argument("--threshold", type=_fraction("--threshold"), default=DEFAULT_PER_KERNEL,
+                   help=f"per-kernel slowdown allowed (default {DEFAULT_PER_KERNEL})")
+    p.add_argument("--geomean-threshold", type=_fraction("--geomean-threshold"),
+                   default=DEFAULT_GEOMEAN,
+                   help=f"geometric-mean slowdown allowed (default {DEFAULT_GEOMEAN})")
+    p.add_argument("--all-providers", action="store_true",
+                   help="gate every provider, not only fastattn's")
+    p.add_argument("--allow-different-devices", action="store_true",
+                   help="compare files measured on different devices anyway")
+    return p
+
+
+def compare_main(argv: Sequence[str]) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fastattn.bench import compare, report
+
+    args = compare_parser().parse_args(argv)
+    console = Console()
+    try:
+        base, new = report.load(args.base), report.load(args.new)
+        v = compare.compare(base, new, per_kernel=args.threshold,
+                            geomean=args.geomean_threshold,
+                            allow_different_devices=args.allow_different_devices,
+                            all_providers=args.all_providers)
+    except ValueError as e:
+        console.print(f"[red]compare refused:[/red] {e}")
+        return 2
+    table = Table(title=f"{args.new} vs {args.base}", title_justify="left")
+    for col in ("kernel", "base", "new", "new/base", "verdict"):
+        table.add_column(col, justify="left" if col in ("kernel", "verdict") else "right")
+    for row in v.rows:
+        table.add_row(row["key"], f"{row['base_ms']:.4g} ms",
+                      "-" if row["new_ms"] is None else f"{row['new_ms']:.4g} ms",
+                      "-" if row["ratio"] is None else f"{row['ratio']:.3f}", row["verdict"])
+    console.print(table)
+    if v.geomean is not None:
+        console.print(f"geometric mean new/base: {v.geomean:.3f} over "
+                      f"{sum(r['ratio'] is not None for r in v.rows)} kernels")
+    for key in v.only_in_base:
+        console.print(f"only in BASE: {key}")
+    for key in v.only_in_new:
+        console.print(f"only in NEW: {key}")
+    for problem in v.problems:
+        console.print(f"[red]REGRESSION[/red] {problem}")
+    console.print("[green]no regression[/green]" if v.ok else "[red]regression[/red]")
+    return 0 if v.ok else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compare"]:
+        return compare_main(argv[1:])
+    return run_main(argv)
+
+
+def run_main(argv: Sequence[str]) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fastattn.bench import ceilings, env, report, runner
+
+    parser = run_parser()
+    args = parser.parse_args(argv)
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    quick = (device.type == "cpu") if args.quick is None else args.quick
+    dtypes = args.dtypes or (["bfloat16"] if device.type == "cuda" else ["float32"])
+    providers = None
+    if args.providers is not None:
+        providers = [x.strip() for x in args.providers.split(",") if x.strip()]
+        if not providers:
+            parser.error("--providers: give at least one pattern")
+    if providers is not None:
+        from fastattn.bench.suite import get_op
+
+        known = sorted({p.name for op in args.ops for p in get_op(op).providers()})
+        unmatched = [pat for pat in providers if not fnmatch.filter(known, pat)]
+        if unmatched:
+            parser.error(f"--providers: {', '.join(unmatched)} matches no provider of "
+                         f"{', '.join(args.ops)}; known providers: {', '.join(known)}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.manual_seed(args.seed)
+    if args.list:
+        from rich.table import Table
+
+        table = Table(title=f"providers on {device}", title_justify="left")
+        for col in ("op", "provider", "kind", "status"):
+            table.add_column(col, overflow="fold")
+        for row in list_providers(args.ops, device, quick, dtypes):
+            table.add_row(*row)
+        Console().print(table)
+        return 0
+    # Wide tables when writing to a file or CI log (rich assumes 80 columns there).
+    console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 180)
+    argv_full = [sys.argv[0] if sys.argv else "fastattn-bench", *argv]
+    environment = env.environment(device, argv_full)
+    v = environment["versions"]
+    console.print(f"fastattn-bench on [bold]{environment['device']['name']}[/bold] ({device}), "
+                  f"torch {v['torch']}, CUDA {v['cuda']}, triton {v['triton']}, "
+                  f"commit {str(environment['git']['commit'])[:12]}"
+                  f"{' (dirty)' if environment['git']['dirty'] else ''}; "
+                  f"{'quick' if quick else 'full'} sweep, dtypes {','.join(dtypes)}")
+    ceil = ceilings.get(device, use_cache=not args.remeasure_ceilings)
+    console.print(f"ceilings ({ceil['source']}): copy {ceil['bandwidth_gbs']:.4g} GB/s, "
+                  f"bf16 matmul {ceil['matmul_bf16_tflops']:.4g} TFLOPS, "
+                  f"fp32 matmul {ceil['matmul_fp32_tflops']:.4g} TFLOPS")
+    memory_mode = {"auto": "all" if device.type == "cuda" else "largest"}.get(args.memory,
+                                                                               args.memory)
+    settings = runner.Settings(
+        device=device, quick=quick, dtypes=dtypes, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
+        flush_l2=args.flush_l2, cuda_graph=args.cuda_graph, memory=memory_mode,
+        budget_s=args.budget_s, providers=providers, modes=args.modes)
+    # A time limit's SIGTERM stops the sweep like Ctrl-C: what was measured is still written.
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main else None
+    started = time.monotonic()
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=console, transient=True,
+                      disable=not args.progress) as progress:
+            task = progress.add_task("planning", total=None)
+
+            def on_case(text: str) -> None:
+                progress.update(task, description=text[:70])
+                progress.advance(task)
+
+            run = runner.Runner(settings, ceil, on_case)
+            plan = run.plan(args.ops)
+            progress.update(task, total=sum(len(cases) for _, cases in plan) + 1)
+            progress.advance(task)
+            results = [r.to_dict() for r in run.run(plan)]
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+    elapsed = time.monotonic() - started
+    settings_dict = {"device": str(device), "quick": quick, "dtypes": list(dtypes),
+                     "ops": list(args.ops), "modes": args.modes, "providers": providers,
+                     "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms,
+                     "flush_l2": args.flush_l2, "cuda_graph": args.cuda_graph,
+                     "memory": memory_mode, "budget_s": args.budget_s, "seed": args.seed,
+                     "elapsed_s": elapsed, "interrupted": run.interrupted}
+    if run.interrupted:
+        console.print("[yellow]interrupted: writing the results measured so far[/yellow]")
+    tables, notes = report.tables(results, host_clock=device.type != "cuda")
+    for t in tables:
+        console.print(t)
+    for note in notes:
+        console.print(f"[dim]{note}[/dim]")
+    doc = report.document(environment, settings_dict, ceil, results, argv_full)
+    if args.json:
+        console.print(f"wrote {report.write_json(doc, args.json)}")
+    if args.csv:
+        console.print(f"wrote {report.write_csv(results, args.csv)}")
+    if args.plot:
+        try:
+            for path in report.plot(results, ceil, args.plot):
+                console.print(f"wrote {path}")
+        except ImportError as e:
+            console.print(f"[yellow]--plot skipped: matplotlib is not installed ({e})[/yellow]")
+    bad = [r for r in results if r["kind"] == "fastattn" and r["status"] in ("failed", "oom")]
+    for r in run.log:
+        if os.environ.get("FASTATTN_BENCH_DEBUG"):
+            console.print(r)
+    console.print(f"done in {elapsed:.0f} s: {sum(r['status'] == 'ok' for r in results)} timed, "
+                  f"{sum(r['status'] == 'failed' for r in results)} failed, "
+                  f"{sum(r['status'] == 'skipped' for r in results)} skipped")
+    return 1 if bad or run.interrupted else 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    sys.exit(main())
