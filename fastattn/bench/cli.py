@@ -295,6 +295,9 @@ def run_main(argv: Sequence[str]) -> int:
                      "flush_l2": args.flush_l2, "cuda_graph": args.cuda_graph,
                      "memory": memory_mode, "budget_s": args.budget_s, "seed": args.seed,
                      "elapsed_s": elapsed, "interrupted": run.interrupted}
+    # The block sizes the attention autotuner picked in this run, per kernel and tuning key.
+    tuned = sys.modules.get("fastattn.triton.attention")
+    settings_dict["attention_autotuned"] = tuned.autotuned_configs() if tuned else {}
     if run.interrupted:
         console.print("[yellow]interrupted: writing the results measured so far[/yellow]")
     tables, notes = report.tables(results, host_clock=device.type != "cuda")

@@ -823,5 +823,9 @@ def autotuned_configs() -> dict[str, dict[str, str]]:
     """The configs the autotuner picked in this process, per kernel and tuning key."""
     kernels = {"fwd": _attention_fwd_kernel, "bwd_dkdv": _attention_bwd_dkdv_kernel,
                "bwd_dq": _attention_bwd_dq_kernel}
-    return {name: {str(key): str(cfg) for key, cfg in kernel.cache.items()}
-            for name, kernel in kernels.items()}
+    picked = {}
+    for name, kernel in kernels.items():
+        picked[name] = {str(key): str(cfg) for key, cfg in kernel.cache.items()}
+        if not picked[name] and getattr(kernel, "best_config", None) is not None:
+            picked[name]["only config"] = str(kernel.best_config)  # nothing to tune between
+    return picked
