@@ -266,6 +266,21 @@ def _query_blocks(n0, L, S, offset, left, right, BLOCK_M: tl.constexpr, BLOCK_N:
     return lo_blk, fl, fh, hi_blk
 
 
+@triton.jit
+def _phase_bounds(phase: tl.constexpr, lo, fl, fh, hi):
+    """Tile range of loop phase 0, 1, 2 over [lo, fl), [fl, fh), [fh, hi) (see
+    ``_key_blocks``); only phase 1, the full tiles, runs without position masking."""
+    start = lo
+    end = fl
+    if phase == 1:
+        start = fl
+        end = fh
+    if phase == 2:
+        start = fh
+        end = hi
+    return start, end
+
+
 # --- forward ----------------------------------------------------------------------------------
 
 
@@ -351,24 +366,14 @@ def _attention_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     lo, fl, fh, hi = _key_blocks(m0, L, S, offset, left, right, BLOCK_M, BLOCK_N,
                                  HAS_LEFT, HAS_RIGHT)
-    for nb in range(lo, fl):
-        acc, l_i, m_i = _fwd_tile(
-            acc, l_i, m_i, q, K_bh, V_bh, M_bh, seed, bh, rows, nb * BLOCK_N, offs_n, offs_d,
-            offs_dv, skn, skd, svn, svd, smm, smn, L, S, D, DV, offset, left, right, qk_scale,
-            cap2, drop_p, HAS_MASK, BOOL_MASK, SOFTCAP, DROPOUT, HAS_LEFT, HAS_RIGHT, True,
-            PAD_D, PAD_DV, PRECISION, TMA)
-    for nb in range(fl, fh):
-        acc, l_i, m_i = _fwd_tile(
-            acc, l_i, m_i, q, K_bh, V_bh, M_bh, seed, bh, rows, nb * BLOCK_N, offs_n, offs_d,
-            offs_dv, skn, skd, svn, svd, smm, smn, L, S, D, DV, offset, left, right, qk_scale,
-            cap2, drop_p, HAS_MASK, BOOL_MASK, SOFTCAP, DROPOUT, HAS_LEFT, HAS_RIGHT, False,
-            PAD_D, PAD_DV, PRECISION, TMA)
-    for nb in range(fh, hi):
-        acc, l_i, m_i = _fwd_tile(
-            acc, l_i, m_i, q, K_bh, V_bh, M_bh, seed, bh, rows, nb * BLOCK_N, offs_n, offs_d,
-            offs_dv, skn, skd, svn, svd, smm, smn, L, S, D, DV, offset, left, right, qk_scale,
-            cap2, drop_p, HAS_MASK, BOOL_MASK, SOFTCAP, DROPOUT, HAS_LEFT, HAS_RIGHT, True,
-            PAD_D, PAD_DV, PRECISION, TMA)
+    for phase in tl.static_range(3):  # edge tiles, full tiles, edge tiles
+        start, end = _phase_bounds(phase, lo, fl, fh, hi)
+        for nb in range(start, end):
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, q, K_bh, V_bh, M_bh, seed, bh, rows, nb * BLOCK_N, offs_n, offs_d,
+                offs_dv, skn, skd, svn, svd, smm, smn, L, S, D, DV, offset, left, right, qk_scale,
+                cap2, drop_p, HAS_MASK, BOOL_MASK, SOFTCAP, DROPOUT, HAS_LEFT, HAS_RIGHT,
+                phase != 1, PAD_D, PAD_DV, PRECISION, TMA)
     # A fully masked row has l = 0: output 0 and lse = -inf (log of an empty sum).
     out = (acc * (drop_scale / tl.where(l_i == 0.0, 1.0, l_i))[:, None]).to(Out.dtype.element_ty)
     if TMA:
@@ -518,27 +523,15 @@ def _attention_bwd_dkdv_kernel(
         M_bh = Mask + b64 * smb + h64 * smh
         DQ_bh = DQ + b64 * sdqb + h64 * sdqh
         DS_bh = DS + b64 * sdsb + h64 * sdsh
-        for mb in range(lo, fl):
-            dk, dv = _bwd_kv_tile(
-                dk, dv, k, v, Q_bh, DO_bh, Lse_bh, Delta_bh, M_bh, DQ_bh, DS_bh, seed, bh,
-                mb * BLOCK_M, cols, offs_m, offs_d, offs_dv, sqm, sqd, sdom, sdod, smm, smn,
-                sdqm, sdqd, sdsm, sdsn, L, S, D, DV, offset, left, right, qk_scale, cap2,
-                sm_scale, drop_p, drop_scale, HAS_MASK, BOOL_MASK, SOFTCAP, DROPOUT, HAS_LEFT,
-                HAS_RIGHT, True, PAD_D, PAD_DV, ATOMIC_DQ, WRITE_DS, PRECISION)
-        for mb in range(fl, fh):
-            dk, dv = _bwd_kv_tile(
-                dk, dv, k, v, Q_bh, DO_bh, Lse_bh, Delta_bh, M_bh, DQ_bh, DS_bh, seed, bh,
-                mb * BLOCK_M, cols, offs_m, offs_d, offs_dv, sqm, sqd, sdom, sdod, smm, smn,
-                sdqm, sdqd, sdsm, sdsn, L, S, D, DV, offset, left, right, qk_scale, cap2,
-                sm_scale, drop_p, drop_scale, HAS_MASK, BOOL_MASK, SOFTCAP, DROPOUT, HAS_LEFT,
-                HAS_RIGHT, False, PAD_D, PAD_DV, ATOMIC_DQ, WRITE_DS, PRECISION)
-        for mb in range(fh, hi):
-            dk, dv = _bwd_kv_tile(
-                dk, dv, k, v, Q_bh, DO_bh, Lse_bh, Delta_bh, M_bh, DQ_bh, DS_bh, seed, bh,
-                mb * BLOCK_M, cols, offs_m, offs_d, offs_dv, sqm, sqd, sdom, sdod, smm, smn,
-                sdqm, sdqd, sdsm, sdsn, L, S, D, DV, offset, left, right, qk_scale, cap2,
-                sm_scale, drop_p, drop_scale, HAS_MASK, BOOL_MASK, SOFTCAP, DROPOUT, HAS_LEFT,
-                HAS_RIGHT, True, PAD_D, PAD_DV, ATOMIC_DQ, WRITE_DS, PRECISION)
+        for phase in tl.static_range(3):  # edge tiles, full tiles, edge tiles
+            start, end = _phase_bounds(phase, lo, fl, fh, hi)
+            for mb in range(start, end):
+                dk, dv = _bwd_kv_tile(
+                    dk, dv, k, v, Q_bh, DO_bh, Lse_bh, Delta_bh, M_bh, DQ_bh, DS_bh, seed, bh,
+                    mb * BLOCK_M, cols, offs_m, offs_d, offs_dv, sqm, sqd, sdom, sdod, smm, smn,
+                    sdqm, sdqd, sdsm, sdsn, L, S, D, DV, offset, left, right, qk_scale, cap2,
+                    sm_scale, drop_p, drop_scale, HAS_MASK, BOOL_MASK, SOFTCAP, DROPOUT, HAS_LEFT,
+                    HAS_RIGHT, phase != 1, PAD_D, PAD_DV, ATOMIC_DQ, WRITE_DS, PRECISION)
     inside = cols[:, None] < S
     tl.store(DK + b64 * sdkb + hk64 * sdkh + cols64[:, None] * sdkn + offs_d[None, :] * sdkd,
              (dk * sm_scale).to(DK.dtype.element_ty), mask=inside & (offs_d[None, :] < D))
@@ -603,24 +596,14 @@ def _attention_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     lo, fl, fh, hi = _key_blocks(m0, L, S, offset, left, right, BLOCK_M, BLOCK_N,
                                  HAS_LEFT, HAS_RIGHT)
-    for nb in range(lo, fl):
-        dq = _bwd_q_tile(dq, q, do, lse2, delta, K_bh, V_bh, M_bh, seed, bh, rows, nb * BLOCK_N,
-                         offs_n, offs_d, offs_dv, skn, skd, svn, svd, smm, smn, L, S, D, DV,
-                         offset, left, right, qk_scale, cap2, drop_p, drop_scale, HAS_MASK,
-                         BOOL_MASK, SOFTCAP, DROPOUT, HAS_LEFT, HAS_RIGHT, True, PAD_D, PAD_DV,
-                         PRECISION)
-    for nb in range(fl, fh):
-        dq = _bwd_q_tile(dq, q, do, lse2, delta, K_bh, V_bh, M_bh, seed, bh, rows, nb * BLOCK_N,
-                         offs_n, offs_d, offs_dv, skn, skd, svn, svd, smm, smn, L, S, D, DV,
-                         offset, left, right, qk_scale, cap2, drop_p, drop_scale, HAS_MASK,
-                         BOOL_MASK, SOFTCAP, DROPOUT, HAS_LEFT, HAS_RIGHT, False, PAD_D, PAD_DV,
-                         PRECISION)
-    for nb in range(fh, hi):
-        dq = _bwd_q_tile(dq, q, do, lse2, delta, K_bh, V_bh, M_bh, seed, bh, rows, nb * BLOCK_N,
-                         offs_n, offs_d, offs_dv, skn, skd, svn, svd, smm, smn, L, S, D, DV,
-                         offset, left, right, qk_scale, cap2, drop_p, drop_scale, HAS_MASK,
-                         BOOL_MASK, SOFTCAP, DROPOUT, HAS_LEFT, HAS_RIGHT, True, PAD_D, PAD_DV,
-                         PRECISION)
+    for phase in tl.static_range(3):  # edge tiles, full tiles, edge tiles
+        start, end = _phase_bounds(phase, lo, fl, fh, hi)
+        for nb in range(start, end):
+            dq = _bwd_q_tile(dq, q, do, lse2, delta, K_bh, V_bh, M_bh, seed, bh, rows, nb * BLOCK_N,
+                             offs_n, offs_d, offs_dv, skn, skd, svn, svd, smm, smn, L, S, D, DV,
+                             offset, left, right, qk_scale, cap2, drop_p, drop_scale, HAS_MASK,
+                             BOOL_MASK, SOFTCAP, DROPOUT, HAS_LEFT, HAS_RIGHT, phase != 1, PAD_D,
+                             PAD_DV, PRECISION)
     tl.store(DQ + b64 * sdqb + h64 * sdqh + rows64[:, None] * sdqm + offs_d[None, :] * sdqd,
              (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=(rows[:, None] < L) & (offs_d[None, :] < D))
