@@ -38,10 +38,29 @@ def _check_float_tensor(name: str, value: object) -> torch.Tensor:
     return value
 
 
-def _check_same_device(name: str, value: torch.Tensor, input: torch.Tensor) -> None:
+def _check_same_device(name: str, value: torch.Tensor, input: torch.Tensor,
+                       input_name: str = "input") -> None:
     if value.device != input.device:
-        raise ValueError(f"{name} is on {value.device} but input is on {input.device}; "
+        raise ValueError(f"{name} is on {value.device} but {input_name} is on {input.device}; "
                          "they must be on the same device")
+
+
+def _check_mask(name: str, mask: object, shape: torch.Size | tuple, target: str,
+                input: torch.Tensor, input_name: str = "input") -> None:
+    """A bool (True = keep) or additive float mask on ``input``'s device that broadcasts to
+    ``shape`` (described as ``target`` in the error)."""
+    _check_tensor(name, mask)
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(f"{name} must be a bool tensor (True = keep) or a floating-point "
+                        f"additive tensor, got {mask.dtype}")
+    _check_same_device(name, mask, input, input_name)
+    try:
+        broadcast = torch.broadcast_shapes(mask.shape, shape)
+    except RuntimeError:
+        broadcast = None
+    if broadcast != torch.Size(shape):
+        raise ValueError(f"{name} of shape {tuple(mask.shape)} does not broadcast to {target} "
+                         f"{tuple(shape)}")
 
 
 def check_index(name: str, value: object, allowed: str = "an int") -> int:
@@ -91,18 +110,7 @@ def _softmax(input, dim, dtype, scale, mask, causal, log):
                          f"least 2 dims and dim must be the last one; got a {input.ndim}-d input "
                          f"and dim={dim}")
     if mask is not None:
-        _check_tensor("mask", mask)
-        if mask.dtype != torch.bool and not mask.is_floating_point():
-            raise TypeError(f"mask must be a bool tensor (True = keep) or a floating-point "
-                            f"additive tensor, got {mask.dtype}")
-        _check_same_device("mask", mask, input)
-        try:
-            shape = torch.broadcast_shapes(mask.shape, input.shape)
-        except RuntimeError:
-            shape = None
-        if shape != input.shape:
-            raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to the input "
-                             f"shape {tuple(input.shape)}")
+        _check_mask("mask", mask, input.shape, "the input shape", input)
     out_dtype = input.dtype if dtype is None else dtype
     # PyTorch casts the input to ``dtype`` first. A widening cast is exact, so the kernels read
     # the input as it is and write ``dtype`` (no extra copy); narrowing casts are done here.
@@ -298,8 +306,8 @@ def _check_qkv(names: tuple[str, str, str], q, k, v) -> None:
     if not q.dtype == k.dtype == v.dtype:
         raise TypeError(f"{qn}, {kn} and {vn} must have the same dtype, got {q.dtype}, "
                         f"{k.dtype} and {v.dtype}")
-    _check_same_device(kn, k, q)
-    _check_same_device(vn, v, q)
+    _check_same_device(kn, k, q, qn)
+    _check_same_device(vn, v, q, qn)
     for name, t in ((qn, q), (vn, v)):
         if not 1 <= t.shape[-1] <= MAX_HEAD_DIM:
             raise ValueError(f"{name} has head dim {t.shape[-1]} (its last dim); head dims from "
@@ -419,18 +427,7 @@ def scaled_dot_product_attention(
     full = (*batch, heads_out, L, S)
     mask = attn_mask
     if mask is not None:
-        _check_tensor("attn_mask", mask)
-        if mask.dtype != torch.bool and not mask.is_floating_point():
-            raise TypeError(f"attn_mask must be bool (True = take part) or floating "
-                            f"(added to the scores), got {mask.dtype}")
-        _check_same_device("attn_mask", mask, q)
-        try:
-            ok = mask.ndim <= len(full) and torch.broadcast_shapes(mask.shape, full) == full
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise ValueError(f"attn_mask of shape {tuple(mask.shape)} does not broadcast to "
-                             f"(batch..., heads, L, S) = {full}")
+        _check_mask("attn_mask", mask, full, "(batch..., heads, L, S) =", q, "query")
         mask = mask.expand(full).reshape(math.prod(batch), heads_out, L, S)  # (B, Hq, L, S)
     backend = _attention_backend(q)
     qn = _to_bhnd(q, batch, heads_out)  # (B, Hq, L, D)
