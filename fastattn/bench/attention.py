@@ -2,8 +2,8 @@
 top-left, grouped-query when ``Hkv < H``. Compute-bound: reported in TFLOPS (flash-attention's
 FLOP model) against the measured matmul ceiling.
 
-The oracle is PyTorch's SDPA math backend run in float64 (``fastattn.reference`` gains its own
-attention specification with the attention op). Providers in the flash-attn layout
+The oracle is ``fastattn.reference.attention``, the project's specification, run in float64
+(grouped-query heads and windows included). Providers in the flash-attn layout
 ``(B, T, H, D)`` get their inputs transposed outside the timed call.
 """
 
@@ -25,6 +25,7 @@ from fastattn.bench.suite import (
     third_party,
 )
 from fastattn.bench.work import Work, attention_flops
+from fastattn.reference import attention, window_keep
 
 # Head layouts of real models: (query heads, key/value heads, head dim).
 MODELS = {
@@ -59,20 +60,10 @@ def _window(case: Case) -> tuple[int, int]:
 def _keep_mask(case: Case, device: torch.device) -> torch.Tensor | None:
     """(L, S) bool, True where a query attends a key; None for no mask. Top-left aligned."""
     left, right = _window(case)
-    causal = case.p["causal"]
     if left == -1 and right == -1:
         return None
-    if causal:
-        right = 0
     L = S = case.p["seqlen"]
-    i = torch.arange(L, device=device)[:, None]
-    j = torch.arange(S, device=device)[None, :]
-    keep = torch.ones(L, S, dtype=torch.bool, device=device)
-    if left != -1:
-        keep &= j >= i - left
-    if right != -1:
-        keep &= j <= i + right
-    return keep
+    return window_keep(L, S, left, 0 if case.p["causal"] else right, False, device)
 
 
 def _sdpa(case: Case, backend: str | None) -> Callable[..., torch.Tensor]:
@@ -223,7 +214,8 @@ class AttentionBench(OpBench):
         return Inputs([q.to(dt), k.to(dt), v.to(dt)], differentiable=(0, 1, 2))
 
     def reference(self, case: Case, *args: torch.Tensor) -> torch.Tensor:
-        return _sdpa(case, "MATH")(*args)
+        left, right = _window(case)
+        return attention(*args, window=(left, 0 if case.p["causal"] else right))
 
     def work(self, case: Case, mode: str) -> Work:
         p = case.p
