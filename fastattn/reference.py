@@ -362,7 +362,7 @@ def dropout_mask(seed: torch.Tensor, shape, dropout_p: float, device) -> torch.T
     return torch.rand(shape, generator=gen, device=device) >= dropout_p
 
 
-def _attention_spec_args(q, k, v, mask, seed, dropout_p, acc):
+def _attention_spec_args(q, k, mask, seed, dropout_p, acc):
     keep = None
     if dropout_p > 0:
         keep = dropout_mask(seed, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]), dropout_p,
@@ -378,7 +378,7 @@ def attention_fwd(q, k, v, mask, seed, dropout_p, scale, left, right, align_bott
     ``lse`` is the log-sum-exp of each row's scores after masking (before dropout); -inf for a
     fully masked row."""
     acc = accumulate_dtype(q.dtype)
-    keep, mask = _attention_spec_args(q, k, v, mask, seed, dropout_p, acc)
+    keep, mask = _attention_spec_args(q, k, mask, seed, dropout_p, acc)
     s = attention_scores(q.to(acc), k.to(acc), mask, scale, (left, right), align_bottom, softcap)
     o = _attend(s, v.to(acc), keep, dropout_p)
     lse = torch.logsumexp(s, -1).float()  # (B, Hq, L)
@@ -400,7 +400,7 @@ def attention_bwd(grad_out, q, k, v, out, lse, mask, seed, dropout_p, scale, lef
     additive mask's gradient), dq = scale (ds c) k, dk = scale (ds c)^T q, with
     c = 1 - tanh^2 under softcap. ``dmask`` is (B, Hq, L, S) float32 when ``mask_grad``."""
     acc = accumulate_dtype(q.dtype)
-    keep, mask = _attention_spec_args(q, k, v, mask, seed, dropout_p, acc)
+    keep, mask = _attention_spec_args(q, k, mask, seed, dropout_p, acc)
     Hq, Hk = q.shape[1], k.shape[1]
     qa, g = q.to(acc), grad_out.to(acc)
     ka, va = _repeat_heads(k.to(acc), Hq), _repeat_heads(v.to(acc), Hq)  # (B, Hq, S, E)

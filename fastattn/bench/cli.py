@@ -27,12 +27,16 @@ from fastattn.bench.suite import DTYPES, OP_NAMES
 from fastattn.bench.work import MODES
 
 
+def _number(name: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+
+
 def _positive(name: str):
     def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        value = _number(name, text)
         if not value > 0 or value == float("inf"):
             raise argparse.ArgumentTypeError(f"{name} must be > 0, got {text!r}")
         return value
@@ -41,10 +45,7 @@ def _positive(name: str):
 
 def _fraction(name: str):
     def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        value = _number(name, text)
         if not 0 <= value < 10:
             raise argparse.ArgumentTypeError(
                 f"{name} must be a fraction >= 0 (0.1 = 10% slower), got {text!r}")
