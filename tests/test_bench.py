@@ -216,13 +216,25 @@ def test_check_converts_provider_layouts_outside_the_call():
 
 
 def test_check_passes_pytorch_itself_for_every_op():
-    for name in ("softmax", "cross_entropy", "attention"):
+    for name in ("softmax", "cross_entropy", "attention", "model"):
         op = get_op(name)
         case = op.sweep(torch.device("cpu"), quick=True, dtypes=["float32"])[0]
         torch_provider = next(p for p in op.providers() if p.name == "torch")
         verdict = runner.check(op, case, torch_provider, torch.device("cpu"), backward=True)
         assert verdict["ok"], verdict
         assert set(verdict["tensors"]) >= {"out", "grad0"}
+
+
+def test_model_work_is_palm_training_flops():
+    # L2 H4/2 C128 V4099 T128, no biases, tied head: embedding 4099*128; per layer qkv
+    # 128*(4+2*2)*32, out 128*128, MLP 2*128*512, two norms 2*128; final norm 128.
+    case = Case.make("model", "float32", layers=2, heads=4, kv_heads=2, embd=128, vocab=4099,
+                     batch=4, seq=128)
+    params = 4099 * 128 + 2 * (128 * 256 + 128 * 128 + 2 * 128 * 512 + 2 * 128) + 128
+    per_token = 6 * params + 12 * 2 * 4 * 32 * 128 / 2  # weights, then causal attention
+    op = get_op("model")
+    assert op.work(case, "fwd_bwd").amount == per_token * 4 * 128
+    assert op.work(case, "fwd").amount == per_token * 4 * 128 / 3
 
 
 def test_cpu_peak_memory_in_a_fresh_process():

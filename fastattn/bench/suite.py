@@ -13,7 +13,7 @@ import torch
 
 from fastattn.bench.work import MODES, Work
 
-OP_NAMES = ("softmax", "cross_entropy", "attention")
+OP_NAMES = ("softmax", "cross_entropy", "attention", "model")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
 

@@ -97,11 +97,16 @@ def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, s
     return loss, input.new_empty(_loss_shape(input, 0), dtype=torch.float32)
 
 
+# torch >= 2.10 splits symbolic tracing out of is_fx_tracing (which now logs a warning).
+_fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing",
+                      torch.fx._symbolic_trace.is_fx_tracing)
+
+
 def _is_one(grad_loss: Tensor) -> bool:
     """True when the upstream gradient is the scalar 1. Eager only: while tracing (dynamo, or
     AOT autograd's fake/functional tensors) the data-dependent check would break the graph, so
     the scale is always applied there."""
-    tracing = torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_tracing()
+    tracing = torch.compiler.is_compiling() or _fx_tracing()
     if tracing or type(grad_loss) is not torch.Tensor or grad_loss.numel() != 1:
         return False
     return bool(grad_loss == 1)
