@@ -19,7 +19,8 @@ import pytest
 import torch
 from check import DEVICE, assert_twice_error, backends
 
-transformers = pytest.importorskip("transformers")
+# The first release with AttentionMaskInterface; older ones make register() raise ImportError.
+transformers = pytest.importorskip("transformers", minversion="4.53")
 
 import fastattn  # noqa: E402
 from fastattn import functional  # noqa: E402
@@ -33,13 +34,13 @@ VOCAB, T = 100, 12
 
 def _llama():
     # GQA: 4 query heads share 2 key/value heads.
-    return transformers.LlamaForCausalLM, transformers.LlamaConfig(
+    return transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
 
 
 def _gpt2():
-    return transformers.GPT2LMHeadModel, transformers.GPT2Config(
+    return transformers.GPT2Config(
         vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
         eos_token_id=0)
 
@@ -47,7 +48,7 @@ def _gpt2():
 def _gemma2():
     # One sliding-window layer (window 4 < T, so it binds) and one global layer, a softcap
     # small enough to bend the scores, GQA.
-    return transformers.Gemma2ForCausalLM, transformers.Gemma2Config(
+    return transformers.Gemma2Config(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
         attn_logit_softcapping=0.5, final_logit_softcapping=None, max_position_embeddings=64)
@@ -57,15 +58,16 @@ MODELS = {"llama": _llama, "gpt2": _gpt2, "gemma2": _gemma2}
 
 
 def _models(name, impls, dtypes):
-    """One model per (implementation, dtype), all with the same weights. Each gets its own copy
-    of the config: set_attn_implementation writes into the config object."""
-    cls, config = MODELS[name]()
-    first = cls(copy.deepcopy(config))
+    """One model per (implementation, dtype), all with the same weights, built the documented
+    way (``from_config(..., attn_implementation=...)``). Each gets its own copy of the config:
+    the implementation is stored in the config object."""
+    config = MODELS[name]()
     models = []
     for impl, dtype in zip(impls, dtypes, strict=True):
-        model = cls(copy.deepcopy(config))
-        model.load_state_dict(first.state_dict())
-        model.set_attn_implementation(impl)
+        model = transformers.AutoModelForCausalLM.from_config(
+            copy.deepcopy(config), attn_implementation=impl)
+        if models:
+            model.load_state_dict(models[0].state_dict())
         models.append(model.to(device=DEVICE, dtype=dtype).eval())
     return models
 
@@ -150,9 +152,16 @@ def calls(monkeypatch):
 
 
 def test_gqa_masks_and_causal_flag(calls):
-    (model,) = _models("llama", ["fastattn"], [torch.float64])
+    (model,) = _models("llama", ["sdpa"], [torch.float64])
     ids, mask = _batch("none")
-    model(ids, attention_mask=mask)
+    expected = model(ids, attention_mask=mask).logits
+    assert not calls
+    if not hasattr(model, "set_attn_implementation"):
+        pytest.skip("this transformers has no set_attn_implementation")
+    model.set_attn_implementation("fastattn")  # switching a built model works too
+    with fastattn.use_backend("torch"):
+        got = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
     # No padding, L == S: no mask, is_causal; K/V keep their 2 heads (never repeated).
     assert [c["attn_mask"] for c in calls] == [None, None]
     assert all(c["is_causal"] and c["enable_gqa"] and c["k"] == (2, 2, T, 16) for c in calls)
@@ -242,4 +251,10 @@ def test_register_names_minimum_version_on_old_transformers(monkeypatch):
     # A transformers without masking_utils (before 4.53) cannot register a mask function.
     monkeypatch.setitem(sys.modules, "transformers.masking_utils", None)
     with pytest.raises(ImportError, match=r"transformers>=4\.53"):
+        fa_hf.register()
+
+
+def test_register_names_minimum_version_by_version_number(monkeypatch):
+    monkeypatch.setattr(fa_hf.importlib.metadata, "version", lambda name: "4.46.0")
+    with pytest.raises(ImportError, match=r"transformers>=4\.53; found transformers 4\.46\.0"):
         fa_hf.register()

@@ -21,7 +21,9 @@ What the attention function does with what the model passes (``(B, H, L, D)`` qu
   uses ``is_causal`` (top-left, as SDPA: right for L == S, for L == 1 where it is not set, and
   for an empty static cache whose later slots lie past every query) instead of a mask, which
   lets the kernels skip whole tiles. With a cache and L < S the mask itself carries the
-  bottom-right causal alignment, so nothing here has to guess offsets.
+  bottom-right causal alignment, so nothing here has to guess offsets. A 4-d mask longer than
+  the keys (older releases build it for a whole static cache) is cut to the keys, as SDPA's
+  integration there does.
 - GQA/MQA (``num_key_value_heads < num_attention_heads``): ``enable_gqa=True``; key and value are
   never repeated.
 - ``sliding_window`` (Mistral, Qwen2, Gemma 2/3): transformers puts the window into the mask
@@ -54,6 +56,7 @@ from __future__ import annotations
 import importlib.metadata
 
 import torch
+from packaging.version import Version
 
 from fastattn import functional
 
@@ -114,6 +117,8 @@ def attention_forward(
     # As transformers' SDPA path: a missing mask means plain causal (or none); one query needs none.
     causal = bool(is_causal) and attention_mask is None and L > 1
     mask = attention_mask
+    if mask is not None and mask.ndim == 4 and mask.shape[-1] > S:
+        mask = mask[..., :S]  # older transformers may build it for the whole static cache
     if position_bias is not None:
         bias = position_bias.to(query.dtype)
         if mask is not None and mask.dtype == torch.bool:
@@ -150,9 +155,11 @@ def register() -> None:
     except importlib.metadata.PackageNotFoundError:
         raise ImportError(f"{need}; transformers is not installed "
                           f"(pip install 'transformers>={MIN_TRANSFORMERS}')") from None
+    if Version(version) < Version(MIN_TRANSFORMERS):
+        raise ImportError(f"{need}; found transformers {version}")
     try:
-        from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface
+        from transformers.modeling_utils import AttentionInterface
     except ImportError as err:
         raise ImportError(f"{need} (AttentionInterface and AttentionMaskInterface); found "
                           f"transformers {version}") from err
