@@ -19,6 +19,7 @@ import pytest
 import torch
 from check import DEVICE, assert_twice_error, backends
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tiny configs only: nothing is downloaded
 # The first release with AttentionMaskInterface; older ones make register() raise ImportError.
 transformers = pytest.importorskip("transformers", minversion="4.53")
 
@@ -26,7 +27,6 @@ import fastattn  # noqa: E402
 from fastattn import functional  # noqa: E402
 from fastattn.integrations import transformers as fa_hf  # noqa: E402
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 fa_hf.register()
 
 VOCAB, T = 100, 12
@@ -120,19 +120,28 @@ def test_logits_and_grads_other_backends(backend):
     _compare(backend, "llama", "left")
 
 
-@pytest.mark.parametrize("backend", backends())
-def test_generate_matches_sdpa(backend):
-    # Greedy decoding with a KV cache: prefill with a left-padding mask, then one query row
-    # against a longer, growing key cache (bottom-right causal alignment comes from the mask).
+# A dynamic cache with left padding (a mask on every step), and a static cache without padding
+# (prefill: no mask, is_causal over a key cache longer than the queries, whose empty slots lie
+# past every query). The interpreter gets the first only.
+@pytest.mark.parametrize("backend,cache,padding", [
+    *((b, "dynamic", "left") for b in backends()), ("torch", "static", "none")])
+def test_generate_matches_sdpa(backend, cache, padding):
+    # Greedy decoding: prefill, then one query row against a longer, growing key cache
+    # (bottom-right causal alignment comes from the mask). Tokens must be equal, and the
+    # logits of every step within the twice-error rule.
     dtype = torch.float64 if backend == "torch" else torch.float32
-    ref, ours = _models("llama", ["sdpa", "fastattn"], [dtype, dtype])
-    ids, mask = _batch("left")
-    kwargs = dict(attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
-    expected = ref.generate(ids, **kwargs)
+    ref, pt, ours = _models("llama", ["sdpa"] * 2 + ["fastattn"], [torch.float64, dtype, dtype])
+    ids, mask = _batch(padding)
+    kwargs = dict(attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                  cache_implementation=cache, return_dict_in_generate=True, output_logits=True)
+    expected, pt_run = ref.generate(ids, **kwargs), pt.generate(ids, **kwargs)
     with fastattn.use_backend(backend):
         got = ours.generate(ids, **kwargs)
-    assert got.shape == (2, T + 3)
-    assert torch.equal(got, expected)
+    assert got.sequences.shape == (2, T + 3)
+    assert torch.equal(got.sequences, expected.sequences)
+    for step, (g, e, p) in enumerate(zip(got.logits, expected.logits, pt_run.logits,
+                                         strict=True)):
+        assert_twice_error(g, e, p, f"logits of step {step}")
 
 
 @pytest.fixture
