@@ -267,3 +267,33 @@ def test_register_names_minimum_version_by_version_number(monkeypatch):
     monkeypatch.setattr(fa_hf.importlib.metadata, "version", lambda name: "4.46.0")
     with pytest.raises(ImportError, match=r"transformers>=4\.53; found transformers 4\.46\.0"):
         fa_hf.register()
+
+
+@pytest.mark.parametrize("kind", ["none", "bool", "additive"])
+def test_position_bias_against_sdpa_function(kind):
+    # T5-style learned bias, straight through the attention functions: fastattn's becomes an
+    # additive mask that receives its gradient. transformers masks with finfo.min where fastattn
+    # uses -inf; they differ only in rows that see no key, and every row here sees one.
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = torch.nn.Module()
+    module.is_causal = False
+    q, k, v = (torch.randn(2, 3, n, 8, dtype=torch.float64, device=DEVICE) for n in (5, 7, 7))
+    bias = torch.randn(1, 3, 5, 7, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    mask = None
+    if kind != "none":
+        mask = torch.rand(2, 1, 5, 7, device=DEVICE) > 0.3
+        mask[..., 0] = True
+        if kind == "additive":
+            mask = torch.zeros(mask.shape, dtype=torch.float64, device=DEVICE).masked_fill(
+                ~mask, torch.finfo(torch.float64).min)
+    with fastattn.use_backend("torch"):
+        out, weights = fa_hf.attention_forward(module, q, k, v, mask, position_bias=bias)
+    (grad,) = torch.autograd.grad(out.sum(), bias)
+    expected, _ = sdpa_attention_forward(module, q, k, v, mask, position_bias=bias)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), bias)
+    assert weights is None and out.shape == (2, 5, 3, 8)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+    # The mask gradient passes through fastattn's float32 dmask buffer (ops/attention.py), even
+    # for float64 inputs: float32-sized tolerance here.
+    torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=1e-5)
