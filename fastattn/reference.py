@@ -398,7 +398,8 @@ def attention_bwd(grad_out, q, k, v, out, lse, mask, seed, dropout_p, scale, lef
     With p the probabilities, P = p * keep / (1 - dropout_p) and g = grad_out:
     dv = P^T g, dP = (g v^T) * keep / (1 - dropout_p), ds = p (dP - rowsum(p dP)) (the
     additive mask's gradient), dq = scale (ds c) k, dk = scale (ds c)^T q, with
-    c = 1 - tanh^2 under softcap. ``dmask`` is (B, Hq, L, S) float32 when ``mask_grad``."""
+    c = 1 - tanh^2 under softcap. ``dmask`` is (B, Hq, L, S) in the accumulation dtype
+    when ``mask_grad``."""
     acc = accumulate_dtype(q.dtype)
     keep, mask = _attention_spec_args(q, k, mask, seed, dropout_p, acc)
     Hq, Hk = q.shape[1], k.shape[1]
@@ -413,7 +414,7 @@ def attention_bwd(grad_out, q, k, v, out, lse, mask, seed, dropout_p, scale, lef
     else:
         dv = p.transpose(-2, -1) @ g
     ds = p * (dp - (p * dp).sum(-1, keepdim=True))
-    dmask = ds.float() if mask_grad else q.new_empty(0, dtype=torch.float32)
+    dmask = ds if mask_grad else q.new_empty(0, dtype=acc)  # float64 stays float64
     if softcap:
         ds = ds * (1.0 - torch.tanh(qa @ ka.transpose(-2, -1) * (scale / softcap)) ** 2)
     dq = ds @ ka * scale

@@ -138,6 +138,17 @@ def test_masks(backend, shape, kind):
             window=(-1, 0 if causal else -1))
 
 
+# float64 end to end, the mask gradient included (it once went through a float32 buffer).
+@pytest.mark.parametrize("backend", [b for b in backends() if b != "triton"])
+def test_float64_additive_mask_gradient(backend):
+    q, k, v = _qkv(2, 3, 3, 19, 23, 16, 16, torch.float64)
+    mask = torch.randn(1, 3, 19, 23, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    with fastattn.use_backend(backend):
+        _, grads = _check(lambda q, k, v: fastattn.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask), q, k, v, mask=mask)
+    assert grads[3].dtype == torch.float64
+
+
 @pytest.mark.parametrize("backend", backends())
 def test_additive_mask_huge_negative_is_not_masking(backend):
     # Hugging Face pads with finfo.min, not -inf: a row padded everywhere is then a uniform

@@ -294,6 +294,4 @@ def test_position_bias_against_sdpa_function(kind):
     (expected_grad,) = torch.autograd.grad(expected.sum(), bias)
     assert weights is None and out.shape == (2, 5, 3, 8)
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
-    # The mask gradient passes through fastattn's float32 dmask buffer (ops/attention.py), even
-    # for float64 inputs: float32-sized tolerance here.
-    torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-12, rtol=1e-12)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from fastattn.backends import launcher
-from fastattn.reference import attention_output
+from fastattn.reference import accumulate_dtype, attention_output
 
 
 def dropout_seed(device: torch.device) -> Tensor:
@@ -80,7 +80,7 @@ def _(grad_out, q, k, v, out, lse, mask, seed, dropout_p, scale, window_left, wi
       align_bottom, softcap, deterministic, mask_grad, backend):
     B, H, L, _ = q.shape
     shape = (B, H, L, k.shape[2]) if mask_grad else (0,)
-    dmask = q.new_empty(shape, dtype=torch.float32)
+    dmask = q.new_empty(shape, dtype=accumulate_dtype(q.dtype))
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
 
 
