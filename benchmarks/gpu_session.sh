@@ -6,13 +6,19 @@
 # grace per step that overruns (about 9 minutes).
 #
 #   bash benchmarks/gpu_session.sh OUT_DIR
+#   STEPS=train bash benchmarks/gpu_session.sh OUT_DIR    # a second call: the training runs
+#
+# STEPS (default "tests bench pytest-bench"; the environment step always runs) picks steps:
+# "train" trains the reference GPT (GPT-2-small shape) at 1k and 4k context with fastattn's
+# default backend and with plain PyTorch, TRAIN_STEPS steps each, into train.json (tokens/s,
+# peak memory and the loss curve of every run), within TRAIN_S seconds.
 #
 # Needs no network: run from the repository root of a copied working tree; fastattn is used
 # from here through PYTHONPATH (or install it with pip install --no-deps --no-build-isolation -e .).
-# OUT_DIR gets 8 files (the device tool brings back at most 8): session.log, junit.xml,
-# bench.json, bench.csv, plots/<op>.png x 3, pytest-benchmark.json.
-# Limits (seconds) can be changed: TESTS_S, BENCH_S, PYTEST_BENCH_S; BENCH_SIZE=--quick makes
-# a dry run on a CPU machine.
+# OUT_DIR gets at most 7 files (the device tool brings back at most 8): session.log, junit.xml,
+# bench.json, bench.csv, plots.tar.gz (one PNG per op), pytest-benchmark.json, train.json.
+# Limits (seconds) can be changed: TESTS_S, BENCH_S, PYTEST_BENCH_S, TRAIN_S; BENCH_SIZE=--quick
+# makes a dry run on a CPU machine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: benchmarks/gpu_session.sh OUT_DIR}
@@ -23,6 +29,9 @@ export COLUMNS=${COLUMNS:-200}
 TESTS_S=${TESTS_S:-180}
 BENCH_S=${BENCH_S:-220}
 PYTEST_BENCH_S=${PYTEST_BENCH_S:-70}
+TRAIN_S=${TRAIN_S:-420}
+TRAIN_STEPS=${TRAIN_STEPS:-100}
+STEPS=${STEPS:-tests bench pytest-bench}
 BENCH_SIZE=${BENCH_SIZE:---full}  # --quick for a dry run of this script on a CPU machine
 
 # pytest with SIGTERM turned into KeyboardInterrupt, so a step cut by its time limit still
@@ -31,6 +40,35 @@ BENCH_SIZE=${BENCH_SIZE:---full}  # --quick for a dry run of this script on a CP
 PYTEST=(python -c 'import signal, sys, pytest
 signal.signal(signal.SIGTERM, signal.default_int_handler)
 sys.exit(pytest.main(sys.argv[1:]))')
+
+wants() { [[ " $STEPS " == *" $1 "* ]]; }
+
+train_runs() {  # GPT-2-small shape, 16k tokens per step, fastattn and plain PyTorch per context
+    local dir=$OUT/train-runs ctx batch impl
+    mkdir -p "$dir"
+    for ctx in 1024 4096; do
+        batch=$(( 16384 / ctx ))
+        for impl in fastattn pytorch; do
+            echo "--- train: context $ctx, batch $batch, impl $impl"
+            python -m fastattn.models.train --impl "$impl" --block-size "$ctx" \
+                --batch-size "$batch" --n-layer 12 --n-head 12 --n-embd 768 --lr 6e-4 \
+                --min-lr 6e-5 --warmup 10 --steps "$TRAIN_STEPS" --eval-every 50 \
+                --eval-batches 4 --sample 0 --quiet --log-json "$dir/$impl-$ctx.json" || return
+        done
+    done
+}
+
+merge_train() {  # the runs' logs as one file: {"<impl>-<ctx>": log, ...}
+    python - "$OUT/train-runs" "$OUT/train.json" <<'PY'
+import json, pathlib, sys
+runs = {p.stem: json.loads(p.read_text()) for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json"))}
+pathlib.Path(sys.argv[2]).write_text(json.dumps(runs))
+for name, log in runs.items():
+    last = log["records"][-1]
+    print(name, {k: last.get(k) for k in ("step", "loss", "val_ppl", "tokens_per_s", "peak_mem_gb")})
+PY
+    rm -r "$OUT/train-runs"
+}
 
 step() {  # step NAME LIMIT_S COMMAND...; prints "=== NAME: exit RC" for the summary below
     local name=$1 limit=$2 start rc
@@ -57,19 +95,31 @@ import fastattn; print("fastattn backends (cuda):", fastattn.backend_status("cud
 PY
     git log -1 --format="commit %H %s" 2>/dev/null || true'
 
-step tests "$TESTS_S" "${PYTEST[@]}" -q -p no:cacheprovider --junitxml="$OUT/junit.xml"
+wants tests && step tests "$TESTS_S" "${PYTEST[@]}" -q -p no:cacheprovider \
+    --junitxml="$OUT/junit.xml"
 
 # The sweep stops starting new cases 40 s before its limit, leaving time to write the files;
 # a SIGTERM from the limit also writes what was measured.
-step fastattn-bench "$BENCH_S" python -m fastattn.bench "$BENCH_SIZE" --no-progress \
-    --budget-s $(( BENCH_S - 40 )) \
-    --json "$OUT/bench.json" --csv "$OUT/bench.csv" --plot "$OUT/plots"
+if wants bench; then
+    step fastattn-bench "$BENCH_S" python -m fastattn.bench "$BENCH_SIZE" --no-progress \
+        --budget-s $(( BENCH_S - 40 )) \
+        --json "$OUT/bench.json" --csv "$OUT/bench.csv" --plot "$OUT/plots"
+    # one file for the plots: the device tool brings back at most 8 files
+    [ -d "$OUT/plots" ] && tar -czf "$OUT/plots.tar.gz" -C "$OUT" plots && rm -r "$OUT/plots"
+fi
 
 # One representative case per op (Llama-3-8B heads at 4k tokens; 16k-column softmax rows;
 # Llama-3 vocabulary), fastattn's Triton kernels against PyTorch and SDPA's flash backend.
-step pytest-benchmark "$PYTEST_BENCH_S" "${PYTEST[@]}" benchmarks -q -p no:cacheprovider \
-    --benchmark-json="$OUT/pytest-benchmark.json" \
+wants pytest-bench && step pytest-benchmark "$PYTEST_BENCH_S" "${PYTEST[@]}" benchmarks -q \
+    -p no:cacheprovider --benchmark-json="$OUT/pytest-benchmark.json" \
     -k "(4096x16384 or 8192x128256 or llama3-8b_B4_L4096) and (fastattn-triton or -torch] or sdpa-flash)"
+
+if wants train; then
+    export -f train_runs
+    export OUT TRAIN_STEPS
+    step train "$TRAIN_S" bash -c train_runs
+    merge_train
+fi
 } 2>&1 | tee "$OUT/session.log"
 
 # the steps ran in the pipeline's subshell: read their exit codes back from the log

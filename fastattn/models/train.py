@@ -237,6 +237,8 @@ def _train(a: argparse.Namespace, env: _Dist) -> dict:
               f"{env.world} process(es), impl {a.impl}, backend "
               f"{a.backend or 'default'}, {dtype}", file=sys.stderr)
     tokens_per_step = a.batch_size * a.block_size
+    if env.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(env.device)
     with _progress(a.quiet or not env.main) as bar:
         task = bar.add_task("train", total=a.steps, completed=start, status="")
         for step in range(start, a.steps):
@@ -256,6 +258,8 @@ def _train(a: argparse.Namespace, env: _Dist) -> dict:
             seconds = time.perf_counter() - t0
             record = {"step": step + 1, "loss": loss_value, "lr": _lr(a, step),
                       "grad_norm": norm, "tokens_per_s": tokens_per_step / seconds}
+            if env.device.type == "cuda":  # the allocator's peak since the run started
+                record["peak_mem_gb"] = torch.cuda.max_memory_allocated(env.device) / 1e9
             last = step + 1 == a.steps
             if (a.eval_every and (step + 1) % a.eval_every == 0) or last:
                 val = evaluate(model, tokens, a, env, autocast)
