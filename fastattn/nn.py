@@ -1,6 +1,6 @@
 """Drop-in layers: the constructor arguments and ``state_dict`` keys of their ``torch.nn``
 twins, one call into ``fastattn.functional`` in ``forward``. fastattn's extras are
-keyword-only constructor arguments."""
+keyword-only constructor arguments. :func:`swap` puts them into an existing model."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from torch.nn.parameter import Parameter
 
 from fastattn import functional as F
 
-__all__ = ["Softmax", "LogSoftmax", "CrossEntropyLoss", "MultiheadAttention"]
+__all__ = ["Softmax", "LogSoftmax", "CrossEntropyLoss", "MultiheadAttention", "swap"]
 
 
 def _legacy_softmax_dim(name: str, ndim: int) -> int:
@@ -439,3 +439,78 @@ class MultiheadAttention(torch.nn.Module):
         merged = additive[0] if len(additive) == 1 else additive[0] + additive[1]
         return _append_keys(merged, extra, 0.0)
 
+
+# --- swap --------------------------------------------------------------------------------------
+
+
+def _mha_from_torch(old: torch.nn.MultiheadAttention) -> MultiheadAttention:
+    new = MultiheadAttention(
+        old.embed_dim, old.num_heads, old.dropout, bias=old.in_proj_bias is not None,
+        add_bias_kv=old.bias_k is not None, add_zero_attn=old.add_zero_attn, kdim=old.kdim,
+        vdim=old.vdim, batch_first=old.batch_first, device="meta",
+    )
+    for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight",
+                 "in_proj_bias", "bias_k", "bias_v"):
+        setattr(new, name, getattr(old, name))  # the same Parameter objects
+    new.out_proj = old.out_proj
+    return new
+
+
+def _softmax_from_torch(cls):
+    return lambda old: cls(old.dim)
+
+
+def _cross_entropy_from_torch(old: torch.nn.CrossEntropyLoss) -> CrossEntropyLoss:
+    return CrossEntropyLoss(old.weight, ignore_index=old.ignore_index, reduction=old.reduction,
+                            label_smoothing=old.label_smoothing)
+
+
+# Exact types only: a subclass of a torch layer may behave differently, so it is left alone.
+_SWAPS = {
+    torch.nn.MultiheadAttention: _mha_from_torch,
+    torch.nn.Softmax: _softmax_from_torch(Softmax),
+    torch.nn.LogSoftmax: _softmax_from_torch(LogSoftmax),
+    torch.nn.CrossEntropyLoss: _cross_entropy_from_torch,
+}
+
+
+def swap(model: torch.nn.Module) -> int:
+    """Replace, in place, every submodule of ``model`` whose type is exactly
+    ``torch.nn.MultiheadAttention``, ``torch.nn.Softmax``, ``torch.nn.LogSoftmax`` or
+    ``torch.nn.CrossEntropyLoss`` by its ``fastattn.nn`` twin, and return how many modules were
+    replaced (a module reachable from several places counts once and is replaced by one twin).
+
+    The twins take over the very same parameter and buffer objects (so device, dtype,
+    ``requires_grad`` and optimizer references are kept) and the training mode. Subclasses of
+    those torch layers are not replaced (their behaviour may differ), nor are modules that are
+    already fastattn's; hooks registered on a replaced module are not carried over. ``model``
+    itself cannot be replaced in place, so passing one of those layers raises ``ValueError``.
+
+    ``nn.TransformerEncoder``/``Decoder``/``Transformer`` models work in train and eval mode:
+    every ``nn.TransformerEncoder`` whose layers now hold fastattn attention gets
+    ``use_nested_tensor = False`` (its nested-tensor inference path would bypass the layers'
+    attention; ``enable_nested_tensor`` keeps its constructed value), and fastattn's
+    ``MultiheadAttention`` keeps ``nn.TransformerEncoderLayer`` off its fused inference fast
+    path (see its ``_keep_own_forward`` hook), so fastattn's attention runs in every mode.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if type(model) in _SWAPS:
+        raise ValueError(f"model is itself a {type(model).__name__}; swap replaces submodules "
+                         "in place, so build the fastattn.nn twin directly instead")
+    replaced: dict[int, torch.nn.Module] = {}
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            make = _SWAPS.get(type(child))
+            if make is None:
+                continue
+            if id(child) not in replaced:
+                replaced[id(child)] = make(child).train(child.training)
+            setattr(parent, name, replaced[id(child)])
+    for module in model.modules():
+        if isinstance(module, torch.nn.TransformerEncoder) and any(
+            isinstance(getattr(layer, "self_attn", None), MultiheadAttention)
+            for layer in module.layers
+        ):
+            module.use_nested_tensor = False
+    return len(replaced)

@@ -643,3 +643,197 @@ def test_multihead_attention_does_not_modify_inputs(need_weights):
         assert torch.equal(new.detach(), old)
     assert [t._version for t in tensors] == versions
 
+
+# --- swap --------------------------------------------------------------------------------------
+
+
+def _params_and_grads(model):
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def _assert_models_match(fa_model, pt_model, fa_out, pt_out, dtype=F64):
+    if dtype == F64:
+        torch.testing.assert_close(fa_out, pt_out)
+    fa_grads = _params_and_grads(fa_model)
+    pt_grads = _params_and_grads(pt_model)
+    assert list(fa_grads) == list(pt_grads)
+    for name, grad in fa_grads.items():
+        assert grad is not None, name
+        torch.testing.assert_close(grad, pt_grads[name], msg=name)
+
+
+def _encoder(dtype):
+    layer = torch.nn.TransformerEncoderLayer(E, 4, 16, dropout=0.0, batch_first=True,
+                                             device=DEVICE, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nested-tensor notes
+        return torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
+
+
+# A 2-layer encoder in training with a causal float mask (detected as causal, so the layers
+# pass is_causal=True): same output and gradients (input and every parameter) as unswapped.
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_swap_transformer_encoder_train(backend):
+    dtype = F64 if backend == "torch" else F32
+    pt = _encoder(F64)
+    fa = copy.deepcopy(pt)
+    assert fastattn.swap(fa) == 2
+    assert fastattn.swap(fa) == 0  # already fastattn's
+    assert all(type(layer.self_attn) is fastattn.nn.MultiheadAttention for layer in fa.layers)
+    assert fa.use_nested_tensor is False and fa.enable_nested_tensor is True
+    fa.to(dtype)
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(L, device=DEVICE, dtype=F64)
+    src = torch.randn(B, L, E, device=DEVICE, dtype=F64)
+    pt_src, fa_src = src.clone().requires_grad_(), src.to(dtype).requires_grad_()
+    upstream = torch.randn(B, L, E, device=DEVICE, dtype=F64)
+    pt_out = pt(pt_src, mask)
+    pt_out.backward(upstream)
+    with fastattn.use_backend(backend):
+        fa_out = fa(fa_src, mask.to(dtype))
+        fa_out.backward(upstream.to(dtype))
+    if dtype == F64:
+        _assert_models_match(fa, pt, fa_out, pt_out)
+        torch.testing.assert_close(fa_src.grad, pt_src.grad)
+        return
+    pt32 = copy.deepcopy(pt).to(dtype)
+    pt32_src = src.to(dtype).requires_grad_()
+    pt32_out = pt32(pt32_src, mask.to(dtype))
+    pt32_out.backward(upstream.to(dtype))
+    assert_twice_error(fa_out, pt_out, pt32_out, "out")
+    assert_twice_error(fa_src.grad, pt_src.grad, pt32_src.grad, "grad src")
+    pt32_grads = _params_and_grads(pt32)
+    for name, grad in _params_and_grads(pt).items():
+        assert_twice_error(_params_and_grads(fa)[name], grad, pt32_grads[name], name)
+
+
+# Eval without grad, where the unswapped encoder takes torch's nested-tensor and fused-layer
+# inference paths: the swapped one runs fastattn's attention in every layer instead, and equals
+# the module-by-module computation (torch's fast path disabled) everywhere (so not the nested
+# path, which writes 0 at padding), and the fast path on the positions that are not padding.
+def test_swap_transformer_encoder_eval_runs_fastattn(monkeypatch):
+    pt = _encoder(F64).eval()
+    fa = copy.deepcopy(pt)
+    assert fastattn.swap(fa) == 2 and not fa.training
+    src = torch.randn(B, L, E, device=DEVICE, dtype=F64)
+    kpm = torch.zeros(B, L, dtype=torch.bool, device=DEVICE)
+    kpm[1, 4:] = True  # left-aligned padding, as the nested path wants
+    with torch.no_grad():
+        fast = pt(src, src_key_padding_mask=kpm)
+        with _fastpath(False):
+            slow = pt(src, src_key_padding_mask=kpm)
+        assert not torch.equal(fast, slow)  # the fast path ran (padding rows differ)
+
+        calls = []
+        sdpa = fastattn.functional.scaled_dot_product_attention
+
+        def counting_sdpa(*args, **kwargs):
+            calls.append(1)
+            return sdpa(*args, **kwargs)
+
+        # Every layer's attention goes through fastattn (torch's fused layer would skip it).
+        monkeypatch.setattr(fastattn.functional, "scaled_dot_product_attention", counting_sdpa)
+        out = fa(src, src_key_padding_mask=kpm)
+        out_no_mask = fa(src)
+    assert len(calls) == 4
+    torch.testing.assert_close(out, slow)
+    torch.testing.assert_close(out[~kpm], fast[~kpm])
+    with torch.no_grad():
+        torch.testing.assert_close(out_no_mask, pt(src))
+
+
+def _fastpath(enabled):
+    class Toggle:
+        def __enter__(self):
+            self.before = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(enabled)
+
+        def __exit__(self, *exc):
+            torch.backends.mha.set_fastpath_enabled(self.before)
+
+    return Toggle()
+
+
+# nn.Transformer (sequence first) with causal target mask and padding on both sides: one
+# encoder self-attention and the decoder's self- and cross-attention are replaced.
+def test_swap_transformer():
+    pt = torch.nn.Transformer(E, 4, 1, 1, 16, dropout=0.0, device=DEVICE, dtype=F64)
+    fa = copy.deepcopy(pt)
+    assert fastattn.swap(fa) == 3
+    src = torch.randn(S, B, E, device=DEVICE, dtype=F64)
+    tgt = torch.randn(L, B, E, device=DEVICE, dtype=F64)
+    tgt_mask = torch.nn.Transformer.generate_square_subsequent_mask(L, device=DEVICE, dtype=F64)
+    src_kpm = _blocked((B, S)).to(F64).masked_fill(_blocked((B, S)), float("-inf"))
+    outs = []
+    for model in (pt, fa):
+        out = model(src, tgt, tgt_mask=tgt_mask, src_key_padding_mask=src_kpm,
+                    memory_key_padding_mask=src_kpm)
+        out.backward(torch.ones_like(out))
+        outs.append(out)
+    _assert_models_match(fa, pt, outs[1], outs[0])
+
+
+class _MySoftmax(torch.nn.Softmax):
+    """A user subclass: swap leaves it alone."""
+
+
+class _Head(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(12, 10)
+        self.log_probs = torch.nn.Sequential(torch.nn.LogSoftmax(dim=-1))
+        self.probs = torch.nn.Softmax(dim=-1)
+        self.same_probs = self.probs  # one module reachable twice
+        self.custom = _MySoftmax(dim=-1)
+        self.loss = torch.nn.CrossEntropyLoss(torch.rand(10) + 0.5, ignore_index=3,
+                                              label_smoothing=0.1)
+
+    def forward(self, x, target):
+        logits = self.proj(x)
+        return (self.loss(logits, target) + self.log_probs(logits).mean()
+                + (self.same_probs(logits) * self.custom(logits)).sum())
+
+
+def test_swap_softmax_log_softmax_cross_entropy():
+    pt = _Head().double()
+    pt.probs.eval()
+    pt.proj.bias.requires_grad_(False)
+    fa = copy.deepcopy(pt)
+    assert fastattn.swap(fa) == 3
+    assert type(fa.log_probs[0]) is fastattn.nn.LogSoftmax and fa.log_probs[0].dim == -1
+    assert type(fa.probs) is fastattn.nn.Softmax and fa.same_probs is fa.probs
+    assert not fa.probs.training and fa.log_probs[0].training
+    assert type(fa.custom) is _MySoftmax
+    loss = fa.loss
+    assert type(loss) is fastattn.nn.CrossEntropyLoss
+    assert (loss.ignore_index, loss.reduction, loss.label_smoothing) == (3, "mean", 0.1)
+    assert loss.weight.dtype == F64 and list(fa.state_dict()) == list(pt.state_dict())
+    x = torch.randn(6, 12, dtype=F64)
+    target = torch.randint(0, 10, (6,))
+    target[0] = 3
+    pt_out, fa_out = pt(x, target), fa(x, target)
+    pt_out.backward()
+    fa_out.backward()
+    torch.testing.assert_close(fa_out, pt_out)
+    assert fa.proj.bias.grad is None
+    torch.testing.assert_close(fa.proj.weight.grad, pt.proj.weight.grad)
+
+
+# The twins take over the very parameter objects (device, dtype, requires_grad, optimizer
+# state all kept) and the training mode; the root itself cannot be swapped in place.
+def test_swap_keeps_parameters_and_modes():
+    model = torch.nn.Sequential(
+        torch.nn.MultiheadAttention(E, H, kdim=5, add_bias_kv=True, dtype=F64),
+        torch.nn.MultiheadAttention(E, H, bias=False),
+    )
+    model[1].eval()
+    model[1].in_proj_weight.requires_grad_(False)
+    params = dict(model.named_parameters())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert fastattn.swap(model) == 2
+    assert dict(model.named_parameters()) == params  # same objects, same names
+    assert model[0].training and not model[1].training
+    assert model[0].in_proj_weight is None and model[0].k_proj_weight.dtype == F64
+    assert not model[1].in_proj_weight.requires_grad and model[1].in_proj_bias is None
+    assert optimizer.param_groups[0]["params"][0] is model[0].q_proj_weight
+    with pytest.raises(ValueError, match="itself a Softmax"):
+        fastattn.swap(torch.nn.Softmax(-1))
