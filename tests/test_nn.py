@@ -644,6 +644,22 @@ def test_multihead_attention_does_not_modify_inputs(need_weights):
     assert [t._version for t in tensors] == versions
 
 
+
+# torch.compile captures the layer whole (the pre-hook, the checks and the fastattn op) and
+# computes what eager does, forward and backward.
+def test_multihead_attention_compiles_fullgraph():
+    fa = fastattn.nn.MultiheadAttention(E, H, batch_first=True, device=DEVICE)
+    x = torch.randn(B, L, E, device=DEVICE)
+    kpm = _blocked((B, L))
+    eager_x, compiled_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    eager, _ = fa(eager_x, eager_x, eager_x, kpm, False)
+    compiled, _ = torch.compile(fa, fullgraph=True)(compiled_x, compiled_x, compiled_x, kpm, False)
+    upstream = torch.randn_like(eager)
+    eager.backward(upstream)
+    compiled.backward(upstream)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(compiled_x.grad, eager_x.grad)
+
 # --- swap --------------------------------------------------------------------------------------
 
 
