@@ -18,6 +18,7 @@ from fastattn.functional import (
     scaled_dot_product_attention,
     softmax,
 )
+from fastattn.nn import swap
 
 __version__ = "0.1.0"
 
@@ -31,5 +32,6 @@ __all__ = [
     "nn",
     "scaled_dot_product_attention",
     "softmax",
+    "swap",
     "use_backend",
 ]
