@@ -149,6 +149,41 @@ A vec_sum(const Vectorized<A>& v) {
   return at::vec::vec_reduce_all<A>([](Vectorized<A>& a, Vectorized<A>& b) { return a + b; }, v);
 }
 
+// exp(x) for float lanes, within about 2 ulp, several times faster than Sleef's exp (the cost
+// that dominates softmax and cross-entropy on CPU): x = n ln2 + r with |r| <= ln2/2 (ln2 split
+// in two for an exact reduction), e^r by its degree-7 Taylor polynomial (truncation < 0.1 ulp),
+// times 2^n built in the exponent bits, in two halves so that n = -126 and n = 128 stay
+// representable. -inf and x < ln(FLT_MIN) give 0, +inf and x > ln(FLT_MAX) give inf, NaN stays
+// NaN. Doubles use at::vec's exp (Sleef, 1 ulp).
+inline Vectorized<float> fast_exp(const Vectorized<float>& x) {
+  using V = Vectorized<float>;
+  using VI = Vectorized<int32_t>;
+  const V lo(-87.33654f), hi(88.72283f);
+  const V xc = at::vec::minimum(at::vec::maximum(x, lo), hi);
+  const V n = (xc * V(1.44269504f)).round();
+  V r = at::vec::fmadd(n, V(-0.693359375f), xc);
+  r = at::vec::fmadd(n, V(2.12194440e-4f), r);
+  V p(1.f / 5040.f);
+  p = at::vec::fmadd(p, r, V(1.f / 720.f));
+  p = at::vec::fmadd(p, r, V(1.f / 120.f));
+  p = at::vec::fmadd(p, r, V(1.f / 24.f));
+  p = at::vec::fmadd(p, r, V(1.f / 6.f));
+  p = at::vec::fmadd(p, r, V(0.5f));
+  p = at::vec::fmadd(p, r, V(1.f));
+  p = at::vec::fmadd(p, r, V(1.f));
+  const VI ni = at::vec::convert_to_int_of_same_size(n);
+  const VI n1 = ni >> VI(1);
+  const VI n2 = ni - n1;
+  const V s1 = at::vec::cast<float>((n1 + VI(127)) << VI(23));
+  const V s2 = at::vec::cast<float>((n2 + VI(127)) << VI(23));
+  V e = p * s1 * s2;
+  e = V::blendv(e, V(0.f), x < lo);
+  e = V::blendv(e, V(std::numeric_limits<float>::infinity()), x > hi);
+  return V::blendv(e, x, x.isnan());
+}
+
+inline Vectorized<double> fast_exp(const Vectorized<double>& x) { return x.exp(); }
+
 // buf[0:n] *= s
 template <typename A>
 void row_scale(A* buf, int64_t n, A s) {

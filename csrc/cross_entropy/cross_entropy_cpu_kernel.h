@@ -110,7 +110,7 @@ void fwd_rows(const CrossEntropyParams& p, int64_t begin, int64_t end) {
     for (; i < C; i += V::size()) {
       const int64_t n = std::min<int64_t>(V::size(), C - i);
       const V uv = V::loadu(u + i, n);
-      V ev = (uv - vms).exp();
+      V ev = fast_exp(uv - vms);
       if (n < V::size()) ev = V::set(V(0), ev, n);
       vs += ev;
       if (need_v) {

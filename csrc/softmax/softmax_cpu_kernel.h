@@ -121,8 +121,8 @@ void fwd_rows(const SoftmaxParams& p, int64_t begin, int64_t end) {
     V vs(0);
     int64_t i = 0;
     if (p.log) {
-      for (; i + V::size() <= C; i += V::size()) vs += (V::loadu(z + i) - vm).exp();
-      if (i < C) vs += V::set(V(0), (V::loadu(z + i, C - i) - vm).exp(), C - i);
+      for (; i + V::size() <= C; i += V::size()) vs += fast_exp(V::loadu(z + i) - vm);
+      if (i < C) vs += V::set(V(0), fast_exp(V::loadu(z + i, C - i) - vm), C - i);
       const V shift(std::log(vec_sum(vs)));
       for (i = 0; i + V::size() <= C; i += V::size()) {
         ((V::loadu(z + i) - vm) - shift).store(z + i);
@@ -130,12 +130,12 @@ void fwd_rows(const SoftmaxParams& p, int64_t begin, int64_t end) {
       if (i < C) ((V::loadu(z + i, C - i) - vm) - shift).store(z + i, C - i);
     } else {
       for (; i + V::size() <= C; i += V::size()) {
-        const V e = (V::loadu(z + i) - vm).exp();
+        const V e = fast_exp(V::loadu(z + i) - vm);
         e.store(z + i);
         vs += e;
       }
       if (i < C) {
-        const V e = V::set(V(0), (V::loadu(z + i, C - i) - vm).exp(), C - i);
+        const V e = V::set(V(0), fast_exp(V::loadu(z + i, C - i) - vm), C - i);
         e.store(z + i, C - i);
         vs += e;
       }
@@ -171,7 +171,7 @@ void bwd_rows(const SoftmaxParams& p, int64_t begin, int64_t end) {
     }
     const V total(vec_sum(vt));
     auto grad = [&](const V& gv, const V& yv) {
-      return (p.log ? gv - yv.exp() * total : yv * (gv - total)) * vscale;
+      return (p.log ? gv - fast_exp(yv) * total : yv * (gv - total)) * vscale;
     };
     for (i = 0; i + V::size() <= C; i += V::size()) {
       grad(V::loadu(g + i), V::loadu(y + i)).store(g + i);
