@@ -95,12 +95,12 @@ def _public_calls():
     ]
 
 
-# Real inductor compilation with the torch backend (the CPU path), and the op path with the
-# triton backend under aot_eager (Triton kernels are opaque to the compiler either way).
-@pytest.mark.parametrize("compiler", ["inductor", "aot_eager"])
+# Real inductor compilation with the torch backend (the CPU path), and the op path with each
+# kernel backend (triton, native) under aot_eager (their kernels are opaque to the compiler).
+@pytest.mark.parametrize("compiler,backend", [("inductor", "torch")] + [
+    ("aot_eager", b) for b in backends("softmax") if b != "torch"])
 @pytest.mark.parametrize("name,fn", _public_calls())
-def test_compile_fullgraph(name, fn, compiler):
-    backend = "torch" if compiler == "inductor" else backends()[-1]
+def test_compile_fullgraph(name, fn, compiler, backend):
     x = torch.randn(6, 11, device=DEVICE, requires_grad=True)
     t = torch.randint(0, 11, (6,), device=DEVICE)
     torch._dynamo.reset()
