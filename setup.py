@@ -51,7 +51,7 @@ def nvcc_flags() -> list[str]:
     archs = os.environ.get("FASTATTN_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs.replace(",", ";").split(";")
                if a.strip()]
-    return ["-O3", "--use_fast_math", *gencode]
+    return ["-O3", "--use_fast_math", "--expt-relaxed-constexpr", *gencode]
 
 
 def _say(message: str) -> None:
