@@ -11,6 +11,11 @@ Default order when nothing is requested:
 - CUDA tensors: ``triton`` if Triton imports, else ``torch``.
 - CPU tensors: ``torch`` (PyTorch's own CPU kernels). ``triton`` on CPU is the Triton
   interpreter, which exists for tests and is never picked by default.
+
+Availability can depend on the op as well as the device: ``native`` (the compiled extension,
+loaded by ``fastattn._ext``) serves the ops and devices it has kernels for, so
+:func:`available_backends` and :func:`backend_status` take an optional ``op``
+(``"softmax"``, ``"cross_entropy"``, ``"attention"``).
 """
 
 from __future__ import annotations
@@ -51,28 +56,41 @@ def _triton_reason(device_type: str | None) -> str | None:
     return None
 
 
-def _reason_unavailable(name: str, device_type: str | None) -> str | None:
-    """Why ``name`` cannot serve tensors on ``device_type`` (any device if None); None if it can."""
+OPS = ("softmax", "cross_entropy", "attention")
+
+
+def _reason_unavailable(name: str, device_type: str | None, op: str | None = None) -> str | None:
+    """Why ``name`` cannot serve ``op`` (every op it has if None) on tensors on ``device_type``
+    (any device if None); None if it can."""
+    if op is not None and op not in OPS:
+        raise ValueError(f"unknown op {op!r}; known ops: {', '.join(OPS)}")
     if name == "torch":
         return None
     if name == "triton":
         return _triton_reason(device_type)
     if name == "native":
-        return "the C++/CUDA extension is not part of this release yet"
+        from fastattn import _ext
+
+        return _ext.reason(op, device_type)
     if name == "numba":
         return "the numba backend is not part of this release yet"
     raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(BACKENDS)}")
 
 
-def backend_status(device: torch.device | str | None = None) -> dict[str, str | None]:
-    """Map every known backend to None (usable) or the reason it is not usable on ``device``."""
+def backend_status(
+    device: torch.device | str | None = None, op: str | None = None
+) -> dict[str, str | None]:
+    """Map every known backend to None (usable) or the reason it is not usable on ``device``
+    (for ``op`` when given)."""
     device_type = None if device is None else torch.device(device).type
-    return {name: _reason_unavailable(name, device_type) for name in BACKENDS}
+    return {name: _reason_unavailable(name, device_type, op) for name in BACKENDS}
 
 
-def available_backends(device: torch.device | str | None = None) -> list[str]:
-    """The backends usable on this machine, or for tensors on ``device`` when given."""
-    return [name for name, why in backend_status(device).items() if why is None]
+def available_backends(device: torch.device | str | None = None, op: str | None = None
+                       ) -> list[str]:
+    """The backends usable on this machine, or for tensors on ``device`` when given, for ``op``
+    when given."""
+    return [name for name, why in backend_status(device, op).items() if why is None]
 
 
 def _check_known(name: object) -> str:
@@ -124,18 +142,19 @@ def requested_backend() -> tuple[str | None, str]:
     return None, "default"
 
 
-def select(device: torch.device) -> str:
-    """The backend that serves a call whose tensors live on ``device``."""
+def select(device: torch.device, op: str | None = None) -> str:
+    """The backend that serves a call of ``op`` whose tensors live on ``device``."""
     name, origin = requested_backend()
     if name is None:
         if device.type == "cuda" and _reason_unavailable("triton", "cuda") is None:
             return "triton"
         return "torch"
-    why = _reason_unavailable(name, device.type)
+    why = _reason_unavailable(name, device.type, op)
     if why is not None:
+        what = f"{op} on {device.type} tensors" if op else f"on {device.type} tensors"
         raise BackendUnavailableError(
-            f"backend {name!r} (requested by {origin}) cannot run on {device.type} tensors: {why}; "
-            f"backends that can: {', '.join(available_backends(device))}"
+            f"backend {name!r} (requested by {origin}) cannot run {what}: {why}; "
+            f"backends that can: {', '.join(available_backends(device, op))}"
         )
     return name
 

@@ -117,7 +117,7 @@ def _softmax(input, dim, dtype, scale, mask, causal, log):
     widening = dtype in (torch.float32, torch.float64) and (
         torch.finfo(input.dtype).bits <= torch.finfo(dtype).bits)
     x = input if dtype is None or widening else input.to(dtype)
-    backend = backends.select(x.device)
+    backend = backends.select(x.device, "softmax")
     if x.ndim == 0:  # a 0-d tensor is one row of one element
         y = _softmax_ops.softmax(x.reshape(1), 0, scale, mask, causal, log, out_dtype, backend)
         return y.reshape(())
@@ -272,7 +272,7 @@ def cross_entropy(
     if input.ndim == 1:  # one token: (C,) -> (1, C)
         x, t = input.unsqueeze(0), target.unsqueeze(0)
     out_dtype = torch.promote_types(input.dtype, target.dtype) if probability else input.dtype
-    backend = backends.select(input.device)
+    backend = backends.select(input.device, "cross_entropy")
     loss, lse = _ce_ops.cross_entropy(
         x, t, weight, ignore_index, REDUCTIONS.index(reduction), label_smoothing, z_loss,
         softcap, inplace_backward, backend,
@@ -339,7 +339,7 @@ def _check_attention_extras(dropout_p, scale, window_size, softcap, deterministi
 
 
 def _attention_backend(q: torch.Tensor) -> str:
-    backend = backends.select(q.device)
+    backend = backends.select(q.device, "attention")
     if backend == "triton" and q.dtype == torch.float64:
         raise TypeError("the triton attention kernel has no float64 path; run float64 attention "
                         "with fastattn.use_backend('torch')")

@@ -12,8 +12,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SLACK = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
-def backends() -> list[str]:
-    return fastattn.available_backends(DEVICE)
+def backends(op: str | None = None) -> list[str]:
+    """The backends that run ``op`` (every op they have if None) on DEVICE here."""
+    return fastattn.available_backends(DEVICE, op)
 
 
 def assert_twice_error(out, ref64, pt_out, what: str) -> None:

@@ -62,7 +62,7 @@ SHAPES = [(16, 16, 32, 32), (113, 203, 64, 64), (70, 23, 59, 111), (1, 45, 40, 4
           (37, 1, 16, 24)]
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends("attention"))
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("L,S,D,Dv", SHAPES)
 def test_sdpa_matches_reference(backend, L, S, D, Dv, causal):
@@ -72,7 +72,7 @@ def test_sdpa_matches_reference(backend, L, S, D, Dv, causal):
                q, k, v, window=(-1, 0 if causal else -1))
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends("attention"))
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("L,S,D,Dv", SHAPES)
 def test_flash_attn_func_matches_reference(backend, L, S, D, Dv, causal):
@@ -84,7 +84,7 @@ def test_flash_attn_func_matches_reference(backend, L, S, D, Dv, causal):
 
 
 # Each supported dtype, on both entry points.
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends("attention"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_dtypes(backend, dtype):
     q, k, v = _qkv(2, 3, 3, 50, 41, 48, 48, dtype)
@@ -102,7 +102,7 @@ def test_matches_pytorch_sdpa():
 
 
 # GQA (3 query heads per K/V head) and MQA (one K/V head), both layouts.
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends("attention"))
 @pytest.mark.parametrize("Hq,Hk", [(6, 2), (4, 1)])
 def test_gqa_mqa(backend, Hq, Hk):
     q, k, v = _qkv(2, Hq, Hk, 45, 38, 32, 32, torch.bfloat16)
@@ -120,7 +120,7 @@ def test_gqa_mqa(backend, Hq, Hk):
 MASK_SHAPES = [(37, 45), (2, 1, 1, 45), (2, 1, 37, 45), (1, 3, 37, 45), (2, 3, 37, 45), (37, 1)]
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends("attention"))
 @pytest.mark.parametrize("shape", MASK_SHAPES)
 @pytest.mark.parametrize("kind", ["bool", "additive"])
 def test_masks(backend, shape, kind):
@@ -139,7 +139,7 @@ def test_masks(backend, shape, kind):
 
 
 # float64 end to end, the mask gradient included (it once went through a float32 buffer).
-@pytest.mark.parametrize("backend", [b for b in backends() if b != "triton"])
+@pytest.mark.parametrize("backend", [b for b in backends("attention") if b != "triton"])
 def test_float64_additive_mask_gradient(backend):
     q, k, v = _qkv(2, 3, 3, 19, 23, 16, 16, torch.float64)
     mask = torch.randn(1, 3, 19, 23, device=DEVICE, dtype=torch.float64, requires_grad=True)
@@ -149,7 +149,7 @@ def test_float64_additive_mask_gradient(backend):
     assert grads[3].dtype == torch.float64
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends("attention"))
 def test_additive_mask_huge_negative_is_not_masking(backend):
     # Hugging Face pads with finfo.min, not -inf: a row padded everywhere is then a uniform
     # softmax in PyTorch, and must stay one here (not the fully-masked 0).
@@ -163,7 +163,7 @@ def test_additive_mask_huge_negative_is_not_masking(backend):
 
 
 # Sliding windows: symmetric, one-sided, zero-width, with both causal alignments.
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends("attention"))
 @pytest.mark.parametrize("window", [(5, 7), (20, 0), (0, 0), (-1, 3)])
 def test_windows(backend, window):
     q, k, v = _qkv(1, 2, 2, 61, 50, 32, 32, torch.bfloat16)
@@ -176,7 +176,7 @@ def test_windows(backend, window):
                q, k, v, layout="bthd", window=(window[0], 0), bottom=True)
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends("attention"))
 @pytest.mark.parametrize("causal", [False, True])
 def test_softcap(backend, causal):
     q, k, v = _qkv(2, 2, 2, 39, 52, 64, 64, torch.float16)
@@ -187,7 +187,7 @@ def test_softcap(backend, causal):
             window=(-1, 0 if causal else -1))
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends("attention"))
 def test_scale_and_strides(backend):
     # Non-contiguous views (a transposed (B, T, H, D) tensor, a sliced head dim) and a custom
     # scale; inputs must come back unmodified.
@@ -205,7 +205,7 @@ def test_scale_and_strides(backend):
         assert torch.equal(t.detach(), b)
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends("attention"))
 def test_ranks_and_batch_broadcast(backend):
     # (L, D), (H, L, D) and (B1, B2, H, L, D) inputs, and key/value broadcast over a batch dim.
     with fastattn.use_backend(backend):
@@ -225,7 +225,7 @@ def test_ranks_and_batch_broadcast(backend):
     assert k1.grad.shape == k1.shape  # summed over the broadcast batch
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends("attention"))
 def test_fully_masked_rows(backend):
     # Rows 0, 5, 10, ... see no key (bool mask), and with flash-attn's bottom-right causal and
     # T > S the first T - S rows see none: output 0, gradients finite and equal to the oracle.
@@ -247,7 +247,7 @@ def test_fully_masked_rows(backend):
     assert torch.all(lse[:, :, :23] == float("-inf")) and torch.isfinite(lse[:, :, 23:]).all()
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends("attention"))
 def test_return_lse(backend):
     q, k, v = _qkv(2, 4, 2, 27, 35, 32, 32, torch.float32, layout="bthd")
     with fastattn.use_backend(backend):
@@ -259,7 +259,7 @@ def test_return_lse(backend):
     torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends("attention"))
 def test_empty_inputs(backend):
     with fastattn.use_backend(backend):
         q = torch.randn(2, 3, 0, 16, device=DEVICE)
@@ -282,7 +282,7 @@ def _dropout_mask(backend, seed, shape, p):
     return dropout_mask(seed, shape, p, DEVICE)
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends("attention"))
 def test_dropout_statistics(backend):
     # With v = identity (S = Dv), each output row is its dropped, rescaled probability row:
     # dropped entries are exactly 0, kept ones are p / (1 - dropout_p), and about dropout_p of
@@ -301,7 +301,7 @@ def test_dropout_statistics(backend):
     torch.testing.assert_close(out[kept], (probs / (1 - p))[kept], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends("attention"))
 def test_dropout_reproducible_and_consistent(backend):
     # Same torch seed, same output; forward and backward agree with the specification run on
     # the backend's own mask for the seed the call drew.
@@ -326,7 +326,7 @@ def test_dropout_reproducible_and_consistent(backend):
 # --- determinism ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends("attention"))
 def test_deterministic_backward(backend):
     # deterministic=True: bitwise-equal gradients over repeated runs (GQA, where several query
     # heads add into one key/value head), and the same values as the default backward.
@@ -407,14 +407,14 @@ def test_device_mismatch():
         SDPA(q, torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 16))
 
 
-@pytest.mark.skipif("triton" not in backends(), reason="triton backend not available")
+@pytest.mark.skipif("triton" not in backends("attention"), reason="triton backend not available")
 def test_triton_rejects_float64():
     q = torch.randn(1, 1, 4, 16, device=DEVICE, dtype=torch.float64)
     with fastattn.use_backend("triton"), pytest.raises(TypeError, match="float64"):
         SDPA(q, q, q)
 
 
-@pytest.mark.skipif("triton" not in backends(), reason="triton backend not available")
+@pytest.mark.skipif("triton" not in backends("attention"), reason="triton backend not available")
 @pytest.mark.parametrize("layout", ["bhld", "bthd"])
 def test_tensor_descriptor_path(monkeypatch, layout):
     # The forward's TMA path (Hopper's default; forced here so the interpreter runs it too):

@@ -21,6 +21,8 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # What runs with no request, and a different backend to request, for tensors on DEVICE.
 DEFAULT = "triton" if DEVICE == "cuda" and HAS_TRITON and not INTERPRETED else "torch"
 OTHER = "torch" if DEFAULT == "triton" else "triton"
+# The compiled extension serves CPU tensors when it is built (tests/test_ext.py covers it).
+NATIVE_ON_CPU = fastattn.backend_status("cpu")["native"] is None
 
 needs_triton = pytest.mark.skipif(
     "triton" not in fastattn.available_backends(DEVICE),
@@ -67,8 +69,8 @@ def test_status_covers_every_backend_with_reason_or_none():
     status = fastattn.backend_status()
     assert list(status) == list(BACKENDS)
     assert status["torch"] is None
-    for name in ("native", "numba"):  # not built in this release
-        assert isinstance(status[name], str) and status[name].strip(), name
+    assert isinstance(status["numba"], str) and status["numba"].strip()  # not in this release
+    assert status["native"] is None or status["native"].strip()  # None where it is built
     for name, why in status.items():
         assert why is None or (isinstance(why, str) and why), name
     assert fastattn.available_backends() == [n for n, why in status.items() if why is None]
@@ -77,7 +79,8 @@ def test_status_covers_every_backend_with_reason_or_none():
 def test_available_backends_on_this_machine():
     available = fastattn.available_backends()
     assert "torch" in available
-    assert "native" not in available and "numba" not in available
+    assert "numba" not in available
+    assert ("native" in available) == NATIVE_ON_CPU
     if HAS_TRITON and (INTERPRETED or torch.cuda.is_available()):
         assert "triton" in available
 
@@ -85,7 +88,8 @@ def test_available_backends_on_this_machine():
 def test_available_backends_per_device():
     # The interpreter serves CPU tensors only; without it triton serves CUDA tensors only.
     triton_on_cpu = HAS_TRITON and INTERPRETED
-    assert fastattn.available_backends("cpu") == ["torch"] + ["triton"] * triton_on_cpu
+    native = ["native"] * NATIVE_ON_CPU
+    assert fastattn.available_backends("cpu") == ["torch"] + ["triton"] * triton_on_cpu + native
     assert fastattn.available_backends(torch.device("cpu")) == fastattn.available_backends("cpu")
     assert fastattn.available_backends("meta") == ["torch"]
     assert fastattn.backend_status("meta")["triton"] is not None
@@ -181,8 +185,8 @@ def test_unknown_backend_name_is_a_value_error_naming_the_known_ones():
 
 
 def test_unavailable_backend_raises_naming_the_available_ones():
-    with pytest.raises(fastattn.BackendUnavailableError, match="native") as info:
-        with fastattn.use_backend("native"):
+    with pytest.raises(fastattn.BackendUnavailableError, match="numba") as info:
+        with fastattn.use_backend("numba"):
             pass
     message = str(info.value)
     assert "available: " + ", ".join(fastattn.available_backends()) in message
@@ -211,21 +215,23 @@ def test_triton_without_interpreter_rejects_cpu_tensors(monkeypatch):
     # Holds on CUDA machines too: without the interpreter triton never takes CPU tensors.
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv(ENV_VAR, "triton")
-    assert fastattn.available_backends("cpu") == ["torch"]
+    can = ["torch"] + ["native"] * NATIVE_ON_CPU
+    assert fastattn.available_backends("cpu") == can
     with pytest.raises(fastattn.BackendUnavailableError, match="TRITON_INTERPRET") as info:
         fastattn.log_softmax(torch.randn(2, 3), -1)
-    assert "backends that can: torch" in str(info.value)
+    assert "backends that can: " + ", ".join(can) in str(info.value)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA, triton is usable here")
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_use_backend_triton_without_interpreter_or_cuda(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert fastattn.available_backends() == ["torch"]
+    can = ["torch"] + ["native"] * NATIVE_ON_CPU
+    assert fastattn.available_backends() == can
     with pytest.raises(fastattn.BackendUnavailableError, match="triton") as info:
         with fastattn.use_backend("triton"):
             pass
-    assert "available: torch" in str(info.value)
+    assert "available: " + ", ".join(can) in str(info.value)
 
 
 def test_import_has_no_side_effects():

@@ -71,7 +71,7 @@ def _attention_args(backend):
     ]
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends("attention"))
 def test_opcheck_attention(backend):
     for args in _attention_args(backend):
         torch.library.opcheck(OPS.attention_fwd.default, args)
@@ -95,12 +95,12 @@ def _public_calls():
     ]
 
 
-# Real inductor compilation with the torch backend (the CPU path), and the op path with the
-# triton backend under aot_eager (Triton kernels are opaque to the compiler either way).
-@pytest.mark.parametrize("compiler", ["inductor", "aot_eager"])
+# Real inductor compilation with the torch backend (the CPU path), and the op path with each
+# kernel backend (triton, native) under aot_eager (their kernels are opaque to the compiler).
+@pytest.mark.parametrize("compiler,backend", [("inductor", "torch")] + [
+    ("aot_eager", b) for b in backends("softmax") if b != "torch"])
 @pytest.mark.parametrize("name,fn", _public_calls())
-def test_compile_fullgraph(name, fn, compiler):
-    backend = "torch" if compiler == "inductor" else backends()[-1]
+def test_compile_fullgraph(name, fn, compiler, backend):
     x = torch.randn(6, 11, device=DEVICE, requires_grad=True)
     t = torch.randint(0, 11, (6,), device=DEVICE)
     torch._dynamo.reset()
@@ -134,7 +134,7 @@ def test_compile_matches_pytorch_cross_entropy():
 # graph) and flash-attn's layout.
 @pytest.mark.parametrize("compiler", ["inductor", "aot_eager"])
 def test_compile_fullgraph_attention(compiler):
-    backend = "torch" if compiler == "inductor" else backends()[-1]
+    backend = "torch" if compiler == "inductor" else backends("attention")[-1]
     q = torch.randn(2, 4, 19, 16, device=DEVICE, requires_grad=True)
     k = torch.randn(2, 2, 23, 16, device=DEVICE, requires_grad=True)
     mask = torch.rand(19, 23, device=DEVICE) > 0.2

@@ -38,7 +38,7 @@ def _tokens(batch, length, vocab=TINY["vocab_size"]):
 
 # Every position scheme, with and without grouped-query heads.
 @pytest.mark.parametrize("pos,n_kv_head", [("rope", 2), ("learned", 4), ("sinusoidal", 1)])
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends("attention"))
 def test_forward_and_every_gradient_match_specification(backend, pos, n_kv_head):
     spec, ours = _pair(backend, pos=pos, n_kv_head=n_kv_head)
     oracle = copy.deepcopy(spec).double()
@@ -83,7 +83,7 @@ def _greedy_without_cache(model, idx, steps):
 
 
 # Decoding with the cache is the same computation as re-running the whole prefix.
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends("attention"))
 def test_generate_with_cache_matches_full_recompute(backend):
     spec, ours = _pair(backend)
     spec.double()
@@ -150,7 +150,7 @@ def _steps(model, n, seed):
 
 
 # A few optimizer steps from the same seed: every backend follows the specification's losses.
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends("attention"))
 def test_training_steps_match_specification(backend):
     spec, ours = _pair(backend, dropout=0.0)
     seed = int(torch.randint(0, 2**31, ()).item())

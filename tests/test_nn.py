@@ -14,6 +14,7 @@ from fastattn import reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = fastattn.available_backends(DEVICE)
+ATTENTION_BACKENDS = fastattn.available_backends(DEVICE, "attention")
 
 
 def run_twins(fa_module, pt_module, *inputs, backend):
@@ -367,7 +368,7 @@ TRITON_CASES = ["self-seq-first", "unbatched-masks", "zero-attn-sdpa", "causal-h
 MHA_RUNS = (
     [(case, "torch", F64) for case in MHA_CASES]
     + [(case, "torch", F32) for case in MHA_CASES]
-    + [(case, b, F32) for b in BACKENDS if b != "torch" for case in TRITON_CASES]
+    + [(case, b, F32) for b in ATTENTION_BACKENDS if b != "torch" for case in TRITON_CASES]
 )
 
 
@@ -467,7 +468,7 @@ def test_multihead_attention_matches_torch(case, backend, dtype):
 # A query row that sees no key (all keys padded for batch 1; row 2 blocked by attn_mask for
 # batch 0): fastattn gives attention 0 on both paths (output = out_proj.bias, weights 0, finite
 # gradients). torch agrees with need_weights=False and gives NaN with need_weights=True.
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
 @pytest.mark.parametrize("need_weights", [False, True])
 def test_multihead_attention_fully_masked_rows(need_weights, backend):
     dtype = F64 if backend == "torch" else F32
@@ -499,7 +500,7 @@ def test_multihead_attention_fully_masked_rows(need_weights, backend):
 # Dropout only in training: eval is deterministic and equals torch's layer; training drops
 # (need_weights=True: the returned weights are eval's, dropped or rescaled by 1 / (1 - p)),
 # is reproducible from torch.manual_seed, finite, and differs from eval.
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
 @pytest.mark.parametrize("need_weights", [False, True])
 def test_multihead_attention_dropout(need_weights, backend):
     p = 0.4
@@ -689,7 +690,7 @@ def _encoder(dtype):
 
 # A 2-layer encoder in training with a causal float mask (detected as causal, so the layers
 # pass is_causal=True): same output and gradients (input and every parameter) as unswapped.
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
 def test_swap_transformer_encoder_train(backend):
     dtype = F64 if backend == "torch" else F32
     pt = _encoder(F64)

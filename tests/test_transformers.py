@@ -115,7 +115,7 @@ def test_logits_and_grads_torch(name, padding):
     _compare("torch", name, padding)
 
 
-@pytest.mark.parametrize("backend", [b for b in backends() if b != "torch"])
+@pytest.mark.parametrize("backend", [b for b in backends("attention") if b != "torch"])
 def test_logits_and_grads_other_backends(backend):
     _compare(backend, "llama", "left")
 
@@ -124,7 +124,7 @@ def test_logits_and_grads_other_backends(backend):
 # (prefill: no mask, is_causal over a key cache longer than the queries, whose empty slots lie
 # past every query). The interpreter gets the first only.
 @pytest.mark.parametrize("backend,cache,padding", [
-    *((b, "dynamic", "left") for b in backends()), ("torch", "static", "none")])
+    *((b, "dynamic", "left") for b in backends("attention")), ("torch", "static", "none")])
 def test_generate_matches_sdpa(backend, cache, padding):
     # Greedy decoding: prefill, then one query row against a longer, growing key cache
     # (bottom-right causal alignment comes from the mask). Tokens must be equal, and the

@@ -249,7 +249,7 @@ class AttentionBench(OpBench):
                 lambda f, case, q, k, v: f.scaled_dot_product_attention(
                     q, k, v, is_causal=case.p["causal"], enable_gqa=_gqa(case),
                     window_size=_window(case)),
-                needs="scaled_dot_product_attention"),
+                needs="scaled_dot_product_attention", op="attention"),
             sdpa_provider("torch", None),
             *[sdpa_provider(name, backend) for name, backend in SDPA_BACKENDS.items()],
             compile_provider(_composition, scratch_bytes=_materialized_scores),

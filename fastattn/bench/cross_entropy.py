@@ -97,7 +97,8 @@ class CrossEntropyBench(OpBench):
 
     def providers(self) -> list[Provider]:
         return [
-            *fastattn_providers(lambda f, case, logits, target: f.cross_entropy(logits, target)),
+            *fastattn_providers(lambda f, case, logits, target: f.cross_entropy(logits, target),
+                                op="cross_entropy"),
             Provider("torch", _eager, modes=MODES),
             compile_provider(_eager),
             third_party("liger", "liger_kernel.transformers.functional", _liger, modes=MODES),

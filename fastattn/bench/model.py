@@ -126,7 +126,8 @@ class ModelBench(OpBench):
 
     def providers(self) -> list[Provider]:
         # each forces its backend with use_backend around the call
-        fa = fastattn_providers(lambda f, case, *args: _caller(case, "fastattn")(*args))
+        fa = fastattn_providers(lambda f, case, *args: _caller(case, "fastattn")(*args),
+                                op=("attention", "cross_entropy"))
         for provider in fa:
             provider.modes = MODES
         return [*fa, Provider("torch", lambda case: _caller(case, "pytorch"), modes=MODES),

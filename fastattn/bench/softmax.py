@@ -76,7 +76,7 @@ class SoftmaxBench(OpBench):
 
     def providers(self) -> list[Provider]:
         return [
-            *fastattn_providers(lambda f, case, x: f.softmax(x, -1)),
+            *fastattn_providers(lambda f, case, x: f.softmax(x, -1), op="softmax"),
             Provider("torch", _eager),
             compile_provider(_eager),
             third_party("quack", "quack.softmax", _quack),

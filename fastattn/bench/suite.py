@@ -143,12 +143,14 @@ def get_op(name: str) -> OpBench:
     return importlib.import_module(f"fastattn.bench.{name}").BENCH
 
 
-def fastattn_providers(call: Callable[..., torch.Tensor], needs: str | None = None
-                       ) -> list[Provider]:
+def fastattn_providers(call: Callable[..., torch.Tensor], needs: str | None = None,
+                       op: str | tuple[str, ...] | None = None) -> list[Provider]:
     """One provider per fastattn backend, each forcing its backend with ``use_backend``.
 
     ``call(fastattn_module, case, *args)`` calls the public function. ``needs`` names a
-    ``fastattn`` attribute that must exist (ops still being written)."""
+    ``fastattn`` attribute that must exist (ops still being written); ``op`` the fastattn op
+    (``fastattn.backends.OPS``), or the ops, the call uses, since a backend may serve some ops
+    and not others."""
     import fastattn
     from fastattn.backends import BACKENDS, backend_status
 
@@ -162,9 +164,10 @@ def fastattn_providers(call: Callable[..., torch.Tensor], needs: str | None = No
         def unavailable(case: Case, device: torch.device) -> str | None:
             if needs is not None and not hasattr(fastattn, needs):
                 return f"fastattn.{needs} does not exist in this checkout yet"
-            why = backend_status(device)[backend]
-            if why is not None:
-                return why
+            for one in op if isinstance(op, tuple) else (op,):
+                why = backend_status(device, one)[backend]
+                if why is not None:
+                    return why
             if backend == "triton" and device.type == "cpu":
                 return "the Triton interpreter runs CPU tensors for tests; it is not timed"
             return None

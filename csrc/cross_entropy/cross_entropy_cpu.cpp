@@ -1,0 +1,151 @@
+// CPU launcher of fastattn::native_cross_entropy_fwd: checks, the mean's denominator (one pass
+// over the targets, which also rejects class indices out of range), at::parallel_for over
+// tokens with the kernel copy for this CPU (cross_entropy_cpu_kernel.h), and the reduction.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/where.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "../common/checks.h"
+#include "cross_entropy.h"
+
+namespace fastattn {
+namespace {
+
+using cpu::CrossEntropyParams;
+using cpu::RowLayout;
+
+// TORCH_CHECKs every class index that is not ignore_index against [0, C).
+void check_class_indices(const at::Tensor& target, int64_t C, int64_t ignore_index) {
+  const at::Tensor t = target.contiguous();
+  const int64_t* y = t.data_ptr<int64_t>();
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    TORCH_CHECK(y[i] == ignore_index || (y[i] >= 0 && y[i] < C), "target holds class index ",
+                y[i], ", outside [0, ", C, ") and not ignore_index=", ignore_index);
+  }
+}
+
+// What the mean divides by, computed as fastattn.reference.cross_entropy_denominator does (the
+// specification): a float32 sum of the target classes' weights over non-ignored tokens (their
+// count without weight), the token count for probability targets.
+double denominator(const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t C,
+                   int64_t ignore_index, bool probability, int64_t tokens) {
+  if (probability) return static_cast<float>(tokens);
+  const at::Tensor valid = target.ne(ignore_index);
+  if (!weight.has_value()) return valid.sum().item<double>();
+  const at::Tensor picked = weight->to(at::kFloat).index_select(0, target.clamp(0, C - 1).flatten());
+  return at::where(valid.flatten(), picked, 0.0).sum().item<double>();
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, int64_t reduction, double label_smoothing, double z_loss,
+    double softcap, const std::optional<at::Tensor>& grad) {
+  check_cpu_float(input, "input");
+  TORCH_CHECK(input.dim() >= 2, "input must be (N, C, d1, ...) with at least 2 dims, got shape ",
+              input.sizes());
+  const int64_t C = input.size(1);
+  TORCH_CHECK(C > 0, "input must have at least one class (dim 1), got shape ", input.sizes());
+  std::vector<int64_t> token_shape(input.sizes().begin(), input.sizes().end());
+  token_shape.erase(token_shape.begin() + 1);
+  const bool probability = at::isFloatingType(target.scalar_type());
+  if (probability) {
+    check_cpu_float(target, "target");
+    TORCH_CHECK(target.sizes() == input.sizes(), "probability target must have the input's shape ",
+                input.sizes(), ", got ", target.sizes());
+  } else {
+    TORCH_CHECK(target.device().is_cpu(), "target must be a CPU tensor, got a tensor on ",
+                target.device());
+    TORCH_CHECK(at::isIntegralType(target.scalar_type(), /*includeBool=*/false),
+                "target must hold integer class indices or float probabilities, got ",
+                target.scalar_type());
+    TORCH_CHECK(target.sizes() == at::IntArrayRef(token_shape), "class-index target must have "
+                "shape ", at::IntArrayRef(token_shape), ", got ", target.sizes());
+  }
+  const at::ScalarType acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor w;
+  if (weight.has_value()) {
+    check_cpu_float(*weight, "weight");
+    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == C, "weight must have shape (", C,
+                ",), got ", weight->sizes());
+    w = weight->to(acc).contiguous();
+  }
+  TORCH_CHECK(reduction >= 0 && reduction <= 2,
+              "reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+  TORCH_CHECK(label_smoothing >= 0 && label_smoothing <= 1,
+              "label_smoothing must be in [0, 1], got ", label_smoothing);
+  TORCH_CHECK(std::isfinite(z_loss) && z_loss >= 0, "z_loss must be finite and >= 0, got ",
+              z_loss);
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, "softcap must be finite and >= 0 (0: off), "
+              "got ", softcap);
+  if (grad.has_value()) {
+    TORCH_CHECK(grad->device().is_cpu(), "grad must be a CPU tensor, got a tensor on ",
+                grad->device());
+    TORCH_CHECK(grad->sizes() == input.sizes() && grad->scalar_type() == input.scalar_type(),
+                "grad must have the input's shape ", input.sizes(), " and dtype ",
+                input.scalar_type(), ", got ", grad->sizes(), " ", grad->scalar_type());
+  }
+
+  const at::Tensor t = probability ? target : target.to(at::kLong);
+  const int64_t tokens = input.numel() / C;
+  if (!probability) check_class_indices(t, C, ignore_index);
+  const double denom =
+      reduction == 1 ? denominator(t, weight, C, ignore_index, probability, tokens) : 1.0;
+
+  const auto opts = at::TensorOptions().dtype(acc);
+  at::Tensor loss = at::empty({tokens}, opts);
+  at::Tensor lse = at::empty({tokens}, opts.dtype(at::kFloat));
+  if (tokens > 0) {
+    RowLayout layout(input.sizes(), 1);
+    layout.add(0, input);
+    layout.add(1, probability ? t : t.unsqueeze(1));
+    layout.add(2, grad.has_value() ? *grad : at::Tensor());
+    CrossEntropyParams p{};
+    p.layout = &layout;
+    p.input = input.data_ptr();
+    p.input_dtype = input.scalar_type();
+    p.target = t.data_ptr();
+    p.target_dtype = t.scalar_type();
+    p.probability = probability;
+    p.weight = w.defined() ? w.data_ptr() : nullptr;
+    p.grad = grad.has_value() ? grad->data_ptr() : nullptr;
+    p.loss = loss.data_ptr();
+    p.lse = lse.data_ptr<float>();
+    p.ignore_index = ignore_index;
+    p.one_minus_eps = 1.0 - label_smoothing;
+    p.eps_per_class = label_smoothing / static_cast<double>(C);
+    p.z_loss = z_loss;
+    p.softcap = softcap;
+    p.grad_scale = reduction == 1 ? 1.0 / denom : 1.0;
+    p.acc_double = acc == at::kDouble;
+    auto kernel = FASTATTN_CPU_KERNEL(cross_entropy_fwd_rows);
+    // About 32k logits per task, as PyTorch's own CPU kernels (at::internal::GRAIN_SIZE).
+    const int64_t grain = std::max<int64_t>(1, 32768 / C);
+    at::parallel_for(0, tokens, grain, [&](int64_t b, int64_t e) { kernel(p, b, e); });
+  }
+  at::Tensor loss_out;
+  if (reduction == 0) {
+    loss_out = loss.view(token_shape);
+  } else if (reduction == 2) {
+    loss_out = loss.sum();
+  } else {
+    loss_out = loss.sum().div_(denom);  // 0 / 0 = NaN for a mean over nothing, as PyTorch
+  }
+  return {loss_out, lse.view(token_shape)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
+  m.impl("native_cross_entropy_fwd", &cross_entropy_fwd_cpu);
+}
+
+}  // namespace fastattn

@@ -1,0 +1,232 @@
+"""The compiled extension (``csrc/``, loaded by ``fastattn._ext``): build switches, the reasons
+the ``native`` backend gives when it cannot run, opcheck on each C++ op, the TORCH_CHECKs of its
+entry points, and the x86 capability copies of the CPU kernels."""
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import _ext
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILT = _ext.reason() is None
+needs_ext = pytest.mark.skipif(not BUILT, reason=f"extension not loaded: {_ext.reason()}")
+OPS = torch.ops.fastattn
+
+
+def _run(code: str, **env: str) -> subprocess.CompletedProcess:
+    """A fresh interpreter importing fastattn from this checkout."""
+    environ = {**os.environ, **env,
+               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=environ, cwd=ROOT, timeout=120)
+
+
+def _setup_module():
+    spec = importlib.util.spec_from_file_location("_fastattn_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_skip_switch_builds_no_extension(monkeypatch):
+    setup = _setup_module()
+    monkeypatch.setenv("FASTATTN_SKIP_EXT", "1")
+    assert setup.ext_modules() == []
+    monkeypatch.delenv("FASTATTN_SKIP_EXT")
+    (ext,) = setup.ext_modules()
+    assert ext.name == "fastattn._C"
+    # Link order: the baseline objects first, then the AVX2 and AVX-512 copies.
+    ranks = [setup._capability_rank(Path(s)) for s in setup.cpp_sources()]
+    assert ranks == sorted(ranks) and ranks[-1] == 2
+
+
+def test_cuda_arch_switch(monkeypatch):
+    setup = _setup_module()
+    assert "-gencode=arch=compute_90a,code=sm_90a" in setup.nvcc_flags()
+    monkeypatch.setenv("FASTATTN_CUDA_ARCHS", "80")
+    assert [f for f in setup.nvcc_flags() if "gencode" in f] == [
+        "-gencode=arch=compute_80,code=sm_80"]
+
+
+def test_unbuilt_extension_gives_its_reason_and_native_is_not_available():
+    # sys.modules[name] = None makes `import fastattn._C` fail as an unbuilt extension does.
+    code = (
+        "import sys\n"
+        "sys.modules['fastattn._C'] = None\n"
+        "import fastattn, torch\n"
+        "why = fastattn.backend_status('cpu')['native']\n"
+        "assert 'fastattn._C' in why, why\n"
+        "assert 'native' not in fastattn.available_backends()\n"
+        "try:\n"
+        "    with fastattn.use_backend('native'):\n"
+        "        pass\n"
+        "except fastattn.BackendUnavailableError as e:\n"
+        "    print(e)\n"
+        "print(', '.join(fastattn.available_backends()))\n"
+    )
+    proc = _run(code)
+    assert proc.returncode == 0, proc.stderr
+    message, available = proc.stdout.strip().splitlines()
+    assert message.startswith("backend 'native' is unavailable: ")
+    assert "fastattn._C" in message and message.endswith(f"available: {available}")
+
+
+@needs_ext
+def test_native_reasons_per_op_and_device():
+    assert fastattn.backend_status("cpu", "softmax")["native"] is None
+    assert fastattn.backend_status("cpu", "cross_entropy")["native"] is None
+    assert "no attention kernels" in fastattn.backend_status("cpu", "attention")["native"]
+    assert "native" not in fastattn.available_backends("cpu", "attention")
+    assert "no CUDA kernels" in fastattn.backend_status("cuda", "softmax")["native"]
+    assert "does not run on meta" in fastattn.backend_status("meta")["native"]
+    q = torch.randn(1, 1, 3, 4)
+    with fastattn.use_backend("native"), pytest.raises(
+            fastattn.BackendUnavailableError, match="no attention kernels yet; backends that can"):
+        fastattn.scaled_dot_product_attention(q, q, q)
+
+
+@needs_ext
+@pytest.mark.parametrize("first", ["fastattn", "_C"])
+def test_cpp_library_and_python_fragment_coexist_in_either_import_order(first):
+    imports = ["import fastattn.ops.softmax, fastattn.ops.cross_entropy", "import fastattn._C"]
+    if first == "_C":
+        imports.reverse()
+    code = "\n".join(imports + [
+        "import torch, fastattn",
+        "x = torch.randn(3, 5)",
+        "y = torch.ops.fastattn.native_softmax_fwd(x, 1, 1.0, None, False, False, x.dtype)",
+        "z = torch.ops.fastattn.softmax_fwd(x, 1, 1.0, None, False, False, x.dtype, 'native')",
+        "torch.testing.assert_close(y, torch.softmax(x, 1))",
+        "torch.testing.assert_close(z, y)",
+    ])
+    proc = _run(code)
+    assert proc.returncode == 0, proc.stderr
+
+
+def _softmax_args():
+    x = torch.randn(3, 5, 37)
+    add = torch.randn(5, 37)
+    add[1, 4] = float("-inf")
+    return [
+        (x, 2, 0.5, None, False, False, torch.float32),
+        (x, 1, 1.0, None, False, True, torch.float64),
+        (x.bfloat16(), 2, 0.3, add, True, True, torch.float32),
+        (x.transpose(1, 2), 1, 0.3, torch.rand(37, 1) > 0.3, False, False, torch.bfloat16),
+    ]
+
+
+@needs_ext
+def test_opcheck_native_softmax():
+    for args in _softmax_args():
+        torch.library.opcheck(OPS.native_softmax_fwd.default, args)
+        y = OPS.native_softmax_fwd(*args)
+        input_dtype = args[0].dtype
+        bwd = (torch.randn_like(y), y, *args[1:6], input_dtype)
+        torch.library.opcheck(OPS.native_softmax_bwd.default, bwd)
+
+
+@needs_ext
+def test_opcheck_native_cross_entropy():
+    x = torch.randn(4, 9, 3)
+    t = torch.randint(0, 9, (4, 3))
+    p = torch.softmax(torch.randn(4, 9, 3), 1)
+    w = torch.rand(9)
+    for args in [(x, t, None, -100, 1, 0.0, 0.0, 0.0), (x, t, w, 2, 0, 0.1, 1e-3, 5.0),
+                 (x.double(), p.double(), w, -100, 2, 0.2, 0.0, 0.0),
+                 (x.bfloat16(), t.int(), None, -100, 1, 0.0, 0.0, 0.0)]:
+        torch.library.opcheck(OPS.native_cross_entropy_fwd.default, (*args, None))
+        grad = torch.empty_like(args[0])
+        torch.library.opcheck(OPS.native_cross_entropy_fwd.default, (*args, grad))
+
+
+@needs_ext
+def test_native_ce_grad_in_place_and_class_index_check():
+    x = torch.randn(5, 11)
+    t = torch.randint(0, 11, (5,))
+    expected = torch.empty_like(x)
+    loss, _ = OPS.native_cross_entropy_fwd(x, t, None, -100, 1, 0.0, 0.0, 0.0, expected)
+    inplace = x.clone()
+    loss2, _ = OPS.native_cross_entropy_fwd(inplace, t, None, -100, 1, 0.0, 0.0, 0.0, inplace)
+    assert torch.equal(inplace, expected) and torch.equal(loss, loss2)
+    bad = t.clone()
+    bad[2] = 11
+    with pytest.raises(RuntimeError, match=r"target holds class index 11, outside \[0, 11\)"):
+        OPS.native_cross_entropy_fwd(x, bad, None, -100, 1, 0.0, 0.0, 0.0, None)
+
+
+@needs_ext
+def test_torch_checks_name_the_tensor():
+    x = torch.randn(4, 6)
+    t = torch.randint(0, 6, (4,))
+    sm, ce = OPS.native_softmax_fwd, OPS.native_cross_entropy_fwd
+    cases = [
+        ("input must be float32, float64", lambda: sm(x.long(), 1, 1.0, None, False, False,
+                                                      torch.float32)),
+        ("dim=2 is out of range for input", lambda: sm(x, 2, 1.0, None, False, False, x.dtype)),
+        (r"mask of shape \[5\] does not broadcast", lambda: sm(
+            x, 1, 1.0, torch.ones(5, dtype=torch.bool), False, False, x.dtype)),
+        ("mask must be bool or float", lambda: sm(
+            x, 1, 1.0, torch.ones(6, dtype=torch.int32), False, False, x.dtype)),
+        ("causal=True needs input with at least 2 dims", lambda: sm(
+            x, 0, 1.0, None, True, False, x.dtype)),
+        ("out_dtype must be float32", lambda: sm(x, 1, 1.0, None, False, False, torch.int64)),
+        ("grad_output of shape", lambda: OPS.native_softmax_bwd(
+            x[:2], x, 1, 1.0, None, False, False, x.dtype)),
+        ("input must be \\(N, C, d1, ...\\)", lambda: ce(
+            x[0], t[0], None, -100, 1, 0.0, 0.0, 0.0, None)),
+        (r"class-index target must have shape \[4\]", lambda: ce(
+            x, t[:3], None, -100, 1, 0.0, 0.0, 0.0, None)),
+        ("target must hold integer class indices", lambda: ce(
+            x, t > 2, None, -100, 1, 0.0, 0.0, 0.0, None)),
+        ("probability target must have the input's shape", lambda: ce(
+            x, x[:, :3], None, -100, 1, 0.0, 0.0, 0.0, None)),
+        (r"weight must have shape \(6,\)", lambda: ce(
+            x, t, torch.ones(5), -100, 1, 0.0, 0.0, 0.0, None)),
+        ("weight must be float32", lambda: ce(
+            x, t, torch.ones(6, dtype=torch.long), -100, 1, 0.0, 0.0, 0.0, None)),
+        ("reduction must be 0", lambda: ce(x, t, None, -100, 3, 0.0, 0.0, 0.0, None)),
+        ("label_smoothing must be in", lambda: ce(x, t, None, -100, 1, 1.5, 0.0, 0.0, None)),
+        ("softcap must be finite", lambda: ce(x, t, None, -100, 1, 0.0, 0.0, -1.0, None)),
+        ("grad must have the input's shape", lambda: ce(
+            x, t, None, -100, 1, 0.0, 0.0, 0.0, torch.empty(4, 6, dtype=torch.float64))),
+    ]
+    for message, call in cases:
+        with pytest.raises(RuntimeError, match=message):
+            call()
+
+
+@needs_ext
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump")
+def test_only_the_capability_copies_use_avx():
+    # Code outside the AVX2 / AVX-512 copies runs on any x86-64 CPU, so it must hold no VEX or
+    # EVEX instruction (mnemonics starting with "v"): this fails when the linker keeps an
+    # inline function's copy from an AVX file (see csrc/common/cpu_target.h).
+    if sys.platform != "linux" or os.uname().machine != "x86_64":
+        pytest.skip("x86-64 Linux only")
+    library = Path(fastattn._C.__file__) if hasattr(fastattn, "_C") else None
+    if library is None:
+        pytest.skip("the extension was JIT-built")
+    out = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", str(library)],
+                         capture_output=True, text=True, check=True).stdout
+    offenders, name = {}, None
+    for line in out.splitlines():
+        header = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if header:
+            name = header.group(1)
+            continue
+        fields = line.split("\t")
+        if name and "AVX2" not in name and "AVX512" not in name and len(fields) > 1:
+            if fields[1].strip().startswith("v"):
+                offenders.setdefault(name, fields[1].strip())
+    assert not offenders, f"baseline code uses AVX: {list(offenders.items())[:5]}"
+    # and the AVX-512 copy is really there
+    assert "fastattn::cpu::AVX512::softmax_fwd_rows" in out
