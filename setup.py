@@ -51,7 +51,9 @@ def nvcc_flags() -> list[str]:
     archs = os.environ.get("FASTATTN_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs.replace(",", ";").split(";")
                if a.strip()]
-    return ["-O3", "--use_fast_math", "--expt-relaxed-constexpr", *gencode]
+    # No --use_fast_math: its approximate expf/logf and flush-to-zero would move results past
+    # the twice-PyTorch's-error bound and change inf/NaN handling the tests check.
+    return ["-O3", "--expt-relaxed-constexpr", *gencode]
 
 
 def _say(message: str) -> None:

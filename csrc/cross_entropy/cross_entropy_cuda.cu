@@ -1,0 +1,312 @@
+// Fused cross-entropy forward (+ gradient) on CUDA: the CUDA kernel of
+// fastattn::native_cross_entropy_fwd (the CPU one is cross_entropy_cpu.cpp). Loss, log-sum-exp
+// and d(loss)/d(logits) per token, with every option of the contract.
+//
+// What it computes, per token (a row of C class logits x; w the class weights, 1 without
+// weight; eps the label smoothing; z the z-loss coefficient), exactly as
+// fastattn.reference.cross_entropy_fwd and the CPU and Triton kernels:
+//
+//     u_c   = softcap * tanh(x_c / softcap)                  (u = x when softcap is off)
+//     m     = max_c u_c,  s = sum_c exp(u_c - m),  lse = m + log(s),  -log p_c = (m - u_c) + log(s)
+//     class index y:
+//       loss  = (1-eps) w_y (-log p_y) + eps/C sum_c w_c (-log p_c) + z lse^2
+//       dl/du = p_c ((1-eps) w_y + eps/C W + 2 z lse) - (1-eps) w_y [c=y] - eps/C w_c
+//     probabilities t, t'_c = (1-eps) t_c + eps/C:
+//       loss  = sum_c w_c t'_c (-log p_c) + z lse^2
+//       dl/du = p_c (sum_c w_c t'_c + 2 z lse) - w_c t'_c
+//     grad_c = dl/du_c * (1 - (u_c / softcap)^2 if softcap) * (1 / denominator if mean)
+//
+// Tokens whose class index is ignore_index get loss 0 and gradient 0. lse follows
+// torch.logsumexp (-inf for a row of -inf, +inf with a +inf logit), loss and gradient
+// torch.log_softmax (NaN when the max is not finite). Log-probabilities stay max-shifted.
+//
+// Algorithm: one block per token (a grid-stride loop over tokens). Sweep 1 reads the row once
+// and keeps each thread's online (max, sum of exp) -- so max and sum come from one read -- and
+// the sum of v = w (smoothing) or w t' (probability targets); block reductions merge them.
+// Every term of the gradient is known after sweep 1, so sweep 2 reads the row again (mostly
+// from L2), accumulates sum v (m - u) for the loss and writes the gradient once, in the input's
+// dtype, into `grad` (which may be the input itself: each element is read before it is
+// overwritten by the same thread, and u_y is read before the first block barrier). The mean's
+// denominator stays on the device (no host sync beyond the class-index check).
+//
+// Bytes per token of C classes (b bytes a logit): reads C b twice (the second mostly from L2),
+// writes C b of gradient when asked, plus the target probabilities for probability targets.
+//
+// Not yet (first CUDA version, not yet run on a GPU in this project): 16-byte vector loads,
+// holding the row in registers between the sweeps, several tokens per block for small C.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/where.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "../common/cuda_rows.cuh"
+
+namespace fastattn::cuda {
+namespace {
+
+// Row tensors (tokens; the row is the class dim): 0 input, 1 target, 2 grad.
+struct CrossEntropyArgs {
+  DeviceRows rows;
+  const void* input;
+  int input_dtype;
+  const void* target;  // int64 class indices (one per token), or probabilities (a row)
+  int target_dtype;
+  bool probability;
+  const void* weight;  // (C,) contiguous in the accumulation dtype, or null
+  void* grad;          // input's dtype, or null
+  void* loss;          // (tokens,) accumulation dtype
+  float* lse;          // (tokens,)
+  const float* denom;  // the mean's denominator (device), or null: no scaling
+  int64_t ignore_index;
+  double one_minus_eps;
+  double eps_per_class;
+  double z_loss;
+  double softcap;  // 0: off
+};
+
+template <typename A>
+__device__ inline A capped(const CrossEntropyArgs& a, A x) {
+  if (a.softcap == 0) return x;
+  const A cap = static_cast<A>(a.softcap);
+  return cap * tanh_acc(x / cap);
+}
+
+// v_c = w_c t'_c (probability targets) or w_c (smoothing).
+template <typename A>
+__device__ inline A v_at(const CrossEntropyArgs& a, const RowOffsets& r, int64_t c) {
+  A v = a.weight ? static_cast<const A*>(a.weight)[c] : A(1);
+  if (a.probability) {
+    A t = load_as<A>(a.target, a.target_dtype, r.off[1] + c * a.rows.col_stride[1]);
+    if (a.eps_per_class != 0) {
+      t = t * static_cast<A>(a.one_minus_eps) + static_cast<A>(a.eps_per_class);
+    }
+    v *= t;
+  }
+  return v;
+}
+
+template <typename A>
+__global__ void cross_entropy_fwd_kernel(CrossEntropyArgs a) {
+  __shared__ A scratch_m[32];
+  __shared__ A scratch_s[32];
+  __shared__ A scratch_v[32];
+  const int64_t C = a.rows.cols;
+  const int64_t xs = a.rows.col_stride[0];
+  const bool smooth = a.eps_per_class != 0;
+  const bool need_v = a.probability || smooth;
+  const A ome = static_cast<A>(a.one_minus_eps), epsc = static_cast<A>(a.eps_per_class);
+  const A zl = static_cast<A>(a.z_loss);
+  const A scale = a.denom ? A(1) / static_cast<A>(*a.denom) : A(1);
+  for (int64_t row = blockIdx.x; row < a.rows.rows; row += gridDim.x) {
+    const RowOffsets r = row_offsets(a.rows, row);
+    bool valid = true;
+    int64_t y = 0;
+    if (!a.probability) {
+      y = static_cast<const int64_t*>(a.target)[r.off[1]];
+      // The launcher has checked every index; the clamp only keeps reads in bounds.
+      valid = y != a.ignore_index;
+      y = !valid || y < 0 ? 0 : (y >= C ? C - 1 : y);
+    }
+    const A u_y = capped(a, load_as<A>(a.input, a.input_dtype, r.off[0] + y * xs));
+    // Sweep 1: online max and sum of exp, and sum v.
+    MaxSum<A> ms = MaxSum<A>::empty();
+    A sum_v = A(0);
+    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+      ms.add(capped(a, load_as<A>(a.input, a.input_dtype, r.off[0] + c * xs)));
+      if (need_v) sum_v += v_at<A>(a, r, c);
+    }
+    ms = block_max_sum(ms, scratch_m, scratch_s);
+    if (need_v) sum_v = block_sum(sum_v, scratch_v);
+    const bool inf_max = isinf(ms.m);
+    // The shift: 0 when the max is not finite, so that lse is -inf for a row of -inf and +inf
+    // with a +inf logit (torch.logsumexp); then the log-softmax terms are NaN (log_s).
+    const A m = inf_max ? A(0) : ms.m;
+    const A s = inf_max ? (ms.m > 0 ? A(INFINITY) : A(0)) : ms.s;
+    const A lse = m + log_acc(s);
+    const A log_s = inf_max ? A(NAN) : log_acc(s);
+    A coef, wy_hard = A(0);
+    if (a.probability) {
+      coef = sum_v;
+    } else {
+      wy_hard = ome * (a.weight && valid ? static_cast<const A*>(a.weight)[y] : A(1));
+      coef = wy_hard + (smooth ? epsc * sum_v : A(0));
+    }
+    if (zl != 0) coef += A(2) * zl * lse;
+    // Sweep 2: sum v (m - u) for the loss, and the gradient.
+    const A f = inf_max ? A(NAN) : coef / s;
+    A sum_vd = A(0);
+    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+      const int64_t xi = r.off[0] + c * xs;
+      const A u = capped(a, load_as<A>(a.input, a.input_dtype, xi));
+      A v = A(0);
+      if (need_v) {
+        v = v_at<A>(a, r, c);
+        sum_vd += v * (m - u);
+      }
+      if (a.grad == nullptr) continue;
+      A g = A(0);
+      if (valid) {
+        g = exp_acc(u - m) * f;
+        if (a.probability) {
+          g -= v;
+        } else {
+          if (smooth) g -= epsc * v;
+          if (c == y) g -= wy_hard;
+        }
+        g *= scale;
+        if (a.softcap != 0) {
+          const A q = u / static_cast<A>(a.softcap);
+          g *= A(1) - q * q;
+        }
+      }
+      store_as(a.grad, a.input_dtype, r.off[2] + c * a.rows.col_stride[2], g);
+    }
+    if (need_v) sum_vd = block_sum(sum_vd, scratch_v);
+    if (threadIdx.x == 0) {
+      A loss;
+      if (a.probability) {
+        loss = sum_vd + sum_v * log_s;
+      } else {
+        loss = wy_hard * ((m - u_y) + log_s);
+        if (smooth) loss += epsc * (sum_vd + sum_v * log_s);
+      }
+      if (zl != 0) loss += zl * lse * lse;
+      static_cast<A*>(a.loss)[row] = valid ? loss : A(0);
+      a.lse[row] = static_cast<float>(lse);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, int64_t reduction, double label_smoothing, double z_loss,
+    double softcap, const std::optional<at::Tensor>& grad) {
+  check_cuda_float(input, "input");
+  TORCH_CHECK(input.dim() >= 2, "input must be (N, C, d1, ...) with at least 2 dims, got shape ",
+              input.sizes());
+  const int64_t C = input.size(1);
+  TORCH_CHECK(C > 0, "input must have at least one class (dim 1), got shape ", input.sizes());
+  std::vector<int64_t> token_shape(input.sizes().begin(), input.sizes().end());
+  token_shape.erase(token_shape.begin() + 1);
+  check_same_device(target, input, "target", "input");
+  const bool probability = at::isFloatingType(target.scalar_type());
+  if (probability) {
+    check_cuda_float(target, "target");
+    TORCH_CHECK(target.sizes() == input.sizes(), "probability target must have the input's shape ",
+                input.sizes(), ", got ", target.sizes());
+  } else {
+    TORCH_CHECK(at::isIntegralType(target.scalar_type(), /*includeBool=*/false),
+                "target must hold integer class indices or float probabilities, got ",
+                target.scalar_type());
+    TORCH_CHECK(target.sizes() == at::IntArrayRef(token_shape), "class-index target must have "
+                "shape ", at::IntArrayRef(token_shape), ", got ", target.sizes());
+  }
+  const at::ScalarType acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor w;
+  if (weight.has_value()) {
+    check_cuda_float(*weight, "weight");
+    check_same_device(*weight, input, "weight", "input");
+    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == C, "weight must have shape (", C,
+                ",), got ", weight->sizes());
+    w = weight->to(acc).contiguous();
+  }
+  TORCH_CHECK(reduction >= 0 && reduction <= 2,
+              "reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+  TORCH_CHECK(label_smoothing >= 0 && label_smoothing <= 1,
+              "label_smoothing must be in [0, 1], got ", label_smoothing);
+  TORCH_CHECK(std::isfinite(z_loss) && z_loss >= 0, "z_loss must be finite and >= 0, got ",
+              z_loss);
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, "softcap must be finite and >= 0 (0: off), "
+              "got ", softcap);
+  if (grad.has_value()) {
+    check_same_device(*grad, input, "grad", "input");
+    TORCH_CHECK(grad->sizes() == input.sizes() && grad->scalar_type() == input.scalar_type(),
+                "grad must have the input's shape ", input.sizes(), " and dtype ",
+                input.scalar_type(), ", got ", grad->sizes(), " ", grad->scalar_type());
+  }
+  const c10::cuda::CUDAGuard guard(input.device());
+  const at::Tensor t = probability ? target : target.to(at::kLong);
+  const int64_t tokens = input.numel() / C;
+  at::Tensor valid;
+  if (!probability) {
+    valid = t.ne(ignore_index);
+    // One host sync, as fastattn.ops.cross_entropy's own check: a bad index must raise here,
+    // not become an out-of-bounds read or a device-side assert.
+    const at::Tensor bad = valid.logical_and(t.lt(0).logical_or(t.ge(C)));
+    TORCH_CHECK(!bad.any().item<bool>(), "target holds a class index outside [0, ", C,
+                ") that is not ignore_index=", ignore_index);
+  }
+  // The mean's denominator as the specification computes it: a float32 sum of the target
+  // classes' weights over non-ignored tokens (their count without weight), or the token count.
+  at::Tensor denom;
+  if (reduction == 1) {
+    if (probability) {
+      denom = at::full({}, static_cast<float>(tokens), input.options().dtype(at::kFloat));
+    } else if (!weight.has_value()) {
+      denom = valid.sum().to(at::kFloat);
+    } else {
+      const at::Tensor picked =
+          weight->to(at::kFloat).index_select(0, t.clamp(0, C - 1).flatten());
+      denom = at::where(valid.flatten(), picked, 0.0).sum();
+    }
+  }
+  const auto opts = input.options().dtype(acc);
+  at::Tensor loss = at::empty({tokens}, opts);
+  at::Tensor lse = at::empty({tokens}, opts.dtype(at::kFloat));
+  if (tokens > 0) {
+    cpu::RowLayout layout(input.sizes(), 1);
+    layout.add(0, input);
+    layout.add(1, probability ? t : t.unsqueeze(1));
+    layout.add(2, grad.has_value() ? *grad : at::Tensor());
+    CrossEntropyArgs a{};
+    a.rows = pack_rows(layout);
+    a.input = input.data_ptr();
+    a.input_dtype = dtype_code(input.scalar_type());
+    a.target = t.data_ptr();
+    a.target_dtype = probability ? dtype_code(t.scalar_type()) : kF32;
+    a.probability = probability;
+    a.weight = w.defined() ? w.data_ptr() : nullptr;
+    a.grad = grad.has_value() ? grad->data_ptr() : nullptr;
+    a.loss = loss.data_ptr();
+    a.lse = lse.data_ptr<float>();
+    a.denom = denom.defined() ? denom.data_ptr<float>() : nullptr;
+    a.ignore_index = ignore_index;
+    a.one_minus_eps = 1.0 - label_smoothing;
+    a.eps_per_class = label_smoothing / static_cast<double>(C);
+    a.z_loss = z_loss;
+    a.softcap = softcap;
+    const unsigned blocks = row_blocks(tokens);
+    const int threads = threads_for(C);
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    if (acc == at::kDouble) {
+      cross_entropy_fwd_kernel<double><<<blocks, threads, 0, stream>>>(a);
+    } else {
+      cross_entropy_fwd_kernel<float><<<blocks, threads, 0, stream>>>(a);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  at::Tensor loss_out;
+  if (reduction == 0) {
+    loss_out = loss.view(token_shape);
+  } else if (reduction == 2) {
+    loss_out = loss.sum();
+  } else {
+    loss_out = loss.sum().div_(denom.to(acc));  // 0 / 0 = NaN for a mean over nothing
+  }
+  return {loss_out, lse.view(token_shape)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
+  m.impl("native_cross_entropy_fwd", &cross_entropy_fwd_cuda);
+}
+
+}  // namespace fastattn::cuda
