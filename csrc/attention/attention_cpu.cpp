@@ -9,6 +9,8 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <optional>
 #include <tuple>
@@ -24,6 +26,19 @@ using cpu::AttnMask;
 
 void strides4(const at::Tensor& t, int64_t* s) {
   for (int d = 0; d < 4; ++d) s[d] = t.size(d) == 1 ? 0 : t.stride(d);
+}
+
+// Runs f(i, i + 1) for every task i < n, handed out one at a time to the threads
+// at::parallel_for starts: tasks are coarse (a tile of 64 queries against every key it sees) and
+// of unequal cost (causal), and a core shared with another process must not hold up a fixed
+// half of the work. Each task writes its own outputs, so the order does not change the result.
+template <typename F>
+void parallel_tasks(int64_t n, const F& f) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(n, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next++; i < n; i = next++) f(i, i + 1);
+  });
 }
 
 // fastattn.reference.attention_output: (B, Hq, L, Dv), laid out (B, L, Hq, Dv) in memory when q
@@ -138,10 +153,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
   p.work = work.data_ptr();
   auto pack = FASTATTN_CPU_KERNEL(attention_fwd_pack);
   auto tiles_kernel = FASTATTN_CPU_KERNEL(attention_fwd_tiles);
-  at::parallel_for(0, p.B * p.Hk * blocks, 1,
-                   [&](int64_t begin, int64_t end) { pack(p, begin, end); });
-  at::parallel_for(0, p.B * p.Hq * tiles, 1,
-                   [&](int64_t begin, int64_t end) { tiles_kernel(p, begin, end); });
+  parallel_tasks(p.B * p.Hk * blocks, [&](int64_t begin, int64_t end) { pack(p, begin, end); });
+  parallel_tasks(p.B * p.Hq * tiles,
+                 [&](int64_t begin, int64_t end) { tiles_kernel(p, begin, end); });
   return {out, lse};
 }
 

@@ -140,23 +140,22 @@ inline void block_range(const AttentionParams& p, int64_t i0, int64_t i1, int64_
   last = hi1 > lo0 ? (hi1 + kBlockN - 1) / kBlockN : first;  // exclusive
 }
 
-// Turns the raw products s[0:kBlockN] of query row i with keys j0 + c into masked scores:
-// scale, softcap (tanh written to `t` when given), additive or bool mask, window and the end of
-// the sequence (-inf). `mbuf` holds kBlockN elements.
+// Turns the products s[0:kBlockN] of query row i (already scaled: the kernels multiply q by
+// scale as they load it) with keys j0 + c into masked scores: softcap (tanh written to `t`
+// when given), additive or bool mask, window and the end of the sequence (-inf). `mbuf` holds
+// kBlockN elements.
 template <typename A>
 void score_row(const AttentionParams& p, int64_t b, int64_t h, int64_t i, int64_t j0, A* s, A* t,
                A* mbuf) {
   using V = Vectorized<A>;
   const int64_t nval = std::min(kBlockN, p.S - j0);
   if (p.softcap > 0) {
-    const V x(static_cast<A>(p.scale / p.softcap)), cap(static_cast<A>(p.softcap));
+    const V x(static_cast<A>(1.0 / p.softcap)), cap(static_cast<A>(p.softcap));
     for (int64_t c = 0; c < kBlockN; c += V::size()) {
       const V th = (V::loadu(s + c) * x).tanh();
       if (t != nullptr) th.store(t + c);
       (th * cap).store(s + c);
     }
-  } else {
-    row_scale(s, kBlockN, static_cast<A>(p.scale));
   }
   const int64_t moff = b * p.sm[0] + h * p.sm[1] + i * p.sm[2] + j0 * p.sm[3];
   if (p.mask_kind == AttnMask::kAdditive) {
@@ -245,6 +244,7 @@ void fwd_tiles(const AttentionParams& p, int64_t begin, int64_t end) {
     for (int64_t r = 0; r < m; ++r) {
       load_any(p.q, p.dtype, b * p.sq[0] + h * p.sq[1] + (i0 + r) * p.sq[2], p.sq[3], D,
                Q + r * D);
+      row_scale(Q + r * D, D, static_cast<A>(p.scale));
     }
     std::fill(O, O + m * Dvp, A(0));
     std::fill(mrow.begin(), mrow.end(), kNegInf<A>);
@@ -340,7 +340,9 @@ void bwd_head(const AttentionParams& p, int64_t b, int64_t hk, BwdBuffers<A>& w)
       block_range(p, i0, i0 + m, first, last);
       for (int64_t r = 0; r < m; ++r) {
         const int64_t i = i0 + r;
+        // q * scale: the scores come out scaled, and dK = dS'^T (scale q) needs it too.
         load_any(p.q, p.dtype, b * p.sq[0] + h * p.sq[1] + i * p.sq[2], p.sq[3], D, Q + r * Dp);
+        row_scale(Q + r * Dp, D, scale);
         A* g = G + r * Dvp;
         load_any(p.grad_out, p.grad_out_dtype, b * p.sg[0] + h * p.sg[1] + i * p.sg[2],
                  p.sg[3], Dv, g);
@@ -420,10 +422,8 @@ void bwd_head(const AttentionParams& p, int64_t b, int64_t hk, BwdBuffers<A>& w)
             const A* t = w.t.data() + r * kBlockN;
             for (int64_t c = 0; c < kBlockN; c += V::size()) {
               const V th = V::loadu(t + c);
-              (V::loadu(ds + c) * (V(A(1)) - th * th) * V(scale)).store(ds + c);
+              (V::loadu(ds + c) * (V(A(1)) - th * th)).store(ds + c);
             }
-          } else {
-            row_scale(ds, kBlockN, scale);
           }
         }
         // dQ += dS K, dK += dS^T Q
@@ -431,6 +431,7 @@ void bwd_head(const AttentionParams& p, int64_t b, int64_t hk, BwdBuffers<A>& w)
         gemm<A, true>(kBlockN, Dp, m, DS, kBlockN, Q, Dp, w.dk.data() + j0 * Dp, Dp, true);
       }
       for (int64_t r = 0; r < m; ++r) {
+        row_scale(dQ + r * Dp, D, scale);  // dQ = scale dS' K
         store_any(dQ + r * Dp, D, p.dq, p.dtype,
                   b * p.sdq[0] + h * p.sdq[1] + (i0 + r) * p.sdq[2], p.sdq[3]);
       }
