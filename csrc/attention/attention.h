@@ -52,7 +52,7 @@ struct AttentionParams {
 // Query rows per tile and keys per block; head dims are padded (with zeros, in the kernels'
 // float buffers only) to a multiple of kPad, the widest vector of floats.
 constexpr int64_t kBlockM = 64;
-constexpr int64_t kBlockN = 64;
+constexpr int64_t kBlockN = 128;
 constexpr int64_t kPad = 16;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }

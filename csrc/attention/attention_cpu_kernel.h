@@ -26,9 +26,10 @@
 // nothing of size L x S is ever formed.
 // - Forward: key blocks are first packed once per (b, hk) into the workspace (K^T blocks of
 //   D x 64 and V blocks of 64 x Dv, in float), so every query tile reuses them without
-//   converting again. Then each task is one tile of 64 query rows of one (b, h): S = Q K^T by
-//   a register-blocked micro-kernel (4 rows x 2-4 vectors of keys, FMA over the head dim),
-//   scale / softcap / mask / window on the 64 x 64 score tile, online softmax (running max
+//   converting again. Then each task is one tile of 64 query rows of one (b, h), handed to
+//   the threads one at a time: q is scaled as it is loaded, S = Q K^T by a register-blocked
+//   micro-kernel (4 rows x 2-4 vectors of keys, FMA over the head dim, accumulators in
+//   registers), softcap / mask / window on the 64 x 64 score tile, online softmax (running max
 //   and sum, the output rescaled when the max grows), O += P V by the same micro-kernel. Only
 //   key blocks that some row of the tile can see are visited (causal and window block
 //   skipping).
@@ -41,11 +42,15 @@
 //
 // Work: forward 2 L S (D + Dv) flops per head (halved by causal skipping), backward 2.5x that
 // (5 products: S, dP, dV, dQ, dK); bytes: q, k, v, out once each forward, plus the mask rows
-// read through their strides (a broadcast mask costs nothing extra).
+// read through their strides (a broadcast mask costs nothing extra). Memory: the forward's
+// packed K/V workspace, B Hk S (D + Dv) floats (doubles for float64); the backward's
+// per-thread buffers, about 5 S (D + Dv) floats, and dmask (B, Hq, L, S) only when asked.
 //
 // Not done: the backward's parallelism is B x Hk (one task per key/value head), so a single
-// head with a long sequence uses one core; score tiles use the exp of vec_rows.h (about 2 ulp);
-// bool-mask and dropout elements are handled one at a time.
+// head with a long sequence uses one core; no blocked GEMM library (the micro-kernel reaches
+// roughly PyTorch's MKL-backed flash kernel per core on AVX-512, not the FMA peak); score tiles
+// use the exp of vec_rows.h (about 2 ulp); bool-mask and dropout elements are handled one at
+// a time; no CUDA kernels (fastattn's Triton kernels serve GPUs).
 #pragma once
 
 #include <algorithm>
@@ -61,10 +66,13 @@ namespace fastattn::cpu::CPU_CAPABILITY {
 
 namespace {
 
-// Vectors of keys (or output columns) per micro-kernel step: 4 rows x kVecs accumulators must
+// Vectors of keys (or output columns) per micro-kernel step: kRows x kVecs accumulators must
 // fit the register file (32 zmm with AVX-512, 16 ymm with AVX2).
 template <typename A>
 constexpr int kVecs = sizeof(Vectorized<A>) >= 64 ? 4 : 2;
+// Rows per step: 6 x 4 accumulators + 4 vectors of B + 1 broadcast = 29 of AVX-512's 32.
+template <typename A>
+constexpr int kRows = kVecs<A> == 4 ? 6 : 4;
 static_assert(kPad % Vectorized<float>::size() == 0 && kBlockN % Vectorized<float>::size() == 0,
               "buffers are padded to whole vectors");
 
@@ -103,6 +111,10 @@ void gemm(int64_t M, int64_t N, int64_t K, const A* a, int64_t lda, const A* b, 
   int64_t j = 0;
   for (; j + NV * VS <= N; j += NV * VS) {
     int64_t i = 0;
+    for (; i + kRows<A> <= M; i += kRows<A>) {
+      micro<A, kTransA, kRows<A>, NV>(K, arow(i), lda, b + j, ldb, c + i * ldc + j, ldc,
+                                      accumulate);
+    }
     for (; i + 4 <= M; i += 4) {
       micro<A, kTransA, 4, NV>(K, arow(i), lda, b + j, ldb, c + i * ldc + j, ldc, accumulate);
     }
@@ -190,7 +202,7 @@ A online_row(A* s, A& m, A& l) {
     std::fill(s, s + kBlockN, A(0));
     return A(1);
   }
-  const A alpha = std::exp(m - mnew);
+  const A alpha = mnew == m ? A(1) : std::exp(m - mnew);
   const V vm(mnew);
   V acc(A(0));
   for (int64_t c = 0; c < kBlockN; c += V::size()) {
