@@ -47,10 +47,10 @@
 // per-thread buffers, about 5 S (D + Dv) floats, and dmask (B, Hq, L, S) only when asked.
 //
 // Not done: the backward's parallelism is B x Hk (one task per key/value head), so a single
-// head with a long sequence uses one core; no blocked GEMM library (the micro-kernel reaches
-// roughly PyTorch's MKL-backed flash kernel per core on AVX-512, not the FMA peak); score tiles
-// use the exp of vec_rows.h (about 2 ulp); bool-mask and dropout elements are handled one at
-// a time; no CUDA kernels (fastattn's Triton kernels serve GPUs).
+// head with a long sequence uses one core; no blocked GEMM library (the micro-kernel comes
+// close to PyTorch's MKL-backed flash kernel per core on AVX-512, not to the FMA peak);
+// bool-mask and dropout elements are handled one at a time; no CUDA kernels (fastattn's Triton
+// kernels serve GPUs).
 #pragma once
 
 #include <algorithm>
@@ -136,6 +136,32 @@ void gemm(int64_t M, int64_t N, int64_t K, const A* a, int64_t lda, const A* b, 
 template <typename A>
 constexpr A kNegInf = -std::numeric_limits<A>::infinity();
 
+// exp(x) of scores minus their row maximum (x <= 0, -inf for masked keys, NaN propagates):
+// vec_rows.h's fast_exp without the overflow side, which these arguments never reach. x =
+// n ln2 + r, |r| <= ln2/2, e^r by its degree-6 Taylor polynomial (truncation about 1 ulp),
+// times 2^n built in the exponent bits (n >= -126 after the clamp, so one step suffices);
+// x below ln(FLT_MIN), -inf included, gives exactly 0.
+inline Vectorized<float> exp_scores(const Vectorized<float>& x) {
+  using V = Vectorized<float>;
+  using VI = Vectorized<int32_t>;
+  const V lo(-87.33654f);
+  const V xc = at::vec::maximum(x, lo);
+  const V n = (xc * V(1.44269504f)).round();
+  V r = at::vec::fmadd(n, V(-0.693359375f), xc);
+  r = at::vec::fmadd(n, V(2.12194440e-4f), r);
+  V p(1.f / 720.f);
+  p = at::vec::fmadd(p, r, V(1.f / 120.f));
+  p = at::vec::fmadd(p, r, V(1.f / 24.f));
+  p = at::vec::fmadd(p, r, V(1.f / 6.f));
+  p = at::vec::fmadd(p, r, V(0.5f));
+  p = at::vec::fmadd(p, r, V(1.f));
+  p = at::vec::fmadd(p, r, V(1.f));
+  const VI e = (at::vec::convert_to_int_of_same_size(n) + VI(127)) << VI(23);
+  return V::blendv(p * at::vec::cast<float>(e), V(0.f), x < lo);
+}
+
+inline Vectorized<double> exp_scores(const Vectorized<double>& x) { return x.exp(); }
+
 // The keys [lo, hi) that query row i may see (window and sequence end).
 inline void key_range(const AttentionParams& p, int64_t i, int64_t& lo, int64_t& hi) {
   lo = p.left >= 0 ? std::max<int64_t>(0, i + p.offset - p.left) : 0;
@@ -206,7 +232,7 @@ A online_row(A* s, A& m, A& l) {
   const V vm(mnew);
   V acc(A(0));
   for (int64_t c = 0; c < kBlockN; c += V::size()) {
-    const V e = fast_exp(V::loadu(s + c) - vm);
+    const V e = exp_scores(V::loadu(s + c) - vm);
     e.store(s + c);
     acc += e;
   }
@@ -398,7 +424,7 @@ void bwd_head(const AttentionParams& p, int64_t b, int64_t hk, BwdBuffers<A>& w)
           } else {
             const V vl(lse);
             for (int64_t c = 0; c < kBlockN; c += V::size()) {
-              fast_exp(V::loadu(s + c) - vl).store(s + c);
+              exp_scores(V::loadu(s + c) - vl).store(s + c);
             }
           }
           A* pd = PD + r * kBlockN;
