@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fastattn
-from fastattn import _ext
+from fastattn import _ext, reference
 from fastattn.native import attention as native_attention
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,6 +192,34 @@ def test_native_attention_dropout_mask_is_the_kernels():
     keep = native_attention.dropout_mask(seed, (2, 3, 50, 70), 0.3, "cpu")
     assert torch.equal(out != 0, keep)
     assert abs(1 - keep.float().mean().item() - 0.3) < 0.02
+
+
+@needs_ext
+def test_native_attention_backward_split_over_keys():
+    # One key/value head and more threads than heads: the backward splits each head's keys
+    # into ranges whose dq parts are added in range order. Same gradients as a single range
+    # (one thread), bitwise reproducible, and equal to the torch launcher's formula.
+    q, k, v = torch.randn(1, 3, 150, 40), torch.randn(1, 1, 300, 40), torch.randn(1, 1, 300, 24)
+    mask = torch.randn(150, 300).expand(1, 3, 150, 300)
+    args = (mask, None, 0.0, 0.3, 20, 0, True, 2.0)
+    out, lse = OPS.native_attention_fwd(q, k, v, *args)
+    g = torch.randn_like(out)
+    threads = torch.get_num_threads()
+    try:
+        grads = {}
+        for n in (1, 4, 4):
+            torch.set_num_threads(n)
+            grads.setdefault(n, []).append(OPS.native_attention_bwd(g, q, k, v, out, lse, *args,
+                                                                    True))
+    finally:
+        torch.set_num_threads(threads)
+    (one,), (split, again) = grads[1], grads[4]
+    assert all(torch.equal(a, b) for a, b in zip(split, again, strict=True))
+    ref = reference.attention_bwd(g, q, k, v, out, lse, mask, None, 0.0, 0.3, 20, 0,
+                                           True, 2.0, False, True)
+    for a, b, r in zip(split, one, ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
 
 
 @needs_ext

@@ -47,6 +47,11 @@ struct AttentionParams {
   int64_t sdq[4], sdk[4], sdv[4];
   void* dmask;  // (B, Hq, L, S) contiguous, float or double (acc dtype); null when not wanted
   void* work;   // forward: packed key/value blocks (attention_fwd_pack), in the acc dtype
+  // Backward: key blocks are split into `chunks` ranges per key/value head; with more than one,
+  // each range writes its part of dq (scaled, acc dtype) to dq_part (chunks, B, Hq, L, D) and
+  // attention_bwd_dq_reduce adds the parts in range order.
+  int64_t chunks;
+  void* dq_part;
 };
 
 // Query rows per tile and keys per block; head dims are padded (with zeros, in the kernels'
@@ -82,9 +87,12 @@ inline uint64_t dropout_threshold(double p) {
 }
 
 // Forward: pack key blocks [begin, end) of (B, Hk, blocks) into p.work, then query tiles
-// [begin, end) of (B, Hq, tiles). Backward: key/value heads [begin, end) of (B, Hk).
+// [begin, end) of (B, Hq, tiles). Backward: key ranges [begin, end) of (B, Hk, chunks), then
+// (when chunks > 1) dq rows [begin, end) of (B, Hq, L).
 FASTATTN_DECLARE_CPU_KERNEL(void, attention_fwd_pack, const AttentionParams&, int64_t, int64_t)
 FASTATTN_DECLARE_CPU_KERNEL(void, attention_fwd_tiles, const AttentionParams&, int64_t, int64_t)
 FASTATTN_DECLARE_CPU_KERNEL(void, attention_bwd_heads, const AttentionParams&, int64_t, int64_t)
+FASTATTN_DECLARE_CPU_KERNEL(void, attention_bwd_dq_reduce, const AttentionParams&, int64_t,
+                            int64_t)
 
 }  // namespace fastattn::cpu

@@ -203,8 +203,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   strides4(dk, p.sdk);
   strides4(dv, p.sdv);
   p.dmask = mask_grad ? dmask.data_ptr() : nullptr;
+  // Fewer key/value heads than threads: split each head's keys into ranges, each adding its
+  // part of dq into its own buffer, summed in range order afterwards (so the result depends on
+  // the thread count, never on scheduling). Float64 keeps one range: it recomputes lse over
+  // every key.
+  const int64_t heads = p.B * p.Hk, threads = at::get_num_threads();
+  const int64_t blocks = (p.S + cpu::kBlockN - 1) / cpu::kBlockN;
+  p.chunks = 1;
+  if (!p.acc_double && heads < threads && blocks > 1) {
+    p.chunks = std::min(blocks, (2 * threads + heads - 1) / heads);
+  }
+  at::Tensor dq_part;
+  if (p.chunks > 1) {
+    dq_part = at::empty({p.chunks, p.B, p.Hq, p.L, p.D}, q.options().dtype(acc));
+    p.dq_part = dq_part.data_ptr();
+  }
   auto kernel = FASTATTN_CPU_KERNEL(attention_bwd_heads);
-  at::parallel_for(0, p.B * p.Hk, 1, [&](int64_t begin, int64_t end) { kernel(p, begin, end); });
+  parallel_tasks(heads * p.chunks, [&](int64_t begin, int64_t end) { kernel(p, begin, end); });
+  if (p.chunks > 1) {
+    auto reduce = FASTATTN_CPU_KERNEL(attention_bwd_dq_reduce);
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(p.D * p.chunks, 1));
+    at::parallel_for(0, p.B * p.Hq * p.L, grain,
+                     [&](int64_t begin, int64_t end) { reduce(p, begin, end); });
+  }
   return {dq, dk, dv, dmask};
 }
 

@@ -33,21 +33,23 @@
 //   and sum, the output rescaled when the max grows), O += P V by the same micro-kernel. Only
 //   key blocks that some row of the tile can see are visited (causal and window block
 //   skipping).
-// - Backward: one task per (b, hk) key/value head, looping over the group's query heads, their
-//   query tiles, and the visible key blocks (query-outer order, as PyTorch's CPU flash
-//   backward): P recomputed from lse, dV += P^T dO, dP = dO V^T, dS = P (dP - delta),
-//   dQ += dS K kept for the tile, dK += dS^T Q kept for the head. Every gradient is owned by
-//   one task, so there are no atomics and the result is deterministic for any thread count.
-//   Float64 inputs recompute lse in double (the saved lse is float32).
+// - Backward: one task per (b, hk) key/value head and range of key blocks, looping over the
+//   group's query heads, their query tiles, and the visible key blocks of its range
+//   (query-outer order): P recomputed from lse, dV += P^T dO, dP = dO V^T, dS = P (dP - delta),
+//   dQ += dS K kept for the tile, dK += dS^T Q kept for the range. dK and dV are owned by one
+//   task; with one range per head (B Hk >= threads) so is dQ, otherwise each range writes its
+//   part of dQ to its own buffer and the parts are added in range order. No atomics: the
+//   result is bitwise reproducible for a given thread count. Float64 inputs keep one range and
+//   recompute lse in double (the saved lse is float32).
 //
 // Work: forward 2 L S (D + Dv) flops per head (halved by causal skipping), backward 2.5x that
 // (5 products: S, dP, dV, dQ, dK); bytes: q, k, v, out once each forward, plus the mask rows
 // read through their strides (a broadcast mask costs nothing extra). Memory: the forward's
 // packed K/V workspace, B Hk S (D + Dv) floats (doubles for float64); the backward's
-// per-thread buffers, about 5 S (D + Dv) floats, and dmask (B, Hq, L, S) only when asked.
+// per-thread buffers, about 5 S (D + Dv) floats, dq parts (ranges x the size of q, in float)
+// when heads are split, and dmask (B, Hq, L, S) only when asked.
 //
-// Not done: the backward's parallelism is B x Hk (one task per key/value head), so a single
-// head with a long sequence uses one core; no blocked GEMM library (the micro-kernel comes
+// Not done: no blocked GEMM library (the micro-kernel comes
 // close to PyTorch's MKL-backed flash kernel per core on AVX-512, not to the FMA peak);
 // bool-mask and dropout elements are handled one at a time; no CUDA kernels (fastattn's Triton
 // kernels serve GPUs).
@@ -335,8 +337,12 @@ struct BwdBuffers {
 };
 
 template <typename A>
-void bwd_head(const AttentionParams& p, int64_t b, int64_t hk, BwdBuffers<A>& w) {
-  const int64_t blocks = (p.S + kBlockN - 1) / kBlockN, Sp = blocks * kBlockN;
+void bwd_head(const AttentionParams& p, int64_t b, int64_t hk, int64_t chunk, BwdBuffers<A>& w) {
+  // This task owns key blocks [kb0, kb1), keys [jb, je).
+  const int64_t blocks = (p.S + kBlockN - 1) / kBlockN;
+  const int64_t kb0 = chunk * blocks / p.chunks, kb1 = (chunk + 1) * blocks / p.chunks;
+  const int64_t nb = kb1 - kb0, Sp = nb * kBlockN, jb = kb0 * kBlockN;
+  const int64_t je = std::min(p.S, kb1 * kBlockN);
   const int64_t D = p.D, Dv = p.Dv, Dp = round_up(D, kPad), Dvp = round_up(Dv, kPad);
   const int64_t group = p.Hq / p.Hk, tiles = (p.L + kBlockM - 1) / kBlockM;
   const bool softcap = p.softcap > 0, dropout = p.dropout_p > 0;
@@ -346,15 +352,15 @@ void bwd_head(const AttentionParams& p, int64_t b, int64_t hk, BwdBuffers<A>& w)
   using V = Vectorized<A>;
 
   // K^T and V^T blocks (for S and dP) and K rows (for dQ), zero beyond S and beyond D / Dv.
-  w.kt.assign(blocks * D * kBlockN, A(0));
-  w.vt.assign(blocks * Dv * kBlockN, A(0));
+  w.kt.assign(nb * D * kBlockN, A(0));
+  w.vt.assign(nb * Dv * kBlockN, A(0));
   w.kr.assign(Sp * Dp, A(0));
   w.dk.assign(Sp * Dp, A(0));
   w.dv.assign(Sp * Dvp, A(0));
   w.row.resize(std::max<int64_t>({D, Dv, 1}));
-  for (int64_t j = 0; j < p.S; ++j) {
-    const int64_t blk = j / kBlockN, c = j % kBlockN;
-    A* kr = w.kr.data() + j * Dp;
+  for (int64_t j = jb; j < je; ++j) {
+    const int64_t blk = (j - jb) / kBlockN, c = (j - jb) % kBlockN;
+    A* kr = w.kr.data() + (j - jb) * Dp;
     load_any(p.k, p.dtype, b * p.sk[0] + hk * p.sk[1] + j * p.sk[2], p.sk[3], D, kr);
     for (int64_t d = 0; d < D; ++d) w.kt[(blk * D + d) * kBlockN + c] = kr[d];
     load_any(p.v, p.dtype, b * p.sv[0] + hk * p.sv[1] + j * p.sv[2], p.sv[3], Dv, w.row.data());
@@ -376,6 +382,8 @@ void bwd_head(const AttentionParams& p, int64_t b, int64_t hk, BwdBuffers<A>& w)
       const int64_t i0 = tile * kBlockM, m = std::min(kBlockM, p.L - i0);
       int64_t first, last;
       block_range(p, i0, i0 + m, first, last);
+      first = std::max(first, kb0);  // the float64 path has one chunk: all blocks
+      last = std::min(last, kb1);
       for (int64_t r = 0; r < m; ++r) {
         const int64_t i = i0 + r;
         // q * scale: the scores come out scaled, and dK = dS'^T (scale q) needs it too.
@@ -397,7 +405,7 @@ void bwd_head(const AttentionParams& p, int64_t b, int64_t hk, BwdBuffers<A>& w)
         // The saved lse is float32; float64 recomputes it in double.
         std::vector<A> mr(m, kNegInf<A>), lr(m, A(0));
         for (int64_t blk = first; blk < last; ++blk) {
-          gemm<A, false>(m, kBlockN, D, Q, Dp, w.kt.data() + blk * D * kBlockN, kBlockN, Sb,
+          gemm<A, false>(m, kBlockN, D, Q, Dp, w.kt.data() + (blk - kb0) * D * kBlockN, kBlockN, Sb,
                          kBlockN, false);
           for (int64_t r = 0; r < m; ++r) {
             A* s = Sb + r * kBlockN;
@@ -412,8 +420,8 @@ void bwd_head(const AttentionParams& p, int64_t b, int64_t hk, BwdBuffers<A>& w)
       }
       for (int64_t blk = first; blk < last; ++blk) {
         const int64_t j0 = blk * kBlockN, nval = std::min(kBlockN, p.S - j0);
-        gemm<A, false>(m, kBlockN, D, Q, Dp, w.kt.data() + blk * D * kBlockN, kBlockN, Sb,
-                       kBlockN, false);
+        gemm<A, false>(m, kBlockN, D, Q, Dp, w.kt.data() + (blk - kb0) * D * kBlockN, kBlockN,
+                       Sb, kBlockN, false);
         for (int64_t r = 0; r < m; ++r) {
           A* s = Sb + r * kBlockN;
           A* t = softcap ? w.t.data() + r * kBlockN : nullptr;
@@ -439,9 +447,10 @@ void bwd_head(const AttentionParams& p, int64_t b, int64_t hk, BwdBuffers<A>& w)
         }
         const A* P = dropout ? PD : Sb;
         // dV += P^T dO
-        gemm<A, true>(kBlockN, Dvp, m, P, kBlockN, G, Dvp, w.dv.data() + j0 * Dvp, Dvp, true);
+        gemm<A, true>(kBlockN, Dvp, m, P, kBlockN, G, Dvp, w.dv.data() + (j0 - jb) * Dvp, Dvp,
+                      true);
         // dP = dO V^T
-        gemm<A, false>(m, kBlockN, Dv, G, Dvp, w.vt.data() + blk * Dv * kBlockN, kBlockN, DS,
+        gemm<A, false>(m, kBlockN, Dv, G, Dvp, w.vt.data() + (blk - kb0) * Dv * kBlockN, kBlockN, DS,
                        kBlockN, false);
         for (int64_t r = 0; r < m; ++r) {
           const A* pr = Sb + r * kBlockN;
@@ -465,20 +474,27 @@ void bwd_head(const AttentionParams& p, int64_t b, int64_t hk, BwdBuffers<A>& w)
           }
         }
         // dQ += dS K, dK += dS^T Q
-        gemm<A, false>(m, Dp, kBlockN, DS, kBlockN, w.kr.data() + j0 * Dp, Dp, dQ, Dp, true);
-        gemm<A, true>(kBlockN, Dp, m, DS, kBlockN, Q, Dp, w.dk.data() + j0 * Dp, Dp, true);
+        gemm<A, false>(m, Dp, kBlockN, DS, kBlockN, w.kr.data() + (j0 - jb) * Dp, Dp, dQ, Dp,
+                       true);
+        gemm<A, true>(kBlockN, Dp, m, DS, kBlockN, Q, Dp, w.dk.data() + (j0 - jb) * Dp, Dp,
+                      true);
       }
       for (int64_t r = 0; r < m; ++r) {
         row_scale(dQ + r * Dp, D, scale);  // dQ = scale dS' K
-        store_any(dQ + r * Dp, D, p.dq, p.dtype,
-                  b * p.sdq[0] + h * p.sdq[1] + (i0 + r) * p.sdq[2], p.sdq[3]);
+        if (p.chunks == 1) {
+          store_any(dQ + r * Dp, D, p.dq, p.dtype,
+                    b * p.sdq[0] + h * p.sdq[1] + (i0 + r) * p.sdq[2], p.sdq[3]);
+        } else {
+          A* part = static_cast<A*>(p.dq_part) + (((chunk * p.B + b) * p.Hq + h) * p.L + i0 + r) * D;
+          std::copy(dQ + r * Dp, dQ + r * Dp + D, part);
+        }
       }
     }
   }
-  for (int64_t j = 0; j < p.S; ++j) {
-    store_any(w.dk.data() + j * Dp, D, p.dk, p.dtype,
+  for (int64_t j = jb; j < je; ++j) {
+    store_any(w.dk.data() + (j - jb) * Dp, D, p.dk, p.dtype,
               b * p.sdk[0] + hk * p.sdk[1] + j * p.sdk[2], p.sdk[3]);
-    store_any(w.dv.data() + j * Dvp, Dv, p.dv, p.dtype,
+    store_any(w.dv.data() + (j - jb) * Dvp, Dv, p.dv, p.dtype,
               b * p.sdv[0] + hk * p.sdv[1] + j * p.sdv[2], p.sdv[3]);
   }
 }
@@ -486,7 +502,28 @@ void bwd_head(const AttentionParams& p, int64_t b, int64_t hk, BwdBuffers<A>& w)
 template <typename A>
 void bwd_heads(const AttentionParams& p, int64_t begin, int64_t end) {
   BwdBuffers<A> w;
-  for (int64_t idx = begin; idx < end; ++idx) bwd_head(p, idx / p.Hk, idx % p.Hk, w);
+  for (int64_t idx = begin; idx < end; ++idx) {
+    const int64_t bh = idx / p.chunks;
+    bwd_head(p, bh / p.Hk, bh % p.Hk, idx % p.chunks, w);
+  }
+}
+
+// dq rows [begin, end) of (B, Hq, L): the chunks' parts added in chunk order (deterministic).
+template <typename A>
+void dq_reduce(const AttentionParams& p, int64_t begin, int64_t end) {
+  const int64_t D = p.D, rows = p.B * p.Hq * p.L;
+  std::vector<A> acc(std::max<int64_t>(D, 1));
+  for (int64_t row = begin; row < end; ++row) {
+    const A* part = static_cast<const A*>(p.dq_part) + row * D;
+    std::copy(part, part + D, acc.begin());
+    for (int64_t c = 1; c < p.chunks; ++c) {
+      const A* more = part + c * rows * D;
+      for (int64_t d = 0; d < D; ++d) acc[d] += more[d];
+    }
+    const int64_t i = row % p.L, bh = row / p.L, h = bh % p.Hq, b = bh / p.Hq;
+    store_any(acc.data(), D, p.dq, p.dtype, b * p.sdq[0] + h * p.sdq[1] + i * p.sdq[2],
+              p.sdq[3]);
+  }
 }
 
 }  // namespace
@@ -501,6 +538,10 @@ void attention_fwd_tiles(const AttentionParams& p, int64_t begin, int64_t end) {
 
 void attention_bwd_heads(const AttentionParams& p, int64_t begin, int64_t end) {
   p.acc_double ? bwd_heads<double>(p, begin, end) : bwd_heads<float>(p, begin, end);
+}
+
+void attention_bwd_dq_reduce(const AttentionParams& p, int64_t begin, int64_t end) {
+  p.acc_double ? dq_reduce<double>(p, begin, end) : dq_reduce<float>(p, begin, end);
 }
 
 }  // namespace fastattn::cpu::CPU_CAPABILITY
