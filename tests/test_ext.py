@@ -215,8 +215,8 @@ def test_native_attention_backward_split_over_keys():
         torch.set_num_threads(threads)
     (one,), (split, again) = grads[1], grads[4]
     assert all(torch.equal(a, b) for a, b in zip(split, again, strict=True))
-    ref = reference.attention_bwd(g, q, k, v, out, lse, mask, None, 0.0, 0.3, 20, 0,
-                                           True, 2.0, False, True)
+    ref = reference.attention_bwd(g, q, k, v, out, lse, mask, None, 0.0, 0.3, 20, 0, True, 2.0,
+                                  False, True)
     for a, b, r in zip(split, one, ref, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
