@@ -5,6 +5,7 @@
 
 #include <c10/core/ScalarType.h>
 
+#include <atomic>
 #include <cstdint>
 
 #include "../common/cpu_dispatch.h"
@@ -46,7 +47,10 @@ struct AttentionParams {
   void *dq, *dk, *dv;  // q's, k's, v's dtype
   int64_t sdq[4], sdk[4], sdv[4];
   void* dmask;  // (B, Hq, L, S) contiguous, float or double (acc dtype); null when not wanted
-  void* work;   // forward: packed key/value blocks (attention_fwd_pack), in the acc dtype
+  void* work;   // forward: packed key/value blocks, in the acc dtype
+  // Forward: per key block of (B, Hk, blocks), 0 unpacked, 1 being packed, 2 packed; the first
+  // tile that needs a block packs it, so the forward is one parallel region.
+  std::atomic<uint8_t>* pack_state;
   // Backward: key blocks are split into `chunks` ranges per key/value head; with more than one,
   // each range writes its part of dq (scaled, acc dtype) to dq_part (chunks, B, Hq, L, D) and
   // attention_bwd_dq_reduce adds the parts in range order.
@@ -86,10 +90,8 @@ inline uint64_t dropout_threshold(double p) {
   return t >= 4294967295.0 ? 4294967295ull : static_cast<uint64_t>(t);
 }
 
-// Forward: pack key blocks [begin, end) of (B, Hk, blocks) into p.work, then query tiles
-// [begin, end) of (B, Hq, tiles). Backward: key ranges [begin, end) of (B, Hk, chunks), then
+// Forward: query tiles [begin, end) of (B, Hq, tiles). Backward: key ranges [begin, end) of (B, Hk, chunks), then
 // (when chunks > 1) dq rows [begin, end) of (B, Hq, L).
-FASTATTN_DECLARE_CPU_KERNEL(void, attention_fwd_pack, const AttentionParams&, int64_t, int64_t)
 FASTATTN_DECLARE_CPU_KERNEL(void, attention_fwd_tiles, const AttentionParams&, int64_t, int64_t)
 FASTATTN_DECLARE_CPU_KERNEL(void, attention_bwd_heads, const AttentionParams&, int64_t, int64_t)
 FASTATTN_DECLARE_CPU_KERNEL(void, attention_bwd_dq_reduce, const AttentionParams&, int64_t,

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <memory>
 #include <optional>
 #include <tuple>
 
@@ -151,9 +152,11 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
   at::Tensor work = at::empty({cpu::fwd_work_elements(p)},
                               q.options().dtype(p.acc_double ? at::kDouble : at::kFloat));
   p.work = work.data_ptr();
-  auto pack = FASTATTN_CPU_KERNEL(attention_fwd_pack);
   auto tiles_kernel = FASTATTN_CPU_KERNEL(attention_fwd_tiles);
-  parallel_tasks(p.B * p.Hk * blocks, [&](int64_t begin, int64_t end) { pack(p, begin, end); });
+  const int64_t nblocks = p.B * p.Hk * blocks;
+  std::unique_ptr<std::atomic<uint8_t>[]> pack_state(new std::atomic<uint8_t>[nblocks]);
+  for (int64_t i = 0; i < nblocks; ++i) pack_state[i].store(0);
+  p.pack_state = pack_state.get();
   parallel_tasks(p.B * p.Hq * tiles,
                  [&](int64_t begin, int64_t end) { tiles_kernel(p, begin, end); });
   return {out, lse};

@@ -24,12 +24,12 @@
 // Algorithm. Everything is computed in float (double for float64 inputs) in small row-major
 // buffers; inputs of any dtype and strides are converted row by row as they are read, and
 // nothing of size L x S is ever formed.
-// - Forward: key blocks are first packed once per (b, hk) into the workspace (K^T blocks of
-//   D x 64 and V blocks of 64 x Dv, in float), so every query tile reuses them without
-//   converting again. Then each task is one tile of 64 query rows of one (b, h), handed to
+// - Forward: key blocks are packed once per (b, hk) into the workspace (K^T blocks of
+//   D x 128 and V blocks of 128 x Dv, in float) by the first tile that needs them, so every
+//   query tile reuses them without converting again, and the forward is one parallel region. Then each task is one tile of 64 query rows of one (b, h), handed to
 //   the threads one at a time: q is scaled as it is loaded, S = Q K^T by a register-blocked
 //   micro-kernel (4 rows x 2-4 vectors of keys, FMA over the head dim, accumulators in
-//   registers), softcap / mask / window on the 64 x 64 score tile, online softmax (running max
+//   registers), softcap / mask / window on the 64 x 128 score tile, online softmax (running max
 //   and sum, the output rescaled when the max grows), O += P V by the same micro-kernel. Only
 //   key blocks that some row of the tile can see are visited (causal and window block
 //   skipping).
@@ -59,6 +59,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <thread>
 #include <vector>
 
 #include "../common/vec_rows.h"
@@ -243,12 +244,21 @@ A online_row(A* s, A& m, A& l) {
   return alpha;
 }
 
+// Packs key block `idx` of (B, Hk, blocks) into the workspace unless done: the first thread to
+// claim it packs it, a thread that finds it being packed yields until it is ready.
 template <typename A>
-void fwd_pack(const AttentionParams& p, int64_t begin, int64_t end) {
+void fwd_pack(const AttentionParams& p, int64_t idx, std::vector<A>& row) {
+  std::atomic<uint8_t>& state = p.pack_state[idx];
+  if (state.load(std::memory_order_acquire) == 2) return;
+  uint8_t unpacked = 0;
+  if (!state.compare_exchange_strong(unpacked, 1, std::memory_order_acq_rel)) {
+    while (state.load(std::memory_order_acquire) != 2) std::this_thread::yield();
+    return;
+  }
   const int64_t blocks = (p.S + kBlockN - 1) / kBlockN;
   const int64_t D = p.D, Dv = p.Dv, Dvp = round_up(Dv, kPad);
-  std::vector<A> row(std::max<int64_t>(D, 1));
-  for (int64_t idx = begin; idx < end; ++idx) {
+  row.resize(std::max<int64_t>(D, 1));
+  {
     const int64_t blk = idx % blocks, bh = idx / blocks, hk = bh % p.Hk, b = bh / p.Hk;
     A* kt = static_cast<A*>(p.work) + idx * kBlockN * (D + Dvp);  // (D, kBlockN)
     A* vb = kt + D * kBlockN;                                      // (kBlockN, Dvp)
@@ -266,6 +276,7 @@ void fwd_pack(const AttentionParams& p, int64_t begin, int64_t end) {
       }
     }
   }
+  state.store(2, std::memory_order_release);
 }
 
 template <typename A>
@@ -276,7 +287,7 @@ void fwd_tiles(const AttentionParams& p, int64_t begin, int64_t end) {
   const uint64_t threshold = dropout_threshold(p.dropout_p);
   const A drop_scale = static_cast<A>(1.0 / (1.0 - p.dropout_p));
   std::vector<A> qbuf(kBlockM * std::max<int64_t>(D, 1)), obuf(kBlockM * Dvp + 1),
-      sbuf(kBlockM * kBlockN), mbuf(kBlockN), mrow(kBlockM), lrow(kBlockM);
+      sbuf(kBlockM * kBlockN), mbuf(kBlockN), mrow(kBlockM), lrow(kBlockM), row;
   A *Q = qbuf.data(), *O = obuf.data(), *Sb = sbuf.data();
   for (int64_t idx = begin; idx < end; ++idx) {
     const int64_t tile = idx % tiles, bh = idx / tiles, h = bh % p.Hq, b = bh / p.Hq;
@@ -293,6 +304,7 @@ void fwd_tiles(const AttentionParams& p, int64_t begin, int64_t end) {
     block_range(p, i0, i0 + m, first, last);
     for (int64_t blk = first; blk < last; ++blk) {
       const int64_t j0 = blk * kBlockN;
+      fwd_pack(p, (b * p.Hk + hk) * blocks + blk, row);
       const A* kt = static_cast<const A*>(p.work) + ((b * p.Hk + hk) * blocks + blk) * kBlockN *
                                                         (D + Dvp);
       gemm<A, false>(m, kBlockN, D, Q, D, kt, kBlockN, Sb, kBlockN, false);
@@ -527,10 +539,6 @@ void dq_reduce(const AttentionParams& p, int64_t begin, int64_t end) {
 }
 
 }  // namespace
-
-void attention_fwd_pack(const AttentionParams& p, int64_t begin, int64_t end) {
-  p.acc_double ? fwd_pack<double>(p, begin, end) : fwd_pack<float>(p, begin, end);
-}
 
 void attention_fwd_tiles(const AttentionParams& p, int64_t begin, int64_t end) {
   p.acc_double ? fwd_tiles<double>(p, begin, end) : fwd_tiles<float>(p, begin, end);
