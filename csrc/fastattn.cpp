@@ -42,4 +42,20 @@ TORCH_LIBRARY(fastattn, m) {
       "native_cross_entropy_fwd(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
       "int reduction, float label_smoothing, float z_loss, float softcap, Tensor(a!)? grad) "
       "-> (Tensor, Tensor)");
+  // Attention in the normalised form of fastattn.reference: q (B, Hq, L, D), k (B, Hk, S, D),
+  // v (B, Hk, S, Dv) with any strides, mask broadcast to (B, Hq, L, S); (out, lse) as
+  // fastattn.reference.attention_fwd (out laid out by fastattn.reference.attention_output).
+  m.def(
+      "native_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? seed, "
+      "float dropout_p, float scale, int window_left, int window_right, bool align_bottom, "
+      "float softcap) -> (Tensor, Tensor)");
+  // (dq, dk, dv, dmask) as fastattn.reference.attention_bwd: dq, dk, dv like q, k, v; dmask
+  // (B, Hq, L, S) in the accumulation dtype when mask_grad, else empty. Always deterministic.
+  m.def(
+      "native_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, Tensor? mask, Tensor? seed, float dropout_p, float scale, int window_left, "
+      "int window_right, bool align_bottom, float softcap, bool mask_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  // The dropout keep mask (bool, shape (B, Hq, L, S)) the attention kernels draw for `seed`.
+  m.def("native_attention_dropout_mask(Tensor seed, int[] shape, float dropout_p) -> Tensor");
 }

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 # fastattn op -> the C++ op whose kernels decide where the native backend serves it.
-NATIVE_OPS = {"softmax": "native_softmax_fwd", "cross_entropy": "native_cross_entropy_fwd"}
+NATIVE_OPS = {"softmax": "native_softmax_fwd", "cross_entropy": "native_cross_entropy_fwd",
+              "attention": "native_attention_fwd"}
 JIT_VAR = "FASTATTN_JIT"
 
 _lock = threading.Lock()
@@ -127,3 +128,23 @@ def _register_fakes() -> None:
         tokens = tuple(input.shape[:1]) + tuple(input.shape[2:])
         loss = input.new_empty(tokens if reduction == 0 else (), dtype=acc)
         return loss, input.new_empty(tokens, dtype=torch.float32)
+
+    @torch.library.register_fake("fastattn::native_attention_fwd")
+    def _(q, k, v, mask, seed, dropout_p, scale, window_left, window_right, align_bottom,
+          softcap):
+        from fastattn.reference import attention_output
+
+        out = attention_output(q, v.shape[-1], q.dtype)
+        return out, q.new_empty(q.shape[:3], dtype=torch.float32)
+
+    @torch.library.register_fake("fastattn::native_attention_bwd")
+    def _(grad_out, q, k, v, out, lse, mask, seed, dropout_p, scale, window_left, window_right,
+          align_bottom, softcap, mask_grad):
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        B, H, L, _ = q.shape
+        dmask = q.new_empty((B, H, L, k.shape[2]) if mask_grad else (0,), dtype=acc)
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
+
+    @torch.library.register_fake("fastattn::native_attention_dropout_mask")
+    def _(seed, shape, dropout_p):
+        return seed.new_empty(shape, dtype=torch.bool)

@@ -13,6 +13,7 @@ from check import DEVICE, assert_twice_error, backends
 
 import fastattn
 from fastattn import reference
+from fastattn.backends import launcher
 from fastattn.ops.attention import dropout_seed
 
 LOW = [torch.bfloat16, torch.float16]
@@ -276,10 +277,9 @@ def test_empty_inputs(backend):
 
 
 def _dropout_mask(backend, seed, shape, p):
-    if backend == "torch":
-        return reference.dropout_mask(seed, shape, p, DEVICE)
-    from fastattn.triton.attention import dropout_mask
-    return dropout_mask(seed, shape, p, DEVICE)
+    # Each backend's own generator: reference.dropout_mask for torch, else
+    # fastattn.<backend>.attention.dropout_mask.
+    return launcher(backend, "attention", "dropout_mask")(seed, shape, p, DEVICE)
 
 
 @pytest.mark.parametrize("backend", backends("attention"))

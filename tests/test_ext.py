@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import fastattn
-from fastattn import _ext
+from fastattn import _ext, reference
+from fastattn.native import attention as native_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILT = _ext.reason() is None
@@ -84,13 +85,14 @@ def test_unbuilt_extension_gives_its_reason_and_native_is_not_available():
 def test_native_reasons_per_op_and_device():
     assert fastattn.backend_status("cpu", "softmax")["native"] is None
     assert fastattn.backend_status("cpu", "cross_entropy")["native"] is None
-    assert "no attention kernels" in fastattn.backend_status("cpu", "attention")["native"]
-    assert "native" not in fastattn.available_backends("cpu", "attention")
+    assert fastattn.backend_status("cpu", "attention")["native"] is None
+    assert "native" in fastattn.available_backends("cpu", "attention")
     assert "no CUDA kernels" in fastattn.backend_status("cuda", "softmax")["native"]
+    assert "no CUDA kernels" in fastattn.backend_status("cuda", "attention")["native"]
     assert "does not run on meta" in fastattn.backend_status("meta")["native"]
-    q = torch.randn(1, 1, 3, 4)
+    q = torch.randn(1, 1, 3, 4, device="meta")
     with fastattn.use_backend("native"), pytest.raises(
-            fastattn.BackendUnavailableError, match="no attention kernels yet; backends that can"):
+            fastattn.BackendUnavailableError, match="does not run on meta tensors; backends"):
         fastattn.scaled_dot_product_attention(q, q, q)
 
 
@@ -146,6 +148,78 @@ def test_opcheck_native_cross_entropy():
         torch.library.opcheck(OPS.native_cross_entropy_fwd.default, (*args, None))
         grad = torch.empty_like(args[0])
         torch.library.opcheck(OPS.native_cross_entropy_fwd.default, (*args, grad))
+
+
+def _attention_args():
+    q = torch.randn(2, 4, 21, 24)
+    k = torch.randn(2, 2, 17, 24)
+    v = torch.randn(2, 2, 17, 40)
+    add = torch.randn(21, 17).expand(2, 4, 21, 17)
+    add64 = torch.randn(1, 4, 21, 17, dtype=torch.float64).masked_fill(add[:1] > 1.5, -torch.inf)
+    seed = torch.tensor([7])
+    qt = torch.randn(2, 21, 4, 24).transpose(1, 2)  # flash-attn's layout: a strided view
+    #  q, k, v, mask, seed, dropout_p, scale, left, right, align_bottom, softcap, mask_grad
+    return [
+        (q, k, v, None, None, 0.0, 0.2, -1, -1, False, 0.0, False),
+        (q, k, v, add, None, 0.0, 0.2, -1, 0, True, 0.0, True),
+        (q.bfloat16(), k.bfloat16(), v.bfloat16(), add > 0, seed, 0.25, 0.2, 3, 5, False, 2.0,
+         False),
+        (qt.half(), k.half()[..., ::2, :], v.half()[..., ::2, :], None, None, 0.0, 0.3, 4, 0,
+         True, 0.0, False),
+        (q.double(), k.double(), v.double(), add64, seed, 0.1, 0.2, -1, -1, False, 3.0, True),
+    ]
+
+
+@needs_ext
+def test_opcheck_native_attention():
+    for *fwd, mask_grad in _attention_args():
+        torch.library.opcheck(OPS.native_attention_fwd.default, tuple(fwd))
+        out, lse = OPS.native_attention_fwd(*fwd)
+        bwd = (torch.randn_like(out), *fwd[:3], out, lse, *fwd[3:], mask_grad)
+        torch.library.opcheck(OPS.native_attention_bwd.default, bwd)
+    torch.library.opcheck(OPS.native_attention_dropout_mask.default,
+                          (torch.tensor([3]), [2, 3, 5, 7], 0.4))
+
+
+@needs_ext
+def test_native_attention_dropout_mask_is_the_kernels():
+    # With v = identity, the output row is the dropped, rescaled probability row, so its zeros
+    # are exactly the mask's drops.
+    q, k = torch.randn(2, 3, 50, 8), torch.randn(2, 3, 70, 8)
+    v = torch.eye(70).expand(2, 3, 70, 70)
+    seed = torch.tensor([123456789])
+    out, _ = OPS.native_attention_fwd(q, k, v, None, seed, 0.3, 0.5, -1, -1, False, 0.0)
+    keep = native_attention.dropout_mask(seed, (2, 3, 50, 70), 0.3, "cpu")
+    assert torch.equal(out != 0, keep)
+    assert abs(1 - keep.float().mean().item() - 0.3) < 0.02
+
+
+@needs_ext
+def test_native_attention_backward_split_over_keys():
+    # One key/value head and more threads than heads: the backward splits each head's keys
+    # into ranges whose dq parts are added in range order. Same gradients as a single range
+    # (one thread), bitwise reproducible, and equal to the torch launcher's formula.
+    q, k, v = torch.randn(1, 3, 150, 40), torch.randn(1, 1, 300, 40), torch.randn(1, 1, 300, 24)
+    mask = torch.randn(150, 300).expand(1, 3, 150, 300)
+    args = (mask, None, 0.0, 0.3, 20, 0, True, 2.0)
+    out, lse = OPS.native_attention_fwd(q, k, v, *args)
+    g = torch.randn_like(out)
+    threads = torch.get_num_threads()
+    try:
+        grads = {}
+        for n in (1, 4, 4):
+            torch.set_num_threads(n)
+            grads.setdefault(n, []).append(OPS.native_attention_bwd(g, q, k, v, out, lse, *args,
+                                                                    True))
+    finally:
+        torch.set_num_threads(threads)
+    (one,), (split, again) = grads[1], grads[4]
+    assert all(torch.equal(a, b) for a, b in zip(split, again, strict=True))
+    ref = reference.attention_bwd(g, q, k, v, out, lse, mask, None, 0.0, 0.3, 20, 0, True, 2.0,
+                                  False, True)
+    for a, b, r in zip(split, one, ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
 
 
 @needs_ext
@@ -205,6 +279,50 @@ def test_torch_checks_name_the_tensor():
 
 
 @needs_ext
+def test_attention_torch_checks_name_the_tensor():
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 6)
+    fwd, bwd = OPS.native_attention_fwd, OPS.native_attention_bwd
+    out, lse = fwd(q, k, v, None, None, 0.0, 1.0, -1, -1, False, 0.0)
+
+    def f(q=q, k=k, v=v, mask=None, seed=None, p=0.0, scale=1.0, left=-1, right=-1, cap=0.0):
+        return fwd(q, k, v, mask, seed, p, scale, left, right, False, cap)
+
+    def b(g=out, out=out, lse=lse, mask=None, mask_grad=False):
+        return bwd(g, q, k, v, out, lse, mask, None, 0.0, 1.0, -1, -1, False, 0.0, mask_grad)
+
+    cases = [
+        ("q must be float32, float64", lambda: f(q=q.long())),
+        (r"q must be 4-d \(B, Hq, L, D\)", lambda: f(q=q[0])),
+        ("q, k and v must have the same dtype", lambda: f(k=k.double())),
+        ("k and v must have q's batch size 2", lambda: f(k=k[:1], v=v[:1])),
+        ("v must have k's number of heads 2", lambda: f(v=v[:, :1])),
+        (r"q's heads \(4\) must be a multiple of k's heads \(3\)", lambda: f(
+            k=torch.randn(2, 3, 7, 8), v=torch.randn(2, 3, 7, 6))),
+        ("k must have q's head dim 8", lambda: f(k=k[..., :4])),
+        ("v must have k's number of positions 7", lambda: f(v=v[:, :, :6])),
+        ("scale must be finite", lambda: f(scale=float("nan"))),
+        ("softcap must be finite and >= 0", lambda: f(cap=-1.0)),
+        ("window_left and window_right must be >= -1", lambda: f(left=-2)),
+        (r"dropout_p must be in \[0, 1\)", lambda: f(p=1.0)),
+        ("seed must be given when dropout_p > 0", lambda: f(p=0.5)),
+        ("seed must be a CPU int64 tensor", lambda: f(p=0.5, seed=torch.tensor([1.0]))),
+        (r"mask of shape \[5, 6\] does not broadcast", lambda: f(mask=torch.ones(5, 6) > 0)),
+        ("mask must be bool or float", lambda: f(mask=torch.ones(5, 7, dtype=torch.int32))),
+        ("grad_out must have shape", lambda: b(g=out[:, :, :4])),
+        ("out must have shape", lambda: b(out=out[..., :5])),
+        ("lse must be a CPU float32 tensor", lambda: b(lse=lse.double())),
+        ("lse must have shape", lambda: b(lse=lse[:1])),
+        ("mask_grad=True needs an additive", lambda: b(mask=torch.ones(5, 7) > 0,
+                                                       mask_grad=True)),
+        ("shape must be \\(B, Hq, L, S\\)", lambda: OPS.native_attention_dropout_mask(
+            torch.tensor([1]), [2, 3], 0.1)),
+    ]
+    for message, call in cases:
+        with pytest.raises(RuntimeError, match=message):
+            call()
+
+
+@needs_ext
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump")
 def test_only_the_capability_copies_use_avx():
     # Code outside the AVX2 / AVX-512 copies runs on any x86-64 CPU, so it must hold no VEX or
@@ -230,3 +348,4 @@ def test_only_the_capability_copies_use_avx():
     assert not offenders, f"baseline code uses AVX: {list(offenders.items())[:5]}"
     # and the AVX-512 copy is really there
     assert "fastattn::cpu::AVX512::softmax_fwd_rows" in out
+    assert "fastattn::cpu::AVX512::attention_fwd_tiles" in out

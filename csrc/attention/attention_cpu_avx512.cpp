@@ -1,0 +1,6 @@
+// The attention CPU kernels compiled for one capability; see csrc/common/cpu_target.h.
+#define FASTATTN_CPU_TARGET 2
+#include "../common/cpu_target.h"
+#if FASTATTN_BUILD_KERNELS
+#include "attention_cpu_kernel.h"
+#endif
