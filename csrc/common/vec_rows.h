@@ -239,10 +239,10 @@ inline Vectorized<double> fast_exp(const Vectorized<double>& x) {
   return x.exp();
 }
 
-// sum_i exp(x_i * scale - m) over x[0:n], also written to out[0:n] when kStore (out may be x);
-// m must be row_max(x, n, scale), so the exponents are <= 0 (to rounding) or NaN. x * scale - m
-// is one fused multiply-add, so a scale costs nothing.
-template <bool kStore, typename A>
+// sum_i exp(x_i * scale - m) over x[0:n], also written to out[0:n] when kStore (out may be x).
+// kNonPositive: m is row_max(x, n, scale), so the exponents are <= 0 (to rounding) or NaN.
+// x * scale - m is one fused multiply-add, so a scale costs nothing.
+template <bool kStore, bool kNonPositive = true, typename A>
 A exp_sum(const A* x, int64_t n, A scale, A m, A* out) {
   using V = Vectorized<A>;
   constexpr int64_t W = V::size();
@@ -250,8 +250,8 @@ A exp_sum(const A* x, int64_t n, A scale, A m, A* out) {
   V s0(0), s1(0);
   int64_t i = 0;
   for (; i + 2 * W <= n; i += 2 * W) {
-    const V e0 = fast_exp<true>(at::vec::fmsub(V::loadu(x + i), vscale, vm));
-    const V e1 = fast_exp<true>(at::vec::fmsub(V::loadu(x + i + W), vscale, vm));
+    const V e0 = fast_exp<kNonPositive>(at::vec::fmsub(V::loadu(x + i), vscale, vm));
+    const V e1 = fast_exp<kNonPositive>(at::vec::fmsub(V::loadu(x + i + W), vscale, vm));
     if constexpr (kStore) {
       e0.store(out + i);
       e1.store(out + i + W);
@@ -261,7 +261,7 @@ A exp_sum(const A* x, int64_t n, A scale, A m, A* out) {
   }
   for (; i < n; i += W) {
     const int64_t k = std::min<int64_t>(W, n - i);
-    V e = fast_exp<true>(at::vec::fmsub(V::loadu(x + i, k), vscale, vm));
+    V e = fast_exp<kNonPositive>(at::vec::fmsub(V::loadu(x + i, k), vscale, vm));
     if (k < W) e = V::set(V(0), e, k);
     if constexpr (kStore) e.store(out + i, k);
     s0 += e;
