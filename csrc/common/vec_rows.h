@@ -242,8 +242,58 @@ inline Vectorized<double> fast_exp(const Vectorized<double>& x) {
 // sum_i exp(x_i * scale - m) over x[0:n], also written to out[0:n] when kStore (out may be x).
 // kNonPositive: m is row_max(x, n, scale), so the exponents are <= 0 (to rounding) or NaN.
 // x * scale - m is one fused multiply-add, so a scale costs nothing.
+//
+// With AVX-512 and kNonPositive the sweep works in base 2: d = x * scale - m (rounded as torch
+// rounds x - m), t = d log2 e, 2^t = 2^(t - n) 2^n with n = round(t), 2^(t - n) by a degree-6
+// minimax polynomial (0.95 ulp) and 2^n by vscalefps: 8 multiply-add-class instructions a
+// vector instead of fast_exp's 10 (softmax's forward and cross-entropy are bound by them). The
+// extra rounding of d log2 e is a relative error of about |d| 2^-24 in an element exp(d) times
+// the largest; measured, softmax's max error stays within 1.4x torch.softmax's against float64
+// for inputs of std 1 to 1000 and scales 1/8 to -2.
 template <bool kStore, bool kNonPositive = true, typename A>
 A exp_sum(const A* x, int64_t n, A scale, A m, A* out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (kNonPositive && std::is_same_v<A, float>) {
+    constexpr int64_t W = Vectorized<float>::size();
+    const __m512 vscale = _mm512_set1_ps(scale), vm = _mm512_set1_ps(m);
+    const __m512 vlog2e = _mm512_set1_ps(1.44269504088896341f);
+    auto exp2_of = [&](__m512 xv) {
+      // 2^-150 rounds to 0; the clamp keeps n finite for x = -inf. NaN passes (second operand).
+      const __m512 d = _mm512_fmsub_ps(xv, vscale, vm);
+      const __m512 t = _mm512_max_ps(_mm512_set1_ps(-150.f), _mm512_mul_ps(d, vlog2e));
+      const __m512 nn = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m512 f = _mm512_sub_ps(t, nn);
+      __m512 p = _mm512_set1_ps(1.535331248e-04f);
+      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339886105e-03f));
+      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437849e-03f));
+      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332367e-02f));
+      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264774e-01f));
+      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471825e-01f));
+      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+      return _mm512_scalef_ps(p, nn);
+    };
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 2 * W <= n; i += 2 * W) {
+      const __m512 e0 = exp2_of(_mm512_loadu_ps(x + i));
+      const __m512 e1 = exp2_of(_mm512_loadu_ps(x + i + W));
+      if constexpr (kStore) {
+        _mm512_storeu_ps(out + i, e0);
+        _mm512_storeu_ps(out + i + W, e1);
+      }
+      s0 = _mm512_add_ps(s0, e0);
+      s1 = _mm512_add_ps(s1, e1);
+    }
+    for (; i < n; i += W) {
+      const int64_t k = std::min<int64_t>(W, n - i);
+      const __mmask16 mask = static_cast<__mmask16>((1u << k) - 1u);
+      const __m512 e = _mm512_maskz_mov_ps(mask, exp2_of(_mm512_maskz_loadu_ps(mask, x + i)));
+      if constexpr (kStore) _mm512_mask_storeu_ps(out + i, mask, e);
+      s0 = _mm512_add_ps(s0, e);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+  }
+#endif
   using V = Vectorized<A>;
   constexpr int64_t W = V::size();
   const V vscale(scale), vm(m);
@@ -267,61 +317,6 @@ A exp_sum(const A* x, int64_t n, A scale, A m, A* out) {
     s0 += e;
   }
   return vec_sum(s0 + s1);
-}
-
-// exp_sum<true> for softmax's forward. With AVX-512 the sweep works in base 2: d = x * scale - m
-// (one fused multiply-add, rounded as torch rounds x - m), t = d log2 e, 2^t = 2^(t - n) 2^n
-// with n = round(t), 2^(t - n) by a degree-6 minimax polynomial (0.95 ulp) and 2^n by
-// vscalefps: 8 multiply-add-class instructions a vector instead of fast_exp's 10 (the forward
-// is bound by them). The extra rounding of d log2 e is a relative error of about |d| 2^-24 in an
-// element exp(d) times the largest; measured, the output's max error stays within 1.4x
-// torch.softmax's against float64 for inputs of std 1 to 1000 and scales 1/8 to -2 (fast_exp's
-// Cody-Waite reduction stays where lse is the result: log-softmax, cross-entropy).
-template <typename A>
-A softmax_exp_sum(const A* x, int64_t n, A scale, A m, A* out) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<A, float>) {
-    using V = Vectorized<float>;
-    constexpr int64_t W = V::size();
-    const float log2e = 1.44269504088896341f;
-    const __m512 vscale = _mm512_set1_ps(scale), vm = _mm512_set1_ps(m);
-    const __m512 vlog2e = _mm512_set1_ps(log2e);
-    auto exp2_of = [&](__m512 xv) {
-      // 2^-150 rounds to 0; the clamp keeps n finite for x = -inf. NaN passes (second operand).
-      const __m512 d = _mm512_fmsub_ps(xv, vscale, vm);
-      const __m512 t = _mm512_max_ps(_mm512_set1_ps(-150.f), _mm512_mul_ps(d, vlog2e));
-      const __m512 nn = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      const __m512 f = _mm512_sub_ps(t, nn);
-      __m512 p = _mm512_set1_ps(1.535331248e-04f);
-      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339886105e-03f));
-      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437849e-03f));
-      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332367e-02f));
-      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264774e-01f));
-      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471825e-01f));
-      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-      return _mm512_scalef_ps(p, nn);
-    };
-    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 2 * W <= n; i += 2 * W) {
-      const __m512 e0 = exp2_of(_mm512_loadu_ps(x + i));
-      const __m512 e1 = exp2_of(_mm512_loadu_ps(x + i + W));
-      _mm512_storeu_ps(out + i, e0);
-      _mm512_storeu_ps(out + i + W, e1);
-      s0 = _mm512_add_ps(s0, e0);
-      s1 = _mm512_add_ps(s1, e1);
-    }
-    for (; i < n; i += W) {
-      const int64_t k = std::min<int64_t>(W, n - i);
-      const __mmask16 mask = static_cast<__mmask16>((1u << k) - 1u);
-      const __m512 e = _mm512_maskz_mov_ps(mask, exp2_of(_mm512_maskz_loadu_ps(mask, x + i)));
-      _mm512_mask_storeu_ps(out + i, mask, e);
-      s0 = _mm512_add_ps(s0, e);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
-  }
-#endif
-  return exp_sum<true>(x, n, scale, m, out);
 }
 
 // sum of x[0:n], and of x[0:n] * y[0:n]: four accumulators.

@@ -116,7 +116,7 @@ void softmax_row(const A* x, A* y, int64_t C, A scale, bool log) {
     }
     if (i < C) (at::vec::fmsub(V::loadu(x + i, C - i), vs, vm) - shift).store(y + i, C - i);
   } else {
-    row_scale(y, C, A(1) / softmax_exp_sum(x, C, scale, m, y));
+    row_scale(y, C, A(1) / exp_sum<true>(x, C, scale, m, y));
   }
 }
 
