@@ -1,8 +1,9 @@
-// Row loads, stores and reductions with at::vec, for the kernels of one CPU capability
-// (include csrc/common/cpu_target.h first). A row is read into a float (or double) buffer
-// whatever its dtype and stride, the kernels work on that buffer while it sits in L1/L2, and the
-// result is written back in the output's dtype: contiguous fp32/fp64 rows and 16-bit rows into
-// float go through Vectorized loads and conversions, anything else element by element.
+// Row loads, stores, reductions and exp with at::vec, for the kernels of one CPU capability
+// (include csrc/common/cpu_target.h first). The sweeps (row_max, exp_sum, row_sum, row_dot,
+// row_scale) work on float (double) rows in memory: the tensors themselves for contiguous fp32
+// rows, else a buffer that load_row / load_any fill from any dtype and stride and store_row /
+// store_any write back in the output's dtype (contiguous fp32/fp64 rows and 16-bit rows into
+// float go through Vectorized loads and conversions, anything else element by element).
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>

@@ -21,12 +21,15 @@
 // of -inf, +inf with a +inf logit), loss and gradient torch.log_softmax (NaN when the max is not
 // finite). Log-probabilities stay max-shifted: u - lse would cancel digits when |u| is large.
 //
-// Algorithm: one token at a time per thread. The row is read once from memory (any dtype and
-// stride) into a float buffer and soft-capped there; max; one sweep computes exp(u - m) (kept in
-// the buffer when a gradient is wanted), its sum and, for smoothing or probability targets,
-// sum v and sum v (m - u) with v = w or w t'; the gradient sweep then needs no second exp and
-// writes the gradient once, in the input's dtype, into `grad` (which may be the input itself:
-// the row is in the buffer before it is overwritten). 16-bit and fp32 logits accumulate in
+// Algorithm: one token at a time per thread, three sweeps over the row, one exp an element.
+// float32 logits with contiguous rows are read where they lie; other dtypes, strides and
+// softcapped rows are first read into a float buffer (and soft-capped there). Max (this sweep
+// brings the row from memory; the next ones find it in L1/L2); one sweep computes exp(u - m),
+// stored when a gradient is wanted, its sum and, for smoothing or probability targets, sum v and
+// sum v (m - u) with v = w or w t'; the gradient sweep then needs no second exp and writes the
+// gradient once. With contiguous fp32 rows exp(u - m) and then the gradient are written straight
+// into `grad` (which may be the input itself: every element is read before it is overwritten),
+// otherwise into a buffer stored in the input's dtype. 16-bit and fp32 logits accumulate in
 // float, fp64 in double.
 //
 // Bytes per token of C classes (b bytes a logit): reads C b, writes C b of gradient when asked,
