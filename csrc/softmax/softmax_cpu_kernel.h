@@ -140,6 +140,45 @@ void softmax_bwd_row(const A* g, const A* y, A* dx, int64_t C, A scale, bool log
   if (i < C) grad(V::loadu(g + i, C - i), V::loadu(y + i, C - i)).store(dx + i, C - i);
 }
 
+// softmax_bwd_row for 16-bit rows (g, y and dx all of dtype T, contiguous), converting to float
+// in registers: the same two sweeps, without the float buffers' three extra ones.
+template <typename T>
+void softmax_bwd_row_16(const T* g, const T* y, T* dx, int64_t C, float scale, bool log) {
+  using V = Vectorized<float>;
+  using VT = Vectorized<T>;  // twice V's lanes
+  constexpr int64_t WT = VT::size();
+  V a0(0), a1(0);
+  int64_t i = 0;
+  for (; i + WT <= C; i += WT) {
+    auto [g0, g1] = at::vec::convert_to_float<T>(VT::loadu(g + i));
+    if (log) {
+      a0 += g0;
+      a1 += g1;
+    } else {
+      auto [y0, y1] = at::vec::convert_to_float<T>(VT::loadu(y + i));
+      a0 = at::vec::fmadd(g0, y0, a0);
+      a1 = at::vec::fmadd(g1, y1, a1);
+    }
+  }
+  float total = vec_sum(a0 + a1);
+  for (int64_t j = i; j < C; ++j) {
+    total += log ? static_cast<float>(g[j]) : static_cast<float>(g[j]) * static_cast<float>(y[j]);
+  }
+  const V vt(total), vscale(scale);
+  auto grad = [&](const V& gv, const V& yv) {
+    return (log ? gv - fast_exp(yv) * vt : yv * (gv - vt)) * vscale;
+  };
+  for (i = 0; i + WT <= C; i += WT) {
+    auto [g0, g1] = at::vec::convert_to_float<T>(VT::loadu(g + i));
+    auto [y0, y1] = at::vec::convert_to_float<T>(VT::loadu(y + i));
+    at::vec::convert_from_float<T>(grad(g0, y0), grad(g1, y1)).store(dx + i);
+  }
+  for (; i < C; ++i) {
+    const float gv = static_cast<float>(g[i]), yv = static_cast<float>(y[i]);
+    dx[i] = static_cast<T>((log ? gv - std::exp(yv) * total : yv * (gv - total)) * scale);
+  }
+}
+
 // Whether the rows of tensor `slot` are float and contiguous, so the kernels work on the tensor
 // itself instead of a converted copy (a row of one column has column stride 0).
 inline bool direct(const SoftmaxParams& p, c10::ScalarType dtype, int slot) {
@@ -194,6 +233,26 @@ void bwd_rows(const SoftmaxParams& p, int64_t begin, int64_t end) {
         softmax_bwd_row(g + cur.offset(0), y + cur.offset(1), dx + cur.offset(2), C, scale,
                         p.log);
       }
+      return;
+    }
+  }
+  if constexpr (std::is_same_v<A, float>) {
+    const auto t = p.in_dtype[0];
+    if ((t == c10::ScalarType::BFloat16 || t == c10::ScalarType::Half) && p.in_dtype[1] == t &&
+        p.out_dtype == t && p.mask_kind == MaskKind::kNone && !p.causal &&
+        l.col_stride[0] <= 1 && l.col_stride[1] <= 1 && l.col_stride[2] <= 1) {
+      with_float_type(t, [&](auto* tag) {
+        using T = std::remove_pointer_t<decltype(tag)>;
+        if constexpr (kIsReduced<T>) {
+          const T* g = static_cast<const T*>(p.in[0]);
+          const T* y = static_cast<const T*>(p.in[1]);
+          T* dx = static_cast<T*>(p.out);
+          for (int64_t r = begin; r < end; ++r, cur.next()) {
+            softmax_bwd_row_16(g + cur.offset(0), y + cur.offset(1), dx + cur.offset(2), C,
+                               scale, p.log);
+          }
+        }
+      });
       return;
     }
   }
