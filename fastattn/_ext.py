@@ -83,6 +83,16 @@ def reason(op: str | None = None, device_type: str | None = None) -> str | None:
     why = _load()
     if why is not None:
         return why
+    # Every call of a native op asks this; the dispatcher's answer is fixed once the library is
+    # loaded (its kernels register at load), and asking costs microseconds, so it is kept.
+    cache = _state.setdefault("reasons", {})
+    key = (op, device_type)
+    if key not in cache:
+        cache[key] = _reason_loaded(op, device_type)
+    return cache[key]
+
+
+def _reason_loaded(op: str | None, device_type: str | None) -> str | None:
     if op is not None and op not in NATIVE_OPS:
         return f"the native extension has no {op} kernels yet"
     if device_type is None:

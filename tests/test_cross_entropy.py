@@ -17,12 +17,18 @@ def _leaf(t, dtype=None):
 
 
 def _targets(shape, num_classes, probability, ignore_frac=0.2):
-    """Class indices of ``shape`` with some ignored tokens, or probabilities over dim 1."""
+    """Class indices of ``shape`` with some ignored tokens, or probabilities over dim 1. The
+    first token is never ignored: with a handful of tokens every one of them would otherwise be
+    ignored now and then (1 run in 625 at 4 tokens), and the mean of nothing is NaN for PyTorch
+    and fastattn alike, which assert_close reports as a mismatch (test_all_ignored_and_empty
+    covers that case on purpose)."""
     batch = shape[:1] + shape[2:]
     if probability:
         return torch.softmax(3 * torch.randn(shape, device=DEVICE), 1)
     target = torch.randint(0, num_classes, batch, device=DEVICE)
-    return target.masked_fill(torch.rand(batch, device=DEVICE) < ignore_frac, -100)
+    ignored = torch.rand(batch, device=DEVICE) < ignore_frac
+    ignored.view(-1)[0] = False
+    return target.masked_fill(ignored, -100)
 
 
 def _compare(backend, x, target, weight=None, target_grad=False, **kw):

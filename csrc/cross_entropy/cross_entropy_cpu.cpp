@@ -12,6 +12,7 @@
 #include <cmath>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../common/checks.h"
@@ -20,29 +21,42 @@
 namespace fastattn {
 namespace {
 
+// Calls f(A*) with A the C++ type of the accumulation dtype (float or double).
+template <typename F>
+void with_acc(at::ScalarType acc, F&& f) {
+  if (acc == at::kDouble) {
+    f(static_cast<double*>(nullptr));
+  } else {
+    f(static_cast<float*>(nullptr));
+  }
+}
+
 using cpu::CrossEntropyParams;
 using cpu::RowLayout;
 
-// TORCH_CHECKs every class index that is not ignore_index against [0, C).
-void check_class_indices(const at::Tensor& target, int64_t C, int64_t ignore_index) {
+// TORCH_CHECKs every class index that is not ignore_index against [0, C); returns how many are
+// not ignore_index.
+int64_t check_class_indices(const at::Tensor& target, int64_t C, int64_t ignore_index) {
   const at::Tensor t = target.contiguous();
   const int64_t* y = t.data_ptr<int64_t>();
+  int64_t valid = 0;
   for (int64_t i = 0; i < t.numel(); ++i) {
     TORCH_CHECK(y[i] == ignore_index || (y[i] >= 0 && y[i] < C), "target holds class index ",
                 y[i], ", outside [0, ", C, ") and not ignore_index=", ignore_index);
+    valid += y[i] != ignore_index;
   }
+  return valid;
 }
 
 // What the mean divides by, computed as fastattn.reference.cross_entropy_denominator does (the
 // specification): a float32 sum of the target classes' weights over non-ignored tokens (their
 // count without weight), the token count for probability targets.
 double denominator(const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t C,
-                   int64_t ignore_index, bool probability, int64_t tokens) {
+                   int64_t ignore_index, bool probability, int64_t tokens, int64_t valid) {
   if (probability) return static_cast<float>(tokens);
-  const at::Tensor valid = target.ne(ignore_index);
-  if (!weight.has_value()) return valid.sum().item<double>();
+  if (!weight.has_value()) return static_cast<double>(valid);
   const at::Tensor picked = weight->to(at::kFloat).index_select(0, target.clamp(0, C - 1).flatten());
-  return at::where(valid.flatten(), picked, 0.0).sum().item<double>();
+  return at::where(target.ne(ignore_index).flatten(), picked, 0.0).sum().item<double>();
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
@@ -96,9 +110,9 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
 
   const at::Tensor t = probability ? target : target.to(at::kLong);
   const int64_t tokens = input.numel() / C;
-  if (!probability) check_class_indices(t, C, ignore_index);
+  const int64_t valid = probability ? tokens : check_class_indices(t, C, ignore_index);
   const double denom =
-      reduction == 1 ? denominator(t, weight, C, ignore_index, probability, tokens) : 1.0;
+      reduction == 1 ? denominator(t, weight, C, ignore_index, probability, tokens, valid) : 1.0;
 
   const auto opts = at::TensorOptions().dtype(acc);
   at::Tensor loss = at::empty({tokens}, opts);
@@ -134,10 +148,21 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
   at::Tensor loss_out;
   if (reduction == 0) {
     loss_out = loss.view(token_shape);
-  } else if (reduction == 2) {
-    loss_out = loss.sum();
   } else {
-    loss_out = loss.sum().div_(denom);  // 0 / 0 = NaN for a mean over nothing, as PyTorch
+    // The sum in double, rounded once (ATen's sum and div are two more dispatches, several
+    // microseconds of a small call); 0 / 0 = NaN for a mean over nothing, as PyTorch.
+    double total = 0;
+    with_acc(acc, [&](auto* tag) {
+      using A = std::remove_pointer_t<decltype(tag)>;
+      const A* l = loss.data_ptr<A>();
+      for (int64_t i = 0; i < tokens; ++i) total += static_cast<double>(l[i]);
+    });
+    loss_out = at::empty({}, opts);
+    const double value = reduction == 1 ? total / denom : total;
+    with_acc(acc, [&](auto* tag) {
+      using A = std::remove_pointer_t<decltype(tag)>;
+      *loss_out.data_ptr<A>() = static_cast<A>(value);
+    });
   }
   return {loss_out, lse.view(token_shape)};
 }

@@ -21,12 +21,15 @@
 // of -inf, +inf with a +inf logit), loss and gradient torch.log_softmax (NaN when the max is not
 // finite). Log-probabilities stay max-shifted: u - lse would cancel digits when |u| is large.
 //
-// Algorithm: one token at a time per thread. The row is read once from memory (any dtype and
-// stride) into a float buffer and soft-capped there; max; one sweep computes exp(u - m) (kept in
-// the buffer when a gradient is wanted), its sum and, for smoothing or probability targets,
-// sum v and sum v (m - u) with v = w or w t'; the gradient sweep then needs no second exp and
-// writes the gradient once, in the input's dtype, into `grad` (which may be the input itself:
-// the row is in the buffer before it is overwritten). 16-bit and fp32 logits accumulate in
+// Algorithm: one token at a time per thread, three sweeps over the row, one exp an element.
+// float32 logits with contiguous rows are read where they lie; other dtypes, strides and
+// softcapped rows are first read into a float buffer (and soft-capped there). Max (this sweep
+// brings the row from memory; the next ones find it in L1/L2); one sweep computes exp(u - m),
+// stored when a gradient is wanted, its sum and, for smoothing or probability targets, sum v and
+// sum v (m - u) with v = w or w t'; the gradient sweep then needs no second exp and writes the
+// gradient once. With contiguous fp32 rows exp(u - m) and then the gradient are written straight
+// into `grad` (which may be the input itself: every element is read before it is overwritten),
+// otherwise into a buffer stored in the input's dtype. 16-bit and fp32 logits accumulate in
 // float, fp64 in double.
 //
 // Bytes per token of C classes (b bytes a logit): reads C b, writes C b of gradient when asked,
@@ -36,8 +39,10 @@
 // autograd layer computes it).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../common/vec_rows.h"
@@ -50,6 +55,7 @@ namespace {
 template <typename A>
 void fwd_rows(const CrossEntropyParams& p, int64_t begin, int64_t end) {
   using V = Vectorized<A>;
+  constexpr int64_t W = V::size();
   const RowLayout& l = *p.layout;
   const int64_t C = l.cols;
   const bool grad = p.grad != nullptr;
@@ -62,9 +68,16 @@ void fwd_rows(const CrossEntropyParams& p, int64_t begin, int64_t end) {
   const A zl = static_cast<A>(p.z_loss), scale = static_cast<A>(p.grad_scale);
   constexpr A kNaN = std::numeric_limits<A>::quiet_NaN();
 
-  std::vector<A> ubuf(C), ebuf(grad && softcap ? C : 0), tbuf(p.probability ? C : 0);
-  A* u = ubuf.data();
-  A* e = grad && softcap ? ebuf.data() : u;  // exp(u - m) replaces u unless softcap needs u
+  // float32 logits with contiguous rows are read where they lie, and the gradient, when its
+  // rows are contiguous too, is built in place in `grad` (exp(u - m) first, then the gradient
+  // over it); anything else goes through float (double) buffers. Softcapped logits are always
+  // buffered: the gradient sweep needs u after `grad`, which may be the input, is overwritten.
+  constexpr bool kFloat = std::is_same_v<A, float>;
+  const bool is_f32 = kFloat && p.input_dtype == c10::ScalarType::Float;
+  const bool in_direct = is_f32 && l.col_stride[0] <= 1 && !softcap;
+  const bool out_direct = grad && is_f32 && l.col_stride[2] <= 1;
+  std::vector<A> ubuf(in_direct ? 0 : C), tbuf(p.probability ? C : 0);
+  std::vector<A> ebuf(grad && !out_direct && (softcap || in_direct) ? C : 0);
   A* t = tbuf.data();
   A* loss_out = static_cast<A*>(p.loss);
 
@@ -76,7 +89,7 @@ void fwd_rows(const CrossEntropyParams& p, int64_t begin, int64_t end) {
       if (smooth) tv = tv * V(ome) + V(epsc);
       v = v * tv;
     }
-    return n == V::size() ? v : V::set(V(0), v, n);
+    return n == W ? v : V::set(V(0), v, n);
   };
 
   RowCursor cur(l, begin);
@@ -90,14 +103,27 @@ void fwd_rows(const CrossEntropyParams& p, int64_t begin, int64_t end) {
     } else {
       load_any(p.target, p.target_dtype, cur.offset(1), l.col_stride[1], C, t);
     }
-    load_any(p.input, p.input_dtype, cur.offset(0), l.col_stride[0], C, u);
+    const A* u;
+    if (in_direct) {
+      u = reinterpret_cast<const A*>(static_cast<const float*>(p.input) + cur.offset(0));
+    } else {
+      load_any(p.input, p.input_dtype, cur.offset(0), l.col_stride[0], C, ubuf.data());
+      u = ubuf.data();
+    }
     if (softcap) {
+      A* uc = ubuf.data();
       const V vcap(cap);
       int64_t i = 0;
-      for (; i + V::size() <= C; i += V::size()) {
-        (vcap * (V::loadu(u + i) / vcap).tanh()).store(u + i);
-      }
-      if (i < C) (vcap * (V::loadu(u + i, C - i) / vcap).tanh()).store(u + i, C - i);
+      for (; i + W <= C; i += W) (vcap * (V::loadu(uc + i) / vcap).tanh()).store(uc + i);
+      if (i < C) (vcap * (V::loadu(uc + i, C - i) / vcap).tanh()).store(uc + i, C - i);
+    }
+    // exp(u - m), when a gradient is wanted: the gradient's own row, else a buffer (u's when u
+    // is not needed again).
+    A* e = nullptr;
+    if (out_direct) {
+      e = reinterpret_cast<A*>(static_cast<float*>(p.grad) + cur.offset(2));
+    } else if (grad) {
+      e = ebuf.empty() ? ubuf.data() : ebuf.data();
     }
     const A u_y = u[y];
     const A m = row_max(u, C);
@@ -105,24 +131,33 @@ void fwd_rows(const CrossEntropyParams& p, int64_t begin, int64_t end) {
     // and makes a +inf logit give s = inf (lse = +inf, as torch.logsumexp).
     const A ms = std::isinf(m) ? A(0) : m;
     const V vms(ms);
-    V vs(0), vsv(0), vsvd(0);
-    int64_t i = 0;
-    for (; i < C; i += V::size()) {
-      const int64_t n = std::min<int64_t>(V::size(), C - i);
-      const V uv = V::loadu(u + i, n);
-      V ev = fast_exp(uv - vms);
-      if (n < V::size()) ev = V::set(V(0), ev, n);
-      vs += ev;
-      if (need_v) {
+    A s, sum_v = 0, sum_vd = 0;
+    if (!need_v) {
+      // The common case, one sweep: u is read, exp(u - m) summed and kept for the gradient.
+      // u - ms <= 0 unless the max is infinite (ms = 0 then, and exp(+inf) must be inf).
+      if (std::isinf(m)) {
+        s = grad ? exp_sum<true, false>(u, C, A(1), ms, e) : exp_sum<false, false>(u, C, A(1), ms, e);
+      } else {
+        s = grad ? exp_sum<true>(u, C, A(1), ms, e) : exp_sum<false>(u, C, A(1), ms, e);
+      }
+    } else {
+      V vs(0), vsv(0), vsvd(0);
+      for (int64_t i = 0; i < C; i += W) {
+        const int64_t n = std::min<int64_t>(W, C - i);
+        const V uv = V::loadu(u + i, n);
+        V ev = fast_exp(uv - vms);
+        if (n < W) ev = V::set(V(0), ev, n);
+        vs += ev;
         const V v = v_of(i, n);
         vsv += v;
         // Lanes past the row end have v = 0 and u = 0: they add 0.
         vsvd += v * (vms - uv);
+        if (grad) ev.store(e + i, n);
       }
-      if (grad) ev.store(e + i, n);
+      s = vec_sum(vs);
+      sum_v = vec_sum(vsv);
+      sum_vd = vec_sum(vsvd);
     }
-    const A s = vec_sum(vs);
-    const A sum_v = need_v ? vec_sum(vsv) : A(0), sum_vd = need_v ? vec_sum(vsvd) : A(0);
     const A log_s_exact = std::log(s);
     const A lse = ms + log_s_exact;
     // torch.logsumexp semantics for lse, torch.log_softmax semantics (NaN when the max is not
@@ -151,31 +186,45 @@ void fwd_rows(const CrossEntropyParams& p, int64_t begin, int64_t end) {
     if (!valid) {
       std::fill(e, e + C, A(0));
     } else {
-      // p_c * coef = exp(u_c - m) * (coef / s), NaN when the max is not finite (as log_s).
-      const V f(std::isinf(m) ? kNaN : coef / s);
-      for (i = 0; i < C; i += V::size()) {
-        const int64_t n = std::min<int64_t>(V::size(), C - i);
-        V g = V::loadu(e + i, n) * f;
+      // dl/du_c = p_c coef - (v terms) - [c = y] wy_hard, with p_c coef = exp(u_c - m) (coef / s)
+      // (NaN when the max is not finite, as log_s); times the mean's 1/denominator and the
+      // softcap's derivative. One sweep over e, in place; class y is redone afterwards with
+      // its one-hot term, from exp(u_y - m) read before the sweep.
+      const A f = std::isinf(m) ? kNaN : coef / s;
+      const V vf(f), vscale(scale), vcap(cap), vepsc(epsc);
+      const A e_y = e[y];
+      auto grad_of = [&](const V& ev, int64_t i, int64_t n) {
+        V g = ev * vf;
         if (p.probability) {
           g = g - v_of(i, n);
         } else if (smooth) {
-          g = g - V(epsc) * (w ? V::loadu(w + i, n) : V(A(1)));
+          g = g - vepsc * (w ? V::loadu(w + i, n) : V(A(1)));
         }
-        g.store(e + i, n);
-      }
-      if (!p.probability) e[y] -= wy_hard;
-      const V vscale(scale), vcap(cap);
-      for (i = 0; i < C; i += V::size()) {
-        const int64_t n = std::min<int64_t>(V::size(), C - i);
-        V g = V::loadu(e + i, n) * vscale;
+        g = g * vscale;
         if (softcap) {
-          const V r_ = V::loadu(u + i, n) / vcap;
-          g = g * (V(A(1)) - r_ * r_);
+          const V rc = V::loadu(u + i, n) / vcap;
+          g = g * (V(A(1)) - rc * rc);
         }
-        g.store(e + i, n);
+        return g;
+      };
+      int64_t i = 0;
+      if (!p.probability && !smooth && !softcap) {
+        const V vfs(f * scale);
+        for (; i + W <= C; i += W) (V::loadu(e + i) * vfs).store(e + i);
+      }
+      for (; i < C; i += W) {
+        const int64_t n = std::min<int64_t>(W, C - i);
+        grad_of(V::loadu(e + i, n), i, n).store(e + i, n);
+      }
+      if (!p.probability) {
+        A g = e_y * f;
+        if (smooth) g -= epsc * (w ? w[y] : A(1));
+        g = (g - wy_hard) * scale;
+        if (softcap) g *= A(1) - (u[y] / cap) * (u[y] / cap);
+        e[y] = g;
       }
     }
-    store_any(e, C, p.grad, p.input_dtype, cur.offset(2), l.col_stride[2]);
+    if (!out_direct) store_any(e, C, p.grad, p.input_dtype, cur.offset(2), l.col_stride[2]);
   }
 }
 

@@ -18,13 +18,16 @@
 // included (a NaN or +inf makes the row NaN, a row of only -inf values is NaN).
 //
 // Algorithm: one row at a time per thread (at::parallel_for over rows in the launcher). The
-// forward reads the row once from memory into a float buffer (z, converted from any dtype and
-// stride, masked), then works on the buffer while it sits in L1/L2: max, exp written back to the
-// buffer with the sum, and one scaled store into the output. One exp per element, no online
-// rescaling needed because the whole row is in the buffer; rows longer than L2 (> 256k fp32)
-// spill the buffer to L3. The backward reads g and y once into buffers, reduces, and writes dx.
-// 16-bit rows accumulate in float, rows involving float64 in double. exp is at::vec's (Sleef,
-// 1 ulp), max and sums are vectorised across lanes and reduced once per row.
+// forward makes three sweeps over a row, with one exp an element: max; exp(x * scale - m)
+// written to the output with its sum; the output times 1/s (log-softmax: the sum alone, then
+// (x * scale - m) - log s). The backward makes two: sum g y (or sum g), then one sweep writing
+// dx. The first sweep brings the row from memory and the others find it in L1/L2, so a row is
+// read from memory once and written once. float32 rows that are contiguous and unmasked are
+// worked on in place, in the tensors themselves; every other row (16-bit or float64 dtypes,
+// strides, masks, causal) is first read into a float (double) buffer, converted, scaled and
+// masked, and written back converted, which costs two more sweeps over the buffer. exp is
+// fast_exp (csrc/common/vec_rows.h, under 1 ulp; the exp is most of the forward's time), sums
+// and maxima use four vector accumulators and reduce across lanes once a row.
 //
 // Bytes per row of C elements: forward reads C inputs (+ C mask elements for an unbroadcast
 // mask) and writes C outputs; backward reads y and g and writes dx.
@@ -35,6 +38,7 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../common/vec_rows.h"
@@ -97,49 +101,117 @@ void zero_masked(const SoftmaxParams& p, const RowCursor& cur, int mask_slot, in
   for (int64_t j = limit; j < C; ++j) dx[j] = A(0);
 }
 
+// y[0:C] = softmax(x[0:C] * scale), or log-softmax: three sweeps, one exp an element. Max;
+// exp(x * scale - m) written to y with its sum; y *= 1/s (log-softmax: the sum alone, then
+// y = (x * scale - m) - log s, max-shifted so large |x| does not cancel digits). y may be x.
+template <typename A>
+void softmax_row(const A* x, A* y, int64_t C, A scale, bool log) {
+  using V = Vectorized<A>;
+  const A m = row_max(x, C, scale);
+  if (log) {
+    const V vs(scale), vm(m), shift(std::log(exp_sum<false>(x, C, scale, m, y)));
+    int64_t i = 0;
+    for (; i + V::size() <= C; i += V::size()) {
+      (at::vec::fmsub(V::loadu(x + i), vs, vm) - shift).store(y + i);
+    }
+    if (i < C) (at::vec::fmsub(V::loadu(x + i, C - i), vs, vm) - shift).store(y + i, C - i);
+  } else {
+    row_scale(y, C, A(1) / exp_sum<true>(x, C, scale, m, y));
+  }
+}
+
+// dx[0:C] = scale * y (g - sum g y), or for log-softmax scale * (g - exp(y) sum g): the sum,
+// then one sweep writing dx (which may be g).
+template <typename A>
+void softmax_bwd_row(const A* g, const A* y, A* dx, int64_t C, A scale, bool log) {
+  using V = Vectorized<A>;
+  // The row sum runs over every column, masked ones included, exactly as the composition
+  // masked_fill -> (log_)softmax differentiates; masked columns are zeroed afterwards.
+  const V total(log ? row_sum(g, C) : row_dot(g, y, C));
+  const V vscale(scale);
+  auto grad = [&](const V& gv, const V& yv) {
+    const V d = log ? gv - fast_exp(yv) * total : yv * (gv - total);
+    return scale == A(1) ? d : d * vscale;
+  };
+  int64_t i = 0;
+  for (; i + V::size() <= C; i += V::size()) {
+    grad(V::loadu(g + i), V::loadu(y + i)).store(dx + i);
+  }
+  if (i < C) grad(V::loadu(g + i, C - i), V::loadu(y + i, C - i)).store(dx + i, C - i);
+}
+
+// softmax_bwd_row for 16-bit rows (g, y and dx all of dtype T, contiguous), converting to float
+// in registers: the same two sweeps, without the float buffers' three extra ones.
+template <typename T>
+void softmax_bwd_row_16(const T* g, const T* y, T* dx, int64_t C, float scale, bool log) {
+  using V = Vectorized<float>;
+  using VT = Vectorized<T>;  // twice V's lanes
+  constexpr int64_t WT = VT::size();
+  V a0(0), a1(0);
+  int64_t i = 0;
+  for (; i + WT <= C; i += WT) {
+    auto [g0, g1] = at::vec::convert_to_float<T>(VT::loadu(g + i));
+    if (log) {
+      a0 += g0;
+      a1 += g1;
+    } else {
+      auto [y0, y1] = at::vec::convert_to_float<T>(VT::loadu(y + i));
+      a0 = at::vec::fmadd(g0, y0, a0);
+      a1 = at::vec::fmadd(g1, y1, a1);
+    }
+  }
+  float total = vec_sum(a0 + a1);
+  for (int64_t j = i; j < C; ++j) {
+    total += log ? static_cast<float>(g[j]) : static_cast<float>(g[j]) * static_cast<float>(y[j]);
+  }
+  const V vt(total), vscale(scale);
+  auto grad = [&](const V& gv, const V& yv) {
+    return (log ? gv - fast_exp(yv) * vt : yv * (gv - vt)) * vscale;
+  };
+  for (i = 0; i + WT <= C; i += WT) {
+    auto [g0, g1] = at::vec::convert_to_float<T>(VT::loadu(g + i));
+    auto [y0, y1] = at::vec::convert_to_float<T>(VT::loadu(y + i));
+    at::vec::convert_from_float<T>(grad(g0, y0), grad(g1, y1)).store(dx + i);
+  }
+  for (; i < C; ++i) {
+    const float gv = static_cast<float>(g[i]), yv = static_cast<float>(y[i]);
+    dx[i] = static_cast<T>((log ? gv - std::exp(yv) * total : yv * (gv - total)) * scale);
+  }
+}
+
+// Whether the rows of tensor `slot` are float and contiguous, so the kernels work on the tensor
+// itself instead of a converted copy (a row of one column has column stride 0).
+inline bool direct(const SoftmaxParams& p, c10::ScalarType dtype, int slot) {
+  return !p.acc_double && dtype == c10::ScalarType::Float && p.layout->col_stride[slot] <= 1;
+}
+
 template <typename A>
 void fwd_rows(const SoftmaxParams& p, int64_t begin, int64_t end) {
-  using V = Vectorized<A>;
   const RowLayout& l = *p.layout;
   const int64_t C = l.cols;
-  std::vector<A> zbuf(C), mbuf(p.mask_kind == MaskKind::kAdditive ? C : 0);
-  A* z = zbuf.data();
   const A scale = static_cast<A>(p.scale);
   RowCursor cur(l, begin);
+  if constexpr (std::is_same_v<A, float>) {
+    if (p.mask_kind == MaskKind::kNone && !p.causal && direct(p, p.in_dtype[0], 0) &&
+        direct(p, p.out_dtype, 1)) {
+      const float* x = static_cast<const float*>(p.in[0]);
+      float* y = static_cast<float*>(p.out);
+      for (int64_t r = begin; r < end; ++r, cur.next()) {
+        softmax_row(x + cur.offset(0), y + cur.offset(1), C, scale, p.log);
+      }
+      return;
+    }
+  }
+  std::vector<A> zbuf(C), mbuf(p.mask_kind == MaskKind::kAdditive ? C : 0);
+  A* z = zbuf.data();
   for (int64_t r = begin; r < end; ++r, cur.next()) {
     load_any(p.in[0], p.in_dtype[0], cur.offset(0), l.col_stride[0], C, z);
     if (scale != A(1)) row_scale(z, C, scale);
-    const bool any = mask_row(p, cur, 2, C, z, mbuf.data());
-    if (!any) {
+    if (!mask_row(p, cur, 2, C, z, mbuf.data())) {
       const A fill = p.log ? -std::numeric_limits<A>::infinity() : A(0);
       std::fill(z, z + C, fill);
-      store_any(z, C, p.out, p.out_dtype, cur.offset(1), 1);
-      continue;
-    }
-    const A m = row_max(z, C);
-    const V vm(m);
-    V vs(0);
-    int64_t i = 0;
-    if (p.log) {
-      for (; i + V::size() <= C; i += V::size()) vs += fast_exp(V::loadu(z + i) - vm);
-      if (i < C) vs += V::set(V(0), fast_exp(V::loadu(z + i, C - i) - vm), C - i);
-      const V shift(std::log(vec_sum(vs)));
-      for (i = 0; i + V::size() <= C; i += V::size()) {
-        ((V::loadu(z + i) - vm) - shift).store(z + i);
-      }
-      if (i < C) ((V::loadu(z + i, C - i) - vm) - shift).store(z + i, C - i);
     } else {
-      for (; i + V::size() <= C; i += V::size()) {
-        const V e = fast_exp(V::loadu(z + i) - vm);
-        e.store(z + i);
-        vs += e;
-      }
-      if (i < C) {
-        const V e = V::set(V(0), fast_exp(V::loadu(z + i, C - i) - vm), C - i);
-        e.store(z + i, C - i);
-        vs += e;
-      }
-      row_scale(z, C, A(1) / vec_sum(vs));
+      softmax_row(z, z, C, A(1), p.log);
     }
     store_any(z, C, p.out, p.out_dtype, cur.offset(1), 1);
   }
@@ -147,36 +219,50 @@ void fwd_rows(const SoftmaxParams& p, int64_t begin, int64_t end) {
 
 template <typename A>
 void bwd_rows(const SoftmaxParams& p, int64_t begin, int64_t end) {
-  using V = Vectorized<A>;
   const RowLayout& l = *p.layout;
   const int64_t C = l.cols;
+  const A scale = static_cast<A>(p.scale);
+  RowCursor cur(l, begin);
+  if constexpr (std::is_same_v<A, float>) {
+    if (p.mask_kind == MaskKind::kNone && !p.causal && direct(p, p.in_dtype[0], 0) &&
+        direct(p, p.in_dtype[1], 1) && direct(p, p.out_dtype, 2)) {
+      const float* g = static_cast<const float*>(p.in[0]);
+      const float* y = static_cast<const float*>(p.in[1]);
+      float* dx = static_cast<float*>(p.out);
+      for (int64_t r = begin; r < end; ++r, cur.next()) {
+        softmax_bwd_row(g + cur.offset(0), y + cur.offset(1), dx + cur.offset(2), C, scale,
+                        p.log);
+      }
+      return;
+    }
+  }
+  if constexpr (std::is_same_v<A, float>) {
+    const auto t = p.in_dtype[0];
+    if ((t == c10::ScalarType::BFloat16 || t == c10::ScalarType::Half) && p.in_dtype[1] == t &&
+        p.out_dtype == t && p.mask_kind == MaskKind::kNone && !p.causal &&
+        l.col_stride[0] <= 1 && l.col_stride[1] <= 1 && l.col_stride[2] <= 1) {
+      with_float_type(t, [&](auto* tag) {
+        using T = std::remove_pointer_t<decltype(tag)>;
+        if constexpr (kIsReduced<T>) {
+          const T* g = static_cast<const T*>(p.in[0]);
+          const T* y = static_cast<const T*>(p.in[1]);
+          T* dx = static_cast<T*>(p.out);
+          for (int64_t r = begin; r < end; ++r, cur.next()) {
+            softmax_bwd_row_16(g + cur.offset(0), y + cur.offset(1), dx + cur.offset(2), C,
+                               scale, p.log);
+          }
+        }
+      });
+      return;
+    }
+  }
   std::vector<A> gbuf(C), ybuf(C), mbuf(p.mask_kind == MaskKind::kAdditive ? C : 0);
   A* g = gbuf.data();
   A* y = ybuf.data();
-  const V vscale(static_cast<A>(p.scale));
-  RowCursor cur(l, begin);
   for (int64_t r = begin; r < end; ++r, cur.next()) {
     load_any(p.in[0], p.in_dtype[0], cur.offset(0), l.col_stride[0], C, g);
     load_any(p.in[1], p.in_dtype[1], cur.offset(1), l.col_stride[1], C, y);
-    // The row sum runs over every column, masked ones included, exactly as the composition
-    // masked_fill -> (log_)softmax differentiates; masked columns are zeroed afterwards.
-    V vt(0);
-    int64_t i = 0;
-    for (; i + V::size() <= C; i += V::size()) {
-      vt += p.log ? V::loadu(g + i) : V::loadu(g + i) * V::loadu(y + i);
-    }
-    if (i < C) {
-      const V gt = V::loadu(g + i, C - i);
-      vt += V::set(V(0), p.log ? gt : gt * V::loadu(y + i, C - i), C - i);
-    }
-    const V total(vec_sum(vt));
-    auto grad = [&](const V& gv, const V& yv) {
-      return (p.log ? gv - fast_exp(yv) * total : yv * (gv - total)) * vscale;
-    };
-    for (i = 0; i + V::size() <= C; i += V::size()) {
-      grad(V::loadu(g + i), V::loadu(y + i)).store(g + i);
-    }
-    if (i < C) grad(V::loadu(g + i, C - i), V::loadu(y + i, C - i)).store(g + i, C - i);
+    softmax_bwd_row(g, y, g, C, scale, p.log);
     zero_masked(p, cur, 3, C, g, mbuf.data());
     store_any(g, C, p.out, p.out_dtype, cur.offset(2), 1);
   }
