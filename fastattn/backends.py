@@ -12,6 +12,9 @@ Default order when nothing is requested:
 - CPU tensors: ``torch`` (PyTorch's own CPU kernels). ``triton`` on CPU is the Triton
   interpreter, which exists for tests and is never picked by default.
 
+``numba`` serves CPU tensors (never CUDA ones) wherever ``import numba`` works; it is never
+picked by default either.
+
 Availability can depend on the op as well as the device: ``native`` (the compiled extension,
 loaded by ``fastattn._ext``) serves the ops and devices it has kernels for, so
 :func:`available_backends` and :func:`backend_status` take an optional ``op``
@@ -21,6 +24,7 @@ loaded by ``fastattn._ext``) serves the ops and devices it has kernels for, so
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import os
@@ -56,6 +60,24 @@ def _triton_reason(device_type: str | None) -> str | None:
     return None
 
 
+@functools.cache
+def _numba_import_error() -> str | None:
+    """Why ``import numba`` fails here (None if it works); tried once per process."""
+    if importlib.util.find_spec("numba") is None:
+        return "numba is not installed (pip install numba)"
+    try:
+        importlib.import_module("numba")
+    except Exception as e:  # noqa: BLE001 - any import failure (e.g. a numpy it rejects)
+        return f"numba does not import: {type(e).__name__}: {e}"
+    return None
+
+
+def _numba_reason(device_type: str | None) -> str | None:
+    if device_type not in (None, "cpu"):
+        return f"numba kernels run on CPU tensors only, not on {device_type} tensors"
+    return _numba_import_error()
+
+
 OPS = ("softmax", "cross_entropy", "attention")
 
 
@@ -73,7 +95,7 @@ def _reason_unavailable(name: str, device_type: str | None, op: str | None = Non
 
         return _ext.reason(op, device_type)
     if name == "numba":
-        return "the numba backend is not part of this release yet"
+        return _numba_reason(device_type)
     raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(BACKENDS)}")
 
 
