@@ -276,10 +276,8 @@ def test_empty_inputs(backend):
 
 
 def _dropout_mask(backend, seed, shape, p):
-    if backend == "torch":
-        return reference.dropout_mask(seed, shape, p, DEVICE)
-    from fastattn.triton.attention import dropout_mask
-    return dropout_mask(seed, shape, p, DEVICE)
+    """The keep mask ``backend`` draws for ``seed``: each backend's module has ``dropout_mask``."""
+    return fastattn.backends.launcher(backend, "attention", "dropout_mask")(seed, shape, p, DEVICE)
 
 
 @pytest.mark.parametrize("backend", backends("attention"))

@@ -1,0 +1,454 @@
+"""Fused attention (FlashAttention-2 style) on the CPU in Numba: forward, and backward by
+recomputation.
+
+What it computes, per batch b and query head h (key/value head hk = h // (Hq // Hk)):
+
+    s_ij = softcap * tanh(scale * q_i.k_j / softcap)     (scale * q_i.k_j without softcap)
+           + mask_ij                                     (additive mask; -inf masks)
+    s_ij = -inf  where a bool mask is False or key j lies outside query i's window
+    p_ij = exp(s_ij - lse_i),  lse_i = log sum_j exp(s_ij)
+    o_i  = sum_j p_ij z_ij / (1 - dropout_p) v_j         (z: the dropout keep mask)
+
+    backward, with P the dropped-and-rescaled probabilities and delta_i = sum_e do_ie o_ie:
+    dv_j = sum_i P_ij do_i,  dP_ij = do_i.v_j z_ij / (1 - dropout_p),
+    ds_ij = p_ij (dP_ij - delta_i),  dq_i = scale sum_j ds'_ij k_j,  dk_j = scale sum_i ds'_ij q_i
+    with ds' = ds (1 - tanh^2) under softcap; ds itself is the additive mask's gradient.
+
+A query row whose keys are all masked gives output 0, lse -inf and gradients 0.
+
+Shapes: the normalised form of ``fastattn.reference``: q (B, Hq, L, D), k (B, Hk, S, D),
+v (B, Hk, S, Dv) with any strides, the mask broadcast to (B, Hq, L, S) as a view (read through
+its strides, ``common.strided_mask``: one offset per query row, never expanded), the window
+``i + offset - left <= j <= i + offset + right`` (offset 0 or S - L, -1 unbounded).
+
+Algorithm. The launchers make q, k, v contiguous in the accumulation dtype and add the
+transposed copies the tile products need to run along contiguous memory (k^T for q k^T in
+forward; q^T, do^T, v^T in backward): O((L + S) D) extra memory, never L x S. Forward: one
+prange task per (b, h, BLOCK_M query rows) keeps its score tile (BLOCK_M x BLOCK_N), running
+max, running sum and output accumulator (BLOCK_M x Dv) in local arrays and streams key tiles
+(online softmax); only key tiles the window lets some row see are visited, and tiles every
+row sees in full skip the per-element masking. Backward: one task per (b, hk, BLOCK_N keys)
+accumulates dk, dv over the query tiles of every query head sharing hk (GQA without atomics),
+then one task per (b, h, BLOCK_M queries) accumulates dq (and writes the mask gradient); each
+score tile is recomputed twice, and every result has one writer in a fixed order, so backward
+is always deterministic (the ``deterministic`` flag changes nothing here). Tile products are
+loops whose innermost index runs along contiguous memory, which LLVM vectorises (with FMA:
+kernels are compiled with fastmath ``contract`` only).
+
+Dropout: a counter hash (``common.dropout_keep``) of the seed and the flat (b, h, i, j) index,
+regenerated in backward; ``dropout_mask`` returns the same mask for tests.
+
+Dtypes: float32 and float64 (float64 end to end: backward recomputes lse in float64 rather
+than reading the float32 lse of forward). 16-bit inputs are converted to float32 by the
+launchers (one extra read and write of q, k, v; Numba has no bfloat16/float16 arithmetic).
+Work: forward 2 L S (D + Dv) flops per head, backward 2.5x that plus the second recomputation.
+
+Not supported: anything but CPU tensors; head dims are not limited here (the public functions
+limit them to 256).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+import torch
+from numba import prange
+
+from fastattn.numba.common import (
+    array,
+    cast,
+    dropout_keep,
+    dropout_threshold,
+    exp_store_sum,
+    fexp,
+    np_dtype,
+    row_max,
+    scalar,
+    strided_mask,
+)
+from fastattn.reference import accumulate_dtype, attention_output
+
+BLOCK_M = 64
+BLOCK_N = 64
+_JIT = {"parallel": True, "cache": True, "nogil": True, "fastmath": {"contract"}}
+
+
+@numba.njit(cache=True)
+def _mask_score(val, row, ii, jj, kind, mask_b, mask_f, mask_off, mask_stride, left, right,
+                offset, ninf):
+    """Score ``val`` of query ``ii`` (flat row ``row`` of (B, Hq, L)) and key ``jj`` after the
+    window and the mask: -inf where masked, plus the additive mask."""
+    if left >= 0 and jj < ii + offset - left:
+        return ninf
+    if right >= 0 and jj > ii + offset + right:
+        return ninf
+    if kind == 1:
+        if not mask_b[mask_off[row] + jj * mask_stride]:
+            return ninf
+    elif kind == 2:
+        val = val + mask_f[mask_off[row] + jj * mask_stride]
+    return val
+
+
+@numba.njit(cache=True)
+def _key_range(i0, i1, S, left, right, offset):
+    """Keys [lo, hi) that some query in [i0, i1) may see under the window."""
+    lo = max(0, i0 + offset - left) if left >= 0 else 0
+    hi = min(S, i1 - 1 + offset + right + 1) if right >= 0 else S
+    return lo, max(lo, hi)
+
+
+@numba.njit(cache=True)
+def _query_range(n0, n1, L, left, right, offset):
+    """Queries [lo, hi) that may see some key in [n0, n1) under the window."""
+    lo = max(0, n0 - offset - right) if right >= 0 else 0
+    hi = min(L, n1 - 1 - offset + left + 1) if left >= 0 else L
+    return lo, max(lo, hi)
+
+
+@numba.njit(cache=True)
+def _tile_is_full(i0, i1, n0, n1, kind, left, right, offset):
+    """True when every query in [i0, i1) sees every key in [n0, n1) (no per-element mask)."""
+    if kind != 0:
+        return False
+    if right >= 0 and n1 - 1 > i0 + offset + right:
+        return False
+    return not (left >= 0 and n0 < i1 - 1 + offset - left)
+
+
+@numba.njit(cache=True)
+def _scores(a, a0, am, bT, b0, bn, width, out):
+    """out[i, j] = sum_d a[a0 + i, d] bT[d, b0 + j] for i < am, j < bn (d < width)."""
+    for i in range(am):
+        o = out[i]
+        for j in range(bn):
+            o[j] = 0
+        arow = a[a0 + i]
+        for d in range(width):
+            ad = arow[d]
+            brow = bT[d]
+            for j in range(bn):
+                o[j] += ad * brow[b0 + j]
+
+
+@numba.njit(cache=True)
+def _accumulate(w, wm, wn, rows_, r0, out):
+    """out[i, :] += sum_j w[i, j] rows_[r0 + j, :] for i < wm, j < wn."""
+    width = out.shape[1]
+    for i in range(wm):
+        o = out[i]
+        wrow = w[i]
+        for j in range(wn):
+            c = wrow[j]
+            if c != 0:
+                src = rows_[r0 + j]
+                for e in range(width):
+                    o[e] += c * src[e]
+
+
+@numba.njit(**_JIT)
+def _attention_fwd_kernel(q, kT, v, kind, mask_b, mask_f, mask_off, mask_stride, seed,
+                          threshold, drop_scale, scale, softcap, left, right, offset, out, lse):
+    B, H, L, D = q.shape
+    Hk, S, Dv = kT.shape[1], kT.shape[3], v.shape[3]
+    group = H // Hk
+    n_mt = (L + BLOCK_M - 1) // BLOCK_M
+    ninf = cast(-math.inf, q)
+    zero = cast(0.0, q)
+    for task in prange(B * H * n_mt):
+        b = task // (H * n_mt)
+        h = (task // n_mt) % H
+        hk = h // group
+        i0 = (task % n_mt) * BLOCK_M
+        i1 = min(L, i0 + BLOCK_M)
+        bm = i1 - i0
+        qb, kb, vb = q[b, h], kT[b, hk], v[b, hk]
+        s = np.empty((BLOCK_M, BLOCK_N), q.dtype)
+        acc = np.zeros((BLOCK_M, Dv), q.dtype)
+        m_i = np.full(BLOCK_M, ninf, q.dtype)
+        l_i = np.zeros(BLOCK_M, q.dtype)
+        lo, hi = _key_range(i0, i1, S, left, right, offset)
+        for n0 in range(lo, hi, BLOCK_N):
+            n1 = min(hi, n0 + BLOCK_N)
+            bn = n1 - n0
+            _scores(qb, i0, bm, kb, n0, bn, D, s)
+            full = _tile_is_full(i0, i1, n0, n1, kind, left, right, offset)
+            for i in range(bm):
+                srow = s[i]
+                ii = i0 + i
+                row = (b * H + h) * L + ii
+                for j in range(bn):
+                    val = srow[j] * scale
+                    if softcap > zero:
+                        val = softcap * cast(math.tanh(val / softcap), q)
+                    if not full:
+                        val = _mask_score(val, row, ii, n0 + j, kind, mask_b, mask_f, mask_off,
+                                          mask_stride, left, right, offset, ninf)
+                    srow[j] = val
+                m_old = m_i[i]
+                m_new = row_max(srow, bn, m_old)
+                if m_new == ninf:  # nothing visible yet in this row: p = 0
+                    for j in range(bn):
+                        srow[j] = zero
+                    continue
+                alpha = fexp(m_old - m_new)
+                l_i[i] = l_i[i] * alpha + exp_store_sum(srow, bn, m_new)
+                m_i[i] = m_new
+                arow = acc[i]
+                for e in range(Dv):
+                    arow[e] *= alpha
+                if threshold > 0:  # dropout after the sum: lse and l are of the undropped p
+                    base = row * S + n0
+                    for j in range(bn):
+                        keep = dropout_keep(seed, base + j, threshold)
+                        srow[j] = srow[j] * drop_scale if keep else zero
+            _accumulate(s, bm, bn, vb, n0, acc)
+        for i in range(bm):
+            ii = i0 + i
+            o = out[b, h, ii]
+            if l_i[i] > zero:
+                inv = cast(1.0, q) / l_i[i]
+                for e in range(Dv):
+                    o[e] = acc[i, e] * inv
+                lse[b, h, ii] = m_i[i] + cast(math.log(l_i[i]), q)
+            else:  # fully masked row
+                for e in range(Dv):
+                    o[e] = zero
+                lse[b, h, ii] = ninf
+
+
+@numba.njit(cache=True)
+def _probs_and_dscores(s, dp, p_drop, bm_or_n, width, rows_first, b, h, H, L, S, i_base,
+                       j_base, lse, delta, kind, mask_b, mask_f, mask_off, mask_stride, seed,
+                       threshold, drop_scale, scale, softcap, left, right, offset, full,
+                       dmask, write_dmask):
+    """Turn a tile of raw products into probabilities and score gradients, in place.
+
+    ``s`` holds q.k and ``dp`` do.v, indexed [query, key] when ``rows_first`` else [key,
+    query]; on return ``s`` holds ds' (ds times the softcap factor), ``p_drop`` the dropped
+    probabilities P, and ``dmask`` (when written) ds."""
+    ninf = cast(-math.inf, s)
+    zero = cast(0.0, s)
+    one = cast(1.0, s)
+    for a in range(bm_or_n):
+        srow, dprow, prow = s[a], dp[a], p_drop[a]
+        for c in range(width):
+            i = a if rows_first else c
+            j = c if rows_first else a
+            ii = i_base + i
+            jj = j_base + j
+            row = (b * H + h) * L + ii
+            lse_i = lse[b, h, ii]
+            val = srow[c] * scale
+            t = zero
+            if softcap > zero:
+                t = cast(math.tanh(val / softcap), s)
+                val = softcap * t
+            if not full:
+                val = _mask_score(val, row, ii, jj, kind, mask_b, mask_f, mask_off, mask_stride,
+                                  left, right, offset, ninf)
+            if lse_i == ninf or val == ninf:
+                srow[c] = zero
+                prow[c] = zero
+                if write_dmask:
+                    dmask[b, h, ii, jj] = zero
+                continue
+            p = fexp(val - lse_i)
+            d = dprow[c]
+            pd = p
+            if threshold > 0:
+                if dropout_keep(seed, row * S + jj, threshold):
+                    pd = p * drop_scale
+                    d = d * drop_scale
+                else:
+                    pd = zero
+                    d = zero
+            ds = p * (d - delta[b, h, ii])
+            if write_dmask:
+                dmask[b, h, ii, jj] = ds
+            if softcap > zero:
+                ds = ds * (one - t * t)
+            srow[c] = ds
+            prow[c] = pd
+
+
+@numba.njit(**_JIT)
+def _attention_bwd_dkdv_kernel(q, qT, k, v, gT, g, lse, delta, kind, mask_b, mask_f, mask_off,
+                               mask_stride, seed, threshold, drop_scale, scale, softcap, left,
+                               right, offset, dk, dv):
+    B, H, L, D = q.shape
+    Hk, S, Dv = k.shape[1], k.shape[2], v.shape[3]
+    group = H // Hk
+    n_nt = (S + BLOCK_N - 1) // BLOCK_N
+    dummy = np.zeros((1, 1, 1, 1), q.dtype)
+    for task in prange(B * Hk * n_nt):
+        b = task // (Hk * n_nt)
+        hk = (task // n_nt) % Hk
+        n0 = (task % n_nt) * BLOCK_N
+        n1 = min(S, n0 + BLOCK_N)
+        bn = n1 - n0
+        kb, vb = k[b, hk], v[b, hk]
+        sT = np.empty((BLOCK_N, BLOCK_M), q.dtype)
+        dpT = np.empty((BLOCK_N, BLOCK_M), q.dtype)
+        pT = np.empty((BLOCK_N, BLOCK_M), q.dtype)
+        dk_acc = np.zeros((BLOCK_N, D), q.dtype)
+        dv_acc = np.zeros((BLOCK_N, Dv), q.dtype)
+        lo, hi = _query_range(n0, n1, L, left, right, offset)
+        for h in range(hk * group, (hk + 1) * group):
+            for m0 in range(lo, hi, BLOCK_M):
+                m1 = min(hi, m0 + BLOCK_M)
+                bm = m1 - m0
+                full = _tile_is_full(m0, m1, n0, n1, kind, left, right, offset)
+                _scores(kb, n0, bn, qT[b, h], m0, bm, D, sT)  # (keys, queries)
+                _scores(vb, n0, bn, gT[b, h], m0, bm, Dv, dpT)
+                _probs_and_dscores(sT, dpT, pT, bn, bm, False, b, h, H, L, S, m0, n0, lse,
+                                   delta, kind, mask_b, mask_f, mask_off, mask_stride, seed,
+                                   threshold, drop_scale, scale, softcap, left, right, offset,
+                                   full, dummy, False)
+                _accumulate(pT, bn, bm, g[b, h], m0, dv_acc)
+                _accumulate(sT, bn, bm, q[b, h], m0, dk_acc)
+        for j in range(bn):
+            for d in range(D):
+                dk[b, hk, n0 + j, d] = dk_acc[j, d] * scale
+            for e in range(Dv):
+                dv[b, hk, n0 + j, e] = dv_acc[j, e]
+
+
+@numba.njit(**_JIT)
+def _attention_bwd_dq_kernel(q, kT, k, vT, g, lse, delta, kind, mask_b, mask_f, mask_off,
+                             mask_stride, seed, threshold, drop_scale, scale, softcap, left,
+                             right, offset, dq, dmask, write_dmask):
+    B, H, L, D = q.shape
+    Hk, S = k.shape[1], k.shape[2]
+    group = H // Hk
+    n_mt = (L + BLOCK_M - 1) // BLOCK_M
+    for task in prange(B * H * n_mt):
+        b = task // (H * n_mt)
+        h = (task // n_mt) % H
+        hk = h // group
+        i0 = (task % n_mt) * BLOCK_M
+        i1 = min(L, i0 + BLOCK_M)
+        bm = i1 - i0
+        s = np.empty((BLOCK_M, BLOCK_N), q.dtype)
+        dp = np.empty((BLOCK_M, BLOCK_N), q.dtype)
+        p = np.empty((BLOCK_M, BLOCK_N), q.dtype)
+        dq_acc = np.zeros((BLOCK_M, D), q.dtype)
+        lo, hi = _key_range(i0, i1, S, left, right, offset)
+        for n0 in range(lo, hi, BLOCK_N):
+            n1 = min(hi, n0 + BLOCK_N)
+            bn = n1 - n0
+            full = _tile_is_full(i0, i1, n0, n1, kind, left, right, offset)
+            _scores(q[b, h], i0, bm, kT[b, hk], n0, bn, D, s)
+            _scores(g[b, h], i0, bm, vT[b, hk], n0, bn, g.shape[3], dp)
+            _probs_and_dscores(s, dp, p, bm, bn, True, b, h, H, L, S, i0, n0, lse, delta, kind,
+                               mask_b, mask_f, mask_off, mask_stride, seed, threshold,
+                               drop_scale, scale, softcap, left, right, offset, full, dmask,
+                               write_dmask)
+            _accumulate(s, bm, bn, k[b, hk], n0, dq_acc)
+        for i in range(bm):
+            for d in range(D):
+                dq[b, h, i0 + i, d] = dq_acc[i, d] * scale
+
+
+@numba.njit(**_JIT)
+def _dropout_mask_kernel(seed, threshold, keep):
+    B, H, L, S = keep.shape
+    for bhi in prange(B * H * L):
+        row = keep[bhi // (H * L), (bhi // L) % H, bhi % L]
+        for j in range(S):
+            row[j] = dropout_keep(seed, bhi * S + j, threshold)
+
+
+# --- launchers -------------------------------------------------------------------------------
+
+
+def _contiguous(t: torch.Tensor, acc: torch.dtype) -> np.ndarray:
+    return array(t.to(acc).contiguous())
+
+
+def _transposed(t: torch.Tensor, acc: torch.dtype) -> np.ndarray:
+    """(B, H, N, E) -> contiguous (B, H, E, N)."""
+    return array(t.to(acc).transpose(-2, -1).contiguous())
+
+
+def _common_args(q, k, mask, seed, dropout_p, scale, softcap, acc):
+    B, H, L, _ = q.shape
+    S = k.shape[2]
+    kind, mask_b, mask_f, mask_off, mask_stride = strided_mask(mask, (B, H, L, S), acc)
+    threshold = dropout_threshold(dropout_p) if dropout_p > 0 else 0
+    seed_value = int(seed.item()) if threshold else 0
+    drop_scale = 1.0 / (1.0 - dropout_p) if threshold else 1.0
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return (kind, mask_b, mask_f, mask_off, mask_stride, seed_value, threshold,
+            scalar(drop_scale, acc), scalar(scale, acc), scalar(softcap or 0.0, acc))
+
+
+def _forward(q, k, v, common, left, right, offset, acc):
+    """(out (B, Hq, L, Dv), lse (B, Hq, L)), both contiguous in ``acc``."""
+    B, H, L, _ = q.shape
+    out = torch.empty(B, H, L, v.shape[3], dtype=acc)
+    lse = torch.empty(B, H, L, dtype=acc)
+    _attention_fwd_kernel(_contiguous(q, acc), _transposed(k, acc), _contiguous(v, acc),
+                          *common, left, right, offset, array(out), array(lse))
+    return out, lse
+
+
+def _trivial(q, k) -> bool:
+    return q.numel() == 0 or k.shape[2] == 0
+
+
+def attention_fwd(q, k, v, mask, seed, dropout_p, scale, left, right, align_bottom, softcap):
+    """(out (B, Hq, L, Dv) in q's dtype, lse (B, Hq, L) float32); see the module header and
+    ``fastattn.reference.attention_fwd``."""
+    acc = accumulate_dtype(q.dtype)
+    out = attention_output(q, v.shape[3], q.dtype)
+    if _trivial(q, k):  # no keys (or nothing to compute): every row is fully masked
+        return out.zero_(), torch.full(q.shape[:3], float("-inf"))
+    offset = k.shape[2] - q.shape[2] if align_bottom else 0
+    common = _common_args(q, k, mask, seed, dropout_p, scale, softcap, acc)
+    o, lse = _forward(q, k, v, common, left, right, offset, acc)
+    return out.copy_(o), lse.float()
+
+
+def attention_bwd(grad_out, q, k, v, out, lse, mask, seed, dropout_p, scale, left, right,
+                  align_bottom, softcap, deterministic, mask_grad):
+    """(dq, dk, dv, dmask): dmask is (B, Hq, L, S) in the accumulation dtype when
+    ``mask_grad``, else empty. Always deterministic (see the module header)."""
+    acc = accumulate_dtype(q.dtype)
+    B, H, L, D = q.shape
+    S = k.shape[2]
+    dmask = torch.zeros((B, H, L, S) if mask_grad else (0,), dtype=acc)
+    if _trivial(q, k):
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dmask
+    offset = S - L if align_bottom else 0
+    common = _common_args(q, k, mask, seed, dropout_p, scale, softcap, acc)
+    if acc == torch.float64:  # lse and out again in float64: the saved lse is float32
+        out, lse = _forward(q, k, v, common, left, right, offset, acc)
+    g = grad_out.to(acc)
+    delta = array((g * out.to(acc)).sum(-1).contiguous())  # (B, Hq, L)
+    lse = array(lse.to(acc).contiguous())
+    dq = torch.empty(q.shape, dtype=acc)
+    dk = torch.empty(k.shape, dtype=acc)
+    dv = torch.empty(v.shape, dtype=acc)
+    qa, ka = _contiguous(q, acc), _contiguous(k, acc)
+    ga = array(g.contiguous())
+    _attention_bwd_dkdv_kernel(qa, _transposed(q, acc), ka, _contiguous(v, acc),
+                               _transposed(g, acc), ga, lse, delta, *common, left, right, offset,
+                               array(dk), array(dv))
+    dmask_np = array(dmask) if mask_grad else np.zeros((1, 1, 1, 1), np_dtype(acc))
+    _attention_bwd_dq_kernel(qa, _transposed(k, acc), ka, _transposed(v, acc), ga, lse, delta,
+                             *common, left, right, offset, array(dq), dmask_np, bool(mask_grad))
+    dq, dk, dv = (torch.empty_like(t).copy_(d) for t, d in ((q, dq), (k, dk), (v, dv)))
+    return dq, dk, dv, dmask
+
+
+def dropout_mask(seed: torch.Tensor, shape, dropout_p: float, device) -> torch.Tensor:
+    """The keep mask (bool ``shape`` = (B, Hq, L, S)) the kernels draw for ``seed``: for tests
+    and for anyone who needs to see exactly which probabilities were dropped."""
+    keep = torch.empty(shape, dtype=torch.bool)
+    if keep.numel():
+        _dropout_mask_kernel(int(seed.item()), dropout_threshold(dropout_p), array(keep))
+    return keep.to(device)
