@@ -24,7 +24,6 @@ loaded by ``fastattn._ext``) serves the ops and devices it has kernels for, so
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 import importlib.util
 import os
@@ -60,24 +59,6 @@ def _triton_reason(device_type: str | None) -> str | None:
     return None
 
 
-@functools.cache
-def _numba_import_error() -> str | None:
-    """Why ``import numba`` fails here (None if it works); tried once per process."""
-    if importlib.util.find_spec("numba") is None:
-        return "numba is not installed (pip install numba)"
-    try:
-        importlib.import_module("numba")
-    except Exception as e:  # noqa: BLE001 - any import failure (e.g. a numpy it rejects)
-        return f"numba does not import: {type(e).__name__}: {e}"
-    return None
-
-
-def _numba_reason(device_type: str | None) -> str | None:
-    if device_type not in (None, "cpu"):
-        return f"numba kernels run on CPU tensors only, not on {device_type} tensors"
-    return _numba_import_error()
-
-
 OPS = ("softmax", "cross_entropy", "attention")
 
 
@@ -95,7 +76,9 @@ def _reason_unavailable(name: str, device_type: str | None, op: str | None = Non
 
         return _ext.reason(op, device_type)
     if name == "numba":
-        return _numba_reason(device_type)
+        from fastattn import numba as numba_backend  # the package only; numba itself on demand
+
+        return numba_backend.reason(device_type)
     raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(BACKENDS)}")
 
 

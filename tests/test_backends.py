@@ -13,6 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastattn
+import fastattn.numba
 from fastattn.backends import BACKENDS, ENV_VAR
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -204,14 +205,14 @@ def test_numba_reason_when_it_is_not_installed(monkeypatch):
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "numba" else find_spec(name, *a))
-    why = fastattn.backends._numba_import_error.__wrapped__()
+    why = fastattn.numba.import_error.__wrapped__()
     assert why == "numba is not installed (pip install numba)"
 
 
 @pytest.fixture
 def no_numba(monkeypatch):
     """numba made unavailable, as on a machine where it does not import."""
-    monkeypatch.setattr(fastattn.backends, "_numba_import_error",
+    monkeypatch.setattr(fastattn.numba, "import_error",
                         lambda: "numba is not installed (pip install numba)")
 
 
