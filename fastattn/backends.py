@@ -78,7 +78,7 @@ def _reason_unavailable(name: str, device_type: str | None, op: str | None = Non
     if name == "numba":
         from fastattn import numba as numba_backend  # the package only; numba itself on demand
 
-        return numba_backend.reason(device_type)
+        return numba_backend.reason(device_type, op)
     raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(BACKENDS)}")
 
 

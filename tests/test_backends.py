@@ -207,6 +207,13 @@ def test_numba_reason_when_it_is_not_installed(monkeypatch):
                         lambda name, *a: None if name == "numba" else find_spec(name, *a))
     why = fastattn.numba.import_error.__wrapped__()
     assert why == "numba is not installed (pip install numba)"
+    # attention also needs scipy (the BLAS behind Numba's np.dot); softmax and CE do not
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "scipy" else find_spec(name, *a))
+    assert "pip install scipy" in fastattn.numba._blas_error.__wrapped__()
+    monkeypatch.setattr(fastattn.numba, "_blas_error", lambda: "no scipy")
+    assert fastattn.backend_status("cpu", "attention")["numba"] == "no scipy"
+    assert fastattn.backend_status("cpu", "softmax")["numba"] == fastattn.numba.import_error()
 
 
 @pytest.fixture

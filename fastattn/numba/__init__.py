@@ -25,10 +25,23 @@ def import_error() -> str | None:
     return None
 
 
+@functools.cache
+def _blas_error() -> str | None:
+    """Why Numba's ``np.dot`` has no BLAS here (it binds scipy's); None if it has."""
+    if importlib.util.find_spec("scipy") is None:
+        return ("numba's attention kernels multiply tiles with np.dot, which needs scipy's "
+                "BLAS: pip install scipy")
+    return None
+
+
 @torch.compiler.assume_constant_result  # fixed per process: dynamo runs it, never traces it
-def reason(device_type: str | None = None) -> str | None:
-    """Why the numba backend cannot run on ``device_type`` tensors (any device if None); None
-    if it can: CPU tensors, wherever numba imports."""
+def reason(device_type: str | None = None, op: str | None = None) -> str | None:
+    """Why the numba backend cannot run ``op`` (any op if None) on ``device_type`` tensors (any
+    device if None); None if it can: CPU tensors, wherever numba imports (and, for attention,
+    scipy provides the BLAS that Numba's np.dot calls)."""
     if device_type not in (None, "cpu"):
         return f"numba kernels run on CPU tensors only, not on {device_type} tensors"
-    return import_error()
+    why = import_error()
+    if why is None and op == "attention":
+        why = _blas_error()
+    return why

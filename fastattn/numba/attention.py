@@ -118,41 +118,11 @@ def _tile_is_full(i0, i1, n0, n1, kind, left, right, offset):
     return not (left >= 0 and n0 < i1 - 1 + offset - left)
 
 
-@numba.njit(cache=True)
-def _scores(a, a0, am, bT, b0, bn, width, out):
-    """out[i, j] = sum_d a[a0 + i, d] bT[d, b0 + j] for i < am, j < bn (d < width)."""
-    for i in range(am):
-        o = out[i]
-        for j in range(bn):
-            o[j] = 0
-        arow = a[a0 + i]
-        for d in range(width):
-            ad = arow[d]
-            brow = bT[d]
-            for j in range(bn):
-                o[j] += ad * brow[b0 + j]
-
-
-@numba.njit(cache=True)
-def _accumulate(w, wm, wn, rows_, r0, out):
-    """out[i, :] += sum_j w[i, j] rows_[r0 + j, :] for i < wm, j < wn."""
-    width = out.shape[1]
-    for i in range(wm):
-        o = out[i]
-        wrow = w[i]
-        for j in range(wn):
-            c = wrow[j]
-            if c != 0:
-                src = rows_[r0 + j]
-                for e in range(width):
-                    o[e] += c * src[e]
-
-
 @numba.njit(**_JIT)
-def _attention_fwd_kernel(q, kT, v, kind, mask_b, mask_f, mask_off, mask_stride, seed,
+def _attention_fwd_kernel(q, k, v, kind, mask_b, mask_f, mask_off, mask_stride, seed,
                           threshold, drop_scale, scale, softcap, left, right, offset, out, lse):
     B, H, L, D = q.shape
-    Hk, S, Dv = kT.shape[1], kT.shape[3], v.shape[3]
+    Hk, S, Dv = k.shape[1], k.shape[2], v.shape[3]
     group = H // Hk
     n_mt = (L + BLOCK_M - 1) // BLOCK_M
     ninf = cast(-math.inf, q)
@@ -164,29 +134,32 @@ def _attention_fwd_kernel(q, kT, v, kind, mask_b, mask_f, mask_off, mask_stride,
         i0 = (task % n_mt) * BLOCK_M
         i1 = min(L, i0 + BLOCK_M)
         bm = i1 - i0
-        qb, kb, vb = q[b, h], kT[b, hk], v[b, hk]
-        s = np.empty((BLOCK_M, BLOCK_N), q.dtype)
-        acc = np.zeros((BLOCK_M, Dv), q.dtype)
-        m_i = np.full(BLOCK_M, ninf, q.dtype)
-        l_i = np.zeros(BLOCK_M, q.dtype)
+        q_tile = q[b, h][i0:i1]  # (bm, D)
+        acc = np.zeros((bm, Dv), q.dtype)
+        m_i = np.full(bm, ninf, q.dtype)
+        l_i = np.zeros(bm, q.dtype)
         lo, hi = _key_range(i0, i1, S, left, right, offset)
         for n0 in range(lo, hi, BLOCK_N):
             n1 = min(hi, n0 + BLOCK_N)
             bn = n1 - n0
-            _scores(qb, i0, bm, kb, n0, bn, D, s)
+            s = np.dot(q_tile, k[b, hk][n0:n1].T)  # (bm, bn)
             full = _tile_is_full(i0, i1, n0, n1, kind, left, right, offset)
             for i in range(bm):
                 srow = s[i]
                 ii = i0 + i
                 row = (b * H + h) * L + ii
-                for j in range(bn):
-                    val = srow[j] * scale
-                    if softcap > zero:
-                        val = softcap * cast(math.tanh(val / softcap), q)
-                    if not full:
-                        val = _mask_score(val, row, ii, n0 + j, kind, mask_b, mask_f, mask_off,
-                                          mask_stride, left, right, offset, ninf)
-                    srow[j] = val
+                if full and softcap == zero:
+                    for j in range(bn):
+                        srow[j] = srow[j] * scale
+                else:
+                    for j in range(bn):
+                        val = srow[j] * scale
+                        if softcap > zero:
+                            val = softcap * cast(math.tanh(val / softcap), q)
+                        if not full:
+                            val = _mask_score(val, row, ii, n0 + j, kind, mask_b, mask_f,
+                                              mask_off, mask_stride, left, right, offset, ninf)
+                        srow[j] = val
                 m_old = m_i[i]
                 m_new = row_max(srow, bn, m_old)
                 if m_new == ninf:  # nothing visible yet in this row: p = 0
@@ -204,7 +177,7 @@ def _attention_fwd_kernel(q, kT, v, kind, mask_b, mask_f, mask_off, mask_stride,
                     for j in range(bn):
                         keep = dropout_keep(seed, base + j, threshold)
                         srow[j] = srow[j] * drop_scale if keep else zero
-            _accumulate(s, bm, bn, vb, n0, acc)
+            acc += np.dot(s, v[b, hk][n0:n1])  # (bm, Dv)
         for i in range(bm):
             ii = i0 + i
             o = out[b, h, ii]
@@ -220,28 +193,36 @@ def _attention_fwd_kernel(q, kT, v, kind, mask_b, mask_f, mask_off, mask_stride,
 
 
 @numba.njit(cache=True)
-def _probs_and_dscores(s, dp, p_drop, bm_or_n, width, rows_first, b, h, H, L, S, i_base,
-                       j_base, lse, delta, kind, mask_b, mask_f, mask_off, mask_stride, seed,
-                       threshold, drop_scale, scale, softcap, left, right, offset, full,
-                       dmask, write_dmask):
-    """Turn a tile of raw products into probabilities and score gradients, in place.
-
-    ``s`` holds q.k and ``dp`` do.v, indexed [query, key] when ``rows_first`` else [key,
-    query]; on return ``s`` holds ds' (ds times the softcap factor), ``p_drop`` the dropped
-    probabilities P, and ``dmask`` (when written) ds."""
+def _probs_and_dscores(s, dp, p_drop, b, h, H, L, S, i0, n0, lse, delta, kind, mask_b, mask_f,
+                       mask_off, mask_stride, seed, threshold, drop_scale, scale, softcap, left,
+                       right, offset, full, dmask, write_dmask):
+    """Turn a (queries i0.., keys n0..) tile of q.k (``s``) and do.v (``dp``) into score
+    gradients, in place: on return ``s`` holds ds' (ds times the softcap factor), ``p_drop``
+    the dropped probabilities P, and ``dmask`` (when written) ds."""
     ninf = cast(-math.inf, s)
     zero = cast(0.0, s)
     one = cast(1.0, s)
-    for a in range(bm_or_n):
-        srow, dprow, prow = s[a], dp[a], p_drop[a]
-        for c in range(width):
-            i = a if rows_first else c
-            j = c if rows_first else a
-            ii = i_base + i
-            jj = j_base + j
-            row = (b * H + h) * L + ii
-            lse_i = lse[b, h, ii]
-            val = srow[c] * scale
+    bm, bn = s.shape
+    for i in range(bm):
+        srow, dprow, prow = s[i], dp[i], p_drop[i]
+        ii = i0 + i
+        row = (b * H + h) * L + ii
+        lse_i = lse[b, h, ii]
+        delta_i = delta[b, h, ii]
+        if lse_i == ninf:  # fully masked row: no probability, no gradient
+            for j in range(bn):
+                srow[j] = zero
+                prow[j] = zero
+            continue
+        if full and softcap == zero and threshold == 0 and not write_dmask:
+            for j in range(bn):  # the common tile: straight-line, vectorised
+                p = fexp(srow[j] * scale - lse_i)
+                prow[j] = p
+                srow[j] = p * (dprow[j] - delta_i)
+            continue
+        for j in range(bn):
+            jj = n0 + j
+            val = srow[j] * scale
             t = zero
             if softcap > zero:
                 t = cast(math.tanh(val / softcap), s)
@@ -249,14 +230,12 @@ def _probs_and_dscores(s, dp, p_drop, bm_or_n, width, rows_first, b, h, H, L, S,
             if not full:
                 val = _mask_score(val, row, ii, jj, kind, mask_b, mask_f, mask_off, mask_stride,
                                   left, right, offset, ninf)
-            if lse_i == ninf or val == ninf:
-                srow[c] = zero
-                prow[c] = zero
-                if write_dmask:
-                    dmask[b, h, ii, jj] = zero
+            if val == ninf:
+                srow[j] = zero
+                prow[j] = zero
                 continue
             p = fexp(val - lse_i)
-            d = dprow[c]
+            d = dprow[j]
             pd = p
             if threshold > 0:
                 if dropout_keep(seed, row * S + jj, threshold):
@@ -265,17 +244,17 @@ def _probs_and_dscores(s, dp, p_drop, bm_or_n, width, rows_first, b, h, H, L, S,
                 else:
                     pd = zero
                     d = zero
-            ds = p * (d - delta[b, h, ii])
+            ds = p * (d - delta_i)
             if write_dmask:
                 dmask[b, h, ii, jj] = ds
             if softcap > zero:
                 ds = ds * (one - t * t)
-            srow[c] = ds
-            prow[c] = pd
+            srow[j] = ds
+            prow[j] = pd
 
 
 @numba.njit(**_JIT)
-def _attention_bwd_dkdv_kernel(q, qT, k, v, gT, g, lse, delta, kind, mask_b, mask_f, mask_off,
+def _attention_bwd_dkdv_kernel(q, k, v, g, lse, delta, kind, mask_b, mask_f, mask_off,
                                mask_stride, seed, threshold, drop_scale, scale, softcap, left,
                                right, offset, dk, dv):
     B, H, L, D = q.shape
@@ -288,36 +267,29 @@ def _attention_bwd_dkdv_kernel(q, qT, k, v, gT, g, lse, delta, kind, mask_b, mas
         hk = (task // n_nt) % Hk
         n0 = (task % n_nt) * BLOCK_N
         n1 = min(S, n0 + BLOCK_N)
-        bn = n1 - n0
-        kb, vb = k[b, hk], v[b, hk]
-        sT = np.empty((BLOCK_N, BLOCK_M), q.dtype)
-        dpT = np.empty((BLOCK_N, BLOCK_M), q.dtype)
-        pT = np.empty((BLOCK_N, BLOCK_M), q.dtype)
-        dk_acc = np.zeros((BLOCK_N, D), q.dtype)
-        dv_acc = np.zeros((BLOCK_N, Dv), q.dtype)
+        k_tile, v_tile = k[b, hk][n0:n1], v[b, hk][n0:n1]  # (bn, D), (bn, Dv)
+        dk_acc = np.zeros((n1 - n0, D), q.dtype)
+        dv_acc = np.zeros((n1 - n0, Dv), q.dtype)
         lo, hi = _query_range(n0, n1, L, left, right, offset)
         for h in range(hk * group, (hk + 1) * group):
             for m0 in range(lo, hi, BLOCK_M):
                 m1 = min(hi, m0 + BLOCK_M)
-                bm = m1 - m0
+                q_tile, g_tile = q[b, h][m0:m1], g[b, h][m0:m1]  # (bm, D), (bm, Dv)
+                s = np.dot(q_tile, k_tile.T)  # (bm, bn)
+                dp = np.dot(g_tile, v_tile.T)
+                p = np.empty_like(s)
                 full = _tile_is_full(m0, m1, n0, n1, kind, left, right, offset)
-                _scores(kb, n0, bn, qT[b, h], m0, bm, D, sT)  # (keys, queries)
-                _scores(vb, n0, bn, gT[b, h], m0, bm, Dv, dpT)
-                _probs_and_dscores(sT, dpT, pT, bn, bm, False, b, h, H, L, S, m0, n0, lse,
-                                   delta, kind, mask_b, mask_f, mask_off, mask_stride, seed,
-                                   threshold, drop_scale, scale, softcap, left, right, offset,
-                                   full, dummy, False)
-                _accumulate(pT, bn, bm, g[b, h], m0, dv_acc)
-                _accumulate(sT, bn, bm, q[b, h], m0, dk_acc)
-        for j in range(bn):
-            for d in range(D):
-                dk[b, hk, n0 + j, d] = dk_acc[j, d] * scale
-            for e in range(Dv):
-                dv[b, hk, n0 + j, e] = dv_acc[j, e]
+                _probs_and_dscores(s, dp, p, b, h, H, L, S, m0, n0, lse, delta, kind, mask_b,
+                                   mask_f, mask_off, mask_stride, seed, threshold, drop_scale,
+                                   scale, softcap, left, right, offset, full, dummy, False)
+                dv_acc += np.dot(p.T, g_tile)
+                dk_acc += np.dot(s.T, q_tile)
+        dk[b, hk][n0:n1] = dk_acc * scale
+        dv[b, hk][n0:n1] = dv_acc
 
 
 @numba.njit(**_JIT)
-def _attention_bwd_dq_kernel(q, kT, k, vT, g, lse, delta, kind, mask_b, mask_f, mask_off,
+def _attention_bwd_dq_kernel(q, k, v, g, lse, delta, kind, mask_b, mask_f, mask_off,
                              mask_stride, seed, threshold, drop_scale, scale, softcap, left,
                              right, offset, dq, dmask, write_dmask):
     B, H, L, D = q.shape
@@ -330,26 +302,21 @@ def _attention_bwd_dq_kernel(q, kT, k, vT, g, lse, delta, kind, mask_b, mask_f, 
         hk = h // group
         i0 = (task % n_mt) * BLOCK_M
         i1 = min(L, i0 + BLOCK_M)
-        bm = i1 - i0
-        s = np.empty((BLOCK_M, BLOCK_N), q.dtype)
-        dp = np.empty((BLOCK_M, BLOCK_N), q.dtype)
-        p = np.empty((BLOCK_M, BLOCK_N), q.dtype)
-        dq_acc = np.zeros((BLOCK_M, D), q.dtype)
+        q_tile, g_tile = q[b, h][i0:i1], g[b, h][i0:i1]
+        dq_acc = np.zeros((i1 - i0, D), q.dtype)
         lo, hi = _key_range(i0, i1, S, left, right, offset)
         for n0 in range(lo, hi, BLOCK_N):
             n1 = min(hi, n0 + BLOCK_N)
-            bn = n1 - n0
+            k_tile = k[b, hk][n0:n1]
+            s = np.dot(q_tile, k_tile.T)
+            dp = np.dot(g_tile, v[b, hk][n0:n1].T)
+            p = np.empty_like(s)
             full = _tile_is_full(i0, i1, n0, n1, kind, left, right, offset)
-            _scores(q[b, h], i0, bm, kT[b, hk], n0, bn, D, s)
-            _scores(g[b, h], i0, bm, vT[b, hk], n0, bn, g.shape[3], dp)
-            _probs_and_dscores(s, dp, p, bm, bn, True, b, h, H, L, S, i0, n0, lse, delta, kind,
-                               mask_b, mask_f, mask_off, mask_stride, seed, threshold,
-                               drop_scale, scale, softcap, left, right, offset, full, dmask,
-                               write_dmask)
-            _accumulate(s, bm, bn, k[b, hk], n0, dq_acc)
-        for i in range(bm):
-            for d in range(D):
-                dq[b, h, i0 + i, d] = dq_acc[i, d] * scale
+            _probs_and_dscores(s, dp, p, b, h, H, L, S, i0, n0, lse, delta, kind, mask_b,
+                               mask_f, mask_off, mask_stride, seed, threshold, drop_scale, scale,
+                               softcap, left, right, offset, full, dmask, write_dmask)
+            dq_acc += np.dot(s, k_tile)
+        dq[b, h][i0:i1] = dq_acc * scale
 
 
 @numba.njit(**_JIT)
@@ -366,11 +333,6 @@ def _dropout_mask_kernel(seed, threshold, keep):
 
 def _contiguous(t: torch.Tensor, acc: torch.dtype) -> np.ndarray:
     return array(t.to(acc).contiguous())
-
-
-def _transposed(t: torch.Tensor, acc: torch.dtype) -> np.ndarray:
-    """(B, H, N, E) -> contiguous (B, H, E, N)."""
-    return array(t.to(acc).transpose(-2, -1).contiguous())
 
 
 def _common_args(q, k, mask, seed, dropout_p, scale, softcap, acc):
@@ -391,7 +353,7 @@ def _forward(q, k, v, common, left, right, offset, acc):
     B, H, L, _ = q.shape
     out = torch.empty(B, H, L, v.shape[3], dtype=acc)
     lse = torch.empty(B, H, L, dtype=acc)
-    _attention_fwd_kernel(_contiguous(q, acc), _transposed(k, acc), _contiguous(v, acc),
+    _attention_fwd_kernel(_contiguous(q, acc), _contiguous(k, acc), _contiguous(v, acc),
                           *common, left, right, offset, array(out), array(lse))
     return out, lse
 
@@ -427,20 +389,18 @@ def attention_bwd(grad_out, q, k, v, out, lse, mask, seed, dropout_p, scale, lef
     common = _common_args(q, k, mask, seed, dropout_p, scale, softcap, acc)
     if acc == torch.float64:  # lse and out again in float64: the saved lse is float32
         out, lse = _forward(q, k, v, common, left, right, offset, acc)
-    g = grad_out.to(acc)
+    g = grad_out.to(acc).contiguous()
     delta = array((g * out.to(acc)).sum(-1).contiguous())  # (B, Hq, L)
     lse = array(lse.to(acc).contiguous())
     dq = torch.empty(q.shape, dtype=acc)
     dk = torch.empty(k.shape, dtype=acc)
     dv = torch.empty(v.shape, dtype=acc)
-    qa, ka = _contiguous(q, acc), _contiguous(k, acc)
-    ga = array(g.contiguous())
-    _attention_bwd_dkdv_kernel(qa, _transposed(q, acc), ka, _contiguous(v, acc),
-                               _transposed(g, acc), ga, lse, delta, *common, left, right, offset,
+    qa, ka, va, ga = _contiguous(q, acc), _contiguous(k, acc), _contiguous(v, acc), array(g)
+    _attention_bwd_dkdv_kernel(qa, ka, va, ga, lse, delta, *common, left, right, offset,
                                array(dk), array(dv))
     dmask_np = array(dmask) if mask_grad else np.zeros((1, 1, 1, 1), np_dtype(acc))
-    _attention_bwd_dq_kernel(qa, _transposed(k, acc), ka, _transposed(v, acc), ga, lse, delta,
-                             *common, left, right, offset, array(dq), dmask_np, bool(mask_grad))
+    _attention_bwd_dq_kernel(qa, ka, va, ga, lse, delta, *common, left, right, offset, array(dq),
+                             dmask_np, bool(mask_grad))
     dq, dk, dv = (torch.empty_like(t).copy_(d) for t, d in ((q, dq), (k, dk), (v, dv)))
     return dq, dk, dv, dmask
 
