@@ -49,6 +49,9 @@ limit them to 256).
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib
 import math
 
 import numba
@@ -331,6 +334,29 @@ def _dropout_mask_kernel(seed, threshold, keep):
 # --- launchers -------------------------------------------------------------------------------
 
 
+@functools.cache
+def _blas_threads():
+    """threadpoolctl's controller of the BLAS libraries loaded here (scipy's, which Numba's
+    np.dot calls), or None without threadpoolctl."""
+    importlib.import_module("scipy.linalg.cython_blas")  # load it before looking for it
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    return ThreadpoolController()
+
+
+def _one_blas_thread():
+    """Context in which BLAS calls run on the calling thread only: prange already keeps every
+    core busy, and OpenBLAS would otherwise wake its own threads for each 64x64 tile product
+    (oversubscription: the tile products then run about 1.5x slower)."""
+    controller = _blas_threads()
+    if controller is None:
+        return contextlib.nullcontext()
+    return controller.limit(limits=1, user_api="blas")
+
+
+
 def _contiguous(t: torch.Tensor, acc: torch.dtype) -> np.ndarray:
     return array(t.to(acc).contiguous())
 
@@ -348,13 +374,16 @@ def _common_args(q, k, mask, seed, dropout_p, scale, softcap, acc):
             scalar(drop_scale, acc), scalar(scale, acc), scalar(softcap or 0.0, acc))
 
 
-def _forward(q, k, v, common, left, right, offset, acc):
-    """(out (B, Hq, L, Dv), lse (B, Hq, L)), both contiguous in ``acc``."""
+def _forward(q, k, v, common, left, right, offset, acc, out=None):
+    """(out (B, Hq, L, Dv), lse (B, Hq, L)) in ``acc``, lse contiguous; ``out`` is written in
+    place when given (contiguous, in ``acc``)."""
     B, H, L, _ = q.shape
-    out = torch.empty(B, H, L, v.shape[3], dtype=acc)
+    if out is None:
+        out = torch.empty(B, H, L, v.shape[3], dtype=acc)
     lse = torch.empty(B, H, L, dtype=acc)
-    _attention_fwd_kernel(_contiguous(q, acc), _contiguous(k, acc), _contiguous(v, acc),
-                          *common, left, right, offset, array(out), array(lse))
+    qa, ka, va = _contiguous(q, acc), _contiguous(k, acc), _contiguous(v, acc)
+    with _one_blas_thread():
+        _attention_fwd_kernel(qa, ka, va, *common, left, right, offset, array(out), array(lse))
     return out, lse
 
 
@@ -371,8 +400,9 @@ def attention_fwd(q, k, v, mask, seed, dropout_p, scale, left, right, align_bott
         return out.zero_(), torch.full(q.shape[:3], float("-inf"))
     offset = k.shape[2] - q.shape[2] if align_bottom else 0
     common = _common_args(q, k, mask, seed, dropout_p, scale, softcap, acc)
-    o, lse = _forward(q, k, v, common, left, right, offset, acc)
-    return out.copy_(o), lse.float()
+    direct = out.dtype == acc and out.is_contiguous()
+    o, lse = _forward(q, k, v, common, left, right, offset, acc, out if direct else None)
+    return out if direct else out.copy_(o), lse.float()
 
 
 def attention_bwd(grad_out, q, k, v, out, lse, mask, seed, dropout_p, scale, left, right,
@@ -396,11 +426,12 @@ def attention_bwd(grad_out, q, k, v, out, lse, mask, seed, dropout_p, scale, lef
     dk = torch.empty(k.shape, dtype=acc)
     dv = torch.empty(v.shape, dtype=acc)
     qa, ka, va, ga = _contiguous(q, acc), _contiguous(k, acc), _contiguous(v, acc), array(g)
-    _attention_bwd_dkdv_kernel(qa, ka, va, ga, lse, delta, *common, left, right, offset,
-                               array(dk), array(dv))
     dmask_np = array(dmask) if mask_grad else np.zeros((1, 1, 1, 1), np_dtype(acc))
-    _attention_bwd_dq_kernel(qa, ka, va, ga, lse, delta, *common, left, right, offset, array(dq),
-                             dmask_np, bool(mask_grad))
+    with _one_blas_thread():
+        _attention_bwd_dkdv_kernel(qa, ka, va, ga, lse, delta, *common, left, right, offset,
+                                   array(dk), array(dv))
+        _attention_bwd_dq_kernel(qa, ka, va, ga, lse, delta, *common, left, right, offset,
+                                 array(dq), dmask_np, bool(mask_grad))
     dq, dk, dv = (torch.empty_like(t).copy_(d) for t, d in ((q, dq), (k, dk), (v, dv)))
     return dq, dk, dv, dmask
 
