@@ -21,19 +21,20 @@ v (B, Hk, S, Dv) with any strides, the mask broadcast to (B, Hq, L, S) as a view
 its strides, ``common.strided_mask``: one offset per query row, never expanded), the window
 ``i + offset - left <= j <= i + offset + right`` (offset 0 or S - L, -1 unbounded).
 
-Algorithm. The launchers make q, k, v contiguous in the accumulation dtype and add the
-transposed copies the tile products need to run along contiguous memory (k^T for q k^T in
-forward; q^T, do^T, v^T in backward): O((L + S) D) extra memory, never L x S. Forward: one
-prange task per (b, h, BLOCK_M query rows) keeps its score tile (BLOCK_M x BLOCK_N), running
-max, running sum and output accumulator (BLOCK_M x Dv) in local arrays and streams key tiles
-(online softmax); only key tiles the window lets some row see are visited, and tiles every
-row sees in full skip the per-element masking. Backward: one task per (b, hk, BLOCK_N keys)
-accumulates dk, dv over the query tiles of every query head sharing hk (GQA without atomics),
-then one task per (b, h, BLOCK_M queries) accumulates dq (and writes the mask gradient); each
-score tile is recomputed twice, and every result has one writer in a fixed order, so backward
-is always deterministic (the ``deterministic`` flag changes nothing here). Tile products are
-loops whose innermost index runs along contiguous memory, which LLVM vectorises (with FMA:
-kernels are compiled with fastmath ``contract`` only).
+Algorithm. The launchers make q, k, v contiguous in the accumulation dtype. Tile products go
+through ``np.dot`` (Numba binds it to scipy's BLAS, about 10x what hand-written loops reach
+here), with BLAS held to one thread since prange already uses every core. Forward: one prange
+task per (b, h, BLOCK_M query rows) keeps its output accumulator (BLOCK_M x Dv), running max and
+running sum in local arrays and streams key tiles of BLOCK_N (online softmax); only key tiles
+the window lets some row see are visited, and tiles every row sees in full skip the
+per-element masking. Backward: one task per (b, hk, chunk of key tiles) -- key tiles dealt out
+round-robin over as many chunks as threads, so causal work stays balanced -- recomputes each
+score tile once and accumulates dk, dv for its keys over the query tiles of every query head
+sharing hk (GQA without atomics), and dq into that chunk's own (L, D) buffer per head; the
+chunks' dq are then summed in a fixed order. Five tile products per tile, as FlashAttention-2,
+every result with one writer in a fixed order: backward is always deterministic (the
+``deterministic`` flag changes nothing here), for a given thread count. Extra memory: one dq
+per chunk (threads x |dq|), never L x S.
 
 Dropout: a counter hash (``common.dropout_keep``) of the seed and the flat (b, h, i, j) index,
 regenerated in backward; ``dropout_mask`` returns the same mask for tests.
@@ -41,7 +42,7 @@ regenerated in backward; ``dropout_mask`` returns the same mask for tests.
 Dtypes: float32 and float64 (float64 end to end: backward recomputes lse in float64 rather
 than reading the float32 lse of forward). 16-bit inputs are converted to float32 by the
 launchers (one extra read and write of q, k, v; Numba has no bfloat16/float16 arithmetic).
-Work: forward 2 L S (D + Dv) flops per head, backward 2.5x that plus the second recomputation.
+Work: forward 2 L S (D + Dv) flops per head, backward 2.5x that (recomputing the scores once).
 
 Not supported: anything but CPU tensors; head dims are not limited here (the public functions
 limit them to 256).
@@ -74,7 +75,7 @@ from fastattn.numba.common import (
 from fastattn.reference import accumulate_dtype, attention_output
 
 BLOCK_M = 64
-BLOCK_N = 64
+BLOCK_N = 128
 _JIT = {"parallel": True, "cache": True, "nogil": True, "fastmath": {"contract"}}
 
 
@@ -257,69 +258,42 @@ def _probs_and_dscores(s, dp, p_drop, b, h, H, L, S, i0, n0, lse, delta, kind, m
 
 
 @numba.njit(**_JIT)
-def _attention_bwd_dkdv_kernel(q, k, v, g, lse, delta, kind, mask_b, mask_f, mask_off,
-                               mask_stride, seed, threshold, drop_scale, scale, softcap, left,
-                               right, offset, dk, dv):
+def _attention_bwd_kernel(q, k, v, g, lse, delta, kind, mask_b, mask_f, mask_off, mask_stride,
+                          seed, threshold, drop_scale, scale, softcap, left, right, offset,
+                          n_chunks, dq_part, dk, dv, dmask, write_dmask):
     B, H, L, D = q.shape
     Hk, S, Dv = k.shape[1], k.shape[2], v.shape[3]
     group = H // Hk
     n_nt = (S + BLOCK_N - 1) // BLOCK_N
-    dummy = np.zeros((1, 1, 1, 1), q.dtype)
-    for task in prange(B * Hk * n_nt):
-        b = task // (Hk * n_nt)
-        hk = (task // n_nt) % Hk
-        n0 = (task % n_nt) * BLOCK_N
-        n1 = min(S, n0 + BLOCK_N)
-        k_tile, v_tile = k[b, hk][n0:n1], v[b, hk][n0:n1]  # (bn, D), (bn, Dv)
-        dk_acc = np.zeros((n1 - n0, D), q.dtype)
-        dv_acc = np.zeros((n1 - n0, Dv), q.dtype)
-        lo, hi = _query_range(n0, n1, L, left, right, offset)
-        for h in range(hk * group, (hk + 1) * group):
-            for m0 in range(lo, hi, BLOCK_M):
-                m1 = min(hi, m0 + BLOCK_M)
-                q_tile, g_tile = q[b, h][m0:m1], g[b, h][m0:m1]  # (bm, D), (bm, Dv)
-                s = np.dot(q_tile, k_tile.T)  # (bm, bn)
-                dp = np.dot(g_tile, v_tile.T)
-                p = np.empty_like(s)
-                full = _tile_is_full(m0, m1, n0, n1, kind, left, right, offset)
-                _probs_and_dscores(s, dp, p, b, h, H, L, S, m0, n0, lse, delta, kind, mask_b,
-                                   mask_f, mask_off, mask_stride, seed, threshold, drop_scale,
-                                   scale, softcap, left, right, offset, full, dummy, False)
-                dv_acc += np.dot(p.T, g_tile)
-                dk_acc += np.dot(s.T, q_tile)
-        dk[b, hk][n0:n1] = dk_acc * scale
-        dv[b, hk][n0:n1] = dv_acc
-
-
-@numba.njit(**_JIT)
-def _attention_bwd_dq_kernel(q, k, v, g, lse, delta, kind, mask_b, mask_f, mask_off,
-                             mask_stride, seed, threshold, drop_scale, scale, softcap, left,
-                             right, offset, dq, dmask, write_dmask):
-    B, H, L, D = q.shape
-    Hk, S = k.shape[1], k.shape[2]
-    group = H // Hk
-    n_mt = (L + BLOCK_M - 1) // BLOCK_M
-    for task in prange(B * H * n_mt):
-        b = task // (H * n_mt)
-        h = (task // n_mt) % H
-        hk = h // group
-        i0 = (task % n_mt) * BLOCK_M
-        i1 = min(L, i0 + BLOCK_M)
-        q_tile, g_tile = q[b, h][i0:i1], g[b, h][i0:i1]
-        dq_acc = np.zeros((i1 - i0, D), q.dtype)
-        lo, hi = _key_range(i0, i1, S, left, right, offset)
-        for n0 in range(lo, hi, BLOCK_N):
-            n1 = min(hi, n0 + BLOCK_N)
-            k_tile = k[b, hk][n0:n1]
-            s = np.dot(q_tile, k_tile.T)
-            dp = np.dot(g_tile, v[b, hk][n0:n1].T)
-            p = np.empty_like(s)
-            full = _tile_is_full(i0, i1, n0, n1, kind, left, right, offset)
-            _probs_and_dscores(s, dp, p, b, h, H, L, S, i0, n0, lse, delta, kind, mask_b,
-                               mask_f, mask_off, mask_stride, seed, threshold, drop_scale, scale,
-                               softcap, left, right, offset, full, dmask, write_dmask)
-            dq_acc += np.dot(s, k_tile)
-        dq[b, h][i0:i1] = dq_acc * scale
+    for task in prange(B * Hk * n_chunks):
+        b = task // (Hk * n_chunks)
+        hk = (task // n_chunks) % Hk
+        chunk = task % n_chunks
+        for nt in range(chunk, n_nt, n_chunks):  # interleaved: causal work stays balanced
+            n0 = nt * BLOCK_N
+            n1 = min(S, n0 + BLOCK_N)
+            k_tile, v_tile = k[b, hk][n0:n1], v[b, hk][n0:n1]  # (bn, D), (bn, Dv)
+            dk_acc = np.zeros((n1 - n0, D), q.dtype)
+            dv_acc = np.zeros((n1 - n0, Dv), q.dtype)
+            lo, hi = _query_range(n0, n1, L, left, right, offset)
+            for h in range(hk * group, (hk + 1) * group):
+                dq_h = dq_part[chunk, b, h]  # (L, D): this chunk's share of dq
+                for m0 in range(lo, hi, BLOCK_M):
+                    m1 = min(hi, m0 + BLOCK_M)
+                    q_tile, g_tile = q[b, h][m0:m1], g[b, h][m0:m1]  # (bm, D), (bm, Dv)
+                    s = np.dot(q_tile, k_tile.T)  # (bm, bn)
+                    dp = np.dot(g_tile, v_tile.T)
+                    p = np.empty_like(s)
+                    full = _tile_is_full(m0, m1, n0, n1, kind, left, right, offset)
+                    _probs_and_dscores(s, dp, p, b, h, H, L, S, m0, n0, lse, delta, kind,
+                                       mask_b, mask_f, mask_off, mask_stride, seed, threshold,
+                                       drop_scale, scale, softcap, left, right, offset, full,
+                                       dmask, write_dmask)
+                    dv_acc += np.dot(p.T, g_tile)
+                    dk_acc += np.dot(s.T, q_tile)
+                    dq_h[m0:m1] += np.dot(s, k_tile)
+            dk[b, hk][n0:n1] = dk_acc * scale
+            dv[b, hk][n0:n1] = dv_acc
 
 
 @numba.njit(**_JIT)
@@ -416,22 +390,25 @@ def attention_bwd(grad_out, q, k, v, out, lse, mask, seed, dropout_p, scale, lef
     if _trivial(q, k):
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dmask
     offset = S - L if align_bottom else 0
+    scale = D**-0.5 if scale is None else scale
     common = _common_args(q, k, mask, seed, dropout_p, scale, softcap, acc)
     if acc == torch.float64:  # lse and out again in float64: the saved lse is float32
         out, lse = _forward(q, k, v, common, left, right, offset, acc)
     g = grad_out.to(acc).contiguous()
     delta = array((g * out.to(acc)).sum(-1).contiguous())  # (B, Hq, L)
     lse = array(lse.to(acc).contiguous())
-    dq = torch.empty(q.shape, dtype=acc)
     dk = torch.empty(k.shape, dtype=acc)
     dv = torch.empty(v.shape, dtype=acc)
+    # dq: one partial sum per chunk of key tiles, added here in a fixed order (deterministic)
+    n_chunks = max(1, min(numba.get_num_threads(), -(-S // BLOCK_N)))
+    dq_part = torch.zeros((n_chunks, *q.shape), dtype=acc)
     qa, ka, va, ga = _contiguous(q, acc), _contiguous(k, acc), _contiguous(v, acc), array(g)
     dmask_np = array(dmask) if mask_grad else np.zeros((1, 1, 1, 1), np_dtype(acc))
     with _one_blas_thread():
-        _attention_bwd_dkdv_kernel(qa, ka, va, ga, lse, delta, *common, left, right, offset,
-                                   array(dk), array(dv))
-        _attention_bwd_dq_kernel(qa, ka, va, ga, lse, delta, *common, left, right, offset,
-                                 array(dq), dmask_np, bool(mask_grad))
+        _attention_bwd_kernel(qa, ka, va, ga, lse, delta, *common, left, right, offset,
+                              n_chunks, array(dq_part), array(dk), array(dv), dmask_np,
+                              bool(mask_grad))
+    dq = dq_part.sum(0) * scale
     dq, dk, dv = (torch.empty_like(t).copy_(d) for t, d in ((q, dq), (k, dk), (v, dv)))
     return dq, dk, dv, dmask
 
