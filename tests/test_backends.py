@@ -216,6 +216,31 @@ def test_numba_reason_when_it_is_not_installed(monkeypatch):
     assert fastattn.backend_status("cpu", "softmax")["numba"] == fastattn.numba.import_error()
 
 
+@pytest.mark.skipif(not HAS_NUMBA, reason="numba does not import here")
+def test_numba_kernels_from_several_threads():
+    # Numba's workqueue threading layer (its fallback without OpenMP or TBB) aborts the process
+    # on concurrent parallel launches; the launchers serialise them. A fresh process pins it.
+    code = (
+        "import threading, torch, fastattn\n"
+        "x = torch.randn(8, 300)\n"
+        "def work():\n"
+        "    with fastattn.use_backend('numba'):\n"
+        "        for _ in range(30):\n"
+        "            torch.testing.assert_close(fastattn.softmax(x, -1), torch.softmax(x, -1))\n"
+        "threads = [threading.Thread(target=work) for _ in range(4)]\n"
+        "[t.start() for t in threads]\n"
+        "[t.join() for t in threads]\n"
+        "import numba; print(numba.threading_layer())\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=root, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "workqueue"
+
+
 @pytest.fixture
 def no_numba(monkeypatch):
     """numba made unavailable, as on a machine where it does not import."""

@@ -61,6 +61,8 @@ import torch
 from numba import prange
 
 from fastattn.numba.common import (
+    JIT,
+    LAUNCH_LOCK,
     array,
     cast,
     dropout_keep,
@@ -76,7 +78,7 @@ from fastattn.reference import accumulate_dtype, attention_output
 
 BLOCK_M = 64
 BLOCK_N = 128
-_JIT = {"parallel": True, "cache": True, "nogil": True, "fastmath": {"contract"}}
+_JIT = {**JIT, "fastmath": {"contract"}}
 
 
 @numba.njit(cache=True)
@@ -320,14 +322,15 @@ def _blas_threads():
     return ThreadpoolController()
 
 
-def _one_blas_thread():
-    """Context in which BLAS calls run on the calling thread only: prange already keeps every
-    core busy, and OpenBLAS would otherwise wake its own threads for each 64x64 tile product
-    (oversubscription: the tile products then run about 1.5x slower)."""
+@contextlib.contextmanager
+def _launching():
+    """Around kernel calls: ``LAUNCH_LOCK``, and BLAS on the calling thread only: prange
+    already keeps every core busy, and OpenBLAS would otherwise wake its own threads for each
+    tile product (oversubscription: the tile products then run about 1.5x slower)."""
     controller = _blas_threads()
-    if controller is None:
-        return contextlib.nullcontext()
-    return controller.limit(limits=1, user_api="blas")
+    with LAUNCH_LOCK, (contextlib.nullcontext() if controller is None
+                       else controller.limit(limits=1, user_api="blas")):
+        yield
 
 
 
@@ -356,7 +359,7 @@ def _forward(q, k, v, common, left, right, offset, acc, out=None):
         out = torch.empty(B, H, L, v.shape[3], dtype=acc)
     lse = torch.empty(B, H, L, dtype=acc)
     qa, ka, va = _contiguous(q, acc), _contiguous(k, acc), _contiguous(v, acc)
-    with _one_blas_thread():
+    with _launching():
         _attention_fwd_kernel(qa, ka, va, *common, left, right, offset, array(out), array(lse))
     return out, lse
 
@@ -404,7 +407,7 @@ def attention_bwd(grad_out, q, k, v, out, lse, mask, seed, dropout_p, scale, lef
     dq_part = torch.zeros((n_chunks, *q.shape), dtype=acc)
     qa, ka, va, ga = _contiguous(q, acc), _contiguous(k, acc), _contiguous(v, acc), array(g)
     dmask_np = array(dmask) if mask_grad else np.zeros((1, 1, 1, 1), np_dtype(acc))
-    with _one_blas_thread():
+    with _launching():
         _attention_bwd_kernel(qa, ka, va, ga, lse, delta, *common, left, right, offset,
                               n_chunks, array(dq_part), array(dk), array(dv), dmask_np,
                               bool(mask_grad))
@@ -418,5 +421,6 @@ def dropout_mask(seed: torch.Tensor, shape, dropout_p: float, device) -> torch.T
     and for anyone who needs to see exactly which probabilities were dropped."""
     keep = torch.empty(shape, dtype=torch.bool)
     if keep.numel():
-        _dropout_mask_kernel(int(seed.item()), dropout_threshold(dropout_p), array(keep))
+        with LAUNCH_LOCK:
+            _dropout_mask_kernel(int(seed.item()), dropout_threshold(dropout_p), array(keep))
     return keep.to(device)

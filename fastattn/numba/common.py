@@ -30,6 +30,7 @@ delete ``fastattn/numba/__pycache__``.
 from __future__ import annotations
 
 import math
+import threading
 
 import numba
 import numpy as np
@@ -40,6 +41,10 @@ from numba.extending import intrinsic, overload
 
 FASTMATH = {"reassoc", "contract"}
 JIT = {"parallel": True, "cache": True, "nogil": True}
+# Launchers hold this around every kernel call: Numba's workqueue threading layer (its fallback
+# where neither OpenMP nor TBB is found) aborts the process when two Python threads launch
+# parallel kernels at once. Each launch already uses every core, so nothing is lost.
+LAUNCH_LOCK = threading.Lock()
 _HELPER = {"fastmath": FASTMATH, "cache": True}
 
 _F32 = np.float32

@@ -37,7 +37,17 @@ import numba
 import torch
 from numba import prange
 
-from fastattn.numba.common import JIT, array, cast, exp_sum, fexp, row_max, rows, scalar
+from fastattn.numba.common import (
+    JIT,
+    LAUNCH_LOCK,
+    array,
+    cast,
+    exp_sum,
+    fexp,
+    row_max,
+    rows,
+    scalar,
+)
 from fastattn.reference import accumulate_dtype, cross_entropy_denominator
 
 
@@ -168,11 +178,12 @@ def cross_entropy_fwd(
         idx = torch.zeros(1, dtype=torch.int64) if probability else t.reshape(-1).long()
         w = torch.ones(1, dtype=acc) if weight is None else weight.to(acc).contiguous()
         weight_sum = float(C) if weight is None else float(w.sum())
-        _cross_entropy_fwd_kernel(
-            array(x), array(idx), array(probs), array(w), probability, weight is not None,
-            int(ignore_index), scalar(label_smoothing, acc), scalar(z_loss, acc),
-            scalar(softcap or 0.0, acc), scalar(weight_sum, acc), scalar(denom, acc),
-            array(loss), array(lse), array(g_rows), grad is not None)
+        with LAUNCH_LOCK:
+            _cross_entropy_fwd_kernel(
+                array(x), array(idx), array(probs), array(w), probability, weight is not None,
+                int(ignore_index), scalar(label_smoothing, acc), scalar(z_loss, acc),
+                scalar(softcap or 0.0, acc), scalar(weight_sum, acc), scalar(denom, acc),
+                array(loss), array(lse), array(g_rows), grad is not None)
     if grad is not None and not direct:
         g_moved.copy_(g_rows.view(g_moved.shape))
     loss = loss.view(batch)

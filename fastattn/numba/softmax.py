@@ -37,6 +37,7 @@ from numba import prange
 
 from fastattn.numba.common import (
     JIT,
+    LAUNCH_LOCK,
     array,
     cast,
     dot,
@@ -141,8 +142,9 @@ def _launch(kernel, tensors, shape, dim, scale, mask, causal, log, out_dtype, ac
     views = [rows(t.movedim(dim, -1), acc) for t in tensors]
     kind, mask_b, mask_f, mask_off, mask_stride = strided_mask(mask, shape, acc, dim)
     L = shape[-2] if len(shape) >= 2 else 1
-    kernel(*(array(v) for v in views), array(buf.view(-1, buf.shape[-1])), kind, mask_b, mask_f,
-           mask_off, mask_stride, bool(causal), L, scalar(scale, acc), bool(log))
+    with LAUNCH_LOCK:
+        kernel(*(array(v) for v in views), array(buf.view(-1, buf.shape[-1])), kind, mask_b,
+               mask_f, mask_off, mask_stride, bool(causal), L, scalar(scale, acc), bool(log))
     if buf is not moved:
         moved.copy_(buf)
     return out
