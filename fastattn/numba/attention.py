@@ -26,12 +26,13 @@ through ``np.dot`` (Numba binds it to scipy's BLAS, about 10x what hand-written 
 here), with BLAS held to one thread since prange already uses every core. Forward: one prange
 task per (b, h, BLOCK_M query rows) keeps its output accumulator (BLOCK_M x Dv), running max and
 running sum in local arrays and streams key tiles of BLOCK_N (online softmax); only key tiles
-the window lets some row see are visited, and tiles every row sees in full skip the
-per-element masking. Backward: one task per (b, hk, chunk of key tiles) -- key tiles dealt out
-round-robin over as many chunks as threads, so causal work stays balanced -- recomputes each
-score tile once and accumulates dk, dv for its keys over the query tiles of every query head
-sharing hk (GQA without atomics), and dq into that chunk's own (L, D) buffer per head; the
-chunks' dq are then summed in a fixed order. Five tile products per tile, as FlashAttention-2,
+the window lets some row see are visited, and within a tile the window is a column range per
+row (no per-element test; only a mask or softcap takes the element-wise path). Backward: one
+task per (b, hk, chunk of key tiles) -- key tiles dealt out round-robin over as many chunks as
+threads, so causal work stays balanced -- recomputes each score tile once and accumulates dk,
+dv for its keys over the query tiles of every query head sharing hk (GQA without atomics), and
+dq into that chunk's own (L, D) buffer per head; the chunks' dq are then summed in a fixed
+order. Five tile products per tile, as FlashAttention-2,
 every result with one writer in a fixed order: backward is always deterministic (the
 ``deterministic`` flag changes nothing here), for a given thread count. Extra memory: one dq
 per chunk (threads x |dq|), never L x S.
@@ -82,19 +83,22 @@ _JIT = {**JIT, "fastmath": {"contract"}}
 
 
 @numba.njit(cache=True)
-def _mask_score(val, row, ii, jj, kind, mask_b, mask_f, mask_off, mask_stride, left, right,
-                offset, ninf):
-    """Score ``val`` of query ``ii`` (flat row ``row`` of (B, Hq, L)) and key ``jj`` after the
-    window and the mask: -inf where masked, plus the additive mask."""
-    if left >= 0 and jj < ii + offset - left:
-        return ninf
-    if right >= 0 and jj > ii + offset + right:
-        return ninf
+def _window_cols(ii, n0, bn, left, right, offset):
+    """Columns [lo, hi) of a key tile starting at ``n0`` (width ``bn``) that query ``ii`` sees
+    under the window; the rest of its row is masked."""
+    lo = max(0, ii + offset - left - n0) if left >= 0 else 0
+    hi = min(bn, ii + offset + right + 1 - n0) if right >= 0 else bn
+    return lo, max(lo, hi)
+
+
+@numba.njit(cache=True)
+def _apply_mask(val, row, jj, kind, mask_b, mask_f, mask_off, mask_stride, ninf):
+    """Score ``val`` of flat query row ``row`` of (B, Hq, L) and key ``jj`` after the mask:
+    -inf where a bool mask is False, plus an additive mask."""
     if kind == 1:
-        if not mask_b[mask_off[row] + jj * mask_stride]:
-            return ninf
-    elif kind == 2:
-        val = val + mask_f[mask_off[row] + jj * mask_stride]
+        return val if mask_b[mask_off[row] + jj * mask_stride] else ninf
+    if kind == 2:
+        return val + mask_f[mask_off[row] + jj * mask_stride]
     return val
 
 
@@ -112,16 +116,6 @@ def _query_range(n0, n1, L, left, right, offset):
     lo = max(0, n0 - offset - right) if right >= 0 else 0
     hi = min(L, n1 - 1 - offset + left + 1) if left >= 0 else L
     return lo, max(lo, hi)
-
-
-@numba.njit(cache=True)
-def _tile_is_full(i0, i1, n0, n1, kind, left, right, offset):
-    """True when every query in [i0, i1) sees every key in [n0, n1) (no per-element mask)."""
-    if kind != 0:
-        return False
-    if right >= 0 and n1 - 1 > i0 + offset + right:
-        return False
-    return not (left >= 0 and n0 < i1 - 1 + offset - left)
 
 
 @numba.njit(**_JIT)
@@ -149,23 +143,25 @@ def _attention_fwd_kernel(q, k, v, kind, mask_b, mask_f, mask_off, mask_stride, 
             n1 = min(hi, n0 + BLOCK_N)
             bn = n1 - n0
             s = np.dot(q_tile, k[b, hk][n0:n1].T)  # (bm, bn)
-            full = _tile_is_full(i0, i1, n0, n1, kind, left, right, offset)
             for i in range(bm):
                 srow = s[i]
                 ii = i0 + i
                 row = (b * H + h) * L + ii
-                if full and softcap == zero:
-                    for j in range(bn):
-                        srow[j] = srow[j] * scale
+                lo_j, hi_j = _window_cols(ii, n0, bn, left, right, offset)
+                if softcap > zero:
+                    for j in range(lo_j, hi_j):
+                        srow[j] = softcap * cast(math.tanh(srow[j] * scale / softcap), q)
                 else:
-                    for j in range(bn):
-                        val = srow[j] * scale
-                        if softcap > zero:
-                            val = softcap * cast(math.tanh(val / softcap), q)
-                        if not full:
-                            val = _mask_score(val, row, ii, n0 + j, kind, mask_b, mask_f,
-                                              mask_off, mask_stride, left, right, offset, ninf)
-                        srow[j] = val
+                    for j in range(lo_j, hi_j):
+                        srow[j] = srow[j] * scale
+                if kind != 0:
+                    for j in range(lo_j, hi_j):
+                        srow[j] = _apply_mask(srow[j], row, n0 + j, kind, mask_b, mask_f,
+                                              mask_off, mask_stride, ninf)
+                for j in range(lo_j):
+                    srow[j] = ninf
+                for j in range(hi_j, bn):
+                    srow[j] = ninf
                 m_old = m_i[i]
                 m_new = row_max(srow, bn, m_old)
                 if m_new == ninf:  # nothing visible yet in this row: p = 0
@@ -201,7 +197,7 @@ def _attention_fwd_kernel(q, k, v, kind, mask_b, mask_f, mask_off, mask_stride, 
 @numba.njit(cache=True)
 def _probs_and_dscores(s, dp, p_drop, b, h, H, L, S, i0, n0, lse, delta, kind, mask_b, mask_f,
                        mask_off, mask_stride, seed, threshold, drop_scale, scale, softcap, left,
-                       right, offset, full, dmask, write_dmask):
+                       right, offset, dmask, write_dmask):
     """Turn a (queries i0.., keys n0..) tile of q.k (``s``) and do.v (``dp``) into score
     gradients, in place: on return ``s`` holds ds' (ds times the softcap factor), ``p_drop``
     the dropped probabilities P, and ``dmask`` (when written) ds."""
@@ -215,27 +211,29 @@ def _probs_and_dscores(s, dp, p_drop, b, h, H, L, S, i0, n0, lse, delta, kind, m
         row = (b * H + h) * L + ii
         lse_i = lse[b, h, ii]
         delta_i = delta[b, h, ii]
+        lo_j, hi_j = _window_cols(ii, n0, bn, left, right, offset)
         if lse_i == ninf:  # fully masked row: no probability, no gradient
-            for j in range(bn):
-                srow[j] = zero
-                prow[j] = zero
-            continue
-        if full and softcap == zero and threshold == 0 and not write_dmask:
-            for j in range(bn):  # the common tile: straight-line, vectorised
+            lo_j = hi_j = 0
+        for j in range(lo_j):  # outside the window: no probability, no gradient
+            srow[j] = zero
+            prow[j] = zero
+        for j in range(hi_j, bn):
+            srow[j] = zero
+            prow[j] = zero
+        if kind == 0 and softcap == zero and threshold == 0 and not write_dmask:
+            for j in range(lo_j, hi_j):  # the common case: straight-line, vectorised
                 p = fexp(srow[j] * scale - lse_i)
                 prow[j] = p
                 srow[j] = p * (dprow[j] - delta_i)
             continue
-        for j in range(bn):
+        for j in range(lo_j, hi_j):
             jj = n0 + j
             val = srow[j] * scale
             t = zero
             if softcap > zero:
                 t = cast(math.tanh(val / softcap), s)
                 val = softcap * t
-            if not full:
-                val = _mask_score(val, row, ii, jj, kind, mask_b, mask_f, mask_off, mask_stride,
-                                  left, right, offset, ninf)
+            val = _apply_mask(val, row, jj, kind, mask_b, mask_f, mask_off, mask_stride, ninf)
             if val == ninf:
                 srow[j] = zero
                 prow[j] = zero
@@ -286,11 +284,10 @@ def _attention_bwd_kernel(q, k, v, g, lse, delta, kind, mask_b, mask_f, mask_off
                     s = np.dot(q_tile, k_tile.T)  # (bm, bn)
                     dp = np.dot(g_tile, v_tile.T)
                     p = np.empty_like(s)
-                    full = _tile_is_full(m0, m1, n0, n1, kind, left, right, offset)
                     _probs_and_dscores(s, dp, p, b, h, H, L, S, m0, n0, lse, delta, kind,
                                        mask_b, mask_f, mask_off, mask_stride, seed, threshold,
-                                       drop_scale, scale, softcap, left, right, offset, full,
-                                       dmask, write_dmask)
+                                       drop_scale, scale, softcap, left, right, offset, dmask,
+                                       write_dmask)
                     dv_acc += np.dot(p.T, g_tile)
                     dk_acc += np.dot(s.T, q_tile)
                     dq_h[m0:m1] += np.dot(s, k_tile)
