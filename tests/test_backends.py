@@ -211,6 +211,9 @@ def test_numba_reason_when_it_is_not_installed(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "scipy" else find_spec(name, *a))
     assert "pip install scipy" in fastattn.numba._blas_error.__wrapped__()
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "threadpoolctl" else find_spec(name, *a))
+    assert "pip install threadpoolctl" in fastattn.numba._blas_error.__wrapped__()
     monkeypatch.setattr(fastattn.numba, "_blas_error", lambda: "no scipy")
     assert fastattn.backend_status("cpu", "attention")["numba"] == "no scipy"
     assert fastattn.backend_status("cpu", "softmax")["numba"] == fastattn.numba.import_error()

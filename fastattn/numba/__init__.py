@@ -27,10 +27,14 @@ def import_error() -> str | None:
 
 @functools.cache
 def _blas_error() -> str | None:
-    """Why Numba's ``np.dot`` has no BLAS here (it binds scipy's); None if it has."""
-    if importlib.util.find_spec("scipy") is None:
-        return ("numba's attention kernels multiply tiles with np.dot, which needs scipy's "
-                "BLAS: pip install scipy")
+    """Why the attention kernels cannot use BLAS here; None if they can. Numba's ``np.dot``
+    binds scipy's BLAS, and threadpoolctl must hold it to one thread inside the parallel
+    kernels (OpenBLAS called from Numba's OpenMP threads otherwise warns that it may hang and
+    runs tens of times slower)."""
+    for module in ("scipy", "threadpoolctl"):
+        if importlib.util.find_spec(module) is None:
+            return (f"numba's attention kernels multiply tiles with np.dot on scipy's BLAS, held "
+                    f"to one thread by threadpoolctl: pip install {module}")
     return None
 
 
@@ -38,7 +42,7 @@ def _blas_error() -> str | None:
 def reason(device_type: str | None = None, op: str | None = None) -> str | None:
     """Why the numba backend cannot run ``op`` (any op if None) on ``device_type`` tensors (any
     device if None); None if it can: CPU tensors, wherever numba imports (and, for attention,
-    scipy provides the BLAS that Numba's np.dot calls)."""
+    scipy and threadpoolctl are installed: see ``_blas_error``)."""
     if device_type not in (None, "cpu"):
         return f"numba kernels run on CPU tensors only, not on {device_type} tensors"
     why = import_error()

@@ -309,26 +309,22 @@ def _dropout_mask_kernel(seed, threshold, keep):
 
 @functools.cache
 def _blas_threads():
-    """threadpoolctl's controller of the BLAS libraries loaded here (scipy's, which Numba's
-    np.dot calls), or None without threadpoolctl."""
+    """threadpoolctl's controller of the BLAS libraries loaded here, scipy's included (the one
+    Numba's np.dot calls)."""
     importlib.import_module("scipy.linalg.cython_blas")  # load it before looking for it
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:
-        return None
+    from threadpoolctl import ThreadpoolController
+
     return ThreadpoolController()
 
 
 @contextlib.contextmanager
 def _launching():
     """Around kernel calls: ``LAUNCH_LOCK``, and BLAS on the calling thread only: prange
-    already keeps every core busy, and OpenBLAS would otherwise wake its own threads for each
-    tile product (oversubscription: the tile products then run about 1.5x slower)."""
-    controller = _blas_threads()
-    with LAUNCH_LOCK, (contextlib.nullcontext() if controller is None
-                       else controller.limit(limits=1, user_api="blas")):
+    already keeps every core busy, and OpenBLAS called from Numba's OpenMP threads would
+    otherwise start threads of its own for each tile product (it warns that it may hang, and
+    runs tens of times slower)."""
+    with LAUNCH_LOCK, _blas_threads().limit(limits=1, user_api="blas"):
         yield
-
 
 
 def _contiguous(t: torch.Tensor, acc: torch.dtype) -> np.ndarray:
