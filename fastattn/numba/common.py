@@ -133,6 +133,35 @@ def row_max(v, n, init):
 
 
 @numba.njit(**_HELPER)
+def scaled_max(v, n, scale, init):
+    """max(init, v[0] * scale, ..., v[n-1] * scale), ignoring NaN (see ``fmax``)."""
+    m = init
+    for j in range(n):
+        m = fmax(m, v[j] * scale)
+    return m
+
+
+@numba.njit(**_HELPER)
+def scaled_exp_store_sum(v, out, n, scale, m):
+    """out[j] <- exp(v[j] * scale - m) for j < n; returns their sum."""
+    s = cast(0.0, v)
+    for j in range(n):
+        e = fexp(v[j] * scale - m)
+        out[j] = e
+        s += e
+    return s
+
+
+@numba.njit(**_HELPER)
+def scaled_exp_sum(v, n, scale, m):
+    """sum_j exp(v[j] * scale - m) over j < n."""
+    s = cast(0.0, v)
+    for j in range(n):
+        s += fexp(v[j] * scale - m)
+    return s
+
+
+@numba.njit(**_HELPER)
 def exp_sum(v, n, m):
     """sum_j exp(v[j] - m) over j < n."""
     s = cast(0.0, v)

@@ -15,9 +15,11 @@ inputs, one copy otherwise); the output is ``reference.row_output`` (``dim`` las
 written in place when its dtype is the accumulation dtype. The mask is read through its
 broadcast strides (``common.strided_mask``): one int64 offset per row, never expanded.
 
-Algorithm: one prange task per row, three sweeps over the row: scale/mask into the output
-while taking the max; exp and sum; normalise. A row of up to ~64k float32 stays in L2 between
-sweeps, so the input is read once and the output written once from memory. Work: 2 x rows x
+Algorithm: one prange task per row. Without mask or causal: max of x * scale; exp into the
+output and sum; scale by 1/sum (log: x * scale - m - log sum, written once). With them: scale
+and mask into the output while taking the max, then exp and sum, then normalise. A row of up to
+~64k float32 stays in L2 between sweeps, so the input is read once and the output written once
+from memory. Work: 2 x rows x
 cols elements moved forward, 3 x backward.
 
 Dtypes: float32 and float64 kernels. 16-bit inputs are converted to float32 by the launcher
@@ -47,6 +49,9 @@ from fastattn.numba.common import (
     row_max,
     rows,
     scalar,
+    scaled_exp_store_sum,
+    scaled_exp_sum,
+    scaled_max,
     strided_mask,
     total,
 )
@@ -62,6 +67,18 @@ def _softmax_fwd_kernel(x, out, kind, mask_b, mask_f, mask_off, mask_stride, cau
     for r in prange(n_rows):
         xr = x[r]
         o = out[r]
+        one = cast(1.0, x)
+        if kind == 0 and not causal:  # the plain row: x read twice, the output written once
+            m = scaled_max(xr, cols, scale, ninf)
+            if log:
+                log_s = cast(math.log(scaled_exp_sum(xr, cols, scale, m)), x)
+                for j in range(cols):
+                    o[j] = (xr[j] * scale - m) - log_s  # in this order, as PyTorch
+            else:
+                inv = one / scaled_exp_store_sum(xr, o, cols, scale, m)
+                for j in range(cols):
+                    o[j] = o[j] * inv
+            continue
         lim = min(cols, r % L + 1) if causal else cols  # causal: keys j <= i only
         m = ninf
         kept = 0
@@ -94,9 +111,9 @@ def _softmax_fwd_kernel(x, out, kind, mask_b, mask_f, mask_off, mask_stride, cau
             for j in range(cols):
                 o[j] = (o[j] - m) - log_s  # in this order, as PyTorch: z - m is exact
         else:
-            s = exp_store_sum(o, cols, m)  # masked: exp(-inf) = 0 (NaN if the sum is NaN)
+            inv = one / exp_store_sum(o, cols, m)  # masked: exp(-inf) = 0 (NaN if sum is NaN)
             for j in range(cols):
-                o[j] = o[j] / s
+                o[j] = o[j] * inv
 
 
 @numba.njit(**JIT)
