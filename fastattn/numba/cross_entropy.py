@@ -121,8 +121,9 @@ def _cross_entropy_fwd_kernel(x, target, probs, weight, prob_target, has_weight,
             g = grad[r]
             k = coef + cast(2.0, x) * z_loss * row_lse
             if softcap == zero and not prob_target and not has_weight:
+                k_d, smooth_d = k / denom, smooth / denom  # one division per row, not per class
                 for c in range(C):
-                    g[c] = (fexp((xr[c] - m) - log_s) * k - smooth) / denom
+                    g[c] = fexp((xr[c] - m) - log_s) * k_d - smooth_d
                 g[y] = g[y] - (one - eps) * w_y / denom
             else:
                 for c in range(C):
