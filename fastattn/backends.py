@@ -12,8 +12,9 @@ Default order when nothing is requested:
 - CPU tensors: ``torch`` (PyTorch's own CPU kernels). ``triton`` on CPU is the Triton
   interpreter, which exists for tests and is never picked by default.
 
-``numba`` serves CPU tensors (never CUDA ones) wherever ``import numba`` works; it is never
-picked by default either.
+``numba`` serves CPU tensors (never CUDA ones) wherever ``import numba`` works (attention also
+needs scipy and threadpoolctl; ``fastattn.numba.reason`` says why not); it is never picked by
+default either.
 
 Availability can depend on the op as well as the device: ``native`` (the compiled extension,
 loaded by ``fastattn._ext``) serves the ops and devices it has kernels for, so
