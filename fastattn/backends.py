@@ -12,6 +12,10 @@ Default order when nothing is requested:
 - CPU tensors: ``torch`` (PyTorch's own CPU kernels). ``triton`` on CPU is the Triton
   interpreter, which exists for tests and is never picked by default.
 
+``numba`` serves CPU tensors (never CUDA ones) wherever ``import numba`` works (attention also
+needs scipy and threadpoolctl; ``fastattn.numba.reason`` says why not); it is never picked by
+default either.
+
 Availability can depend on the op as well as the device: ``native`` (the compiled extension,
 loaded by ``fastattn._ext``) serves the ops and devices it has kernels for, so
 :func:`available_backends` and :func:`backend_status` take an optional ``op``
@@ -73,7 +77,9 @@ def _reason_unavailable(name: str, device_type: str | None, op: str | None = Non
 
         return _ext.reason(op, device_type)
     if name == "numba":
-        return "the numba backend is not part of this release yet"
+        from fastattn import numba as numba_backend  # the package only; numba itself on demand
+
+        return numba_backend.reason(device_type, op)
     raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(BACKENDS)}")
 
 

@@ -13,6 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastattn
+import fastattn.numba
 from fastattn.backends import BACKENDS, ENV_VAR
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -23,6 +24,8 @@ DEFAULT = "triton" if DEVICE == "cuda" and HAS_TRITON and not INTERPRETED else "
 OTHER = "torch" if DEFAULT == "triton" else "triton"
 # The compiled extension serves CPU tensors when it is built (tests/test_ext.py covers it).
 NATIVE_ON_CPU = fastattn.backend_status("cpu")["native"] is None
+# numba serves CPU tensors wherever it imports (a core dependency, so normally everywhere).
+HAS_NUMBA = fastattn.backend_status("cpu")["numba"] is None
 
 needs_triton = pytest.mark.skipif(
     "triton" not in fastattn.available_backends(DEVICE),
@@ -69,7 +72,7 @@ def test_status_covers_every_backend_with_reason_or_none():
     status = fastattn.backend_status()
     assert list(status) == list(BACKENDS)
     assert status["torch"] is None
-    assert isinstance(status["numba"], str) and status["numba"].strip()  # not in this release
+    assert (status["numba"] is None) == HAS_NUMBA
     assert status["native"] is None or status["native"].strip()  # None where it is built
     for name, why in status.items():
         assert why is None or (isinstance(why, str) and why), name
@@ -79,7 +82,7 @@ def test_status_covers_every_backend_with_reason_or_none():
 def test_available_backends_on_this_machine():
     available = fastattn.available_backends()
     assert "torch" in available
-    assert "numba" not in available
+    assert ("numba" in available) == HAS_NUMBA
     assert ("native" in available) == NATIVE_ON_CPU
     if HAS_TRITON and (INTERPRETED or torch.cuda.is_available()):
         assert "triton" in available
@@ -89,7 +92,9 @@ def test_available_backends_per_device():
     # The interpreter serves CPU tensors only; without it triton serves CUDA tensors only.
     triton_on_cpu = HAS_TRITON and INTERPRETED
     native = ["native"] * NATIVE_ON_CPU
-    assert fastattn.available_backends("cpu") == ["torch"] + ["triton"] * triton_on_cpu + native
+    numba = ["numba"] * HAS_NUMBA
+    assert fastattn.available_backends("cpu") == (["torch"] + ["triton"] * triton_on_cpu + native
+                                                  + numba)
     assert fastattn.available_backends(torch.device("cpu")) == fastattn.available_backends("cpu")
     assert fastattn.available_backends("meta") == ["torch"]
     assert fastattn.backend_status("meta")["triton"] is not None
@@ -184,7 +189,69 @@ def test_unknown_backend_name_is_a_value_error_naming_the_known_ones():
     assert fastattn.backends.requested_backend() == (None, "default")
 
 
-def test_unavailable_backend_raises_naming_the_available_ones():
+def test_numba_never_serves_cuda_tensors():
+    # Availability per device: numba kernels are CPU code, whatever the machine has.
+    for op in (None, *fastattn.backends.OPS):
+        why = fastattn.backend_status("cuda", op)["numba"]
+        assert why == "numba kernels run on CPU tensors only, not on cuda tensors"
+        assert "numba" not in fastattn.available_backends("cuda", op)
+    if torch.cuda.is_available() and HAS_NUMBA:
+        with fastattn.use_backend("numba"), pytest.raises(
+                fastattn.BackendUnavailableError, match="CPU tensors only"):
+            fastattn.softmax(torch.randn(2, 3, device="cuda"), -1)
+
+
+def test_numba_reason_when_it_is_not_installed(monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "numba" else find_spec(name, *a))
+    why = fastattn.numba.import_error.__wrapped__()
+    assert why == "numba is not installed (pip install numba)"
+    # attention also needs scipy (the BLAS behind Numba's np.dot); softmax and CE do not
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "scipy" else find_spec(name, *a))
+    assert "pip install scipy" in fastattn.numba._blas_error.__wrapped__()
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "threadpoolctl" else find_spec(name, *a))
+    assert "pip install threadpoolctl" in fastattn.numba._blas_error.__wrapped__()
+    monkeypatch.setattr(fastattn.numba, "_blas_error", lambda: "no scipy")
+    assert fastattn.backend_status("cpu", "attention")["numba"] == "no scipy"
+    assert fastattn.backend_status("cpu", "softmax")["numba"] == fastattn.numba.import_error()
+
+
+@pytest.mark.skipif(not HAS_NUMBA, reason="numba does not import here")
+def test_numba_kernels_from_several_threads():
+    # Numba's workqueue threading layer (its fallback without OpenMP or TBB) aborts the process
+    # on concurrent parallel launches; the launchers serialise them. A fresh process pins it.
+    code = (
+        "import threading, torch, fastattn\n"
+        "x = torch.randn(8, 300)\n"
+        "def work():\n"
+        "    with fastattn.use_backend('numba'):\n"
+        "        for _ in range(30):\n"
+        "            torch.testing.assert_close(fastattn.softmax(x, -1), torch.softmax(x, -1))\n"
+        "threads = [threading.Thread(target=work) for _ in range(4)]\n"
+        "[t.start() for t in threads]\n"
+        "[t.join() for t in threads]\n"
+        "import numba; print(numba.threading_layer())\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=root, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "workqueue"
+
+
+@pytest.fixture
+def no_numba(monkeypatch):
+    """numba made unavailable, as on a machine where it does not import."""
+    monkeypatch.setattr(fastattn.numba, "import_error",
+                        lambda: "numba is not installed (pip install numba)")
+
+
+def test_unavailable_backend_raises_naming_the_available_ones(no_numba):
     with pytest.raises(fastattn.BackendUnavailableError, match="numba") as info:
         with fastattn.use_backend("numba"):
             pass
@@ -203,7 +270,7 @@ def test_unknown_env_backend_raises_at_call_time(monkeypatch):
     assert "nope" in str(info.value) and "torch" in str(info.value)
 
 
-def test_unavailable_env_backend_raises_at_call_time(monkeypatch):
+def test_unavailable_env_backend_raises_at_call_time(monkeypatch, no_numba):
     monkeypatch.setenv(ENV_VAR, "numba")
     with pytest.raises(fastattn.BackendUnavailableError, match=ENV_VAR) as info:
         fastattn.softmax(torch.randn(2, 3), -1)
@@ -215,7 +282,7 @@ def test_triton_without_interpreter_rejects_cpu_tensors(monkeypatch):
     # Holds on CUDA machines too: without the interpreter triton never takes CPU tensors.
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv(ENV_VAR, "triton")
-    can = ["torch"] + ["native"] * NATIVE_ON_CPU
+    can = ["torch"] + ["native"] * NATIVE_ON_CPU + ["numba"] * HAS_NUMBA
     assert fastattn.available_backends("cpu") == can
     with pytest.raises(fastattn.BackendUnavailableError, match="TRITON_INTERPRET") as info:
         fastattn.log_softmax(torch.randn(2, 3), -1)
@@ -226,7 +293,7 @@ def test_triton_without_interpreter_rejects_cpu_tensors(monkeypatch):
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_use_backend_triton_without_interpreter_or_cuda(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    can = ["torch"] + ["native"] * NATIVE_ON_CPU
+    can = ["torch"] + ["native"] * NATIVE_ON_CPU + ["numba"] * HAS_NUMBA
     assert fastattn.available_backends() == can
     with pytest.raises(fastattn.BackendUnavailableError, match="triton") as info:
         with fastattn.use_backend("triton"):

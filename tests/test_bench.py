@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -140,6 +141,9 @@ def test_quick_run_on_cuda_end_to_end(tmp_path, graph):
     doc = report.load(out)
     assert doc["environment"]["device"]["type"] == "cuda"
     ok = [r for r in doc["results"] if r["status"] == "ok"]
+    first = {}  # op -> its first case: where a JIT provider's compile time is reported
+    for r in doc["results"]:
+        first.setdefault(r["op"], r["case"])
     # (a provider whose call cannot be captured in a graph is reported skipped, not timed)
     assert {r["provider"] for r in ok} >= ({"torch"} if graph else {"torch", "fastattn-triton"})
     for r in ok:
@@ -184,6 +188,40 @@ def test_provider_that_disagrees_is_failed_not_timed():
         bad, good = by[("off-by-1%", mode)], by[("torch", mode)]
         assert bad.status == "failed" and "disagrees" in bad.reason and bad.timing is None
         assert good.status == "ok" and good.timing is not None and good.speedup == 1.0
+
+
+class _WithJitProvider(SoftmaxBench):
+    """torch, and a provider marked ``jit`` whose first call sleeps (a stand-in compile)."""
+
+    def providers(self):
+        calls = []
+
+        def make(case):
+            def fn(x):
+                if not calls:
+                    time.sleep(0.2)
+                calls.append(1)
+                return torch.softmax(x, -1)
+            return fn
+
+        torch_ = [p for p in super().providers() if p.name == "torch"]
+        return torch_ + [Provider("jit", make, jit=True)]
+
+
+def test_jit_provider_first_call_is_reported_as_compile_s_not_timed():
+    op = _WithJitProvider()
+    s = runner.Settings(device=torch.device("cpu"), warmup_ms=1, rep_ms=2, memory="off",
+                        modes=["fwd"])
+    run = runner.Runner(s, ceilings={})
+    first = run.run_case(op, Case.make("softmax", "float32", rows=8, cols=300))
+    later = run.run_case(op, Case.make("softmax", "float32", rows=8, cols=600))
+    by = {r.provider: r for r in first}
+    assert by["jit"].compile_s >= 0.2 and by["jit"].to_dict()["compile_s"] == by["jit"].compile_s
+    assert by["jit"].timing.median_ms < 200  # the slow first call is not in the timings
+    assert by["torch"].compile_s is None
+    assert all(r.compile_s is None for r in later)  # compiled once per op and dtype
+    _, notes = report.tables([r.to_dict() for r in first], host_clock=True)
+    assert any("jit float32: first call" in n for n in notes)
 
 
 def _sdpa_in_bthd(case):
@@ -383,11 +421,15 @@ def test_quick_run_end_to_end_writes_valid_result_files(tmp_path, capsys):
     assert ceilings["bandwidth_gbs"] > 0 and ceilings["matmul_fp32_tflops"] > 0
 
     ok = [r for r in doc["results"] if r["status"] == "ok"]
-    # every fastattn backend that serves these ops on CPU (the Triton interpreter is not timed)
-    served = set(fastattn.available_backends("cpu", "softmax")) & set(
-        fastattn.available_backends("cpu", "cross_entropy"))
-    assert {r["provider"] for r in ok} == {f"fastattn-{b}" for b in served - {"triton"}} | {
-        "torch"}
+    first = {}  # op -> its first case: where a JIT provider's compile time is reported
+    for r in doc["results"]:
+        first.setdefault(r["op"], r["case"])
+    # every CPU kernel backend built or installed here (native, numba), never the interpreter
+    kernels = {f"fastattn-{b}" for op in ("softmax", "cross_entropy")
+               for b in fastattn.available_backends("cpu", op) if b != "triton"}
+    assert {r["provider"] for r in ok} == {"torch"} | kernels
+    assert all((r["compile_s"] is not None) == (r["provider"] == "fastattn-numba" and
+                                                r["case"] == first[r["op"]]) for r in ok)
     assert {(r["op"], r["mode"]) for r in ok} == {
         ("softmax", "fwd"), ("softmax", "bwd"), ("softmax", "fwd_bwd"),
         ("cross_entropy", "fwd"), ("cross_entropy", "fwd_bwd")}

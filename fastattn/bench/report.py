@@ -21,7 +21,7 @@ CSV_FIELDS = ("op", "case", "dtype", "mode", "provider", "kind", "status", "reas
               "p10_ms", "p90_ms", "best_ms", "n", "outliers_low", "outliers_high", "clock",
               "throughput", "throughput_unit", "pct_of_ceiling", "ceiling",
               "peak_increase_bytes", "peak_allocated_bytes", "peak_reserved_bytes",
-              "speedup_vs_baseline", "baseline")
+              "speedup_vs_baseline", "baseline", "compile_s")
 
 
 def document(environment: dict, settings: dict, ceilings: dict | None, results: list[dict],
@@ -83,7 +83,8 @@ def _row(r: dict) -> dict:
     return {
         **{k: r.get(k) for k in ("op", "case", "dtype", "mode", "provider", "kind", "status",
                                  "reason", "throughput", "throughput_unit", "pct_of_ceiling",
-                                 "ceiling", "speedup_vs_baseline", "baseline")},
+                                 "ceiling", "speedup_vs_baseline", "baseline",
+                                 "compile_s")},
         **{k: t.get(k) for k in ("median_ms", "p10_ms", "p90_ms", "best_ms", "n",
                                  "outliers_low", "outliers_high", "clock")},
         "peak_increase_bytes": m.get("peak_increase_bytes"),
@@ -164,6 +165,11 @@ def tables(results: list[dict], host_clock: bool) -> tuple[list, list[str]]:
         out.append(t)
     notes = [f"{op}: {prov} skipped: {'; '.join(sorted(reasons))}"
              for op, provs in skipped.items() for prov, reasons in provs.items()]
+    compiled = {(r["op"], r["provider"], r["dtype"]): r["compile_s"] for r in results
+                if r.get("compile_s") is not None}
+    notes += [f"{op}: {prov} {dtype}: first call (JIT compile, or load from its disk cache) "
+              f"{seconds:.2f} s, not part of the timings" for (op, prov, dtype), seconds
+              in compiled.items()]
     return out, notes
 
 

@@ -68,6 +68,7 @@ class Result:
     baseline: str | None = None
     x_label: str = ""
     label: str = ""
+    compile_s: float | None = None  # a JIT provider's first call: compile (or disk-cache load)
 
     def to_dict(self) -> dict:
         return {
@@ -81,6 +82,7 @@ class Result:
             "throughput_unit": self.throughput_unit, "ceiling": self.ceiling,
             "pct_of_ceiling": self.pct_of_ceiling, "memory": self.memory, "error": self.error,
             "speedup_vs_baseline": self.speedup, "baseline": self.baseline,
+            "compile_s": self.compile_s,
         }
 
 
@@ -240,6 +242,7 @@ class Runner:
         self.on_case = on_case or (lambda text: None)
         self.log: list[str] = []
         self.interrupted = False
+        self._compiled: set[tuple[str, str, str]] = set()  # (provider, op, dtype) already run
 
     def plan(self, ops: Sequence[str]) -> list[tuple[OpBench, list[Case]]]:
         return [(op, op.sweep(self.s.device, self.s.quick, self.s.dtypes))
@@ -288,6 +291,7 @@ class Runner:
         device = self.s.device
         results: list[Result] = []
         ready: list[tuple[Provider, dict]] = []
+        compile_times: dict[str, float | None] = {}
         free = _free_bytes(device)
         for provider in op.providers():
             if not _selected(provider.name, self.s.providers):
@@ -304,6 +308,7 @@ class Runner:
             if why is not None:
                 results += [self._result(op, case, m, provider, "skipped", why) for m in modes]
                 continue
+            compile_s = self._first_call(op, case, provider, modes)
             try:
                 verdict = check(op, case, provider, device, backward=modes != ["fwd"])
             except Exception as e:  # noqa: BLE001 - a provider's failure is a result
@@ -320,6 +325,7 @@ class Runner:
                     results.append(r)
                 continue
             ready.append((provider, verdict))
+            compile_times[provider.name] = compile_s
         for mode in op.modes:
             if self.s.modes is not None and mode not in self.s.modes:
                 continue
@@ -327,8 +333,28 @@ class Runner:
             measure = self.s.memory == "all" or (
                 self.s.memory == "largest" and largest and mode == op.modes[-1])
             results += self._time_mode(op, case, mode, group, measure)
+        for r in results:
+            r.compile_s = compile_times.get(r.provider)
         self._speedups(op, results)
         return results
+
+    def _first_call(self, op: OpBench, case: Case, provider: Provider,
+                    modes: list[str]) -> float | None:
+        """Seconds of a JIT provider's first call for this op and dtype in this process
+        (forward, and backward when a timed mode has one, on the reduced check case): its
+        compile time, or the time to load its compiled code from disk. None for providers
+        that do not compile, and for later cases (already compiled)."""
+        key = (provider.name, op.name, case.dtype)
+        if not provider.jit or key in self._compiled:
+            return None
+        self._compiled.add(key)
+        mode = "fwd" if modes == ["fwd"] else "fwd_bwd"
+        start = time.perf_counter()
+        try:
+            build_call(op, op.check_case(case), provider, mode, self.s.device)()
+        except Exception:  # noqa: BLE001 - the check that follows reports the failure
+            return None
+        return time.perf_counter() - start
 
     def _time_mode(self, op: OpBench, case: Case, mode: str,
                    group: list[tuple[Provider, dict]], measure_memory: bool) -> list[Result]:

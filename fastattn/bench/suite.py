@@ -86,6 +86,7 @@ class Provider:
     from_layout: Callable[[torch.Tensor], torch.Tensor] | None = None
     scratch_bytes: Callable[[Case], int] = lambda case: 0
     kind: str = "pytorch"  # "fastattn", "pytorch" or "third-party"
+    jit: bool = False  # its first call per op and dtype compiles (Numba): timed as compile_s
 
 
 @dataclass
@@ -172,7 +173,8 @@ def fastattn_providers(call: Callable[..., torch.Tensor], needs: str | None = No
                 return "the Triton interpreter runs CPU tensors for tests; it is not timed"
             return None
 
-        return Provider(f"fastattn-{backend}", make, unavailable, kind="fastattn")
+        return Provider(f"fastattn-{backend}", make, unavailable, kind="fastattn",
+                        jit=backend == "numba")
 
     return [make_one(b) for b in BACKENDS]
 

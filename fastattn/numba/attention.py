@@ -1,0 +1,419 @@
+"""Fused attention (FlashAttention-2 style) on the CPU in Numba: forward, and backward by
+recomputation.
+
+What it computes, per batch b and query head h (key/value head hk = h // (Hq // Hk)):
+
+    s_ij = softcap * tanh(scale * q_i.k_j / softcap)     (scale * q_i.k_j without softcap)
+           + mask_ij                                     (additive mask; -inf masks)
+    s_ij = -inf  where a bool mask is False or key j lies outside query i's window
+    p_ij = exp(s_ij - lse_i),  lse_i = log sum_j exp(s_ij)
+    o_i  = sum_j p_ij z_ij / (1 - dropout_p) v_j         (z: the dropout keep mask)
+
+    backward, with P the dropped-and-rescaled probabilities and delta_i = sum_e do_ie o_ie:
+    dv_j = sum_i P_ij do_i,  dP_ij = do_i.v_j z_ij / (1 - dropout_p),
+    ds_ij = p_ij (dP_ij - delta_i),  dq_i = scale sum_j ds'_ij k_j,  dk_j = scale sum_i ds'_ij q_i
+    with ds' = ds (1 - tanh^2) under softcap; ds itself is the additive mask's gradient.
+
+A query row whose keys are all masked gives output 0, lse -inf and gradients 0.
+
+Shapes: the normalised form of ``fastattn.reference``: q (B, Hq, L, D), k (B, Hk, S, D),
+v (B, Hk, S, Dv) with any strides, the mask broadcast to (B, Hq, L, S) as a view (read through
+its strides, ``common.strided_mask``: one offset per query row, never expanded), the window
+``i + offset - left <= j <= i + offset + right`` (offset 0 or S - L, -1 unbounded).
+
+Algorithm. The launchers make q, k, v contiguous in the accumulation dtype. Tile products go
+through ``np.dot`` (Numba binds it to scipy's BLAS, about 10x what hand-written loops reach
+here), with BLAS held to one thread since prange already uses every core. Forward: one prange
+task per (b, h, BLOCK_M query rows) keeps its output accumulator (BLOCK_M x Dv), running max and
+running sum in local arrays and streams key tiles of BLOCK_N (online softmax); only key tiles
+the window lets some row see are visited, and within a tile the window is a column range per
+row (no per-element test; only a mask or softcap takes the element-wise path). Backward: one
+task per (b, hk, chunk of key tiles) -- key tiles dealt out round-robin over as many chunks as
+threads, so causal work stays balanced -- recomputes each score tile once and accumulates dk,
+dv for its keys over the query tiles of every query head sharing hk (GQA without atomics), and
+dq into that chunk's own (L, D) buffer per head; the chunks' dq are then summed in a fixed
+order. Five tile products per tile, as FlashAttention-2,
+every result with one writer in a fixed order: backward is always deterministic (the
+``deterministic`` flag changes nothing here), for a given thread count. Extra memory: one dq
+per chunk (threads x |dq|), never L x S.
+
+Dropout: a counter hash (``common.dropout_keep``) of the seed and the flat (b, h, i, j) index,
+regenerated in backward; ``dropout_mask`` returns the same mask for tests.
+
+Dtypes: float32 and float64 (float64 end to end: backward recomputes lse in float64 rather
+than reading the float32 lse of forward). 16-bit inputs are converted to float32 by the
+launchers (one extra read and write of q, k, v; Numba has no bfloat16/float16 arithmetic).
+Work: forward 2 L S (D + Dv) flops per head, backward 2.5x that (recomputing the scores once).
+
+Not supported: anything but CPU tensors; head dims are not limited here (the public functions
+limit them to 256).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import math
+
+import numba
+import numpy as np
+import torch
+from numba import prange
+
+from fastattn.numba.common import (
+    JIT,
+    LAUNCH_LOCK,
+    array,
+    cast,
+    dropout_keep,
+    dropout_threshold,
+    exp_store_sum,
+    fexp,
+    np_dtype,
+    row_max,
+    scalar,
+    strided_mask,
+)
+from fastattn.reference import accumulate_dtype, attention_output
+
+BLOCK_M = 64
+BLOCK_N = 128
+_JIT = {**JIT, "fastmath": {"contract"}}
+
+
+@numba.njit(cache=True)
+def _window_cols(ii, n0, bn, left, right, offset):
+    """Columns [lo, hi) of a key tile starting at ``n0`` (width ``bn``) that query ``ii`` sees
+    under the window; the rest of its row is masked."""
+    lo = max(0, ii + offset - left - n0) if left >= 0 else 0
+    hi = min(bn, ii + offset + right + 1 - n0) if right >= 0 else bn
+    return lo, max(lo, hi)
+
+
+@numba.njit(cache=True)
+def _apply_mask(val, row, jj, kind, mask_b, mask_f, mask_off, mask_stride, ninf):
+    """Score ``val`` of flat query row ``row`` of (B, Hq, L) and key ``jj`` after the mask:
+    -inf where a bool mask is False, plus an additive mask."""
+    if kind == 1:
+        return val if mask_b[mask_off[row] + jj * mask_stride] else ninf
+    if kind == 2:
+        return val + mask_f[mask_off[row] + jj * mask_stride]
+    return val
+
+
+@numba.njit(cache=True)
+def _key_range(i0, i1, S, left, right, offset):
+    """Keys [lo, hi) that some query in [i0, i1) may see under the window."""
+    lo = max(0, i0 + offset - left) if left >= 0 else 0
+    hi = min(S, i1 - 1 + offset + right + 1) if right >= 0 else S
+    return lo, max(lo, hi)
+
+
+@numba.njit(cache=True)
+def _query_range(n0, n1, L, left, right, offset):
+    """Queries [lo, hi) that may see some key in [n0, n1) under the window."""
+    lo = max(0, n0 - offset - right) if right >= 0 else 0
+    hi = min(L, n1 - 1 - offset + left + 1) if left >= 0 else L
+    return lo, max(lo, hi)
+
+
+@numba.njit(**_JIT)
+def _attention_fwd_kernel(q, k, v, kind, mask_b, mask_f, mask_off, mask_stride, seed,
+                          threshold, drop_scale, scale, softcap, left, right, offset, out, lse):
+    B, H, L, D = q.shape
+    Hk, S, Dv = k.shape[1], k.shape[2], v.shape[3]
+    group = H // Hk
+    n_mt = (L + BLOCK_M - 1) // BLOCK_M
+    ninf = cast(-math.inf, q)
+    zero = cast(0.0, q)
+    for task in prange(B * H * n_mt):
+        b = task // (H * n_mt)
+        h = (task // n_mt) % H
+        hk = h // group
+        i0 = (task % n_mt) * BLOCK_M
+        i1 = min(L, i0 + BLOCK_M)
+        bm = i1 - i0
+        q_tile = q[b, h][i0:i1]  # (bm, D)
+        acc = np.zeros((bm, Dv), q.dtype)
+        m_i = np.full(bm, ninf, q.dtype)
+        l_i = np.zeros(bm, q.dtype)
+        lo, hi = _key_range(i0, i1, S, left, right, offset)
+        for n0 in range(lo, hi, BLOCK_N):
+            n1 = min(hi, n0 + BLOCK_N)
+            bn = n1 - n0
+            s = np.dot(q_tile, k[b, hk][n0:n1].T)  # (bm, bn)
+            for i in range(bm):
+                srow = s[i]
+                ii = i0 + i
+                row = (b * H + h) * L + ii
+                lo_j, hi_j = _window_cols(ii, n0, bn, left, right, offset)
+                if softcap > zero:
+                    for j in range(lo_j, hi_j):
+                        srow[j] = softcap * cast(math.tanh(srow[j] * scale / softcap), q)
+                else:
+                    for j in range(lo_j, hi_j):
+                        srow[j] = srow[j] * scale
+                if kind != 0:
+                    for j in range(lo_j, hi_j):
+                        srow[j] = _apply_mask(srow[j], row, n0 + j, kind, mask_b, mask_f,
+                                              mask_off, mask_stride, ninf)
+                for j in range(lo_j):
+                    srow[j] = ninf
+                for j in range(hi_j, bn):
+                    srow[j] = ninf
+                m_old = m_i[i]
+                m_new = row_max(srow, bn, m_old)
+                if m_new == ninf:  # nothing visible yet in this row: p = 0
+                    for j in range(bn):
+                        srow[j] = zero
+                    continue
+                alpha = fexp(m_old - m_new)
+                l_i[i] = l_i[i] * alpha + exp_store_sum(srow, bn, m_new)
+                m_i[i] = m_new
+                arow = acc[i]
+                for e in range(Dv):
+                    arow[e] *= alpha
+                if threshold > 0:  # dropout after the sum: lse and l are of the undropped p
+                    base = row * S + n0
+                    for j in range(bn):
+                        keep = dropout_keep(seed, base + j, threshold)
+                        srow[j] = srow[j] * drop_scale if keep else zero
+            acc += np.dot(s, v[b, hk][n0:n1])  # (bm, Dv)
+        for i in range(bm):
+            ii = i0 + i
+            o = out[b, h, ii]
+            if l_i[i] > zero:
+                inv = cast(1.0, q) / l_i[i]
+                for e in range(Dv):
+                    o[e] = acc[i, e] * inv
+                lse[b, h, ii] = m_i[i] + cast(math.log(l_i[i]), q)
+            else:  # fully masked row
+                for e in range(Dv):
+                    o[e] = zero
+                lse[b, h, ii] = ninf
+
+
+@numba.njit(cache=True)
+def _probs_and_dscores(s, dp, p_drop, b, h, H, L, S, i0, n0, lse, delta, kind, mask_b, mask_f,
+                       mask_off, mask_stride, seed, threshold, drop_scale, scale, softcap, left,
+                       right, offset, dmask, write_dmask):
+    """Turn a (queries i0.., keys n0..) tile of q.k (``s``) and do.v (``dp``) into score
+    gradients, in place: on return ``s`` holds ds' (ds times the softcap factor), ``p_drop``
+    the dropped probabilities P, and ``dmask`` (when written) ds."""
+    ninf = cast(-math.inf, s)
+    zero = cast(0.0, s)
+    one = cast(1.0, s)
+    bm, bn = s.shape
+    for i in range(bm):
+        srow, dprow, prow = s[i], dp[i], p_drop[i]
+        ii = i0 + i
+        row = (b * H + h) * L + ii
+        lse_i = lse[b, h, ii]
+        delta_i = delta[b, h, ii]
+        lo_j, hi_j = _window_cols(ii, n0, bn, left, right, offset)
+        if lse_i == ninf:  # fully masked row: no probability, no gradient
+            lo_j = hi_j = 0
+        for j in range(lo_j):  # outside the window: no probability, no gradient
+            srow[j] = zero
+            prow[j] = zero
+        for j in range(hi_j, bn):
+            srow[j] = zero
+            prow[j] = zero
+        if kind == 0 and softcap == zero and threshold == 0 and not write_dmask:
+            for j in range(lo_j, hi_j):  # the common case: straight-line, vectorised
+                p = fexp(srow[j] * scale - lse_i)
+                prow[j] = p
+                srow[j] = p * (dprow[j] - delta_i)
+            continue
+        for j in range(lo_j, hi_j):
+            jj = n0 + j
+            val = srow[j] * scale
+            t = zero
+            if softcap > zero:
+                t = cast(math.tanh(val / softcap), s)
+                val = softcap * t
+            val = _apply_mask(val, row, jj, kind, mask_b, mask_f, mask_off, mask_stride, ninf)
+            if val == ninf:
+                srow[j] = zero
+                prow[j] = zero
+                continue
+            p = fexp(val - lse_i)
+            d = dprow[j]
+            pd = p
+            if threshold > 0:
+                if dropout_keep(seed, row * S + jj, threshold):
+                    pd = p * drop_scale
+                    d = d * drop_scale
+                else:
+                    pd = zero
+                    d = zero
+            ds = p * (d - delta_i)
+            if write_dmask:
+                dmask[b, h, ii, jj] = ds
+            if softcap > zero:
+                ds = ds * (one - t * t)
+            srow[j] = ds
+            prow[j] = pd
+
+
+@numba.njit(**_JIT)
+def _attention_bwd_kernel(q, k, v, g, lse, delta, kind, mask_b, mask_f, mask_off, mask_stride,
+                          seed, threshold, drop_scale, scale, softcap, left, right, offset,
+                          n_chunks, dq_part, dk, dv, dmask, write_dmask):
+    B, H, L, D = q.shape
+    Hk, S, Dv = k.shape[1], k.shape[2], v.shape[3]
+    group = H // Hk
+    n_nt = (S + BLOCK_N - 1) // BLOCK_N
+    for task in prange(B * Hk * n_chunks):
+        b = task // (Hk * n_chunks)
+        hk = (task // n_chunks) % Hk
+        chunk = task % n_chunks
+        for nt in range(chunk, n_nt, n_chunks):  # interleaved: causal work stays balanced
+            n0 = nt * BLOCK_N
+            n1 = min(S, n0 + BLOCK_N)
+            k_tile, v_tile = k[b, hk][n0:n1], v[b, hk][n0:n1]  # (bn, D), (bn, Dv)
+            dk_acc = np.zeros((n1 - n0, D), q.dtype)
+            dv_acc = np.zeros((n1 - n0, Dv), q.dtype)
+            lo, hi = _query_range(n0, n1, L, left, right, offset)
+            for h in range(hk * group, (hk + 1) * group):
+                dq_h = dq_part[chunk, b, h]  # (L, D): this chunk's share of dq
+                for m0 in range(lo, hi, BLOCK_M):
+                    m1 = min(hi, m0 + BLOCK_M)
+                    q_tile, g_tile = q[b, h][m0:m1], g[b, h][m0:m1]  # (bm, D), (bm, Dv)
+                    s = np.dot(q_tile, k_tile.T)  # (bm, bn)
+                    dp = np.dot(g_tile, v_tile.T)
+                    p = np.empty_like(s)
+                    _probs_and_dscores(s, dp, p, b, h, H, L, S, m0, n0, lse, delta, kind,
+                                       mask_b, mask_f, mask_off, mask_stride, seed, threshold,
+                                       drop_scale, scale, softcap, left, right, offset, dmask,
+                                       write_dmask)
+                    dv_acc += np.dot(p.T, g_tile)
+                    dk_acc += np.dot(s.T, q_tile)
+                    dq_h[m0:m1] += np.dot(s, k_tile)
+            dk[b, hk][n0:n1] = dk_acc * scale
+            dv[b, hk][n0:n1] = dv_acc
+
+
+@numba.njit(**_JIT)
+def _dropout_mask_kernel(seed, threshold, keep):
+    B, H, L, S = keep.shape
+    for bhi in prange(B * H * L):
+        row = keep[bhi // (H * L), (bhi // L) % H, bhi % L]
+        for j in range(S):
+            row[j] = dropout_keep(seed, bhi * S + j, threshold)
+
+
+# --- launchers -------------------------------------------------------------------------------
+
+
+@functools.cache
+def _blas_threads():
+    """threadpoolctl's controller of the BLAS libraries loaded here, scipy's included (the one
+    Numba's np.dot calls)."""
+    importlib.import_module("scipy.linalg.cython_blas")  # load it before looking for it
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+@contextlib.contextmanager
+def _launching():
+    """Around kernel calls: ``LAUNCH_LOCK``, and BLAS on the calling thread only: prange
+    already keeps every core busy, and OpenBLAS called from Numba's OpenMP threads would
+    otherwise start threads of its own for each tile product (it warns that it may hang, and
+    runs tens of times slower)."""
+    with LAUNCH_LOCK, _blas_threads().limit(limits=1, user_api="blas"):
+        yield
+
+
+def _contiguous(t: torch.Tensor, acc: torch.dtype) -> np.ndarray:
+    return array(t.to(acc).contiguous())
+
+
+def _common_args(q, k, mask, seed, dropout_p, scale, softcap, acc):
+    B, H, L, _ = q.shape
+    S = k.shape[2]
+    kind, mask_b, mask_f, mask_off, mask_stride = strided_mask(mask, (B, H, L, S), acc)
+    threshold = dropout_threshold(dropout_p) if dropout_p > 0 else 0
+    seed_value = int(seed.item()) if threshold else 0
+    drop_scale = 1.0 / (1.0 - dropout_p) if threshold else 1.0
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return (kind, mask_b, mask_f, mask_off, mask_stride, seed_value, threshold,
+            scalar(drop_scale, acc), scalar(scale, acc), scalar(softcap or 0.0, acc))
+
+
+def _forward(q, k, v, common, left, right, offset, acc, out=None):
+    """(out (B, Hq, L, Dv), lse (B, Hq, L)) in ``acc``, lse contiguous; ``out`` is written in
+    place when given (contiguous, in ``acc``)."""
+    B, H, L, _ = q.shape
+    if out is None:
+        out = torch.empty(B, H, L, v.shape[3], dtype=acc)
+    lse = torch.empty(B, H, L, dtype=acc)
+    qa, ka, va = _contiguous(q, acc), _contiguous(k, acc), _contiguous(v, acc)
+    with _launching():
+        _attention_fwd_kernel(qa, ka, va, *common, left, right, offset, array(out), array(lse))
+    return out, lse
+
+
+def _trivial(q, k) -> bool:
+    return q.numel() == 0 or k.shape[2] == 0
+
+
+def attention_fwd(q, k, v, mask, seed, dropout_p, scale, left, right, align_bottom, softcap):
+    """(out (B, Hq, L, Dv) in q's dtype, lse (B, Hq, L) float32); see the module header and
+    ``fastattn.reference.attention_fwd``."""
+    acc = accumulate_dtype(q.dtype)
+    out = attention_output(q, v.shape[3], q.dtype)
+    if _trivial(q, k):  # no keys (or nothing to compute): every row is fully masked
+        return out.zero_(), torch.full(q.shape[:3], float("-inf"))
+    offset = k.shape[2] - q.shape[2] if align_bottom else 0
+    common = _common_args(q, k, mask, seed, dropout_p, scale, softcap, acc)
+    direct = out.dtype == acc and out.is_contiguous()
+    o, lse = _forward(q, k, v, common, left, right, offset, acc, out if direct else None)
+    return out if direct else out.copy_(o), lse.float()
+
+
+def attention_bwd(grad_out, q, k, v, out, lse, mask, seed, dropout_p, scale, left, right,
+                  align_bottom, softcap, deterministic, mask_grad):
+    """(dq, dk, dv, dmask): dmask is (B, Hq, L, S) in the accumulation dtype when
+    ``mask_grad``, else empty. Always deterministic (see the module header)."""
+    acc = accumulate_dtype(q.dtype)
+    B, H, L, D = q.shape
+    S = k.shape[2]
+    dmask = torch.zeros((B, H, L, S) if mask_grad else (0,), dtype=acc)
+    if _trivial(q, k):
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dmask
+    offset = S - L if align_bottom else 0
+    scale = D**-0.5 if scale is None else scale
+    common = _common_args(q, k, mask, seed, dropout_p, scale, softcap, acc)
+    if acc == torch.float64:  # lse and out again in float64: the saved lse is float32
+        out, lse = _forward(q, k, v, common, left, right, offset, acc)
+    g = grad_out.to(acc).contiguous()
+    delta = array((g * out.to(acc)).sum(-1).contiguous())  # (B, Hq, L)
+    lse = array(lse.to(acc).contiguous())
+    dk = torch.empty(k.shape, dtype=acc)
+    dv = torch.empty(v.shape, dtype=acc)
+    # dq: one partial sum per chunk of key tiles, added here in a fixed order (deterministic)
+    n_chunks = max(1, min(numba.get_num_threads(), -(-S // BLOCK_N)))
+    dq_part = torch.zeros((n_chunks, *q.shape), dtype=acc)
+    qa, ka, va, ga = _contiguous(q, acc), _contiguous(k, acc), _contiguous(v, acc), array(g)
+    dmask_np = array(dmask) if mask_grad else np.zeros((1, 1, 1, 1), np_dtype(acc))
+    with _launching():
+        _attention_bwd_kernel(qa, ka, va, ga, lse, delta, *common, left, right, offset,
+                              n_chunks, array(dq_part), array(dk), array(dv), dmask_np,
+                              bool(mask_grad))
+    dq = dq_part.sum(0) * scale
+    dq, dk, dv = (torch.empty_like(t).copy_(d) for t, d in ((q, dq), (k, dk), (v, dv)))
+    return dq, dk, dv, dmask
+
+
+def dropout_mask(seed: torch.Tensor, shape, dropout_p: float, device) -> torch.Tensor:
+    """The keep mask (bool ``shape`` = (B, Hq, L, S)) the kernels draw for ``seed``: for tests
+    and for anyone who needs to see exactly which probabilities were dropped."""
+    keep = torch.empty(shape, dtype=torch.bool)
+    if keep.numel():
+        with LAUNCH_LOCK:
+            _dropout_mask_kernel(int(seed.item()), dropout_threshold(dropout_p), array(keep))
+    return keep.to(device)

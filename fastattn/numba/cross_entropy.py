@@ -1,0 +1,195 @@
+"""Cross-entropy with its gradient written in the same pass, in Numba.
+
+What it computes, per token (row of C logits x), with u = softcap * tanh(x / softcap) (u = x
+without softcap), lse = log sum_c exp(u_c), p = exp(u - lse), w the class weights (1 without),
+eps the label smoothing (``fastattn.reference.cross_entropy_fwd`` derives these):
+
+    class index y:   loss = (1-eps) w_y (lse - u_y) + eps/C sum_c w_c (lse - u_c) + z lse^2
+                     dloss/du_c = p_c ((1-eps) w_y + eps/C sum(w) + 2 z lse)
+                                  - (1-eps) w_y [c = y] - eps/C w_c
+    probabilities t: t' = (1-eps) t + eps/C,  loss = sum_c w_c t'_c (lse - u_c) + z lse^2
+                     dloss/du_c = p_c (sum(w t') + 2 z lse) - w_c t'_c
+
+then dloss/dx = dloss/du (1 - (u / softcap)^2) under softcap, divided by the ``mean``
+denominator (the summed target weights) when reducing by mean; ignored tokens give 0 loss and
+0 gradient. (lse - u_c) is computed as log(s) - (u_c - m) with m the row max: u_c - m is
+exact, so logits of 1e4 keep their digits.
+
+Shapes: input (N, C, d1, ...) is viewed as (rows, C) with classes last (a view for (N, C)
+inputs, one copy otherwise); loss (rows,) is reduced by torch (O(rows)); lse (rows,) float32;
+the gradient goes straight into ``grad`` when it is laid out as those rows in the accumulation
+dtype -- including ``grad is input``, the in-place backward: each row reads its logits before
+it overwrites them -- else through one buffer.
+
+Algorithm: one prange task per row, three sweeps: max, sum of exp (and the smoothing and
+probability-target sums), gradient. The logits are read from memory once (a row of a 128k
+vocabulary is 512 KB of float32, which stays in L2 between sweeps) and the gradient written
+once. 16-bit logits are converted to float32 by the launcher (one extra read and write).
+
+Not supported: anything but CPU tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import torch
+from numba import prange
+
+from fastattn.numba.common import (
+    JIT,
+    LAUNCH_LOCK,
+    array,
+    cast,
+    exp_sum,
+    fexp,
+    row_max,
+    rows,
+    scalar,
+)
+from fastattn.reference import accumulate_dtype, cross_entropy_denominator
+
+
+@numba.njit(**JIT)
+def _cross_entropy_fwd_kernel(x, target, probs, weight, prob_target, has_weight, ignore_index,
+                              eps, z_loss, softcap, weight_sum, denom, loss, lse, grad,
+                              write_grad):
+    n_rows, C = x.shape
+    ninf = cast(-math.inf, x)
+    zero = cast(0.0, x)
+    one = cast(1.0, x)
+    smooth = eps / cast(C, x)
+    for r in prange(n_rows):
+        xr = x[r]
+        y = 0
+        valid = True
+        if not prob_target:
+            y = target[r]
+            valid = y != ignore_index
+        m = row_max(xr, C, ninf)
+        if softcap > zero:  # tanh is increasing: the max of u is u of the max
+            m = softcap * cast(math.tanh(m / softcap), x)
+        # sum exp(u - m); with smoothing or probabilities also sum_c w'_c (u_c - m), sum_c w'_c
+        s = zero
+        wz = zero
+        wsum = weight_sum
+        if softcap == zero and not prob_target and (eps == zero or not valid):
+            s = exp_sum(xr, C, m)
+        else:  # a scalar loop: float64 sums keep float32 rows of 100k classes accurate
+            s64 = wz64 = wsum64 = 0.0
+            for c in range(C):
+                u = xr[c]
+                if softcap > zero:
+                    u = softcap * cast(math.tanh(u / softcap), x)
+                s64 += fexp(u - m)
+                w = weight[c] if has_weight else one
+                if prob_target:
+                    w = w * ((one - eps) * probs[r, c] + smooth)
+                wz64 += w * (u - m)
+                wsum64 += w
+            s, wz = cast(s64, x), cast(wz64, x)
+            if prob_target:
+                wsum = cast(wsum64, x)
+        log_s = cast(math.log(s), x)
+        row_lse = m + log_s
+        lse[r] = row_lse
+        if not valid:
+            loss[r] = zero
+            if write_grad:
+                g = grad[r]
+                for c in range(C):
+                    g[c] = zero
+            continue
+        if prob_target:
+            row_loss = wsum * log_s - wz
+            coef = wsum
+            w_y = zero
+        else:
+            u_y = xr[y]
+            if softcap > zero:
+                u_y = softcap * cast(math.tanh(u_y / softcap), x)
+            w_y = weight[y] if has_weight else one
+            row_loss = (one - eps) * w_y * (log_s - (u_y - m))
+            if eps > zero:
+                row_loss += smooth * (weight_sum * log_s - wz)
+            coef = (one - eps) * w_y + smooth * weight_sum
+        if z_loss > zero:
+            row_loss += z_loss * row_lse * row_lse
+        loss[r] = row_loss
+        if write_grad:
+            g = grad[r]
+            k = coef + cast(2.0, x) * z_loss * row_lse
+            if softcap == zero and not prob_target and not has_weight:
+                k_d, smooth_d = k / denom, smooth / denom  # one division per row, not per class
+                for c in range(C):
+                    g[c] = fexp((xr[c] - m) - log_s) * k_d - smooth_d
+                g[y] = g[y] - (one - eps) * w_y / denom
+            else:
+                for c in range(C):
+                    u = xr[c]
+                    if softcap > zero:
+                        u = softcap * cast(math.tanh(u / softcap), x)
+                    gc = fexp((u - m) - log_s) * k
+                    w = weight[c] if has_weight else one
+                    if prob_target:
+                        gc -= w * ((one - eps) * probs[r, c] + smooth)
+                    else:
+                        gc -= smooth * w
+                        if c == y:
+                            gc -= (one - eps) * w_y
+                    if softcap > zero:
+                        t = u / softcap
+                        gc *= one - t * t
+                    g[c] = gc / denom
+
+
+def cross_entropy_fwd(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    reduction: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    grad: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, lse) and, when ``grad`` is a tensor, the gradient written into it; see
+    ``fastattn.reference.cross_entropy_fwd`` (same signature and results)."""
+    acc = accumulate_dtype(input.dtype)
+    C = input.shape[1]
+    batch = input.shape[:1] + input.shape[2:]
+    probability = target.is_floating_point()
+    x = rows(input.movedim(1, -1), acc)  # (rows, C)
+    n = x.shape[0]
+    loss = torch.empty(n, dtype=acc)
+    lse = torch.empty(n, dtype=acc)
+    denom = 1.0
+    if reduction == 1:
+        denom = float(cross_entropy_denominator(target, weight, ignore_index, C, probability))
+    g_moved = None if grad is None else grad.movedim(1, -1)  # (N, d1, ..., C)
+    direct = g_moved is not None and g_moved.is_contiguous() and grad.dtype == acc
+    g_rows = torch.empty(0, 1, dtype=acc)
+    if g_moved is not None:
+        g_rows = g_moved.view(n, C) if direct else torch.empty(n, C, dtype=acc)
+    if n:
+        t = target.movedim(1, -1) if probability else target
+        probs = rows(t, acc) if probability else torch.empty(1, 1, dtype=acc)
+        idx = torch.zeros(1, dtype=torch.int64) if probability else t.reshape(-1).long()
+        w = torch.ones(1, dtype=acc) if weight is None else weight.to(acc).contiguous()
+        weight_sum = float(C) if weight is None else float(w.sum())
+        with LAUNCH_LOCK:
+            _cross_entropy_fwd_kernel(
+                array(x), array(idx), array(probs), array(w), probability, weight is not None,
+                int(ignore_index), scalar(label_smoothing, acc), scalar(z_loss, acc),
+                scalar(softcap or 0.0, acc), scalar(weight_sum, acc), scalar(denom, acc),
+                array(loss), array(lse), array(g_rows), grad is not None)
+    if grad is not None and not direct:
+        g_moved.copy_(g_rows.view(g_moved.shape))
+    loss = loss.view(batch)
+    if reduction == 2:
+        loss = loss.sum()
+    elif reduction == 1:
+        loss = loss.sum() / torch.tensor(denom, dtype=acc)
+    return loss, lse.view(batch).float()
