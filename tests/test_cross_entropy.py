@@ -264,3 +264,13 @@ def test_mixed_dtype_probability_target(backend):
     for a, b in zip(got, want, strict=True):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+# Logits broadcast along the classes (column stride 0, as expand() gives): the kernels must not
+# take them for contiguous rows.
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("backend", backends("cross_entropy"))
+def test_broadcast_logits(backend, softcap):
+    x = (3 * torch.randn(6, 1, device=DEVICE)).expand(6, 33)
+    target = torch.randint(0, 33, (6,), device=DEVICE)
+    _compare(backend, x, target, softcap=softcap, reduction="none")

@@ -222,3 +222,21 @@ def test_dtype_argument_matches_pytorch(backend, dtypes):
         torch.testing.assert_close(y, torch.log_softmax(x, -1, dtype=dst))
     # Forward and the gradient (in the input's dtype) by the twice-PyTorch's-error rule.
     _compare(backend, True, x, dtype=dst)
+
+
+# Rows broadcast along the reduced dim (column stride 0, as expand() gives), in the input and in
+# the upstream gradient: the kernels must not take them for contiguous rows.
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize("backend", backends("softmax"))
+def test_broadcast_rows(backend, log):
+    _compare(backend, log, (3 * torch.randn(4, 1, device=DEVICE)).expand(4, 37))
+    fn = fastattn.log_softmax if log else fastattn.softmax
+    spec = R.log_softmax if log else R.softmax
+    x = 3 * torch.randn(4, 37, device=DEVICE)
+    x_ours, x_pt, x_ref = _leaf(x), _leaf(x), _leaf(x, torch.float64)
+    grad = torch.randn(4, 1, device=DEVICE, dtype=torch.float64).expand(4, 37)
+    with fastattn.use_backend(backend):
+        fn(x_ours, -1).backward(grad.float())
+    spec(x_pt, -1).backward(grad.float())
+    spec(x_ref, -1).backward(grad)
+    assert_twice_error(x_ours.grad, x_ref.grad, x_pt.grad, "d input")

@@ -23,6 +23,10 @@ struct RowLayout {
   int64_t rows = 1;
   int64_t cols = 0;
 
+  // Whether tensor `slot`'s rows are contiguous: column stride 1, or a single column (stride
+  // 0). A broadcast row (stride 0, more than one column) is not.
+  bool unit_cols(int slot) const { return col_stride[slot] == 1 || cols == 1; }
+
   // Rows of `shape` reduced along `dim`; tensors are added with add(), in order.
   RowLayout(at::IntArrayRef shape, int64_t dim) : cols(shape[dim]) {
     for (int64_t d = 0; d < static_cast<int64_t>(shape.size()); ++d) {

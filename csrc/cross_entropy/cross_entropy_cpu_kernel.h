@@ -74,8 +74,8 @@ void fwd_rows(const CrossEntropyParams& p, int64_t begin, int64_t end) {
   // buffered: the gradient sweep needs u after `grad`, which may be the input, is overwritten.
   constexpr bool kFloat = std::is_same_v<A, float>;
   const bool is_f32 = kFloat && p.input_dtype == c10::ScalarType::Float;
-  const bool in_direct = is_f32 && l.col_stride[0] <= 1 && !softcap;
-  const bool out_direct = grad && is_f32 && l.col_stride[2] <= 1;
+  const bool in_direct = is_f32 && l.unit_cols(0) && !softcap;
+  const bool out_direct = grad && is_f32 && l.unit_cols(2);
   std::vector<A> ubuf(in_direct ? 0 : C), tbuf(p.probability ? C : 0);
   std::vector<A> ebuf(grad && !out_direct && (softcap || in_direct) ? C : 0);
   A* t = tbuf.data();

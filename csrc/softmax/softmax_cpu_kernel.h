@@ -180,9 +180,9 @@ void softmax_bwd_row_16(const T* g, const T* y, T* dx, int64_t C, float scale, b
 }
 
 // Whether the rows of tensor `slot` are float and contiguous, so the kernels work on the tensor
-// itself instead of a converted copy (a row of one column has column stride 0).
+// itself instead of a converted copy.
 inline bool direct(const SoftmaxParams& p, c10::ScalarType dtype, int slot) {
-  return !p.acc_double && dtype == c10::ScalarType::Float && p.layout->col_stride[slot] <= 1;
+  return !p.acc_double && dtype == c10::ScalarType::Float && p.layout->unit_cols(slot);
 }
 
 template <typename A>
@@ -240,7 +240,7 @@ void bwd_rows(const SoftmaxParams& p, int64_t begin, int64_t end) {
     const auto t = p.in_dtype[0];
     if ((t == c10::ScalarType::BFloat16 || t == c10::ScalarType::Half) && p.in_dtype[1] == t &&
         p.out_dtype == t && p.mask_kind == MaskKind::kNone && !p.causal &&
-        l.col_stride[0] <= 1 && l.col_stride[1] <= 1 && l.col_stride[2] <= 1) {
+        l.unit_cols(0) && l.unit_cols(1) && l.unit_cols(2)) {
       with_float_type(t, [&](auto* tag) {
         using T = std::remove_pointer_t<decltype(tag)>;
         if constexpr (kIsReduced<T>) {
