@@ -1,7 +1,8 @@
 // Row-wise CUDA kernels' shared pieces: the row layout packed for the device (each tensor's
 // 64-bit offset of row r, decoded from the leading dims once per row), element loads and
 // stores of any of the four float dtypes converted to the accumulation type, the online
-// (max, sum-of-exp) pair and block reductions. Host side: argument checks for CUDA tensors.
+// (max, sum-of-exp) pair and block reductions. Argument checks are shared with the CPU
+// launchers (csrc/common/checks.h and each op's <op>_args.h).
 //
 // The layout is csrc/common/rows.h's RowLayout (built on the host with the same rules as the
 // CPU kernels: broadcast dims read through stride 0, the reduced dim through its own stride),
@@ -190,19 +191,6 @@ inline unsigned row_blocks(int64_t rows) {
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   return static_cast<unsigned>(std::min<int64_t>(rows, static_cast<int64_t>(sms) * 32));
-}
-
-inline void check_cuda_float(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cuda(), name, " must be a CUDA tensor, got a tensor on ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble ||
-                  t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16,
-              name, " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
-}
-
-inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name,
-                              const char* ref_name) {
-  TORCH_CHECK(t.device() == ref.device(), name, " must be on ", ref_name, "'s device ",
-              ref.device(), ", got ", t.device());
 }
 
 }  // namespace fastattn::cuda

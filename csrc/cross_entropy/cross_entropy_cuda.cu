@@ -47,6 +47,7 @@
 #include <vector>
 
 #include "../common/cuda_rows.cuh"
+#include "cross_entropy_args.h"
 
 namespace fastattn::cuda {
 namespace {
@@ -188,49 +189,13 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     int64_t ignore_index, int64_t reduction, double label_smoothing, double z_loss,
     double softcap, const std::optional<at::Tensor>& grad) {
-  check_cuda_float(input, "input");
-  TORCH_CHECK(input.dim() >= 2, "input must be (N, C, d1, ...) with at least 2 dims, got shape ",
-              input.sizes());
-  const int64_t C = input.size(1);
-  TORCH_CHECK(C > 0, "input must have at least one class (dim 1), got shape ", input.sizes());
-  std::vector<int64_t> token_shape(input.sizes().begin(), input.sizes().end());
-  token_shape.erase(token_shape.begin() + 1);
-  check_same_device(target, input, "target", "input");
-  const bool probability = at::isFloatingType(target.scalar_type());
-  if (probability) {
-    check_cuda_float(target, "target");
-    TORCH_CHECK(target.sizes() == input.sizes(), "probability target must have the input's shape ",
-                input.sizes(), ", got ", target.sizes());
-  } else {
-    TORCH_CHECK(at::isIntegralType(target.scalar_type(), /*includeBool=*/false),
-                "target must hold integer class indices or float probabilities, got ",
-                target.scalar_type());
-    TORCH_CHECK(target.sizes() == at::IntArrayRef(token_shape), "class-index target must have "
-                "shape ", at::IntArrayRef(token_shape), ", got ", target.sizes());
-  }
-  const at::ScalarType acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor w;
-  if (weight.has_value()) {
-    check_cuda_float(*weight, "weight");
-    check_same_device(*weight, input, "weight", "input");
-    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == C, "weight must have shape (", C,
-                ",), got ", weight->sizes());
-    w = weight->to(acc).contiguous();
-  }
-  TORCH_CHECK(reduction >= 0 && reduction <= 2,
-              "reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
-  TORCH_CHECK(label_smoothing >= 0 && label_smoothing <= 1,
-              "label_smoothing must be in [0, 1], got ", label_smoothing);
-  TORCH_CHECK(std::isfinite(z_loss) && z_loss >= 0, "z_loss must be finite and >= 0, got ",
-              z_loss);
-  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, "softcap must be finite and >= 0 (0: off), "
-              "got ", softcap);
-  if (grad.has_value()) {
-    check_same_device(*grad, input, "grad", "input");
-    TORCH_CHECK(grad->sizes() == input.sizes() && grad->scalar_type() == input.scalar_type(),
-                "grad must have the input's shape ", input.sizes(), " and dtype ",
-                input.scalar_type(), ", got ", grad->sizes(), " ", grad->scalar_type());
-  }
+  const CrossEntropyShape shape = check_cross_entropy_args(
+      input, target, weight, reduction, label_smoothing, z_loss, softcap, grad);
+  const int64_t C = shape.classes;
+  const std::vector<int64_t>& token_shape = shape.token_shape;
+  const bool probability = shape.probability;
+  const at::ScalarType acc = shape.acc;
+  const at::Tensor w = weight.has_value() ? weight->to(acc).contiguous() : at::Tensor();
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor t = probability ? target : target.to(at::kLong);
   const int64_t tokens = input.numel() / C;

@@ -43,6 +43,7 @@
 #include <vector>
 
 #include "../common/cuda_rows.cuh"
+#include "softmax_args.h"
 
 namespace fastattn::cuda {
 namespace {
@@ -155,44 +156,9 @@ __global__ void softmax_bwd_kernel(SoftmaxArgs a) {
   }
 }
 
-// fastattn.reference.row_output: contiguous with `dim` moved last, viewed back in dim order.
-at::Tensor row_output(const at::Tensor& like, int64_t dim, at::ScalarType dtype) {
-  std::vector<int64_t> moved(like.sizes().begin(), like.sizes().end());
-  moved.erase(moved.begin() + dim);
-  moved.push_back(like.size(dim));
-  return at::empty(moved, like.options().dtype(dtype)).movedim(-1, dim);
-}
-
-// Checks the shared arguments; returns the wrapped dim and the mask expanded (a view).
-int64_t check_common(const at::Tensor& ref, const char* ref_name, int64_t dim,
-                     const std::optional<at::Tensor>& mask, bool causal, double scale,
-                     at::Tensor& mask_view, int& kind) {
-  const int64_t nd = std::max<int64_t>(ref.dim(), 1);
-  TORCH_CHECK(dim >= -nd && dim < nd, "dim=", dim, " is out of range for ", ref_name, " with ",
-              ref.dim(), " dims");
-  dim = dim < 0 ? dim + nd : dim;
-  TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
-  TORCH_CHECK(!causal || (ref.dim() >= 2 && dim == ref.dim() - 1), "causal=True needs ",
-              ref_name, " with at least 2 dims reduced along its last dim, got shape ",
-              ref.sizes(), " and dim=", dim);
-  kind = kNoMask;
-  if (mask.has_value()) {
-    const at::Tensor& m = *mask;
-    check_same_device(m, ref, "mask", ref_name);
-    TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == at::kFloat ||
-                    m.scalar_type() == at::kDouble || m.scalar_type() == at::kHalf ||
-                    m.scalar_type() == at::kBFloat16,
-                "mask must be bool or float32/float64/float16/bfloat16, got ", m.scalar_type());
-    const int64_t offset = ref.dim() - m.dim();
-    bool ok = offset >= 0;
-    for (int64_t d = 0; ok && d < m.dim(); ++d) {
-      ok = m.size(d) == 1 || m.size(d) == ref.size(offset + d);
-    }
-    TORCH_CHECK(ok, "mask of shape ", m.sizes(), " does not broadcast to ", ref.sizes());
-    kind = m.scalar_type() == at::kBool ? kBoolMask : kAdditiveMask;
-    mask_view = m.expand(ref.sizes());
-  }
-  return dim;
+int mask_kind_of(const at::Tensor& mask_view) {
+  if (!mask_view.defined()) return kNoMask;
+  return mask_view.scalar_type() == at::kBool ? kBoolMask : kAdditiveMask;
 }
 
 void launch(void (*kernel)(SoftmaxArgs), const SoftmaxArgs& a) {
@@ -204,17 +170,14 @@ void launch(void (*kernel)(SoftmaxArgs), const SoftmaxArgs& a) {
 at::Tensor softmax_fwd_cuda(const at::Tensor& input, int64_t dim, double scale,
                             const std::optional<at::Tensor>& mask, bool causal, bool log,
                             at::ScalarType out_dtype) {
-  check_cuda_float(input, "input");
-  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kDouble || out_dtype == at::kHalf ||
-                  out_dtype == at::kBFloat16,
-              "out_dtype must be float32, float64, float16 or bfloat16, got ", out_dtype);
+  check_kernel_float(input.scalar_type(), "input");
+  check_kernel_float(out_dtype, "out_dtype");
   at::Tensor mask_view;
-  int kind;
-  dim = check_common(input, "input", dim, mask, causal, scale, mask_view, kind);
+  dim = check_softmax_args(input, "input", dim, mask, causal, scale, mask_view);
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = input.dim() == 0 ? input.reshape({1}) : input;
   if (input.dim() == 0 && mask_view.defined()) mask_view = mask_view.reshape({1});
-  at::Tensor out = row_output(x, dim, out_dtype);
+  at::Tensor out = softmax_row_output(x, dim, out_dtype);
   if (x.numel() > 0) {
     cpu::RowLayout layout(x.sizes(), dim);
     layout.add(0, x);
@@ -228,7 +191,7 @@ at::Tensor softmax_fwd_cuda(const at::Tensor& input, int64_t dim, double scale,
     a.out_dtype = dtype_code(out_dtype);
     a.mask = mask_view.defined() ? mask_view.data_ptr() : nullptr;
     a.mask_dtype = mask_view.defined() ? dtype_code(mask_view.scalar_type()) : kF32;
-    a.mask_kind = kind;
+    a.mask_kind = mask_kind_of(mask_view);
     a.mask_slot = 2;
     a.scale = scale;
     a.causal = causal;
@@ -245,23 +208,15 @@ at::Tensor softmax_fwd_cuda(const at::Tensor& input, int64_t dim, double scale,
 at::Tensor softmax_bwd_cuda(const at::Tensor& grad_output, const at::Tensor& output, int64_t dim,
                             double scale, const std::optional<at::Tensor>& mask, bool causal,
                             bool log, at::ScalarType input_dtype) {
-  check_cuda_float(grad_output, "grad_output");
-  check_cuda_float(output, "output");
-  check_same_device(grad_output, output, "grad_output", "output");
-  TORCH_CHECK(grad_output.sizes() == output.sizes(), "grad_output of shape ",
-              grad_output.sizes(), " must have the shape of output, ", output.sizes());
-  TORCH_CHECK(input_dtype == at::kFloat || input_dtype == at::kDouble ||
-                  input_dtype == at::kHalf || input_dtype == at::kBFloat16,
-              "input_dtype must be float32, float64, float16 or bfloat16, got ", input_dtype);
+  check_softmax_bwd_args(grad_output, output, input_dtype);
   at::Tensor mask_view;
-  int kind;
-  dim = check_common(output, "output", dim, mask, causal, scale, mask_view, kind);
+  dim = check_softmax_args(output, "output", dim, mask, causal, scale, mask_view);
   const c10::cuda::CUDAGuard guard(output.device());
   const bool scalar = output.dim() == 0;
   const at::Tensor y = scalar ? output.reshape({1}) : output;
   const at::Tensor g = scalar ? grad_output.reshape({1}) : grad_output;
   if (scalar && mask_view.defined()) mask_view = mask_view.reshape({1});
-  at::Tensor grad_input = row_output(y, dim, input_dtype);
+  at::Tensor grad_input = softmax_row_output(y, dim, input_dtype);
   if (y.numel() > 0) {
     cpu::RowLayout layout(y.sizes(), dim);
     layout.add(0, g);
@@ -278,7 +233,7 @@ at::Tensor softmax_bwd_cuda(const at::Tensor& grad_output, const at::Tensor& out
     a.out_dtype = dtype_code(input_dtype);
     a.mask = mask_view.defined() ? mask_view.data_ptr() : nullptr;
     a.mask_dtype = mask_view.defined() ? dtype_code(mask_view.scalar_type()) : kF32;
-    a.mask_kind = kind;
+    a.mask_kind = mask_kind_of(mask_view);
     a.mask_slot = 3;
     a.scale = scale;
     a.causal = causal;
