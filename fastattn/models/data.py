@@ -81,11 +81,17 @@ def _tokenizers():
     return tokenizers
 
 
-def train_tokenizer(text: str, vocab_size: int):
+def _cache_key(text: str) -> str:
+    """The name under which the tokenizer and tokens of ``text`` are cached."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def train_tokenizer(text: str, vocab_size: int, key: str | None = None):
     """A byte-level BPE ``tokenizers.Tokenizer`` with ``vocab_size`` entries trained on ``text``,
-    cached on disk. Byte-level means any later text encodes without unknown tokens."""
+    cached on disk (``key``: :func:`_cache_key` of ``text``, computed when not given).
+    Byte-level means any later text encodes without unknown tokens."""
     tk = _tokenizers()
-    key = hashlib.sha256(text.encode()).hexdigest()[:16]
+    key = key or _cache_key(text)
     path = cache_dir() / f"tokenizer-{key}-{vocab_size}.json"
     if path.exists():
         return tk.Tokenizer.from_file(str(path))
@@ -160,8 +166,8 @@ def _windows(ids: torch.Tensor, starts: torch.Tensor, block_size: int):
 def prepare(path: str | os.PathLike | None, vocab_size: int) -> TokenData:
     """Load, tokenize (cached) and split the text: the last 10% is the validation split."""
     text = load_text(path)
-    tokenizer = train_tokenizer(text, vocab_size)
-    key = hashlib.sha256(text.encode()).hexdigest()[:16]
+    key = _cache_key(text)
+    tokenizer = train_tokenizer(text, vocab_size, key)
     ids_path = cache_dir() / f"tokens-{key}-{vocab_size}.pt"
     if ids_path.exists():
         ids = torch.load(ids_path)
