@@ -224,12 +224,7 @@ def test_torchrun_two_processes_match_one(text_file, tmp_path):
                         "--device", "cpu"]
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     train_cli.main(args + ["--log-json", str(one)])
-    # The processes get the environment a shell would give them. torch.compile earlier in this
-    # pytest process leaves _TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR (an address in this
-    # process) in os.environ; children that inherit it abort at exit now and then
-    # ("terminate called without an active exception", torch 2.13).
-    env = {k: v for k, v in os.environ.items() if not k.startswith("_TORCHINDUCTOR_")}
-    env["OMP_NUM_THREADS"] = "1"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "fastattn.models.train", *args, "--log-json", str(two)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -134,6 +134,10 @@ class _Dist:
 
     def close(self) -> None:
         if self.world > 1:
+            # Every rank arrives before any tears its connections down: a rank that destroyed
+            # the group while the main rank was still saving made gloo abort the other process
+            # at exit ("terminate called without an active exception").
+            dist.barrier()
             dist.destroy_process_group()
 
 
