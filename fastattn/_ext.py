@@ -53,6 +53,8 @@ def _jit_build() -> None:
 
 def _load() -> str | None:
     """Load the extension once; None on success, else why it is unavailable."""
+    if "reason" in _state:  # written once, under the lock; every launch asks, so no lock here
+        return _state["reason"]
     with _lock:
         if "reason" in _state:
             return _state["reason"]

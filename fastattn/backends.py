@@ -165,11 +165,18 @@ def select(device: torch.device, op: str | None = None) -> str:
     return name
 
 
+_launchers: dict[tuple[str, str, str], Callable] = {}
+
+
 def launcher(backend: str, op: str, fn: str) -> Callable:
     """The launcher ``fn`` of ``op`` in ``backend``: ``fastattn.reference`` for torch, else
-    ``fastattn.<backend>.<op>``. Imported on first use so that importing fastattn stays cheap."""
-    if backend == "torch":
-        module = "fastattn.reference"
-    else:
-        module = f"fastattn.{_check_known(backend)}.{op}"
-    return getattr(importlib.import_module(module), fn)
+    ``fastattn.<backend>.<op>``. Imported on first use so that importing fastattn stays cheap,
+    then remembered (every call of an op asks)."""
+    found = _launchers.get((backend, op, fn))
+    if found is None:
+        if backend == "torch":
+            module = "fastattn.reference"
+        else:
+            module = f"fastattn.{_check_known(backend)}.{op}"
+        found = _launchers[backend, op, fn] = getattr(importlib.import_module(module), fn)
+    return found

@@ -434,8 +434,8 @@ def scaled_dot_product_attention(
     kn = _to_bhnd(k, batch, hk)  # (B, Hk, S, D)
     vn = _to_bhnd(v, batch, hk)  # (B, Hk, S, Dv)
     seed = _attention_ops.dropout_seed(q.device) if dropout_p > 0 else None
-    out, _ = _attention_ops.attention_fwd(qn, kn, vn, mask, seed, dropout_p, scale, left, right,
-                                          False, softcap, deterministic, backend)
+    out, _ = _attention_ops.attention(qn, kn, vn, mask, seed, dropout_p, scale, left, right,
+                                      False, softcap, deterministic, backend)
     if q.ndim == 2:
         return out.reshape(L, v.shape[-1])  # (L, Dv)
     return out.reshape(*batch, heads_out, L, v.shape[-1])  # (..., Hq, L, Dv)
@@ -490,7 +490,7 @@ def flash_attn_func(
         right = 0
     backend = _attention_backend(q)
     seed = _attention_ops.dropout_seed(q.device) if dropout_p > 0 else None
-    out, lse = _attention_ops.attention_fwd(
+    out, lse = _attention_ops.attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, H, T, D) views
         None, seed, dropout_p, scale, left, right, True, softcap, deterministic, backend)
     out = out.transpose(1, 2)  # (B, T, Hq, Dv)

@@ -1,10 +1,11 @@
-"""The torch.library ops: opcheck on each op and backend, and torch.compile(fullgraph=True)
-over each public function without graph breaks."""
+"""The torch.library ops: opcheck on each op and backend, torch.compile(fullgraph=True) over
+each public function without graph breaks, and the eager path that skips the custom ops."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from check import DEVICE, backends
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastattn
 
@@ -166,3 +167,128 @@ def test_compile_fullgraph_attention(compiler):
         torch.testing.assert_close(a, b)
     zeros = (out == 0).float().mean().item()
     assert 0.25 < zeros < 0.35, f"compiled dropout dropped {zeros:.3f} of the weights, not 0.3"
+
+
+class _Recorder(TorchDispatchMode):
+    """Records the name of every op dispatched while active. Any dispatch mode, this one included,
+    makes fastattn go through its custom ops, as tracers and fake tensors need."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+def _eager_cases():
+    """(op, backend, call) where call() returns (outputs, differentiable inputs) for fresh
+    random inputs drawn from a fixed seed: the same numbers on every call."""
+
+    def softmax():
+        x = torch.randn(5, 7, 33, device=DEVICE, requires_grad=True)
+        mask = torch.randn(7, 33, device=DEVICE, requires_grad=True)
+        return [fastattn.log_softmax(x, -1, scale=0.7, mask=mask, causal=True)], (x, mask)
+
+    def cross_entropy(inplace):
+        def call():
+            x = torch.randn(6, 50, 3, device=DEVICE, requires_grad=True)
+            t = torch.randint(0, 50, (6, 3), device=DEVICE)
+            xi = x * 1.0 if inplace else x  # the in-place gradient overwrites its input
+            loss, lse = fastattn.cross_entropy(xi, t, label_smoothing=0.1, z_loss=1e-3,
+                                               reduction="sum", return_lse=True,
+                                               inplace_backward=inplace)
+            return [loss, lse], (x,)
+        return call
+
+    def attention():
+        q = torch.randn(2, 4, 19, 24, device=DEVICE, requires_grad=True)
+        k = torch.randn(2, 2, 23, 24, device=DEVICE, requires_grad=True)
+        v = torch.randn(2, 2, 23, 40, device=DEVICE, requires_grad=True)
+        mask = torch.randn(19, 23, device=DEVICE, requires_grad=True)
+        out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True,
+                                                    softcap=4.0, window_size=(5, 3))
+        return [out], (q, k, v, mask)
+
+    cases = [("softmax", b, softmax) for b in backends("softmax")]
+    cases += [("cross_entropy", b, cross_entropy(inplace)) for b in backends("cross_entropy")
+              for inplace in (False, True)]
+    return cases + [("attention", b, attention) for b in backends("attention")]
+
+
+def _run(call, backend):
+    torch.manual_seed(0)
+    with fastattn.use_backend(backend):
+        outs, leaves = call()
+        grads = torch.autograd.grad(
+            [o for o in outs if o.requires_grad],
+            leaves, [torch.linspace(-1, 1, o.numel(), device=DEVICE).view(o.shape)
+                     for o in outs if o.requires_grad])
+    return outs, grads
+
+
+def _graph_names(t):
+    """The class names of every node in ``t``'s autograd graph."""
+    names, todo, seen = set(), [t.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo.extend(n for n, _ in node.next_functions)
+    return names
+
+
+# Eager calls skip the custom ops; under a dispatch mode (what fake tensors, AOT autograd and
+# FlopCounterMode use) the same call goes through them. Both run the same implementation, so
+# the results must agree bit for bit.
+@pytest.mark.parametrize("op,backend,call", _eager_cases())
+def test_eager_path_matches_custom_op(op, backend, call):
+    generated = f"GeneratedBackwardFor_fastattn_{op}_fwd_defaultBackward"
+    outs, grads = _run(call, backend)
+    assert generated not in _graph_names(outs[0]), "the eager call went through the custom op"
+    with _Recorder() as seen:
+        outs_op, grads_op = _run(call, backend)
+    assert any(name.startswith(f"fastattn::{op}_fwd") for name in seen.ops), seen.ops
+    if op != "cross_entropy":  # its backward is a scale, not an op
+        assert f"fastattn::{op}_bwd" in seen.ops, seen.ops
+    if "fastattn::cross_entropy_fwd_inplace" not in seen.ops:  # that one has no generated node
+        assert generated in _graph_names(outs_op[0])
+    for a, b in zip((*outs, *grads), (*outs_op, *grads_op), strict=True):
+        assert torch.equal(a, b)
+
+
+# The backward ops have no autograd: a second derivative must raise, never come back silently
+# without the backward's own dependence on its inputs.
+@pytest.mark.parametrize("backend", backends("softmax"))
+def test_eager_path_refuses_double_backward(backend):
+    x = torch.randn(4, 9, device=DEVICE, requires_grad=True)
+    with fastattn.use_backend(backend):
+        y = fastattn.softmax(x, -1)
+        (g,) = torch.autograd.grad(y, x, torch.randn_like(y), create_graph=True)
+        with pytest.raises(RuntimeError, match="fastattn.softmax_bwd"):
+            torch.autograd.grad(g.sum(), x)
+
+
+def test_eager_inplace_cross_entropy_bumps_version():
+    x = torch.randn(6, 11, device=DEVICE, requires_grad=True)
+    t = torch.randint(0, 11, (6,), device=DEVICE)
+    logits = x * 1.0
+    before = logits._version
+    loss = fastattn.cross_entropy(logits, t, inplace_backward=True)
+    assert logits._version > before  # autograd knows the logits were overwritten
+    loss.backward()
+    torch.testing.assert_close(x.grad, torch.autograd.grad(F.cross_entropy(x, t), x)[0])
+
+
+def test_fake_tensors_reach_the_fake_functions():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(3, 4, 50, device=DEVICE, requires_grad=True)
+        y = fastattn.log_softmax(x, 1, dtype=torch.float64)
+        loss = fastattn.cross_entropy(x, torch.zeros(3, 50, dtype=torch.long, device=DEVICE))
+    assert y.shape == (3, 4, 50) and y.dtype == torch.float64
+    assert loss.shape == () and loss.requires_grad

@@ -5,7 +5,8 @@ k (B, Hk, S, D), v (B, Hk, S, Dv), mask broadcast to (B, Hq, L, S) as a view, po
 masking as a window) and the backend name last. Forward returns the output and the per-row
 log-sum-exp, which backward uses to recompute the probabilities tile by tile. Dropout travels
 as a seed tensor drawn from PyTorch's generator (``dropout_seed``), so backward regenerates the
-forward's mask and ``torch.manual_seed`` reproduces both.
+forward's mask and ``torch.manual_seed`` reproduces both. Eager calls on plain tensors run the
+same implementations without the custom ops' dispatch (``fastattn.ops.eager``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor
 
 from fastattn.backends import launcher
+from fastattn.ops import eager
 from fastattn.reference import accumulate_dtype, attention_output
 
 
@@ -22,8 +24,7 @@ def dropout_seed(device: torch.device) -> Tensor:
     return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
 
 
-@torch.library.custom_op("fastattn::attention_fwd", mutates_args=())
-def attention_fwd(
+def _attention_fwd(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -43,6 +44,10 @@ def attention_fwd(
                softcap)
 
 
+attention_fwd = torch.library.custom_op("fastattn::attention_fwd", _attention_fwd,
+                                        mutates_args=())
+
+
 @attention_fwd.register_fake
 def _(q, k, v, mask, seed, dropout_p, scale, window_left, window_right, align_bottom, softcap,
       deterministic, backend):
@@ -50,8 +55,7 @@ def _(q, k, v, mask, seed, dropout_p, scale, window_left, window_right, align_bo
     return out, q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-@torch.library.custom_op("fastattn::attention_bwd", mutates_args=())
-def attention_bwd(
+def _attention_bwd(
     grad_out: Tensor,
     q: Tensor,
     k: Tensor,
@@ -73,6 +77,10 @@ def attention_bwd(
     bwd = launcher(backend, "attention", "attention_bwd")
     return bwd(grad_out, q, k, v, out, lse, mask, seed, dropout_p, scale, window_left,
                window_right, align_bottom, softcap, deterministic, mask_grad)
+
+
+attention_bwd = torch.library.custom_op("fastattn::attention_bwd", _attention_bwd,
+                                        mutates_args=())
 
 
 @attention_bwd.register_fake
@@ -98,11 +106,20 @@ def _backward(ctx, grad_out, _grad_lse):
     mask_grad = ctx.needs_input_grad[3]
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv, dmask = attention_bwd(grad_out, q, k, v, out, lse, mask, seed, dropout_p, scale,
-                                      left, right, align_bottom, softcap, deterministic,
-                                      mask_grad, backend)
+    bwd = _attention_bwd if eager.eager_backward(grad_out, q, k, v, mask) else attention_bwd
+    dq, dk, dv, dmask = bwd(grad_out, q, k, v, out, lse, mask, seed, dropout_p, scale, left,
+                            right, align_bottom, softcap, deterministic, mask_grad, backend)
     grad_mask = dmask.to(mask.dtype) if mask_grad else None
     return (dq, dk, dv, grad_mask) + (None,) * 9
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+_Attention = eager.function("_Attention", _attention_fwd, _setup_context, _backward)
+
+
+def attention(q, k, v, mask, seed, dropout_p, scale, window_left, window_right, align_bottom,
+              softcap, deterministic, backend):
+    """Checked, normalised arguments in, ``(out, lse)`` out."""
+    return eager.call(attention_fwd, _attention_fwd, _Attention, (q, k, v, mask, seed),
+                      q, k, v, mask, seed, dropout_p, scale, window_left, window_right,
+                      align_bottom, softcap, deterministic, backend)

@@ -8,7 +8,8 @@ step reads the logits in forward and writes their gradient once. Inputs reach th
 classes on dim 1 and at least 2 dims (``fastattn.functional`` turns ``(C,)`` into ``(1, C)``).
 
 Mutable custom ops cannot carry registered autograd, so the in-place variant is wrapped in a
-``torch.autograd.Function``; the functional op uses ``register_autograd``.
+``torch.autograd.Function``; the functional op uses ``register_autograd``. Eager calls on plain
+tensors run the same implementations without the custom ops' dispatch (``fastattn.ops.eager``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from fastattn import reference
 from fastattn.backends import launcher
+from fastattn.ops import eager
 
 
 def _check_class_indices(input: Tensor, target: Tensor, ignore_index: int) -> None:
@@ -39,8 +41,7 @@ def _loss_shape(input: Tensor, reduction: int) -> tuple[int, ...]:
     return tuple(input.shape[:1] + input.shape[2:]) if reduction == 0 else ()
 
 
-@torch.library.custom_op("fastattn::cross_entropy_fwd", mutates_args=())
-def cross_entropy_fwd(
+def _cross_entropy_fwd(
     input: Tensor,
     target: Tensor,
     weight: Tensor | None,
@@ -62,6 +63,10 @@ def cross_entropy_fwd(
     return loss, lse, input.new_empty(0) if grad is None else grad
 
 
+cross_entropy_fwd = torch.library.custom_op("fastattn::cross_entropy_fwd", _cross_entropy_fwd,
+                                            mutates_args=())
+
+
 @cross_entropy_fwd.register_fake
 def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
       compute_grad, backend):
@@ -72,8 +77,7 @@ def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, s
     return loss, lse, grad
 
 
-@torch.library.custom_op("fastattn::cross_entropy_fwd_inplace", mutates_args=("input",))
-def cross_entropy_fwd_inplace(
+def _cross_entropy_fwd_inplace(
     input: Tensor,
     target: Tensor,
     weight: Tensor | None,
@@ -90,6 +94,10 @@ def cross_entropy_fwd_inplace(
                input)
 
 
+cross_entropy_fwd_inplace = torch.library.custom_op(
+    "fastattn::cross_entropy_fwd_inplace", _cross_entropy_fwd_inplace, mutates_args=("input",))
+
+
 @cross_entropy_fwd_inplace.register_fake
 def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, backend):
     acc = reference.accumulate_dtype(input.dtype)
@@ -97,17 +105,11 @@ def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, s
     return loss, input.new_empty(_loss_shape(input, 0), dtype=torch.float32)
 
 
-# torch >= 2.10 splits symbolic tracing out of is_fx_tracing (which now logs a warning).
-_fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing",
-                      torch.fx._symbolic_trace.is_fx_tracing)
-
-
 def _is_one(grad_loss: Tensor) -> bool:
     """True when the upstream gradient is the scalar 1. Eager only: while tracing (dynamo, or
     AOT autograd's fake/functional tensors) the data-dependent check would break the graph, so
     the scale is always applied there."""
-    tracing = torch.compiler.is_compiling() or _fx_tracing()
-    if tracing or type(grad_loss) is not torch.Tensor or grad_loss.numel() != 1:
+    if eager.tracing() or type(grad_loss) is not torch.Tensor or grad_loss.numel() != 1:
         return False
     return bool(grad_loss == 1)
 
@@ -146,6 +148,7 @@ def _backward(ctx, grad_loss, grad_lse, grad_grad):
 
 
 cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
+_CrossEntropy = eager.function("_CrossEntropy", _cross_entropy_fwd, _setup_context, _backward)
 
 
 class _CrossEntropyInplace(torch.autograd.Function):
@@ -154,8 +157,13 @@ class _CrossEntropyInplace(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
                 softcap, backend):
-        loss, lse = cross_entropy_fwd_inplace(input, target, weight, ignore_index, reduction,
-                                              label_smoothing, z_loss, softcap, backend)
+        args = (input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                backend)
+        if eager.eager(input, target, weight):
+            loss, lse = _cross_entropy_fwd_inplace(*args)
+            torch.autograd.graph.increment_version(input)  # as the mutating op would
+        else:
+            loss, lse = cross_entropy_fwd_inplace(*args)
         ctx.save_for_backward(input)
         ctx.reduction = reduction
         ctx.mark_non_differentiable(lse)
@@ -176,5 +184,7 @@ def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothin
     args = (ignore_index, reduction, label_smoothing, z_loss, softcap)
     if inplace_backward and compute_grad:
         return _CrossEntropyInplace.apply(input, target, weight, *args, backend)
-    loss, lse, _ = cross_entropy_fwd(input, target, weight, *args, compute_grad, backend)
+    loss, lse, _ = eager.call(cross_entropy_fwd, _cross_entropy_fwd, _CrossEntropy,
+                              (input, target, weight), input, target, weight, *args, compute_grad,
+                              backend)
     return loss, lse

@@ -2,7 +2,8 @@
 
 Both ops take the backend name as their last argument: the backend is chosen per call in
 ``fastattn.backends`` and travels with the op, so ``torch.compile`` sees one opaque op whatever
-runs inside it.
+runs inside it. Eager calls on plain tensors run the same implementations without the custom
+op's dispatch (``fastattn.ops.eager``).
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ import torch
 from torch import Tensor
 
 from fastattn.backends import launcher
+from fastattn.ops import eager
 from fastattn.reference import row_output
 
 
-@torch.library.custom_op("fastattn::softmax_fwd", mutates_args=())
-def softmax_fwd(
+def _softmax_fwd(
     input: Tensor,
     dim: int,
     scale: float,
@@ -29,13 +30,15 @@ def softmax_fwd(
     return fwd(input, dim, scale, mask, causal, log, out_dtype)
 
 
+softmax_fwd = torch.library.custom_op("fastattn::softmax_fwd", _softmax_fwd, mutates_args=())
+
+
 @softmax_fwd.register_fake
 def _(input, dim, scale, mask, causal, log, out_dtype, backend):
     return row_output(input.shape, dim, out_dtype, input.device)
 
 
-@torch.library.custom_op("fastattn::softmax_bwd", mutates_args=())
-def softmax_bwd(
+def _softmax_bwd(
     grad_output: Tensor,
     output: Tensor,
     dim: int,
@@ -48,6 +51,9 @@ def softmax_bwd(
 ) -> Tensor:
     bwd = launcher(backend, "softmax", "softmax_bwd")
     return bwd(grad_output, output, dim, scale, mask, causal, log, input_dtype)
+
+
+softmax_bwd = torch.library.custom_op("fastattn::softmax_bwd", _softmax_bwd, mutates_args=())
 
 
 @softmax_bwd.register_fake
@@ -65,21 +71,24 @@ def _backward(ctx, grad):
     output, mask = ctx.saved_tensors
     dim, scale, causal, log, input_dtype, backend = ctx.args
     grad_input = grad_mask = None
+    bwd = _softmax_bwd if eager.eager_backward(grad, output, mask) else softmax_bwd
     if ctx.needs_input_grad[3]:
         # An additive mask that requires grad receives d(loss)/d(scaled input), unscaled.
-        grad_z = softmax_bwd(grad, output, dim, 1.0, mask, causal, log, input_dtype, backend)
+        grad_z = bwd(grad, output, dim, 1.0, mask, causal, log, input_dtype, backend)
         grad_mask = grad_z.sum_to_size(mask.shape).to(mask.dtype)
         if ctx.needs_input_grad[0]:
             grad_input = grad_z * scale
     elif ctx.needs_input_grad[0]:
-        grad_input = softmax_bwd(grad, output, dim, scale, mask, causal, log, input_dtype, backend)
+        grad_input = bwd(grad, output, dim, scale, mask, causal, log, input_dtype, backend)
     return grad_input, None, None, grad_mask, None, None, None, None
 
 
 softmax_fwd.register_autograd(_backward, setup_context=_setup_context)
+_Softmax = eager.function("_Softmax", _softmax_fwd, _setup_context, _backward)
 
 
 def softmax(input, dim, scale, mask, causal, log, out_dtype, backend):
     """Checked arguments in, (log-)softmax out; ``scale`` None means 1."""
     scale = 1.0 if scale is None else scale
-    return softmax_fwd(input, dim, scale, mask, causal, log, out_dtype, backend)
+    return eager.call(softmax_fwd, _softmax_fwd, _Softmax, (input, mask),
+                      input, dim, scale, mask, causal, log, out_dtype, backend)
