@@ -96,6 +96,7 @@ def _setup_context(ctx, inputs, output):
     q, k, v, mask, seed, *args = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for lse
     ctx.save_for_backward(q, k, v, out, lse, mask, seed)
     ctx.args = args  # dropout_p, scale, left, right, align_bottom, softcap, deterministic, backend
 

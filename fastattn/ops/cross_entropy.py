@@ -124,6 +124,7 @@ def _setup_context(ctx, inputs, output):
         compute_grad, backend = inputs
     loss, lse, grad = output
     ctx.mark_non_differentiable(lse, grad)
+    ctx.set_materialize_grads(False)  # else backward gets a zero-filled (N, C) for `grad`
     target_grad = target.is_floating_point() and target.requires_grad
     ctx.save_for_backward(grad, input if target_grad else None, weight)
     ctx.args = (reduction, label_smoothing, softcap, compute_grad, target.dtype)
@@ -167,6 +168,7 @@ class _CrossEntropyInplace(torch.autograd.Function):
         ctx.save_for_backward(input)
         ctx.reduction = reduction
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
         return loss, lse
 
     @staticmethod
