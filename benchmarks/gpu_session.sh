@@ -18,9 +18,13 @@
 # Needs no network: run from the repository root of a copied working tree; fastattn is used
 # from here through PYTHONPATH (or install it with pip install --no-deps --no-build-isolation -e .).
 # "pytest-bench" runs one representative case per op under pytest-benchmark.
+# "tune" runs `fastattn-bench tune` on the GPU (every backend per op and shape class, checked,
+# then timed forward+backward) into tune.json, within TUNE_S seconds; a call of its own:
+#   STEPS="tune" bash benchmarks/gpu_session.sh OUT_DIR3
 # OUT_DIR gets at most 7 files (the device tool brings back at most 8): session.log, junit.xml,
-# bench.json, bench.csv, plots.tar.gz (one PNG per op), pytest-benchmark.json, train.json.
-# Limits (seconds) can be changed: BUILD_S, TESTS_S, BENCH_S, PYTEST_BENCH_S, TRAIN_S;
+# bench.json, bench.csv, plots.tar.gz (one PNG per op), pytest-benchmark.json, train.json,
+# tune.json (never all in one call).
+# Limits (seconds) can be changed: BUILD_S, TESTS_S, BENCH_S, PYTEST_BENCH_S, TRAIN_S, TUNE_S;
 # FASTATTN_CUDA_ARCHS (default 90a here: the lent GPUs are Hopper) and MAX_JOBS reach setup.py;
 # BENCH_SIZE=--quick
 # makes a dry run on a CPU machine.
@@ -37,6 +41,7 @@ BENCH_S=${BENCH_S:-200}
 PYTEST_BENCH_S=${PYTEST_BENCH_S:-70}
 TRAIN_S=${TRAIN_S:-420}
 TRAIN_STEPS=${TRAIN_STEPS:-100}
+TUNE_S=${TUNE_S:-420}
 STEPS=${STEPS:-tests bench}
 export FASTATTN_CUDA_ARCHS=${FASTATTN_CUDA_ARCHS:-90a}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
@@ -126,6 +131,9 @@ fi
 wants pytest-bench && step pytest-benchmark "$PYTEST_BENCH_S" "${PYTEST[@]}" benchmarks -q \
     -p no:cacheprovider --benchmark-json="$OUT/pytest-benchmark.json" \
     -k "(4096x16384 or 8192x128256 or llama3-8b_B4_L4096) and (fastattn-triton or -torch] or sdpa-flash)"
+
+wants tune && step tune "$TUNE_S" python -m fastattn.bench tune --device cuda \
+    --out "$OUT/tune.json"
 
 if wants train; then
     export -f train_runs

@@ -7,8 +7,10 @@ kernel compilation, no prints.
 from fastattn import nn
 from fastattn.backends import (
     BackendUnavailableError,
+    TunedTableWarning,
     available_backends,
     backend_status,
+    explain,
     use_backend,
 )
 from fastattn.functional import (
@@ -24,9 +26,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "TunedTableWarning",
     "available_backends",
     "backend_status",
     "cross_entropy",
+    "explain",
     "flash_attn_func",
     "log_softmax",
     "nn",

@@ -2,19 +2,33 @@
 
 This module is the only place a backend is chosen. The choice is made per call, from (in order)
 the innermost ``use_backend`` block on this thread, the ``FASTATTN_BACKEND`` environment
-variable (read at call time), or the default for the tensor's device. An explicitly requested
-backend that cannot serve the call raises :class:`BackendUnavailableError`, naming the backends
-that can; nothing falls back silently.
+variable (read at call time), or, with nothing requested, the tuned table of the tensor's device
+for the call's shape class, else the fixed order for the device. An explicitly requested backend
+that cannot serve the call raises :class:`BackendUnavailableError`, naming the backends that
+can; nothing falls back silently. :func:`explain` says which backend a call gets and why; with
+``logging.getLogger("fastattn")`` at DEBUG, each choice the tuned table makes is logged.
 
-Default order when nothing is requested:
+Tuned table: ``fastattn-bench tune`` times every backend that can serve each op (see
+:func:`candidates`) on the present device, forward and backward, per shape class (dtype and row
+length for softmax and cross-entropy; dtype, head dim and key length for attention; see
+``fastattn._tuned``), after checking each against the float64 reference, and writes the fastest
+per class to ``$FASTATTN_CACHE_DIR/tune-<device>-<name>.json`` (default
+``~/.cache/fastattn``). The table is read once per process and device, on the first call that
+could use it (:func:`reload_tuned` reads it again). A table measured under another device name,
+torch or fastattn version, extension presence or set of backends is stale, and is ignored with
+one :class:`TunedTableWarning`, like a corrupt one; a missing one is silent.
+
+Fixed order, used when nothing is requested and the table has no entry for the call:
 
 - CUDA tensors: ``triton`` if Triton imports, else ``torch``.
-- CPU tensors: ``torch`` (PyTorch's own CPU kernels). ``triton`` on CPU is the Triton
-  interpreter, which exists for tests and is never picked by default.
+- CPU tensors: ``native`` where the compiled extension is built (its C++ kernels are faster
+  than the ``torch`` compositions for every op and shape class ``fastattn-bench tune``
+  measures), else ``torch``. ``triton`` on CPU is the Triton interpreter, which exists for tests
+  and is never picked by default nor by a tuned table.
 
 ``numba`` serves CPU tensors (never CUDA ones) wherever ``import numba`` works (attention also
-needs scipy and threadpoolctl; ``fastattn.numba.reason`` says why not); it is never picked by
-default either.
+needs scipy and threadpoolctl; ``fastattn.numba.reason`` says why not); it runs by default
+only where a tuned table picked it (its first call compiles for seconds).
 
 Availability can depend on the op as well as the device: ``native`` (the compiled extension,
 loaded by ``fastattn._ext``) serves the ops and devices it has kernels for, so
@@ -41,6 +55,10 @@ _state = threading.local()
 
 class BackendUnavailableError(RuntimeError):
     """A requested backend cannot run on this machine or for this device."""
+
+
+class TunedTableWarning(UserWarning):
+    """A tuned-backend table was found but ignored (stale or corrupt)."""
 
 
 def _triton_reason(device_type: str | None) -> str | None:
@@ -148,13 +166,35 @@ def requested_backend() -> tuple[str | None, str]:
     return None, "default"
 
 
-def select(device: torch.device, op: str | None = None) -> str:
-    """The backend that serves a call of ``op`` whose tensors live on ``device``."""
-    name, origin = requested_backend()
-    if name is None:
-        if device.type == "cuda" and _reason_unavailable("triton", "cuda") is None:
-            return "triton"
-        return "torch"
+def fixed_order(device_type: str, op: str | None = None) -> str:
+    """The backend for ``op`` on ``device_type`` ("cpu", "cuda", ...) tensors when nothing is
+    requested and no tuned table decides: for CUDA tensors ``triton`` where Triton can run
+    them, for CPU tensors ``native`` where the compiled extension has CPU kernels for ``op``
+    (for every op if None), else ``torch``."""
+    if device_type == "cuda" and _reason_unavailable("triton", "cuda") is None:
+        return "triton"
+    if device_type == "cpu" and _reason_unavailable("native", "cpu", op) is None:
+        return "native"
+    return "torch"
+
+
+def candidates(device: torch.device | str, op: str) -> list[str]:
+    """The backends ``fastattn-bench tune`` times for ``op`` on ``device`` and a tuned table may
+    name: the available ones, less the Triton interpreter for CPU tensors."""
+    device_type = torch.device(device).type
+    return [name for name in available_backends(device_type, op)
+            if not (name == "triton" and device_type == "cpu")]
+
+
+def reload_tuned() -> None:
+    """Forget the tuned tables read so far, so the next call reads them again (after
+    ``fastattn-bench tune`` wrote one, or ``FASTATTN_CACHE_DIR`` changed)."""
+    from fastattn import _tuned
+
+    _tuned.forget()
+
+
+def _check_request(name: str, origin: str, device: torch.device, op: str | None) -> None:
     why = _reason_unavailable(name, device.type, op)
     if why is not None:
         what = f"{op} on {device.type} tensors" if op else f"on {device.type} tensors"
@@ -162,21 +202,66 @@ def select(device: torch.device, op: str | None = None) -> str:
             f"backend {name!r} (requested by {origin}) cannot run {what}: {why}; "
             f"backends that can: {', '.join(available_backends(device, op))}"
         )
+
+
+def select(device: torch.device, op: str | None = None, *, dtype: torch.dtype | None = None,
+           size: int | tuple[int, int] | None = None) -> str:
+    """The backend that serves a call of ``op`` whose tensors live on ``device``.
+
+    ``dtype`` and ``size`` place the call in a shape class of the tuned table: ``size`` is the
+    row length (softmax), the class count (cross-entropy) or ``(head_dim, key_len)``
+    (attention); without them the fixed order applies when nothing is requested."""
+    name, origin = requested_backend()
+    if name is None:
+        # imported on first use: its compiler decorator would make importing fastattn import
+        # torch._dynamo (and Triton with it)
+        from fastattn import _tuned
+
+        return _tuned.choose(device.type, device.index, op, _tuned.shape_class(op, dtype, size))
+    _check_request(name, origin, device, op)
     return name
 
 
-_launchers: dict[tuple[str, str, str], Callable] = {}
+def explain(device: torch.device | str, op: str | None = None, *,
+            dtype: torch.dtype | None = None, size: int | tuple[int, int] | None = None
+            ) -> tuple[str, str]:
+    """``(backend, reason)``: the backend :func:`select` gives a call of ``op`` on ``device``
+    with ``dtype`` and ``size`` (as :func:`select` takes them), and why: ``"use_backend()"``,
+    ``"FASTATTN_BACKEND"``, ``"tuned table <path> for class <key>"`` or ``"default order for
+    <device type> (<why the tuned table did not decide>)"``. Raises as the call would when the
+    requested backend cannot serve it."""
+    device = torch.device(device)
+    if op is not None and op not in OPS:
+        raise ValueError(f"unknown op {op!r}; known ops: {', '.join(OPS)}")
+    name, origin = requested_backend()
+    if name is not None:
+        _check_request(name, origin, device, op)
+        return name, origin
+    from fastattn import _tuned
+
+    cls = _tuned.shape_class(op, dtype, size)
+    name, table = _tuned.lookup(device.type, device.index, op, cls)
+    if name is not None:
+        return name, f"tuned table {table.path} for class {cls}"
+    if table is not None:
+        note = table.note or f"class {cls} of {op} is not in the tuned table {table.path}"
+    elif device.type in ("cpu", "cuda"):
+        note = "no shape class: give op, dtype and size"
+    else:
+        note = f"no tuned tables for {device.type} tensors"
+    return fixed_order(device.type, op), f"default order for {device.type} ({note})"
+
+
+_modules: dict[tuple[str, str], object] = {}
 
 
 def launcher(backend: str, op: str, fn: str) -> Callable:
     """The launcher ``fn`` of ``op`` in ``backend``: ``fastattn.reference`` for torch, else
-    ``fastattn.<backend>.<op>``. Imported on first use so that importing fastattn stays cheap,
-    then remembered (every call of an op asks)."""
-    found = _launchers.get((backend, op, fn))
-    if found is None:
-        if backend == "torch":
-            module = "fastattn.reference"
-        else:
-            module = f"fastattn.{_check_known(backend)}.{op}"
-        found = _launchers[backend, op, fn] = getattr(importlib.import_module(module), fn)
-    return found
+    ``fastattn.<backend>.<op>``. The module is imported on first use, so that importing
+    fastattn stays cheap, and then remembered (every call of an op asks)."""
+    module = _modules.get((backend, op))
+    if module is None:
+        name = ("fastattn.reference" if backend == "torch"
+                else f"fastattn.{_check_known(backend)}.{op}")
+        module = _modules[backend, op] = importlib.import_module(name)
+    return getattr(module, fn)

@@ -117,7 +117,8 @@ def _softmax(input, dim, dtype, scale, mask, causal, log):
     widening = dtype in (torch.float32, torch.float64) and (
         torch.finfo(input.dtype).bits <= torch.finfo(dtype).bits)
     x = input if dtype is None or widening else input.to(dtype)
-    backend = backends.select(x.device, "softmax")
+    backend = backends.select(x.device, "softmax", dtype=x.dtype,
+                              size=x.shape[dim] if x.ndim else 1)
     if x.ndim == 0:  # a 0-d tensor is one row of one element
         y = _softmax_ops.softmax(x.reshape(1), 0, scale, mask, causal, log, out_dtype, backend)
         return y.reshape(())
@@ -272,7 +273,7 @@ def cross_entropy(
     if input.ndim == 1:  # one token: (C,) -> (1, C)
         x, t = input.unsqueeze(0), target.unsqueeze(0)
     out_dtype = torch.promote_types(input.dtype, target.dtype) if probability else input.dtype
-    backend = backends.select(input.device, "cross_entropy")
+    backend = backends.select(input.device, "cross_entropy", dtype=input.dtype, size=x.shape[1])
     loss, lse = _ce_ops.cross_entropy(
         x, t, weight, ignore_index, REDUCTIONS.index(reduction), label_smoothing, z_loss,
         softcap, inplace_backward, backend,
@@ -338,8 +339,8 @@ def _check_attention_extras(dropout_p, scale, window_size, softcap, deterministi
     return float(dropout_p), scale, left, right, softcap
 
 
-def _attention_backend(q: torch.Tensor) -> str:
-    backend = backends.select(q.device, "attention")
+def _attention_backend(q: torch.Tensor, key_len: int) -> str:
+    backend = backends.select(q.device, "attention", dtype=q.dtype, size=(q.shape[-1], key_len))
     if backend == "triton" and q.dtype == torch.float64:
         raise TypeError("the triton attention kernel has no float64 path; run float64 attention "
                         "with fastattn.use_backend('torch')")
@@ -429,7 +430,7 @@ def scaled_dot_product_attention(
     if mask is not None:
         _check_mask("attn_mask", mask, full, "(batch..., heads, L, S) =", q, "query")
         mask = mask.expand(full).reshape(math.prod(batch), heads_out, L, S)  # (B, Hq, L, S)
-    backend = _attention_backend(q)
+    backend = _attention_backend(q, S)
     qn = _to_bhnd(q, batch, heads_out)  # (B, Hq, L, D)
     kn = _to_bhnd(k, batch, hk)  # (B, Hk, S, D)
     vn = _to_bhnd(v, batch, hk)  # (B, Hk, S, Dv)
@@ -488,7 +489,7 @@ def flash_attn_func(
         dropout_p, softmax_scale, window_size, softcap, deterministic, q.shape[-1])
     if causal:
         right = 0
-    backend = _attention_backend(q)
+    backend = _attention_backend(q, k.shape[1])
     seed = _attention_ops.dropout_seed(q.device) if dropout_p > 0 else None
     out, lse = _attention_ops.attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, H, T, D) views

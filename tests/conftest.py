@@ -30,3 +30,14 @@ def _fresh_seed(request):
     torch.manual_seed(seed)
     request.node.user_properties.append(("seed", seed))
     yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_tuned_table(tmp_path_factory):
+    # Tests see the fixed backend order, never a table `fastattn-bench tune` wrote on this
+    # machine (tests of the table point FASTATTN_CACHE_DIR at their own directory).
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTATTN_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        fastattn.backends.reload_tuned()
+        yield
+    fastattn.backends.reload_tuned()

@@ -2,10 +2,13 @@
 the ``backend`` argument of the registered ``fastattn::`` ops, recorded by a dispatch mode."""
 
 import importlib.util
+import json
+import logging
 import os
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastattn
 import fastattn.numba
+from fastattn import _tuned
 from fastattn.backends import BACKENDS, ENV_VAR
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -103,11 +107,11 @@ def test_available_backends_per_device():
         assert fastattn.available_backends("cuda") == ["torch"] + ["triton"] * triton_on_cuda
 
 
-def test_default_on_cpu_is_torch_even_with_interpreter():
+def test_default_on_cpu_is_native_where_built_never_the_interpreter():
     x = torch.randn(3, 7, requires_grad=True)
     with RecordBackends() as rec:
         fastattn.softmax(x, -1).sum().backward()
-    assert {backend for _, backend in rec.calls} == {"torch"}
+    assert {backend for _, backend in rec.calls} == {"native" if NATIVE_ON_CPU else "torch"}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -323,3 +327,203 @@ def test_import_has_no_side_effects():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""
     assert proc.stderr == ""
+
+
+# --- the tuned table (fastattn-bench tune) -----------------------------------------------------
+
+CPU = torch.device("cpu")
+DEFAULT = "native" if NATIVE_ON_CPU else "torch"  # the fixed order's CPU backend
+# A backend the fixed order does not pick on CPU, so a table naming it is visible in what runs.
+TUNED = "torch" if NATIVE_ON_CPU else "numba" if HAS_NUMBA else None
+needs_tuned = pytest.mark.skipif(TUNED is None, reason="neither native nor numba runs here")
+SMALL = "float32/cols<=1024"  # the class of the (3, 7) float32 rows below
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty cache directory that fastattn reads its tuned tables from."""
+    monkeypatch.setenv("FASTATTN_CACHE_DIR", str(tmp_path))
+    fastattn.backends.reload_tuned()
+    yield tmp_path
+    fastattn.backends.reload_tuned()
+
+
+def write_table(backend=TUNED, cls=SMALL, **identity):
+    """A CPU table choosing ``backend`` for softmax class ``cls``, its identity that of this
+    process updated with ``identity``; returns its path."""
+    table = _tuned.make(CPU, {"softmax": {cls: {"backend": backend,
+                                                "times_ms": {backend: 1.0, "torch": 2.0}}}},
+                        "written by a test")
+    table["identity"].update(identity)
+    return _tuned.write(table, _tuned.path_for(CPU))
+
+
+def cpu_ran_on(fn):
+    """The backends of the fastattn ops ``fn`` runs."""
+    with RecordBackends() as rec:
+        fn()
+    assert rec.calls, "no fastattn op ran"
+    return {backend for _, backend in rec.calls}
+
+
+def softmax_on(x):
+    """Softmax forward and backward of ``x``: the backends that ran, checked against PyTorch."""
+    x = x.requires_grad_()
+    backends_run = cpu_ran_on(lambda: torch.autograd.grad(fastattn.softmax(x, -1).pow(2).sum(), x))
+    y = fastattn.softmax(x, -1)
+    torch.testing.assert_close(y, torch.softmax(x, -1))
+    return backends_run
+
+
+@pytest.mark.parametrize(("op", "dtype", "size", "key"), [
+    ("softmax", torch.float32, 1024, "float32/cols<=1024"),
+    ("softmax", torch.bfloat16, 1025, "bfloat16/cols<=8192"),
+    ("cross_entropy", torch.float16, 65536, "float16/cols<=65536"),
+    ("cross_entropy", torch.float64, 65537, "float64/cols>65536"),
+    ("attention", torch.float32, (64, 1024), "float32/d<=64/s<=1024"),
+    ("attention", torch.bfloat16, (65, 16385), "bfloat16/d<=128/s>16384"),
+    ("softmax", torch.int64, 7, None),  # no class: the fixed order decides
+    ("softmax", torch.float32, None, None),
+])
+def test_shape_classes_bucket_dtype_and_lengths(op, dtype, size, key):
+    assert _tuned.shape_class(op, dtype, size) == key
+    assert key is None or key in _tuned.classes(op)
+
+
+def test_missing_table_is_silent_and_the_fixed_order_applies(cache, recwarn):
+    assert softmax_on(torch.randn(3, 7)) == {DEFAULT}
+    backend, reason = fastattn.explain("cpu", "softmax", dtype=torch.float32, size=7)
+    assert backend == DEFAULT
+    assert reason == f"default order for cpu (no tuned table at {_tuned.path_for(CPU)})"
+    assert not recwarn.list
+
+
+@needs_tuned
+def test_tuned_table_is_honoured_for_its_class(cache, caplog):
+    path = write_table()
+    with caplog.at_level(logging.DEBUG, logger="fastattn"):
+        assert softmax_on(torch.randn(3, 7)) == {TUNED}
+    assert f"{TUNED}, from the tuned table {path} for class {SMALL}" in caplog.text
+    assert fastattn.explain("cpu", "softmax", dtype=torch.float32, size=7) == (
+        TUNED, f"tuned table {path} for class {SMALL}")
+    # log_softmax is the same op; a 1-d input is one row
+    x = torch.randn(5)
+    assert cpu_ran_on(lambda: fastattn.log_softmax(x, 0)) == {TUNED}
+
+
+@needs_tuned
+def test_tuned_table_is_ignored_for_other_classes_and_ops(cache):
+    path = write_table()
+    assert softmax_on(torch.randn(3, 2000)) == {DEFAULT}  # float32/cols<=8192
+    assert softmax_on(torch.randn(3, 7, dtype=torch.float64)) == {DEFAULT}
+    logits, target = torch.randn(3, 7, requires_grad=True), torch.randint(0, 7, (3,))
+    assert cpu_ran_on(lambda: fastattn.cross_entropy(logits, target).backward()) == {DEFAULT}
+    assert fastattn.explain("cpu", "softmax", dtype=torch.float32, size=2000) == (
+        DEFAULT, f"default order for cpu (class float32/cols<=8192 of softmax is not in the "
+                 f"tuned table {path})")
+
+
+@needs_tuned
+def test_table_is_read_once_until_reload(cache):
+    path = write_table()
+    assert softmax_on(torch.randn(3, 7)) == {TUNED}
+    path.unlink()  # no file access per call: the table read first still decides
+    assert softmax_on(torch.randn(3, 7)) == {TUNED}
+    fastattn.backends.reload_tuned()
+    assert softmax_on(torch.randn(3, 7)) == {DEFAULT}
+
+
+@needs_tuned
+def test_explicit_requests_win_over_the_table(cache, monkeypatch):
+    write_table()
+    with fastattn.use_backend(DEFAULT):
+        assert softmax_on(torch.randn(3, 7)) == {DEFAULT}
+        assert fastattn.explain("cpu", "softmax", dtype=torch.float32, size=7) == (
+            DEFAULT, "use_backend()")
+    monkeypatch.setenv(ENV_VAR, DEFAULT)
+    assert softmax_on(torch.randn(3, 7)) == {DEFAULT}
+    assert fastattn.explain("cpu", "softmax", dtype=torch.float32, size=7) == (
+        DEFAULT, ENV_VAR)
+    monkeypatch.delenv(ENV_VAR)
+    assert softmax_on(torch.randn(3, 7)) == {TUNED}
+
+
+def _no_numba_now(monkeypatch):
+    monkeypatch.setattr(fastattn.numba, "import_error",
+                        lambda: "numba is not installed (pip install numba)")
+
+
+# Each way a table can go stale, and the words its warning uses for it.
+@pytest.mark.parametrize(("change", "match"), [
+    ({"device_name": "Another CPU"}, "device_name 'Another CPU'"),
+    ({"torch": "2.6.0"}, "torch '2.6.0'"),
+    ({"fastattn": "0.0.1"}, "fastattn '0.0.1'"),
+    ({"extension": not NATIVE_ON_CPU}, "extension"),
+    ({"format": 0}, "format version 0"),
+    ({"unavailable": "numba"}, "numba"),
+])
+def test_stale_table_is_ignored_with_one_warning(cache, monkeypatch, change, match):
+    if "format" in change:
+        path = write_table(backend="torch")
+        table = json.loads(path.read_text())
+        table["format"] = change["format"]
+        path.write_text(json.dumps(table))
+    elif "unavailable" in change:
+        if not HAS_NUMBA:
+            pytest.skip("numba does not import here")
+        write_table(backend="numba")
+        _no_numba_now(monkeypatch)
+    else:
+        write_table(backend=TUNED or "torch", **change)
+    with pytest.warns(fastattn.TunedTableWarning, match=match) as record:
+        assert softmax_on(torch.randn(3, 7)) == {DEFAULT}
+    assert len(record) == 1
+    assert "stale" in str(record[0].message) and "fastattn-bench tune" in str(record[0].message)
+    backend, reason = fastattn.explain("cpu", "softmax", dtype=torch.float32, size=7)
+    assert backend == DEFAULT and reason.startswith("default order for cpu (stale tuned table")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # read once: no second warning
+        assert softmax_on(torch.randn(3, 7)) == {DEFAULT}
+
+
+def test_table_naming_a_backend_it_did_not_measure_is_stale(cache):
+    write_table(backend="triton")  # the interpreter is never a candidate for CPU tensors
+    with pytest.warns(fastattn.TunedTableWarning, match="names 'triton' for softmax"):
+        assert softmax_on(torch.randn(3, 7)) == {DEFAULT}
+
+
+# Corrupt tables: not JSON, and JSON of the wrong shape.
+@pytest.mark.parametrize(("edit", "match"), [
+    (lambda text: text[: len(text) // 2], "not valid JSON"),
+    (lambda text: "[1, 2]", "integer 'format'"),
+    (lambda text: text.replace('"backend": "torch"', '"backend": 3'), "is not {'backend'"),
+    (lambda text: text.replace(SMALL, "float32/cols<=1000"), "unknown shape class"),
+    (lambda text: text.replace('"softmax": {', '"softmax": ["x"], "y": {', 1),
+     "identity.backends"),
+])
+def test_corrupt_table_is_ignored_with_a_warning(cache, edit, match):
+    path = write_table(backend="torch")
+    path.write_text(edit(path.read_text()))
+    with pytest.warns(fastattn.TunedTableWarning, match=match) as record:
+        assert softmax_on(torch.randn(3, 7)) == {DEFAULT}
+    assert len(record) == 1 and "corrupt" in str(record[0].message)
+
+
+@needs_tuned
+def test_compiled_call_uses_the_tuned_backend(cache):
+    # The backend is a constant argument of the op in the captured graph (fullgraph: no break).
+    write_table()
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: fastattn.softmax(x, -1), fullgraph=True, backend=capture)
+    x = torch.randn(3, 7)
+    torch.testing.assert_close(compiled(x), torch.softmax(x, -1))
+    (gm,) = graphs
+    chosen = [node.args[-1] for node in gm.graph.nodes
+              if node.op == "call_function" and "fastattn" in str(node.target)]
+    assert chosen == [TUNED]

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import copy
 import csv
+import importlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -19,7 +21,8 @@ import pytest
 import torch
 
 import fastattn
-from fastattn.bench import cli, compare, memory, report, runner, timing, work
+from fastattn import _tuned, backends
+from fastattn.bench import cli, compare, memory, report, runner, timing, tune, work
 from fastattn.bench.softmax import SoftmaxBench
 from fastattn.bench.suite import Case, Provider, get_op
 
@@ -361,6 +364,86 @@ def test_compare_rejects_bad_files_and_thresholds(tmp_path, capsys):
     assert "--threshold" in capsys.readouterr().err
     with pytest.raises(ValueError, match="per_kernel"):
         compare.compare(_doc("H100", BASE), _doc("H100", BASE), per_kernel=-1)
+
+
+# --- tune: the fastest backend per shape class ---------------------------------------------------
+
+CPU = torch.device("cpu")
+SMALL_ROWS = "float32/cols<=1024"
+
+
+@pytest.fixture
+def tuned_cache(tmp_path, monkeypatch):
+    """A cache directory of this test's own; no table read in it outlives the test."""
+    monkeypatch.setenv("FASTATTN_CACHE_DIR", str(tmp_path))
+    backends.reload_tuned()
+    yield tmp_path
+    backends.reload_tuned()
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_tune_measures_each_class_once(quick):
+    for op in tune.TUNED_OPS:
+        got = [tune.class_of(c) for c in tune.cases(op, quick, ["float32", "bfloat16"])]
+        want = [k for k in _tuned.classes(op) if k.split("/")[0] in ("float32", "bfloat16")]
+        if quick and op == "attention":  # long keys are too slow for a quick CPU run
+            want = [k for k in want if k.endswith(("/s<=1024", "/s<=4096"))]
+        assert sorted(got) == sorted(want)
+
+
+def test_tune_quick_writes_the_table_that_select_then_uses(tuned_cache, capsys):
+    argv = ["tune", "--device", "cpu", "--quick", "--ops", "softmax,cross_entropy",
+            "--classes", SMALL_ROWS, "--dtypes", "float32", "--warmup-ms", "1", "--rep-ms", "3"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    path = _tuned.path_for(CPU)
+    assert f"wrote {path}" in printed.replace("\n", "")
+    table = json.loads(path.read_text())
+    assert table["format"] == _tuned.FORMAT and table["command"].endswith(shlex.join(argv))
+    assert table["identity"] == _tuned.identity(CPU, ["softmax", "cross_entropy"])
+    for op in ("softmax", "cross_entropy"):
+        (key, entry), = table["ops"][op].items()
+        times = entry["times_ms"]
+        # every candidate passed the float64 check and was timed; the fastest won
+        assert key == SMALL_ROWS and set(times) == set(backends.candidates(CPU, op))
+        assert all(t > 0 for t in times.values()) and entry["backend"] == min(times, key=times.get)
+    winner = table["ops"]["softmax"][SMALL_ROWS]["backend"]
+    assert fastattn.explain(CPU, "softmax", dtype=torch.float32, size=1000) == (
+        winner, f"tuned table {path} for class {SMALL_ROWS}")
+    x = torch.randn(4, 1000)
+    torch.testing.assert_close(fastattn.softmax(x, -1), torch.softmax(x, -1))
+    assert fastattn.explain(CPU, "softmax", dtype=torch.float32, size=5000)[0] == (
+        backends.fixed_order("cpu", "softmax"))  # a class it did not measure
+
+
+def test_tune_never_chooses_a_backend_that_fails_the_check(tuned_cache, monkeypatch, capsys):
+    candidates = backends.candidates(CPU, "softmax")
+    broken = next((b for b in ("native", "numba") if b in candidates), None)
+    if broken is None:
+        pytest.skip("neither native nor numba runs here")
+    module = importlib.import_module(f"fastattn.{broken}.softmax")
+    real = module.softmax_fwd
+    monkeypatch.setattr(module, "softmax_fwd", lambda *a, **k: real(*a, **k) * 1.01)
+    argv = ["tune", "--device", "cpu", "--quick", "--ops", "softmax", "--classes", SMALL_ROWS,
+            "--warmup-ms", "1", "--rep-ms", "3"]
+    assert cli.main(argv) == 1
+    assert "disagrees with the reference" in capsys.readouterr().out
+    entry = json.loads(_tuned.path_for(CPU).read_text())["ops"]["softmax"][SMALL_ROWS]
+    assert broken not in entry["times_ms"] and entry["backend"] != broken
+    assert set(entry["times_ms"]) == set(candidates) - {broken}
+
+
+@pytest.mark.parametrize(("argv", "name"), [
+    (["--ops", "model"], "--ops"),
+    (["--classes", "float32/cols<=7"], "--classes"),
+    (["--classes", ","], "--classes"),
+    (["--rep-ms", "0"], "--rep-ms"),
+])
+def test_tune_rejects_bad_arguments_naming_them(argv, name, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["tune", "--device", "cpu", *argv])
+    assert e.value.code == 2
+    assert name in capsys.readouterr().err
 
 
 # --- the CLI end to end ------------------------------------------------------------------------

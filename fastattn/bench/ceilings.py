@@ -15,12 +15,12 @@ driver, torch version, thread count) in ``$FASTATTN_CACHE_DIR/ceilings.json`` (d
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
+from fastattn._cache import cache_dir
 from fastattn.bench import timing
 from fastattn.bench.env import device_info
 
@@ -28,11 +28,7 @@ NAMES = ("bandwidth_gbs", "matmul_bf16_tflops", "matmul_fp32_tflops")
 
 
 def cache_path() -> Path:
-    root = os.environ.get("FASTATTN_CACHE_DIR")
-    if root:
-        return Path(root) / "ceilings.json"
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg) / "fastattn" / "ceilings.json"
+    return cache_dir() / "ceilings.json"
 
 
 def device_key(device: torch.device) -> str:

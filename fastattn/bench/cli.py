@@ -1,13 +1,15 @@
-"""``fastattn-bench``: benchmark every op on every provider of this device, and gate
-regressions.
+"""``fastattn-bench``: benchmark every op on every provider of this device, gate regressions,
+and tune the backend choice.
 
     fastattn-bench                         # quick suite on CPU, full sweep on a GPU
     fastattn-bench --ops softmax --json out.json --csv out.csv --plot plots/
     fastattn-bench compare BASE.json NEW.json
+    fastattn-bench tune --quick            # fastest backend per op and shape class -> cache
 
 Exit status of a run: 0, or 1 when a fastattn provider disagreed with the reference or failed
 (other providers' failures are reported, not fatal). ``compare``: 0 pass, 1 regression,
-2 refused (different devices, unreadable files, nothing in common).
+2 refused (different devices, unreadable files, nothing in common). ``tune``: 0, or 1 when a
+backend disagreed with the reference or failed (it is never chosen; the table is written).
 """
 
 from __future__ import annotations
@@ -86,7 +88,8 @@ def run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fastattn-bench",
         description="Benchmark fastattn against PyTorch and other kernels on this device "
-                    "(subcommand: 'fastattn-bench compare BASE.json NEW.json').")
+                    "(subcommands: 'fastattn-bench compare BASE.json NEW.json', "
+                    "'fastattn-bench tune').")
     p.add_argument("--ops", type=_choices("--ops", OP_NAMES), default=list(OP_NAMES),
                    help=f"comma-separated ops (default: all of {', '.join(OP_NAMES)})")
     p.add_argument("--device", type=_device, default=None,
@@ -203,10 +206,110 @@ def compare_main(argv: Sequence[str]) -> int:
     return 0 if v.ok else 1
 
 
+def tune_parser() -> argparse.ArgumentParser:
+    from fastattn.bench.tune import TUNED_OPS
+
+    p = argparse.ArgumentParser(
+        prog="fastattn-bench tune",
+        description="Time every fastattn backend per op and shape class on this device (forward "
+                    "+ backward, after the float64 check) and write the fastest per class to "
+                    "the table fastattn reads when no backend is requested.")
+    p.add_argument("--ops", type=_choices("--ops", TUNED_OPS), default=list(TUNED_OPS),
+                   help=f"comma-separated ops (default: all of {', '.join(TUNED_OPS)})")
+    p.add_argument("--device", type=_device, default=None,
+                   help="cpu or cuda[:N] (default: cuda when available, else cpu)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", default=None,
+                      help="small cases, attention keys up to 4096 only (the default on CPU)")
+    size.add_argument("--full", dest="quick", action="store_false",
+                      help="model-sized cases, every class (the default on CUDA)")
+    p.add_argument("--dtypes", type=_choices("--dtypes", list(DTYPES)), default=None,
+                   help="comma-separated (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--classes", default=None,
+                   help="comma-separated glob patterns of shape classes to measure, e.g. "
+                        "'float32/cols<=1024,*/d<=128/*' (default: all)")
+    p.add_argument("--warmup-ms", type=_positive("--warmup-ms"), default=None,
+                   help="warm-up budget per timing, ms (default 10 with --quick, else 25)")
+    p.add_argument("--rep-ms", type=_positive("--rep-ms"), default=None,
+                   help="measurement budget per backend, ms (default 40 with --quick, else 100)")
+    p.add_argument("--out", metavar="PATH", default=None,
+                   help="write the table here instead of the cache file fastattn reads")
+    p.add_argument("--seed", type=int, default=0, help="torch seed for the inputs (default 0)")
+    return p
+
+
+def tune_main(argv: Sequence[str]) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fastattn import _tuned, backends
+    from fastattn.bench import env, tune
+
+    parser = tune_parser()
+    args = parser.parse_args(argv)
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    quick = (device.type == "cpu") if args.quick is None else args.quick
+    dtypes = args.dtypes or (["bfloat16"] if device.type == "cuda" else ["float32"])
+    patterns = None
+    if args.classes is not None:
+        patterns = [x.strip() for x in args.classes.split(",") if x.strip()]
+        if not patterns:
+            parser.error("--classes: give at least one pattern")
+        known = [tune.class_of(c) for op in args.ops for c in tune.cases(op, quick, dtypes)]
+        unmatched = [pat for pat in patterns if not fnmatch.filter(known, pat)]
+        if unmatched:
+            parser.error(f"--classes: {', '.join(unmatched)} matches no class this sweep "
+                         f"measures; they are: {', '.join(known)}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.manual_seed(args.seed)
+    console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
+    default = {op: backends.fixed_order(device.type, op) for op in args.ops}
+    console.print(f"fastattn-bench tune on [bold]{_tuned.device_name(device)}[/bold] ({device}), "
+                  f"torch {torch.__version__} ({torch.get_num_threads()} threads); "
+                  f"{'quick' if quick else 'full'}, dtypes {','.join(dtypes)}; "
+                  f"fixed-order default: "
+                  f"{', '.join(f'{op} {name}' for op, name in default.items())}")
+    started = time.monotonic()
+    rows = tune.tune(device, args.ops, quick, dtypes, patterns=patterns,
+                     warmup_ms=args.warmup_ms or (10.0 if quick else 25.0),
+                     rep_ms=args.rep_ms or (40.0 if quick else 100.0),
+                     on_case=lambda text: console.print(f"[dim]{text}[/dim]"))
+    names = [b for b in backends.BACKENDS
+             if any(b in r.times_ms or b in r.problems for r in rows)]
+    out = Table(title=f"median forward+backward per shape class on {device}",
+                title_justify="left")
+    for col in ("op", "class", "case", *names, "winner", "vs fixed order"):
+        out.add_column(col, justify="left" if col in ("op", "class", "case", "winner")
+                       else "right")
+    for r in rows:
+        cells = [f"{r.times_ms[b]:.4g} ms" if b in r.times_ms
+                 else r.problems.get(b, "-").split(":")[0] for b in names]
+        fixed = default[r.op]
+        speedup = (f"{r.times_ms[fixed] / r.times_ms[r.winner]:.2f}x"
+                   if r.winner is not None and fixed in r.times_ms else "-")
+        out.add_row(r.op, r.cls, r.label, *cells, r.winner or "none", speedup)
+    console.print(out)
+    for r in rows:
+        for b, why in r.problems.items():
+            console.print(f"[yellow]{r.op} {r.cls} {b}[/yellow] {why}")
+    argv_full = [sys.argv[0] if sys.argv else "fastattn-bench", "tune", *argv]
+    read_here = _tuned.path_for(device)
+    path = _tuned.write(tune.table(device, rows, env.command_line(argv_full)),
+                        args.out or read_here)
+    backends.reload_tuned()
+    console.print(f"wrote {path} in {time.monotonic() - started:.0f} s")
+    if path.resolve() != read_here.resolve():
+        console.print(f"fastattn reads {read_here}, not this file")
+    return 1 if any(r.failed for r in rows) else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["compare"]:
         return compare_main(argv[1:])
+    if argv[:1] == ["tune"]:
+        return tune_main(argv[1:])
     return run_main(argv)
 
 

@@ -21,16 +21,10 @@ from pathlib import Path
 
 import torch
 
+from fastattn._cache import cache_dir
+
 DEFAULT_CORPUS_CHARS = 4_000_000
 VAL_FRACTION = 0.1
-
-
-def cache_dir() -> Path:
-    """``$FASTATTN_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastattn``, else ``~/.cache/fastattn``."""
-    if os.environ.get("FASTATTN_CACHE_DIR"):
-        return Path(os.environ["FASTATTN_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "fastattn"
 
 
 def _docstrings(path: Path) -> list[str]:
