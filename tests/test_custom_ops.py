@@ -295,21 +295,27 @@ def test_fake_tensors_reach_the_fake_functions():
 
 
 # The memory contract: cross-entropy's backward makes no logits-sized tensor of its own (the
-# gradient was written in forward). Autograd would zero-fill one for the non-differentiable
-# gradient output unless the op turns gradient materialisation off.
+# gradient was written in forward, and a non-unit upstream gradient scales it in place). Autograd
+# would zero-fill one for the non-differentiable gradient output unless the op turns gradient
+# materialisation off. With retain_graph the buffer must stay unscaled: one new tensor then.
 @pytest.mark.parametrize("upstream", [1.0, 0.5])
-def test_cross_entropy_backward_allocates_no_logits(upstream):
+@pytest.mark.parametrize("inplace", [False, True])
+def test_cross_entropy_backward_allocates_no_logits(upstream, inplace):
     from torch.profiler import ProfilerActivity, profile
 
     x = torch.randn(5, 301, device=DEVICE, requires_grad=True)
     t = torch.randint(0, 301, (5,), device=DEVICE)
-    loss = fastattn.cross_entropy(x, t)
+    expected = upstream * torch.autograd.grad(F.cross_entropy(x, t), x)[0]
     cuda = DEVICE == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities, profile_memory=True) as prof:
-        (g,) = torch.autograd.grad(loss, x, torch.tensor(upstream, device=DEVICE))
     logits_bytes = x.numel() * x.element_size()
-    big = [e.name for e in prof.events() if e.name.startswith("aten::") and (
-        e.self_device_memory_usage if cuda else e.self_cpu_memory_usage) >= logits_bytes]
-    assert big == (["aten::mul"] if upstream != 1.0 else []), big  # only the scaled gradient
-    torch.testing.assert_close(g, upstream * torch.autograd.grad(F.cross_entropy(x, t), x)[0])
+    logits = x * 1.0  # the in-place variant overwrites its input
+    loss = fastattn.cross_entropy(logits, t, inplace_backward=inplace)
+    for retain in (True, True, False):  # three backward passes over one graph
+        with profile(activities=activities, profile_memory=True) as prof:
+            (g,) = torch.autograd.grad(loss, logits, torch.tensor(upstream, device=DEVICE),
+                                       retain_graph=retain)
+        big = [e.name for e in prof.events() if e.name.startswith("aten::") and (
+            e.self_device_memory_usage if cuda else e.self_cpu_memory_usage) >= logits_bytes]
+        assert big == (["aten::mul"] if retain and upstream != 1.0 else []), (retain, big)
+        torch.testing.assert_close(g, expected)

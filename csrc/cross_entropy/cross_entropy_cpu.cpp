@@ -34,14 +34,15 @@ void with_acc(at::ScalarType acc, F&& f) {
 using cpu::CrossEntropyParams;
 using cpu::RowLayout;
 
-// TORCH_CHECKs every class index that is not ignore_index against [0, C); returns how many are
-// not ignore_index.
+// Checks every class index that is not ignore_index against [0, C) (TORCH_CHECK_INDEX: an
+// IndexError in Python, so fastattn.ops skips its own check for this kernel); returns how many
+// are not ignore_index.
 int64_t check_class_indices(const at::Tensor& target, int64_t C, int64_t ignore_index) {
   const at::Tensor t = target.contiguous();
   const int64_t* y = t.data_ptr<int64_t>();
   int64_t valid = 0;
   for (int64_t i = 0; i < t.numel(); ++i) {
-    TORCH_CHECK(y[i] == ignore_index || (y[i] >= 0 && y[i] < C), "target holds class index ",
+    TORCH_CHECK_INDEX(y[i] == ignore_index || (y[i] >= 0 && y[i] < C), "target holds class index ",
                 y[i], ", outside [0, ", C, ") and not ignore_index=", ignore_index);
     valid += y[i] != ignore_index;
   }

@@ -2,9 +2,10 @@
 (writes the gradient into the logits), with their autograd.
 
 The forward op returns the loss, the per-token log-sum-exp and, when asked, the gradient of the
-loss for a unit upstream gradient; backward only scales that gradient by the upstream one, and
-skips even that when the upstream gradient is exactly 1 (``loss.backward()``), so a training
-step reads the logits in forward and writes their gradient once. Inputs reach these ops with
+loss for a unit upstream gradient; backward only scales that gradient by the upstream one (in
+place unless the graph is retained), and skips even that when the upstream gradient is exactly
+1 (``loss.backward()``), so a training step reads the logits in forward and writes their
+gradient once. Inputs reach these ops with
 classes on dim 1 and at least 2 dims (``fastattn.functional`` turns ``(C,)`` into ``(1, C)``).
 
 Mutable custom ops cannot carry registered autograd, so the in-place variant is wrapped in a
@@ -22,12 +23,17 @@ from fastattn.backends import launcher
 from fastattn.ops import eager
 
 
-def _check_class_indices(input: Tensor, target: Tensor, ignore_index: int) -> None:
+def _check_class_indices(input: Tensor, target: Tensor, ignore_index: int, backend: str
+                         ) -> None:
     """Raise IndexError for a class index outside [0, C) that is not ``ignore_index``.
 
     Runs inside the op (so also under ``torch.compile``), on the host side of the launch, so a
-    bad index can never become a device-side assert or an out-of-bounds read."""
+    bad index can never become a device-side assert or an out-of-bounds read. The native CPU
+    kernel checks each index as it reads it (and raises IndexError itself), so it is skipped
+    there: on small inputs this check costs as much as the kernel."""
     if target.is_floating_point() or target.numel() == 0:
+        return
+    if backend == "native" and input.device.type == "cpu":
         return
     num_classes = input.shape[1]
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
@@ -53,7 +59,7 @@ def _cross_entropy_fwd(
     compute_grad: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    _check_class_indices(input, target, ignore_index)
+    _check_class_indices(input, target, ignore_index, backend)
     grad = None
     if compute_grad:
         grad = torch.empty(input.shape, dtype=input.dtype, device=input.device)
@@ -88,7 +94,7 @@ def _cross_entropy_fwd_inplace(
     softcap: float,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    _check_class_indices(input, target, ignore_index)
+    _check_class_indices(input, target, ignore_index, backend)
     fwd = launcher(backend, "cross_entropy", "cross_entropy_fwd")
     return fwd(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
                input)
@@ -111,12 +117,31 @@ def _is_one(grad_loss: Tensor) -> bool:
     the scale is always applied there."""
     if eager.tracing() or type(grad_loss) is not torch.Tensor or grad_loss.numel() != 1:
         return False
-    return bool(grad_loss == 1)
+    return grad_loss.item() == 1
 
 
 def _upstream(grad_loss: Tensor, reduction: int) -> Tensor:
     """The upstream gradient shaped to broadcast against ``(N, C, d1, ...)``."""
     return grad_loss.unsqueeze(1) if reduction == 0 else grad_loss
+
+
+# True while a backward runs with retain_graph (absent from older torch: then never in place).
+_keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+
+
+def _scaled(grad: Tensor, grad_loss: Tensor, reduction: int) -> Tensor:
+    """The saved gradient ``grad`` (for a unit upstream gradient) times ``grad_loss``.
+
+    In place when nothing can read the unscaled buffer again: an eager backward that frees the
+    graph (no ``retain_graph``; with it, a second backward must find the buffer unscaled). Then
+    backward allocates nothing logits-sized whatever the upstream gradient (a loss divided for
+    gradient accumulation, or scaled by a GradScaler)."""
+    if _is_one(grad_loss):
+        return grad
+    upstream = _upstream(grad_loss, reduction)
+    if _keep_graph is not None and not _keep_graph() and eager.eager_backward(grad, upstream):
+        return grad.mul_(upstream)
+    return grad * upstream
 
 
 def _setup_context(ctx, inputs, output):
@@ -138,7 +163,7 @@ def _backward(ctx, grad_loss, grad_lse, grad_grad):
         if not compute_grad:
             raise RuntimeError("fastattn::cross_entropy_fwd ran with compute_grad=False, so it "
                                "has no gradient for input")
-        grad_input = grad if _is_one(grad_loss) else grad * _upstream(grad_loss, reduction)
+        grad_input = _scaled(grad, grad_loss, reduction)
     if ctx.needs_input_grad[1]:
         per_token = reference.cross_entropy_target_grad(input, weight, label_smoothing, softcap)
         upstream = _upstream(grad_loss, reduction)
@@ -174,9 +199,7 @@ class _CrossEntropyInplace(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
         (grad,) = ctx.saved_tensors
-        if not _is_one(grad_loss):
-            grad.mul_(_upstream(grad_loss, ctx.reduction))
-        return grad, None, None, None, None, None, None, None, None
+        return (_scaled(grad, grad_loss, ctx.reduction),) + (None,) * 8
 
 
 def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
