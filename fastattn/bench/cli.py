@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -84,23 +84,29 @@ def _device(text: str) -> torch.device:
     return device
 
 
+def _add_sweep_arguments(p: argparse.ArgumentParser, ops: Sequence[str], *, quick: str,
+                         full: str) -> None:
+    """--ops (from ``ops``), --device, --quick/--full (described by ``quick``/``full``) and
+    --dtypes: what the sweep and ``tune`` share."""
+    p.add_argument("--ops", type=_choices("--ops", ops), default=list(ops),
+                   help=f"comma-separated ops (default: all of {', '.join(ops)})")
+    p.add_argument("--device", type=_device, default=None,
+                   help="cpu or cuda[:N] (default: cuda when available, else cpu)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", default=None, help=quick)
+    size.add_argument("--full", dest="quick", action="store_false", help=full)
+    p.add_argument("--dtypes", type=_choices("--dtypes", list(DTYPES)), default=None,
+                   help="comma-separated (default: bfloat16 on CUDA, float32 on CPU)")
+
+
 def run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fastattn-bench",
         description="Benchmark fastattn against PyTorch and other kernels on this device "
                     "(subcommands: 'fastattn-bench compare BASE.json NEW.json', "
                     "'fastattn-bench tune').")
-    p.add_argument("--ops", type=_choices("--ops", OP_NAMES), default=list(OP_NAMES),
-                   help=f"comma-separated ops (default: all of {', '.join(OP_NAMES)})")
-    p.add_argument("--device", type=_device, default=None,
-                   help="cpu or cuda[:N] (default: cuda when available, else cpu)")
-    size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", default=None,
-                      help="small sweep (the default on CPU)")
-    size.add_argument("--full", dest="quick", action="store_false",
-                      help="model-sized sweep (the default on CUDA), shrunk to fit memory")
-    p.add_argument("--dtypes", type=_choices("--dtypes", list(DTYPES)), default=None,
-                   help="comma-separated (default: bfloat16 on CUDA, float32 on CPU)")
+    _add_sweep_arguments(p, OP_NAMES, quick="small sweep (the default on CPU)",
+                         full="model-sized sweep (the default on CUDA), shrunk to fit memory")
     p.add_argument("--modes", type=_choices("--modes", MODES), default=None,
                    help="comma-separated subset of fwd,bwd,fwd_bwd (default: all)")
     p.add_argument("--providers", default=None,
@@ -214,17 +220,9 @@ def tune_parser() -> argparse.ArgumentParser:
         description="Time every fastattn backend per op and shape class on this device (forward "
                     "+ backward, after the float64 check) and write the fastest per class to "
                     "the table fastattn reads when no backend is requested.")
-    p.add_argument("--ops", type=_choices("--ops", TUNED_OPS), default=list(TUNED_OPS),
-                   help=f"comma-separated ops (default: all of {', '.join(TUNED_OPS)})")
-    p.add_argument("--device", type=_device, default=None,
-                   help="cpu or cuda[:N] (default: cuda when available, else cpu)")
-    size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", default=None,
-                      help="small cases, attention keys up to 4096 only (the default on CPU)")
-    size.add_argument("--full", dest="quick", action="store_false",
-                      help="model-sized cases, every class (the default on CUDA)")
-    p.add_argument("--dtypes", type=_choices("--dtypes", list(DTYPES)), default=None,
-                   help="comma-separated (default: bfloat16 on CUDA, float32 on CPU)")
+    _add_sweep_arguments(
+        p, TUNED_OPS, quick="small cases, attention keys up to 4096 only (the default on CPU)",
+        full="model-sized cases, every class (the default on CUDA)")
     p.add_argument("--classes", default=None,
                    help="comma-separated glob patterns of shape classes to measure, e.g. "
                         "'float32/cols<=1024,*/d<=128/*' (default: all)")
@@ -238,6 +236,34 @@ def tune_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _sweep_settings(args: argparse.Namespace) -> tuple[torch.device, bool, list[str]]:
+    """The device (made current when CUDA), quick or full, and dtypes of a sweep or a tune run,
+    with their per-device defaults; seeds torch with ``--seed``."""
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    quick = (device.type == "cpu") if args.quick is None else args.quick
+    dtypes = args.dtypes or (["bfloat16"] if device.type == "cuda" else ["float32"])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.manual_seed(args.seed)
+    return device, quick, dtypes
+
+
+def _patterns(parser: argparse.ArgumentParser, flag: str, text: str | None,
+              known: Callable[[], list[str]], no_match: str) -> list[str] | None:
+    """The comma-separated glob patterns of ``flag`` (None when not given); each must match one
+    of ``known()``, else the parser exits naming the flag, the patterns and ``no_match``."""
+    if text is None:
+        return None
+    patterns = [x.strip() for x in text.split(",") if x.strip()]
+    if not patterns:
+        parser.error(f"{flag}: give at least one pattern")
+    names = known()
+    unmatched = [pat for pat in patterns if not fnmatch.filter(names, pat)]
+    if unmatched:
+        parser.error(f"{flag}: {', '.join(unmatched)} {no_match}: {', '.join(names)}")
+    return patterns
+
+
 def tune_main(argv: Sequence[str]) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -247,22 +273,11 @@ def tune_main(argv: Sequence[str]) -> int:
 
     parser = tune_parser()
     args = parser.parse_args(argv)
-    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    quick = (device.type == "cpu") if args.quick is None else args.quick
-    dtypes = args.dtypes or (["bfloat16"] if device.type == "cuda" else ["float32"])
-    patterns = None
-    if args.classes is not None:
-        patterns = [x.strip() for x in args.classes.split(",") if x.strip()]
-        if not patterns:
-            parser.error("--classes: give at least one pattern")
-        known = [tune.class_of(c) for op in args.ops for c in tune.cases(op, quick, dtypes)]
-        unmatched = [pat for pat in patterns if not fnmatch.filter(known, pat)]
-        if unmatched:
-            parser.error(f"--classes: {', '.join(unmatched)} matches no class this sweep "
-                         f"measures; they are: {', '.join(known)}")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    torch.manual_seed(args.seed)
+    device, quick, dtypes = _sweep_settings(args)
+    patterns = _patterns(
+        parser, "--classes", args.classes,
+        lambda: [tune.class_of(c) for op in args.ops for c in tune.cases(op, quick, dtypes)],
+        "matches no class this sweep measures; they are")
     console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
     default = {op: backends.fixed_order(device.type, op) for op in args.ops}
     console.print(f"fastattn-bench tune on [bold]{_tuned.device_name(device)}[/bold] ({device}), "
@@ -321,25 +336,15 @@ def run_main(argv: Sequence[str]) -> int:
 
     parser = run_parser()
     args = parser.parse_args(argv)
-    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    quick = (device.type == "cpu") if args.quick is None else args.quick
-    dtypes = args.dtypes or (["bfloat16"] if device.type == "cuda" else ["float32"])
-    providers = None
-    if args.providers is not None:
-        providers = [x.strip() for x in args.providers.split(",") if x.strip()]
-        if not providers:
-            parser.error("--providers: give at least one pattern")
-    if providers is not None:
+    device, quick, dtypes = _sweep_settings(args)
+
+    def known_providers() -> list[str]:
         from fastattn.bench.suite import get_op
 
-        known = sorted({p.name for op in args.ops for p in get_op(op).providers()})
-        unmatched = [pat for pat in providers if not fnmatch.filter(known, pat)]
-        if unmatched:
-            parser.error(f"--providers: {', '.join(unmatched)} matches no provider of "
-                         f"{', '.join(args.ops)}; known providers: {', '.join(known)}")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    torch.manual_seed(args.seed)
+        return sorted({p.name for op in args.ops for p in get_op(op).providers()})
+
+    providers = _patterns(parser, "--providers", args.providers, known_providers,
+                          f"matches no provider of {', '.join(args.ops)}; known providers")
     if args.list:
         from rich.table import Table
 
