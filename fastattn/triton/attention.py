@@ -59,7 +59,7 @@ import triton
 import triton.language as tl
 
 from fastattn.reference import attention_output
-from fastattn.triton.layout import tanh
+from fastattn.triton.layout import narrow, tanh
 
 LOG2E = math.log2(math.e)
 
@@ -375,7 +375,7 @@ def _attention_fwd_kernel(
                 cap2, drop_p, HAS_MASK, BOOL_MASK, SOFTCAP, DROPOUT, HAS_LEFT, HAS_RIGHT,
                 phase != 1, PAD_D, PAD_DV, PRECISION, TMA)
     # A fully masked row has l = 0: output 0 and lse = -inf (log of an empty sum).
-    out = (acc * (drop_scale / tl.where(l_i == 0.0, 1.0, l_i))[:, None]).to(Out.dtype.element_ty)
+    out = narrow(acc * (drop_scale / tl.where(l_i == 0.0, 1.0, l_i))[:, None], Out.dtype.element_ty)
     if TMA:
         tl.make_tensor_descriptor(O_bh, shape=[L, DV], strides=[som, 1],
                                   block_shape=[BLOCK_M, BLOCK_DV]).store([m0, 0], out)
@@ -468,7 +468,8 @@ def _bwd_kv_tile(dk, dv, k, v, Q_bh, DO_bh, Lse_bh, Delta_bh, M_bh, DQ_bh, DS_bh
                              PRECISION)
     dv += _dot(tl.trans(_operand(pd, do, PRECISION)), do, PRECISION)
     if WRITE_DS:  # the additive mask's gradient, d(loss)/d(score), before the softcap factor
-        tl.store(DS_bh + rows64[:, None] * sdsm + cols[None, :].to(tl.int64) * sdsn, ds,
+        tl.store(DS_bh + rows64[:, None] * sdsm + cols[None, :].to(tl.int64) * sdsn,
+                 narrow(ds, DS_bh.dtype.element_ty),
                  mask=(rows[:, None] < L) & (cols[None, :] < S))
     ds_op = _operand(ds_qk, q, PRECISION)
     dk += _dot(tl.trans(ds_op), q, PRECISION)
@@ -534,9 +535,9 @@ def _attention_bwd_dkdv_kernel(
                     HAS_RIGHT, phase != 1, PAD_D, PAD_DV, ATOMIC_DQ, WRITE_DS, PRECISION)
     inside = cols[:, None] < S
     tl.store(DK + b64 * sdkb + hk64 * sdkh + cols64[:, None] * sdkn + offs_d[None, :] * sdkd,
-             (dk * sm_scale).to(DK.dtype.element_ty), mask=inside & (offs_d[None, :] < D))
+             narrow(dk * sm_scale, DK.dtype.element_ty), mask=inside & (offs_d[None, :] < D))
     tl.store(DV_ + b64 * sdvb + hk64 * sdvh + cols64[:, None] * sdvn + offs_dv[None, :] * sdvd,
-             dv.to(DV_.dtype.element_ty), mask=inside & (offs_dv[None, :] < DV))
+             narrow(dv, DV_.dtype.element_ty), mask=inside & (offs_dv[None, :] < DV))
 
 
 @triton.jit
@@ -605,7 +606,7 @@ def _attention_bwd_dq_kernel(
                              BOOL_MASK, SOFTCAP, DROPOUT, HAS_LEFT, HAS_RIGHT, phase != 1, PAD_D,
                              PAD_DV, PRECISION)
     tl.store(DQ + b64 * sdqb + h64 * sdqh + rows64[:, None] * sdqm + offs_d[None, :] * sdqd,
-             (dq * sm_scale).to(DQ.dtype.element_ty),
+             narrow(dq * sm_scale, DQ.dtype.element_ty),
              mask=(rows[:, None] < L) & (offs_d[None, :] < D))
 
 

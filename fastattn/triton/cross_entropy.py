@@ -66,6 +66,7 @@ import triton.language as tl
 from fastattn.reference import accumulate_dtype, cross_entropy_denominator
 from fastattn.triton.layout import (
     join_float,
+    narrow,
     row_config,
     row_indices,
     row_layout,
@@ -238,7 +239,7 @@ def _cross_entropy_fwd_kernel(
         if SINGLE:
             g = _grad_chunk(u, w, wt, cols, C, y, m_safe, log_s, coef, wy_hard, eps_c, cap, scale,
                             valid, PROB, SMOOTH, SOFTCAP)
-            tl.store(g_row + cols * sgc, g.to(g_ptr.dtype.element_ty), mask=cols < C)
+            tl.store(g_row + cols * sgc, narrow(g, g_ptr.dtype.element_ty), mask=cols < C)
         else:
             # In-place mode (g_row == x_row) is safe: pass 1 has read the whole row, and each
             # chunk below is read before it is overwritten.
@@ -248,7 +249,7 @@ def _cross_entropy_fwd_kernel(
                                        eps_c, cap, HAS_WEIGHT, PROB, SMOOTH, SOFTCAP, ACC)
                 g = _grad_chunk(u, w, wt, c, C, y, m_safe, log_s, coef, wy_hard, eps_c, cap, scale,
                                 valid, PROB, SMOOTH, SOFTCAP)
-                tl.store(g_row + c * sgc, g.to(g_ptr.dtype.element_ty), mask=c < C)
+                tl.store(g_row + c * sgc, narrow(g, g_ptr.dtype.element_ty), mask=c < C)
 
 
 def cross_entropy_fwd(

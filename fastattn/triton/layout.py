@@ -11,14 +11,15 @@ leading dims survive the merge are the tensors materialised contiguous.
 Offsets are 64-bit: rows times columns exceeds 2**31 elements in real training.
 
 Also shared: the block configuration by row length, ``tanh`` for softcapping (Triton has no
-portable one), and float scalars for float64 rows (Triton passes Python floats as float32, so a
-scalar travels as float32 hi + lo halves and is joined in the accumulation dtype, about 48
-bits).
+portable one), ``narrow`` for storing an accumulator in the output dtype, and float scalars for
+float64 rows (Triton passes Python floats as float32, so a scalar travels as float32 hi + lo
+halves and is joined in the accumulation dtype, about 48 bits).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -112,6 +113,26 @@ def split_float(value: float) -> tuple[float, float]:
     """``value`` as float32 hi + lo halves, for a kernel to rejoin with ``join_float``."""
     hi = float(torch.tensor(value, dtype=torch.float32))
     return hi, float(torch.tensor(value - hi, dtype=torch.float32))
+
+
+# Triton 3.6's interpreter narrows float32 to bfloat16 by truncation where every GPU rounds to
+# nearest even: an output off by up to one ulp, and a log-softmax gradient computed from such an
+# output (exp(y) times a row sum in the hundreds) several times PyTorch's error. Under the
+# interpreter ``narrow`` rounds itself, so CPU tests see the numbers a GPU produces.
+_ROUND_BF16 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def narrow(x, dtype: tl.constexpr):
+    """``x`` in ``dtype``, rounded to nearest even (the GPU's cast; see ``_ROUND_BF16``)."""
+    if _ROUND_BF16 and dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        up = bits + 0x7FFF + ((bits >> 16) & 1)
+        # NaN payloads stay NaN (adding could carry a low payload bit into an infinity)
+        up = tl.where(x != x, bits | 0x400000, up)
+        return (up >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
 
 
 @triton.jit

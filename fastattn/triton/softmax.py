@@ -47,6 +47,7 @@ from fastattn.reference import accumulate_dtype, row_output
 from fastattn.triton.layout import (
     broadcast_to,
     join_float,
+    narrow,
     row_config,
     row_indices,
     row_layout,
@@ -111,7 +112,7 @@ def _softmax_fwd_kernel(
             y = tl.where(any_keep > 0, y, float("-inf"))
         else:
             y = tl.where(any_keep > 0, e / s, 0.0)
-        tl.store(o_row + cols * soc, y.to(out_ptr.dtype.element_ty), mask=cols < C)
+        tl.store(o_row + cols * soc, narrow(y, out_ptr.dtype.element_ty), mask=cols < C)
     else:
         m = tl.full((), float("-inf"), ACC)
         s = tl.zeros((), ACC)
@@ -136,7 +137,7 @@ def _softmax_fwd_kernel(
                 y = tl.where(any_keep > 0, z - m_safe - log_s, float("-inf"))
             else:
                 y = tl.where(any_keep > 0, tl.exp(z - m_safe) / s, 0.0)
-            tl.store(o_row + c * soc, y.to(out_ptr.dtype.element_ty), mask=c < C)
+            tl.store(o_row + c * soc, narrow(y, out_ptr.dtype.element_ty), mask=c < C)
 
 
 @triton.jit
@@ -185,7 +186,7 @@ def _softmax_bwd_kernel(
         dx = gz * scale
         keep = _load_keep(m_row, c, C, smc, i2, MASK_KIND, CAUSAL)
         dx = tl.where(keep, dx, 0.0)
-        tl.store(d_row + c * sdc, dx.to(dx_ptr.dtype.element_ty), mask=c < C)
+        tl.store(d_row + c * sdc, narrow(dx, dx_ptr.dtype.element_ty), mask=c < C)
 
 
 def _mask_operand(mask: torch.Tensor | None, shape, dim: int):
