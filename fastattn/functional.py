@@ -350,6 +350,8 @@ def _attention_backend(q: torch.Tensor, key_len: int) -> str:
 def _to_bhnd(t: torch.Tensor, batch: torch.Size, heads: int) -> torch.Tensor:
     """``t`` (..., H or 1, N, E) broadcast to (*batch, heads, N, E), then viewed as
     (B, heads, N, E); only the broadcast batch dims of a >4-d input can force a copy."""
+    if t.ndim == 4 and t.shape[:2] == (*batch, heads):
+        return t  # already (B, heads, N, E): the common case, no Python view work
     if t.ndim == 2:
         t = t.unsqueeze(0)  # (1, N, E)
     t = t.expand(*batch, heads, *t.shape[-2:])  # (*batch, heads, N, E), stride 0 where broadcast
@@ -419,7 +421,10 @@ def scaled_dot_product_attention(
                          "match or be 1 (or pass enable_gqa=True with query heads a multiple "
                          "of key/value heads)")
     try:
-        batch = torch.broadcast_shapes(*(t.shape[:-3] for t in (q, k, v)))
+        if q.ndim == 4 and q.shape[0] == k.shape[0] == v.shape[0]:
+            batch = q.shape[:1]  # the common case, without broadcast_shapes' Python
+        else:
+            batch = torch.broadcast_shapes(*(t.shape[:-3] for t in (q, k, v)))
     except RuntimeError:
         raise ValueError(f"the batch dims (all but the last 3) of query {tuple(q.shape)}, key "
                          f"{tuple(k.shape)} and value {tuple(v.shape)} do not broadcast") from None
@@ -439,6 +444,8 @@ def scaled_dot_product_attention(
                                       False, softcap, deterministic, backend)
     if q.ndim == 2:
         return out.reshape(L, v.shape[-1])  # (L, Dv)
+    if q.ndim == 4:
+        return out  # (B, Hq, L, Dv) already
     return out.reshape(*batch, heads_out, L, v.shape[-1])  # (..., Hq, L, Dv)
 
 
