@@ -241,10 +241,17 @@ def array(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy()
 
 
+def last(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """``t`` with ``dim`` moved last (``t`` itself when it is last already)."""
+    return t if dim in (-1, t.ndim - 1) else t.movedim(dim, -1)
+
+
 def rows(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t`` (..., n) as a C-contiguous (rows, n) tensor of ``dtype``: a view when it is one
     already, else one copy (16-bit inputs, strided rows)."""
-    return t.to(dtype).contiguous().reshape(-1, t.shape[-1])
+    if t.dtype != dtype or not t.is_contiguous():
+        t = t.to(dtype).contiguous()
+    return t.view(-1, t.shape[-1]) if t.ndim != 2 else t
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:
@@ -254,20 +261,25 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
     return t[index]
 
 
+# Placeholders the kernels never read (kind 0, or the other kind's values), made once: a new
+# array per call costs Python time on small inputs. (Writable, as the real ones: a read-only
+# array is another Numba type, so another compiled specialisation.)
+_NO_MASK = {t: np.zeros(1, t) for t in (np.bool_, np.float32, np.float64, np.int64)}
+
+
 def strided_mask(mask: torch.Tensor | None, shape, dtype: torch.dtype, dim: int = -1):
     """A mask broadcastable to ``shape``, as the kernels read it without expanding it:
     ``(kind, bool values, float values, row offsets, column stride)``. ``kind`` is 0 (none),
     1 (bool: keep where True) or 2 (additive, in ``dtype``); the values are the 1-d storage the
     mask spans, row r (all dims of ``shape`` but ``dim``, row-major) starts at ``offsets[r]``
     and its elements are ``stride`` apart (0 when broadcast along ``dim``)."""
-    no_bool = np.zeros(1, np.bool_)
-    no_float = np.zeros(1, np_dtype(dtype))
+    no_bool, no_float = _NO_MASK[np.bool_], _NO_MASK[np_dtype(dtype)]
     if mask is None:
-        return 0, no_bool, no_float, np.zeros(1, np.int64), 0
+        return 0, no_bool, no_float, _NO_MASK[np.int64], 0
     kind = 1 if mask.dtype == torch.bool else 2
     if kind == 2 and mask.dtype != dtype:
         mask = _compact(mask).to(dtype).expand(mask.shape)  # convert without expanding
-    m = mask.expand(shape).movedim(dim, -1)
+    m = last(mask.expand(shape), dim)
     offsets = torch.zeros((), dtype=torch.int64)
     for n, st in zip(m.shape[:-1], m.stride()[:-1], strict=True):
         offsets = offsets.unsqueeze(-1) + torch.arange(n, dtype=torch.int64) * st  # row-major

@@ -46,6 +46,7 @@ from fastattn.numba.common import (
     cast,
     exp_sum,
     fexp,
+    last,
     row_max,
     rows,
     scalar,
@@ -177,20 +178,20 @@ def cross_entropy_fwd(
     C = input.shape[1]
     batch = input.shape[:1] + input.shape[2:]
     probability = target.is_floating_point()
-    x = rows(input.movedim(1, -1), acc)  # (rows, C)
+    x = rows(last(input, 1), acc)  # (rows, C)
     n = x.shape[0]
     loss = torch.empty(n, dtype=acc)
     lse = torch.empty(n, dtype=acc)
     denom = 1.0
     if reduction == 1:
         denom = float(cross_entropy_denominator(target, weight, ignore_index, C, probability))
-    g_moved = None if grad is None else grad.movedim(1, -1)  # (N, d1, ..., C)
+    g_moved = None if grad is None else last(grad, 1)  # (N, d1, ..., C)
     direct = g_moved is not None and g_moved.is_contiguous() and grad.dtype == acc
     g_rows = torch.empty(0, 1, dtype=acc)
     if g_moved is not None:
         g_rows = g_moved.view(n, C) if direct else torch.empty(n, C, dtype=acc)
     if n:
-        t = target.movedim(1, -1) if probability else target
+        t = last(target, 1) if probability else target
         probs = rows(t, acc) if probability else torch.empty(1, 1, dtype=acc)
         idx = torch.zeros(1, dtype=torch.int64) if probability else t.reshape(-1).long()
         w = torch.ones(1, dtype=acc) if weight is None else weight.to(acc).contiguous()

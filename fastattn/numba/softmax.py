@@ -46,6 +46,7 @@ from fastattn.numba.common import (
     exp_store_sum,
     exp_sum,
     fexp,
+    last,
     row_max,
     rows,
     scalar,
@@ -154,9 +155,9 @@ def _launch(kernel, tensors, shape, dim, scale, mask, causal, log, out_dtype, ac
     out = row_output(shape, dim, out_dtype, tensors[0].device)
     if out.numel() == 0:
         return out
-    moved = out.movedim(dim, -1)  # (..., cols): contiguous
+    moved = last(out, dim)  # (..., cols): contiguous
     buf = moved if out_dtype == acc else torch.empty(moved.shape, dtype=acc)
-    views = [rows(t.movedim(dim, -1), acc) for t in tensors]
+    views = [rows(last(t, dim), acc) for t in tensors]
     kind, mask_b, mask_f, mask_off, mask_stride = strided_mask(mask, shape, acc, dim)
     L = shape[-2] if len(shape) >= 2 else 1
     with LAUNCH_LOCK:
