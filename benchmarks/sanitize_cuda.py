@@ -104,7 +104,8 @@ def _attention_case(dtype, B, Hq, Hk, L, S, D, Dv, mask_kind, p, seed_dev, windo
     _close("lse", lse, torch.logsumexp(s, -1), rel=0.01)
     for name, got, want in zip(("dq", "dk", "dv", "dmask"), (dq, dk, dv, dmask), ref_grads,
                                strict=False):
-        _close(name, got, want)
+        # dmask is (B, Hq, L, S); the broadcast mask's gradient is its sum over broadcast dims
+        _close(name, got.double().sum_to_size(want.shape) if name == "dmask" else got, want)
 
 
 # --- softmax and cross-entropy ----------------------------------------------------------------

@@ -9,7 +9,7 @@ tiles are 32 x 16 forward, 16 x 32 for dk/dv).
 import pytest
 import torch
 import torch.nn.functional as F
-from check import DEVICE, assert_twice_error, backends
+from check import DEVICE, assert_twice_error, backends, skip_unsupported_attention
 
 import fastattn
 from fastattn import reference
@@ -18,16 +18,6 @@ from fastattn.native import attention as native_attention
 from fastattn.ops.attention import dropout_seed, serving_backend
 
 LOW = [torch.bfloat16, torch.float16]
-
-
-def _skip_unsupported(backend, q, k, v, mask=None, dropout_p=0.0, softcap=0.0):
-    """Skip when ``backend`` is native on CUDA tensors and its CUDA kernels do not take these
-    arguments, with the reason ``fastattn.native.attention.cuda_unsupported`` gives (the
-    launcher raises it; tests of that error are below)."""
-    if backend == "native" and q.is_cuda:
-        why = native_attention.cuda_unsupported(q, k, v, mask, dropout_p, softcap)
-        if why is not None:
-            pytest.skip(f"native CUDA kernels: {why.reason}")
 
 
 def _qkv(B, Hq, Hk, L, S, D, Dv, dtype, layout="bhld"):
@@ -100,7 +90,7 @@ def test_flash_attn_func_matches_reference(backend, L, S, D, Dv, causal):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_dtypes(backend, dtype):
     q, k, v = _qkv(2, 3, 3, 50, 41, 48, 48, dtype)
-    _skip_unsupported(backend, q, k, v)
+    skip_unsupported_attention(backend, q, k, v)
     with fastattn.use_backend(backend):
         out, _ = _check(lambda q, k, v: fastattn.scaled_dot_product_attention(q, k, v), q, k, v)
     assert out.dtype == dtype
@@ -156,7 +146,7 @@ def test_masks(backend, shape, kind):
 def test_float64_additive_mask_gradient(backend):
     q, k, v = _qkv(2, 3, 3, 19, 23, 16, 16, torch.float64)
     mask = torch.randn(1, 3, 19, 23, device=DEVICE, dtype=torch.float64, requires_grad=True)
-    _skip_unsupported(backend, q, k, v, mask)
+    skip_unsupported_attention(backend, q, k, v, mask)
     with fastattn.use_backend(backend):
         _, grads = _check(lambda q, k, v: fastattn.scaled_dot_product_attention(
             q, k, v, attn_mask=mask), q, k, v, mask=mask)
@@ -169,7 +159,7 @@ def test_additive_mask_huge_negative_is_not_masking(backend):
     # softmax in PyTorch, and must stay one here (not the fully-masked 0).
     q, k, v = _qkv(1, 2, 2, 9, 20, 16, 16, torch.float32)
     mask = torch.zeros(1, 1, 9, 20, device=DEVICE)
-    _skip_unsupported(backend, q, k, v, mask)
+    skip_unsupported_attention(backend, q, k, v, mask)
     mask[..., 3, :] = torch.finfo(torch.float32).min
     mask[..., :, 15:] = torch.finfo(torch.float32).min
     with fastattn.use_backend(backend):
@@ -224,7 +214,7 @@ def test_scale_and_strides(backend):
 def test_ranks_and_batch_broadcast(backend):
     # (L, D), (H, L, D) and (B1, B2, H, L, D) inputs, and key/value broadcast over a batch dim.
     probe = torch.empty(1, 1, 1, 16, device=DEVICE)  # the float32 inputs below
-    _skip_unsupported(backend, probe, probe, probe)
+    skip_unsupported_attention(backend, probe, probe, probe)
     with fastattn.use_backend(backend):
         for shape in [(19, 16), (3, 19, 16), (2, 2, 3, 19, 16)]:
             q = torch.randn(shape, device=DEVICE)
@@ -267,7 +257,7 @@ def test_fully_masked_rows(backend):
 @pytest.mark.parametrize("backend", backends("attention"))
 def test_return_lse(backend):
     q, k, v = _qkv(2, 4, 2, 27, 35, 32, 32, torch.float32, layout="bthd")
-    _skip_unsupported(backend, q, k, v)
+    skip_unsupported_attention(backend, q, k, v)
     with fastattn.use_backend(backend):
         out, lse = fastattn.flash_attn_func(q, k, v, causal=True, window_size=(9, 0),
                                             return_lse=True)
@@ -280,7 +270,7 @@ def test_return_lse(backend):
 @pytest.mark.parametrize("backend", backends("attention"))
 def test_empty_inputs(backend):
     probe = torch.empty(1, 1, 1, 16, device=DEVICE)  # the float32 inputs below
-    _skip_unsupported(backend, probe, probe, probe)
+    skip_unsupported_attention(backend, probe, probe, probe)
     with fastattn.use_backend(backend):
         q = torch.randn(2, 3, 0, 16, device=DEVICE)
         kv = torch.randn(2, 3, 7, 16, device=DEVICE)
@@ -310,7 +300,7 @@ def test_dropout_statistics(backend):
     q = torch.randn(2, 4, 64, 16, device=DEVICE)
     k = torch.randn(2, 4, S, 16, device=DEVICE)
     v = torch.eye(S, device=DEVICE).expand(2, 4, S, S)
-    _skip_unsupported(backend, q, k, v, dropout_p=p)
+    skip_unsupported_attention(backend, q, k, v, dropout_p=p)
     with fastattn.use_backend(backend):
         out = fastattn.scaled_dot_product_attention(q, k, v, dropout_p=p)
     probs = torch.softmax(q @ k.transpose(-2, -1) / 4.0, -1)
