@@ -1,7 +1,12 @@
 // The attention launch logic of csrc/attention/attention_cuda.cuh with a launcher that runs the
 // kernels in the CPU emulation of emulation.h: native_attention_fwd / _bwd's CUDA code path on
 // CPU tensors, for tests/test_cuda_emulation.py (built there with torch.utils.cpp_extension).
+// Built with -fsanitize=address (and libasan preloaded), AddressSanitizer also checks every
+// global and shared memory access of the kernels against the tensors' and the launch's bounds.
 #include <torch/extension.h>
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#endif
 
 #define FASTATTN_CUDA_EMULATION 1
 #include "emulation.h"
@@ -21,7 +26,15 @@ struct EmulatedLauncher {
       for (unsigned y = 0; y < grid.y; ++y) {
         for (unsigned x = 0; x < grid.x; ++x) {
           blockIdx = dim3(x, y, z);
+#if defined(__SANITIZE_ADDRESS__)
+          ASAN_UNPOISON_MEMORY_REGION(attention::smem, sizeof(attention::smem));
+#endif
           std::memset(attention::smem, 0xFF, sizeof(attention::smem));
+#if defined(__SANITIZE_ADDRESS__)
+          // Built with -fsanitize=address, shared memory past the launch's dynamic size is
+          // poisoned: an access beyond the tiles the kernel asked for is reported.
+          ASAN_POISON_MEMORY_REGION(attention::smem + smem, sizeof(attention::smem) - smem);
+#endif
           emu::warps.clear();
           for (int w = 0; w < threads / 32; ++w) emu::warps.push_back(std::make_unique<emu::Warp>());
           emu::cta = std::make_unique<std::barrier<>>(threads);
