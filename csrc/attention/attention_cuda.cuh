@@ -29,7 +29,10 @@
 // strides and a unit last-dim stride (the launcher copies a tensor that is not so, or whose rows
 // are not 16-byte aligned, into a zero-padded aligned buffer); mask broadcast to (B, Hq, L, S)
 // and read through its strides (stride 0 on broadcast dims, never expanded); out laid out as
-// fastattn.reference.attention_output; lse (B, Hq, L) float32.
+// fastattn.reference.attention_output; lse (B, Hq, L) float32. Limits (checked, TORCH_CHECK):
+// float16 / bfloat16 inputs (TORCH_CHECK_TYPE otherwise), head dims 1..256 (D and Dv may differ;
+// the larger picks kD), batch and query heads up to 65535 each (grid dims y and z); masks of
+// bool or any float dtype, dropout, softcap, windows and GQA are all served.
 //
 // Algorithm (per kernel; Bm query rows, Bn keys per tile, head dims padded on chip to kD, one of
 // 32, 64, 96, 128, 192, 256, with zero-filled shared memory):
