@@ -6,8 +6,9 @@
 // collectives -- ldmatrix (plain and .trans), mma.sync m16n8k16 (bf16/fp16 in, fp32 out),
 // shuffles -- computed from the PTX ISA's fragment layouts (see csrc/common/mma.cuh) with every
 // lane's operands exchanged through per-warp slots between two barriers. cp.async copies (or
-// zero-fills) at once, so it checks what the kernels compute, not their timing: races and
-// out-of-bounds accesses are compute-sanitizer's job on a GPU (benchmarks/sanitize_cuda.py).
+// zero-fills) at once, so it checks what the kernels compute, not their timing: races are
+// compute-sanitizer's job on a GPU (benchmarks/sanitize_cuda.py); out-of-bounds accesses show
+// up here under AddressSanitizer (see attention.cpp).
 // What it replaces, the attention header leaves out under FASTATTN_CUDA_EMULATION:
 // csrc/common/mma.cuh's PTX and csrc/common/cuda_rows.cuh's element loads.
 #pragma once
@@ -54,18 +55,31 @@ inline std::vector<std::unique_ptr<Warp>> warps;
 inline std::unique_ptr<std::barrier<>> cta;
 inline Warp& warp() { return *warps[threadIdx.x / 32]; }
 inline int lane() { return threadIdx.x % 32; }
+// 16-bit patterns of bfloat16 / float16 to float and back (round to nearest even, as the
+// cvt.rn instructions behind __floats2bfloat162_rn / __floats2half2_rn).
 inline float bits_to_float(uint16_t v, bool bf16) {
-  if (bf16) { uint32_t u = uint32_t(v) << 16; float f; std::memcpy(&f, &u, 4); return f; }
-  _Float16 h; std::memcpy(&h, &v, 2); return float(h);
+  if (bf16) {
+    const uint32_t u = uint32_t(v) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  _Float16 h;
+  std::memcpy(&h, &v, 2);
+  return float(h);
 }
 inline uint16_t float_to_bits(float f, bool bf16) {
   if (bf16) {
-    uint32_t u; std::memcpy(&u, &f, 4);
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
     if (std::isnan(f)) return 0x7FC0;
     u += 0x7FFF + ((u >> 16) & 1);
     return uint16_t(u >> 16);
   }
-  _Float16 h = _Float16(f); uint16_t v; std::memcpy(&v, &h, 2); return v;
+  const _Float16 h = _Float16(f);
+  uint16_t v;
+  std::memcpy(&v, &h, 2);
+  return v;
 }
 }  // namespace emu
 
