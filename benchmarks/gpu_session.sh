@@ -21,10 +21,16 @@
 # "tune" runs `fastattn-bench tune` on the GPU (every backend per op and shape class, checked,
 # then timed forward+backward) into tune.json, within TUNE_S seconds; a call of its own:
 #   STEPS="tune" bash benchmarks/gpu_session.sh OUT_DIR3
+# "sanitize" runs benchmarks/sanitize_cuda.py (every native CUDA kernel once, small sizes, with
+# a loose check against the float64 reference) plainly, then under compute-sanitizer's memcheck
+# and racecheck tools into memcheck.log and racecheck.log, within SANITIZE_S seconds each
+# (45 + 2 x 170 s at most); a call of its own, best before the first "tests" of a new kernel:
+#   STEPS="sanitize" bash benchmarks/gpu_session.sh OUT_DIR4
 # OUT_DIR gets at most 7 files (the device tool brings back at most 8): session.log, junit.xml,
 # bench.json, bench.csv, plots.tar.gz (one PNG per op), pytest-benchmark.json, train.json,
-# tune.json (never all in one call).
-# Limits (seconds) can be changed: BUILD_S, TESTS_S, BENCH_S, PYTEST_BENCH_S, TRAIN_S, TUNE_S;
+# tune.json, memcheck.log, racecheck.log (never all in one call).
+# Limits (seconds) can be changed: BUILD_S, TESTS_S, BENCH_S, PYTEST_BENCH_S, TRAIN_S, TUNE_S,
+# SANITIZE_S;
 # FASTATTN_CUDA_ARCHS (default 90a here: the lent GPUs are Hopper) and MAX_JOBS reach setup.py;
 # BENCH_SIZE=--quick
 # makes a dry run on a CPU machine.
@@ -42,6 +48,7 @@ PYTEST_BENCH_S=${PYTEST_BENCH_S:-70}
 TRAIN_S=${TRAIN_S:-420}
 TRAIN_STEPS=${TRAIN_STEPS:-100}
 TUNE_S=${TUNE_S:-420}
+SANITIZE_S=${SANITIZE_S:-170}
 STEPS=${STEPS:-tests bench}
 export FASTATTN_CUDA_ARCHS=${FASTATTN_CUDA_ARCHS:-90a}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
@@ -112,6 +119,19 @@ import fastattn
 for op in (\"softmax\", \"cross_entropy\", \"attention\"):
     print(op, fastattn.backend_status(\"cuda\", op))"'
 
+
+# Sanitize first: a kernel that faults leaves the CUDA context unusable for the rest of a
+# process, so each run here is its own process, and the plain run's per-case lines come first.
+if wants sanitize; then
+    step cuda-smoke 45 python benchmarks/sanitize_cuda.py
+    # compute-sanitizer ships with the CUDA toolkit; PATH may not have it
+    SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer \
+        2>/dev/null | head -n 1)
+    for tool in memcheck racecheck; do
+        step "$tool" "$SANITIZE_S" "${SANITIZER:-compute-sanitizer}" --tool "$tool" \
+            --error-exitcode 1 --log-file "$OUT/$tool.log" python benchmarks/sanitize_cuda.py
+    done
+fi
 
 wants tests && step tests "$TESTS_S" "${PYTEST[@]}" -q -p no:cacheprovider \
     --junitxml="$OUT/junit.xml"

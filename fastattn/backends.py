@@ -16,7 +16,10 @@ per class to ``$FASTATTN_CACHE_DIR/tune-<device>-<name>.json`` (default
 ``~/.cache/fastattn``). The table is read once per process and device, on the first call that
 could use it (:func:`reload_tuned` reads it again). A table measured under another device name,
 torch or fastattn version, extension presence or set of backends is stale, and is ignored with
-one :class:`TunedTableWarning`, like a corrupt one; a missing one is silent.
+one :class:`TunedTableWarning`, like a corrupt one; a missing one is silent. A table's
+``native`` pick for a CUDA attention call the native CUDA kernels cannot take (float32 or
+float64; ``fastattn.native.attention.cuda_unsupported``) gives way to the fixed order
+(``fastattn.ops.attention.serving_backend``).
 
 Fixed order, used when nothing is requested and the table has no entry for the call:
 

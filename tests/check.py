@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import fastattn
@@ -15,6 +16,38 @@ SLACK = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 1e-3, torch.b
 def backends(op: str | None = None) -> list[str]:
     """The backends that run ``op`` (every op they have if None) on DEVICE here."""
     return fastattn.available_backends(DEVICE, op)
+
+
+def attention_unsupported(backend: str, q: torch.Tensor | torch.dtype, k=None, v=None,
+                          mask=None, dropout_p: float = 0.0, softcap: float = 0.0) -> str | None:
+    """Why ``backend`` cannot take this attention call, where that is by design: ``native`` on
+    CUDA tensors takes float16/bfloat16 only (``fastattn.native.attention.cuda_unsupported``
+    decides). ``q`` may be a dtype: a tensor of it on DEVICE stands in for q, k and v."""
+    if backend != "native":
+        return None
+    if isinstance(q, torch.dtype):
+        q = torch.empty(1, 1, 1, 16, dtype=q, device=DEVICE)
+    if q.device.type != "cuda":
+        return None
+    from fastattn.native.attention import cuda_unsupported
+
+    why = cuda_unsupported(q, q if k is None else k, q if v is None else v, mask, dropout_p,
+                           softcap)
+    return None if why is None else f"native CUDA attention kernels: {why.reason}"
+
+
+def skip_unsupported_attention(backend: str, q: torch.Tensor | torch.dtype, k=None, v=None,
+                               mask=None, dropout_p: float = 0.0, softcap: float = 0.0) -> None:
+    """Skip the calling test, with the reason, where :func:`attention_unsupported` says so (the
+    error ``backend`` raises instead is tested in test_attention.py)."""
+    why = attention_unsupported(backend, q, k, v, mask, dropout_p, softcap)
+    if why is not None:
+        pytest.skip(why)
+
+
+def attention_backends(dtype: torch.dtype) -> list[str]:
+    """``backends("attention")`` less those that do not take ``dtype`` on DEVICE."""
+    return [b for b in backends("attention") if attention_unsupported(b, dtype) is None]
 
 
 def assert_twice_error(out, ref64, pt_out, what: str, precision: torch.dtype | None = None

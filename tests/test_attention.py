@@ -9,12 +9,13 @@ tiles are 32 x 16 forward, 16 x 32 for dk/dv).
 import pytest
 import torch
 import torch.nn.functional as F
-from check import DEVICE, assert_twice_error, backends
+from check import DEVICE, assert_twice_error, backends, skip_unsupported_attention
 
 import fastattn
 from fastattn import reference
 from fastattn.backends import launcher
-from fastattn.ops.attention import dropout_seed
+from fastattn.native import attention as native_attention
+from fastattn.ops.attention import dropout_seed, serving_backend
 
 LOW = [torch.bfloat16, torch.float16]
 
@@ -89,6 +90,7 @@ def test_flash_attn_func_matches_reference(backend, L, S, D, Dv, causal):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_dtypes(backend, dtype):
     q, k, v = _qkv(2, 3, 3, 50, 41, 48, 48, dtype)
+    skip_unsupported_attention(backend, q, k, v)
     with fastattn.use_backend(backend):
         out, _ = _check(lambda q, k, v: fastattn.scaled_dot_product_attention(q, k, v), q, k, v)
     assert out.dtype == dtype
@@ -144,6 +146,7 @@ def test_masks(backend, shape, kind):
 def test_float64_additive_mask_gradient(backend):
     q, k, v = _qkv(2, 3, 3, 19, 23, 16, 16, torch.float64)
     mask = torch.randn(1, 3, 19, 23, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    skip_unsupported_attention(backend, q, k, v, mask)
     with fastattn.use_backend(backend):
         _, grads = _check(lambda q, k, v: fastattn.scaled_dot_product_attention(
             q, k, v, attn_mask=mask), q, k, v, mask=mask)
@@ -156,6 +159,7 @@ def test_additive_mask_huge_negative_is_not_masking(backend):
     # softmax in PyTorch, and must stay one here (not the fully-masked 0).
     q, k, v = _qkv(1, 2, 2, 9, 20, 16, 16, torch.float32)
     mask = torch.zeros(1, 1, 9, 20, device=DEVICE)
+    skip_unsupported_attention(backend, q, k, v, mask)
     mask[..., 3, :] = torch.finfo(torch.float32).min
     mask[..., :, 15:] = torch.finfo(torch.float32).min
     with fastattn.use_backend(backend):
@@ -209,6 +213,8 @@ def test_scale_and_strides(backend):
 @pytest.mark.parametrize("backend", backends("attention"))
 def test_ranks_and_batch_broadcast(backend):
     # (L, D), (H, L, D) and (B1, B2, H, L, D) inputs, and key/value broadcast over a batch dim.
+    probe = torch.empty(1, 1, 1, 16, device=DEVICE)  # the float32 inputs below
+    skip_unsupported_attention(backend, probe, probe, probe)
     with fastattn.use_backend(backend):
         for shape in [(19, 16), (3, 19, 16), (2, 2, 3, 19, 16)]:
             q = torch.randn(shape, device=DEVICE)
@@ -251,6 +257,7 @@ def test_fully_masked_rows(backend):
 @pytest.mark.parametrize("backend", backends("attention"))
 def test_return_lse(backend):
     q, k, v = _qkv(2, 4, 2, 27, 35, 32, 32, torch.float32, layout="bthd")
+    skip_unsupported_attention(backend, q, k, v)
     with fastattn.use_backend(backend):
         out, lse = fastattn.flash_attn_func(q, k, v, causal=True, window_size=(9, 0),
                                             return_lse=True)
@@ -262,6 +269,8 @@ def test_return_lse(backend):
 
 @pytest.mark.parametrize("backend", backends("attention"))
 def test_empty_inputs(backend):
+    probe = torch.empty(1, 1, 1, 16, device=DEVICE)  # the float32 inputs below
+    skip_unsupported_attention(backend, probe, probe, probe)
     with fastattn.use_backend(backend):
         q = torch.randn(2, 3, 0, 16, device=DEVICE)
         kv = torch.randn(2, 3, 7, 16, device=DEVICE)
@@ -291,6 +300,7 @@ def test_dropout_statistics(backend):
     q = torch.randn(2, 4, 64, 16, device=DEVICE)
     k = torch.randn(2, 4, S, 16, device=DEVICE)
     v = torch.eye(S, device=DEVICE).expand(2, 4, S, S)
+    skip_unsupported_attention(backend, q, k, v, dropout_p=p)
     with fastattn.use_backend(backend):
         out = fastattn.scaled_dot_product_attention(q, k, v, dropout_p=p)
     probs = torch.softmax(q @ k.transpose(-2, -1) / 4.0, -1)
@@ -438,3 +448,191 @@ def test_tensor_descriptor_path(monkeypatch, layout):
             _check(call, q, k, v, layout=layout, window=(30, 0), bottom=True)
         else:
             _check(call, q, k, v, mask=mask)
+
+
+# --- the native CUDA kernels ------------------------------------------------------------------
+
+NATIVE_CUDA = DEVICE == "cuda" and "native" in backends("attention")
+needs_native_cuda = pytest.mark.skipif(
+    not NATIVE_CUDA, reason="needs a CUDA device and the native CUDA attention kernels")
+OPS = torch.ops.fastattn
+
+
+def _meta(*shape, dtype=torch.bfloat16):
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def test_cuda_unsupported_decisions():
+    # What the CUDA kernels take, decided from shapes and dtypes alone (so it runs anywhere).
+    f = native_attention.cuda_unsupported
+    q, k, v = _meta(2, 4, 5, 64), _meta(2, 2, 7, 64), _meta(2, 2, 7, 40)
+    for dtype in (torch.float16, torch.bfloat16):
+        assert f(q.to(dtype), k.to(dtype), v.to(dtype)) is None
+    assert f(q, k, v, _meta(2, 1, 5, 7, dtype=torch.float64), 0.3, 2.0) is None
+    assert f(q, k, v, _meta(5, 7, dtype=torch.bool), 0.1) is None
+    assert f(_meta(1, 1, 3, 1), _meta(1, 1, 3, 1), _meta(1, 1, 3, 256)) is None
+    for dtype in (torch.float32, torch.float64):
+        why = f(q.to(dtype), k.to(dtype), v.to(dtype))
+        assert why.error is TypeError
+        assert str(dtype) in why.reason and "float16 or bfloat16" in why.reason
+        assert "'triton'" in why.reason and "'torch'" in why.reason
+    for shapes in [((1, 1, 3, 257),) * 3, ((1, 1, 3, 8), (1, 1, 3, 8), (1, 1, 3, 300))]:
+        why = f(*(_meta(*s) for s in shapes))
+        assert why.error is ValueError and "head dims from 1 to 256" in why.reason
+    why = f(_meta(65536, 1, 2, 8), _meta(65536, 1, 2, 8), _meta(65536, 1, 2, 8))
+    assert why.error is ValueError and "65535" in why.reason
+
+
+def test_tuned_native_gives_way_where_its_cuda_kernels_cannot_serve():
+    # A tuned table is the only way native is picked for CUDA tensors with nothing requested;
+    # a call its CUDA kernels cannot take goes to the fixed order instead of raising. Only
+    # shapes and dtypes are read, so CPU tensors stand in for CUDA ones here.
+    q32 = torch.randn(1, 2, 5, 16)
+    q16 = q32.bfloat16()
+    fixed = fastattn.backends.fixed_order("cuda", "attention")
+    assert fixed != "native"
+    assert serving_backend("native", "cuda", q32, q32, q32, None, 0.0, 0.0) == fixed
+    assert serving_backend("native", "cuda", q16, q16, q16, None, 0.0, 0.0) == "native"
+    assert serving_backend("native", "cpu", q32, q32, q32, None, 0.0, 0.0) == "native"
+    assert serving_backend("triton", "cuda", q32, q32, q32, None, 0.0, 0.0) == "triton"
+    with fastattn.use_backend("torch"):  # any explicit request: left to raise if it must
+        assert serving_backend("native", "cuda", q32, q32, q32, None, 0.0, 0.0) == "native"
+
+
+# Every padded head dim the CUDA kernels are built for (32, 64, 96, 128, 192, 256), at and below
+# it, and Dv != D both ways (the larger picks the kernel; odd dims take the padded-copy path).
+CUDA_HEAD_DIMS = [(16, 16), (32, 32), (59, 59), (64, 64), (80, 96), (111, 111), (128, 128),
+                  (160, 160), (192, 192), (200, 256), (256, 256), (59, 111), (256, 64)]
+
+
+@needs_native_cuda
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("D,Dv", CUDA_HEAD_DIMS)
+def test_native_cuda_head_dims(D, Dv, dtype):
+    # 113 x 203 crosses every kernel's tiles with remainders; GQA and causal on.
+    q, k, v = _qkv(2, 2, 1, 113, 203, D, Dv, dtype)
+    with fastattn.use_backend("native"):
+        _check(lambda q, k, v: fastattn.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=True), q, k, v, window=(-1, 0))
+
+
+# Single query or key, one side shorter than a tile, several tiles with remainders both ways.
+CUDA_SIZES = [(1, 1), (1, 77), (130, 1), (257, 129), (64, 320)]
+
+
+@needs_native_cuda
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("L,S", CUDA_SIZES)
+def test_native_cuda_odd_sizes(L, S, causal):
+    q, k, v = _qkv(2, 3, 3, L, S, 64, 64, torch.bfloat16)
+    with fastattn.use_backend("native"):
+        _check(lambda q, k, v: fastattn.scaled_dot_product_attention(q, k, v, is_causal=causal),
+               q, k, v, window=(-1, 0 if causal else -1))
+    # flash-attn's layout (heads inside tokens), bottom-right causal (L > S: rows that see no
+    # key), an unaligned head dim (the padded-copy path) and a sliding window.
+    q, k, v = _qkv(1, 2, 2, L, S, 43, 24, torch.float16, layout="bthd")
+    with fastattn.use_backend("native"):
+        _check(lambda q, k, v: fastattn.flash_attn_func(q, k, v, causal=causal,
+                                                        window_size=(17, -1)),
+               q, k, v, layout="bthd", window=(17, 0 if causal else -1), bottom=True)
+
+
+@needs_native_cuda
+def test_native_cuda_every_option_at_once():
+    # Additive bf16 mask with its gradient, softcap, a two-sided window, GQA, unaligned dims.
+    q, k, v = _qkv(2, 4, 2, 100, 150, 72, 56, torch.bfloat16)
+    mask = torch.randn(2, 1, 100, 150, device=DEVICE, dtype=torch.bfloat16)
+    mask = mask.masked_fill(torch.rand(2, 1, 100, 150, device=DEVICE) < 0.1, float("-inf"))
+    mask.requires_grad_()
+    with fastattn.use_backend("native"):
+        _check(lambda q, k, v: fastattn.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=True, window_size=(30, 40), softcap=3.0),
+            q, k, v, mask=mask, window=(30, 40), softcap=3.0)
+
+
+@needs_native_cuda
+@pytest.mark.parametrize("seed_device", ["cpu", "cuda"])
+def test_native_cuda_dropout_mask_is_the_cpu_mask(seed_device):
+    # With v = identity the output row is the dropped, rescaled probability row: its zeros are
+    # exactly the drops, which must be the CPU generator's (native_attention_dropout_mask).
+    B, H, L, S, p = 2, 3, 70, 100, 0.3
+    q = torch.randn(B, H, L, 32, device=DEVICE, dtype=torch.bfloat16)
+    k = torch.randn(B, H, S, 32, device=DEVICE, dtype=torch.bfloat16)
+    v = torch.eye(S, device=DEVICE, dtype=torch.bfloat16).expand(B, H, S, S)
+    seed = torch.tensor([123456789], device=seed_device)
+    out, _ = OPS.native_attention_fwd(q, k, v, None, seed, p, 0.2, -1, -1, False, 0.0)
+    keep = OPS.native_attention_dropout_mask(seed.cpu(), [B, H, L, S], p)
+    assert torch.equal((out != 0).cpu(), keep)
+
+
+@needs_native_cuda
+def test_native_cuda_backward_is_bitwise_reproducible():
+    # GQA, a mask gradient, dropout and softcap: every gradient has one writer, so repeated
+    # backward passes agree bit for bit.
+    q, k, v = _qkv(2, 4, 2, 150, 170, 96, 64, torch.bfloat16)
+    mask = torch.randn(2, 1, 150, 170, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(2, 4, 150, 64, device=DEVICE, dtype=torch.bfloat16)
+
+    def grads():
+        torch.manual_seed(7)
+        out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.1,
+                                                    enable_gqa=True, softcap=5.0)
+        return torch.autograd.grad(out, (q, k, v, mask), grad)
+
+    with fastattn.use_backend("native"):
+        first = grads()
+        for _ in range(2):
+            assert all(torch.equal(a, b) for a, b in zip(first, grads(), strict=True))
+
+
+@needs_native_cuda
+def test_native_cuda_empty_inputs():
+    with fastattn.use_backend("native"):
+        q = torch.randn(2, 3, 0, 16, device=DEVICE, dtype=torch.bfloat16)
+        kv = torch.randn(2, 3, 7, 16, device=DEVICE, dtype=torch.bfloat16)
+        assert fastattn.scaled_dot_product_attention(q, kv, kv).shape == (2, 3, 0, 16)
+        q = torch.randn(2, 3, 5, 16, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+        kv = torch.randn(2, 3, 0, 16, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+        out, lse = fastattn.flash_attn_func(q.transpose(1, 2), kv.transpose(1, 2),
+                                            kv.transpose(1, 2), return_lse=True)
+        out.sum().backward()
+    assert torch.equal(out, torch.zeros_like(out)) and torch.equal(q.grad, torch.zeros_like(q))
+    assert torch.all(lse == float("-inf"))
+
+
+@needs_native_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_cuda_rejects_float32_and_float64(dtype):
+    q = torch.randn(1, 2, 8, 16, device=DEVICE, dtype=dtype)
+    with fastattn.use_backend("native"), pytest.raises(TypeError, match="float16 or bfloat16"):
+        fastattn.scaled_dot_product_attention(q, q, q)
+    with pytest.raises(TypeError, match="float16 or bfloat16"):  # the C++ check, op called directly
+        OPS.native_attention_fwd(q, q, q, None, None, 0.0, 1.0, -1, -1, False, 0.0)
+
+
+@needs_native_cuda
+def test_tuned_table_naming_native_never_breaks_a_float32_call(tmp_path, monkeypatch):
+    # A CUDA table naming native for a float32 class (hand-written or older than the float32
+    # check): the call runs on the fixed order; bfloat16 calls of a class it names run native.
+    from fastattn import _tuned
+
+    monkeypatch.setenv("FASTATTN_CACHE_DIR", str(tmp_path))
+    device = torch.device(DEVICE)
+    entry = {"backend": "native", "times_ms": {"native": 1.0}}
+    table = _tuned.make(device, {"attention": {"float32/d<=64/s<=1024": entry,
+                                               "bfloat16/d<=64/s<=1024": entry}}, "a test")
+    _tuned.write(table, _tuned.path_for(device))
+    calls = []
+    real = native_attention.attention_fwd
+    monkeypatch.setattr(native_attention, "attention_fwd",
+                        lambda *a: calls.append(a[0].dtype) or real(*a))
+    fastattn.backends.reload_tuned()
+    try:
+        q = torch.randn(1, 2, 33, 32, device=DEVICE)
+        out = fastattn.scaled_dot_product_attention(q, q, q, is_causal=True)
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, q, q, is_causal=True))
+        assert calls == []
+        fastattn.scaled_dot_product_attention(q.bfloat16(), q.bfloat16(), q.bfloat16())
+        assert calls == [torch.bfloat16]
+    finally:
+        fastattn.backends.reload_tuned()

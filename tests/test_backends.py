@@ -104,7 +104,9 @@ def test_available_backends_per_device():
     assert fastattn.backend_status("meta")["triton"] is not None
     if torch.cuda.is_available():
         triton_on_cuda = HAS_TRITON and not INTERPRETED
-        assert fastattn.available_backends("cuda") == ["torch"] + ["triton"] * triton_on_cuda
+        native_on_cuda = fastattn.backend_status("cuda")["native"] is None  # a CUDA build
+        assert fastattn.available_backends("cuda") == (["torch"] + ["triton"] * triton_on_cuda
+                                                       + ["native"] * native_on_cuda)
 
 
 def test_default_on_cpu_is_native_where_built_never_the_interpreter():

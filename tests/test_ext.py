@@ -87,8 +87,17 @@ def test_native_reasons_per_op_and_device():
     assert fastattn.backend_status("cpu", "cross_entropy")["native"] is None
     assert fastattn.backend_status("cpu", "attention")["native"] is None
     assert "native" in fastattn.available_backends("cpu", "attention")
-    assert "no CUDA kernels" in fastattn.backend_status("cuda", "softmax")["native"]
-    assert "no CUDA kernels" in fastattn.backend_status("cuda", "attention")["native"]
+    # CUDA kernels exist where the extension was built with nvcc against a CUDA build of torch
+    for op in ("softmax", "attention"):
+        registered = torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"fastattn::{_ext.NATIVE_OPS[op]}", "CUDA")
+        why = fastattn.backend_status("cuda", op)["native"]
+        if not registered:
+            assert "no CUDA kernels" in why
+        elif torch.cuda.is_available():
+            assert why is None
+        else:
+            assert why == "no CUDA device is available"
     assert "does not run on meta" in fastattn.backend_status("meta")["native"]
     q = torch.randn(1, 1, 3, 4, device="meta")
     with fastattn.use_backend("native"), pytest.raises(
@@ -179,6 +188,89 @@ def test_opcheck_native_attention():
         torch.library.opcheck(OPS.native_attention_bwd.default, bwd)
     torch.library.opcheck(OPS.native_attention_dropout_mask.default,
                           (torch.tensor([3]), [2, 3, 5, 7], 0.4))
+
+
+# The CUDA kernels of the native ops, where the extension was built with them and a GPU is here.
+CUDA_ATTENTION = BUILT and torch.cuda.is_available() and fastattn.backend_status(
+    "cuda", "attention")["native"] is None
+needs_cuda_attention = pytest.mark.skipif(
+    not CUDA_ATTENTION, reason="needs a CUDA device and the native CUDA attention kernels")
+
+
+def _cuda_attention_args():
+    dev = "cuda"
+    q = torch.randn(2, 4, 21, 24, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(2, 2, 17, 24, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(2, 2, 17, 40, device=dev, dtype=torch.bfloat16)
+    add = torch.randn(21, 17, device=dev).expand(2, 4, 21, 17)  # float32 mask, bf16 inputs
+    add16 = torch.randn(1, 4, 21, 17, device=dev, dtype=torch.float16)
+    add16 = add16.masked_fill(add[:1] > 1.5, -torch.inf)
+    seed, seed_cuda = torch.tensor([7]), torch.tensor([9], device=dev)
+    qt = torch.randn(2, 21, 4, 24, device=dev, dtype=torch.float16).transpose(1, 2)
+    kh, vh = k.half()[..., ::2, :], v.half()[..., ::2, :]
+    #  q, k, v, mask, seed, dropout_p, scale, left, right, align_bottom, softcap, mask_grad
+    return [
+        (q, k, v, None, None, 0.0, 0.2, -1, -1, False, 0.0, False),
+        (q, k, v, add, None, 0.0, 0.2, -1, 0, True, 0.0, True),
+        (q, k, v, add > 0, seed, 0.25, 0.2, 3, 5, False, 2.0, False),
+        (qt, kh, vh, None, seed_cuda, 0.1, 0.3, 4, 0, True, 0.0, False),
+        (q.half(), k.half(), v.half()[..., :37], add16, None, 0.0, 0.2, -1, -1, False, 3.0,
+         True),
+    ]
+
+
+@needs_cuda_attention
+def test_opcheck_native_attention_cuda():
+    for *fwd, mask_grad in _cuda_attention_args():
+        torch.library.opcheck(OPS.native_attention_fwd.default, tuple(fwd))
+        out, lse = OPS.native_attention_fwd(*fwd)
+        bwd = (torch.randn_like(out), *fwd[:3], out, lse, *fwd[3:], mask_grad)
+        torch.library.opcheck(OPS.native_attention_bwd.default, bwd)
+
+
+@needs_cuda_attention
+def test_native_attention_cuda_matches_cpu():
+    # Same op, both devices: the CUDA kernels (bf16 tensor cores) against the CPU kernels fed
+    # the same bf16 values, with the options that index differently (GQA, mask, window,
+    # softcap, dropout on the shared generator, the mask gradient).
+    for *fwd, mask_grad in _cuda_attention_args():
+        cpu = [t.cpu() if isinstance(t, torch.Tensor) else t for t in fwd]
+        out, lse = OPS.native_attention_fwd(*fwd)
+        out_c, lse_c = OPS.native_attention_fwd(*cpu)
+        torch.testing.assert_close(out.cpu(), out_c, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(lse.cpu(), lse_c, atol=1e-3, rtol=1e-3)
+        g = torch.randn_like(out)
+        grads = OPS.native_attention_bwd(g, *fwd[:3], out, lse, *fwd[3:], mask_grad)
+        grads_c = OPS.native_attention_bwd(g.cpu(), *cpu[:3], out_c, lse_c, *cpu[3:],
+                                           mask_grad)
+        for a, c in zip(grads, grads_c, strict=True):
+            assert a.dtype == c.dtype and a.shape == c.shape
+            torch.testing.assert_close(a.cpu(), c, atol=5e-2, rtol=5e-2)
+
+
+@needs_cuda_attention
+def test_attention_cuda_checks_name_the_tensor():
+    dev = "cuda"
+    q = torch.randn(1, 2, 5, 8, device=dev, dtype=torch.bfloat16)
+    fwd = OPS.native_attention_fwd
+
+    def f(q=q, k=q, v=q, mask=None, seed=None, p=0.0):
+        return fwd(q, k, v, mask, seed, p, 1.0, -1, -1, False, 0.0)
+
+    cases = [
+        (TypeError, "native CUDA attention takes float16 or bfloat16", lambda: f(
+            q=q.float(), k=q.float(), v=q.float())),
+        (RuntimeError, "k must be on cuda", lambda: f(k=q.cpu())),
+        (RuntimeError, "mask must be on cuda", lambda: f(mask=torch.ones(5, 5, dtype=torch.bool))),
+        (RuntimeError, "head dims from 1 to 256", lambda: f(
+            v=torch.randn(1, 2, 5, 300, device=dev, dtype=torch.bfloat16))),
+        (RuntimeError, "seed must be an int64 tensor", lambda: f(
+            p=0.5, seed=torch.tensor([1.0], device=dev))),
+        (RuntimeError, "seed must be given when dropout_p > 0", lambda: f(p=0.5)),
+    ]
+    for error, message, call in cases:
+        with pytest.raises(error, match=message):
+            call()
 
 
 @needs_ext

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from check import assert_twice_error
+from check import assert_twice_error, skip_unsupported_attention
 
 import fastattn
 from fastattn import reference
@@ -433,6 +433,7 @@ def _cast(inputs, dtype):
 @pytest.mark.parametrize(("case", "backend", "dtype"), MHA_RUNS,
                          ids=[f"{c}-{b}-{str(d)[6:]}" for c, b, d in MHA_RUNS])
 def test_multihead_attention_matches_torch(case, backend, dtype):
+    skip_unsupported_attention(backend, dtype)
     ctor, kind, call = MHA_CASES[case]
     pt64 = _torch_mha(F64, **ctor)
     inputs, build = _mha_inputs(ctor, kind, call)
@@ -472,6 +473,7 @@ def test_multihead_attention_matches_torch(case, backend, dtype):
 @pytest.mark.parametrize("need_weights", [False, True])
 def test_multihead_attention_fully_masked_rows(need_weights, backend):
     dtype = F64 if backend == "torch" else F32
+    skip_unsupported_attention(backend, dtype)
     pt = _torch_mha(dtype, batch_first=True)
     fa = _fastattn_twin(pt, dtype, batch_first=True)
     x = torch.randn(B, L, E, device=DEVICE, dtype=dtype, requires_grad=True)
@@ -503,6 +505,7 @@ def test_multihead_attention_fully_masked_rows(need_weights, backend):
 @pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
 @pytest.mark.parametrize("need_weights", [False, True])
 def test_multihead_attention_dropout(need_weights, backend):
+    skip_unsupported_attention(backend, F32)
     p = 0.4
     pt = _torch_mha(F32, dropout=p)
     fa = _fastattn_twin(pt, F32, dropout=p)
@@ -693,6 +696,7 @@ def _encoder(dtype):
 @pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
 def test_swap_transformer_encoder_train(backend):
     dtype = F64 if backend == "torch" else F32
+    skip_unsupported_attention(backend, dtype)
     pt = _encoder(F64)
     fa = copy.deepcopy(pt)
     assert fastattn.swap(fa) == 2

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 import torch
-from check import DEVICE, assert_twice_error, backends
+from check import DEVICE, assert_twice_error, backends, skip_unsupported_attention
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tiny configs only: nothing is downloaded
 # The first release with AttentionMaskInterface; older ones make register() raise ImportError.
@@ -94,6 +94,7 @@ def _run(model, ids, mask, weight):
 
 def _compare(backend, name, padding, ref_impl="sdpa"):
     dtype = torch.float64 if backend == "torch" else torch.float32
+    skip_unsupported_attention(backend, dtype)
     ref, pt, ours = _models(name, [ref_impl, ref_impl, "fastattn"],
                             [torch.float64, dtype, dtype])
     ids, mask = _batch(padding)
@@ -130,6 +131,7 @@ def test_generate_matches_sdpa(backend, cache, padding):
     # (bottom-right causal alignment comes from the mask). Tokens must be equal, and the
     # logits of every step within the twice-error rule.
     dtype = torch.float64 if backend == "torch" else torch.float32
+    skip_unsupported_attention(backend, dtype)
     ref, pt, ours = _models("llama", ["sdpa"] * 2 + ["fastattn"], [torch.float64, dtype, dtype])
     ids, mask = _batch(padding)
     kwargs = dict(attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,

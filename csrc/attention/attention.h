@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "../common/cpu_dispatch.h"
+#include "../common/dropout.h"
 
 namespace fastattn::cpu {
 
@@ -73,22 +74,10 @@ inline int64_t fwd_work_elements(const AttentionParams& p) {
   return p.B * p.Hk * blocks * kBlockN * (p.D + round_up(p.Dv, kPad));
 }
 
-// Dropout keep decision for element (b * Hq + h, i, j), flat index ((b*Hq + h)*L + i)*S + j:
-// SplitMix64 at that position of the stream seeded with `seed` (a counter-based generator, so
-// forward, backward and native_attention_dropout_mask draw the same bits with no state), kept
-// when its top 32 bits reach `threshold` = round(dropout_p * 2^32): keep probability 1 - p.
-inline bool dropout_keep(uint64_t seed, uint64_t index, uint64_t threshold) {
-  uint64_t z = seed + (index + 1) * 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  z ^= z >> 31;
-  return (z >> 32) >= threshold;
-}
-
-inline uint64_t dropout_threshold(double p) {
-  const double t = p * 4294967296.0 + 0.5;
-  return t >= 4294967295.0 ? 4294967295ull : static_cast<uint64_t>(t);
-}
+// The dropout generator (dropout_keep, dropout_threshold) lives in ../common/dropout.h, shared
+// with the CUDA kernels.
+using fastattn::dropout_keep;
+using fastattn::dropout_threshold;
 
 // Forward: query tiles [begin, end) of (B, Hq, tiles). Backward: key ranges [begin, end) of (B, Hk, chunks), then
 // (when chunks > 1) dq rows [begin, end) of (B, Hq, L).

@@ -51,8 +51,8 @@
 //
 // Not done: no blocked GEMM library (the micro-kernel comes
 // close to PyTorch's MKL-backed flash kernel per core on AVX-512, not to the FMA peak);
-// bool-mask and dropout elements are handled one at a time; no CUDA kernels (fastattn's Triton
-// kernels serve GPUs).
+// bool-mask and dropout elements are handled one at a time. The CUDA kernels of the same ops
+// are attention_cuda.cu.
 #pragma once
 
 #include <algorithm>

@@ -9,6 +9,7 @@ The oracle is ``fastattn.reference.attention``, the project's specification, run
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import torch
@@ -245,11 +246,11 @@ class AttentionBench(OpBench):
                             scratch_bytes=scratch)
 
         return [
-            *fastattn_providers(
+            *map(_native_cuda_limits, fastattn_providers(
                 lambda f, case, q, k, v: f.scaled_dot_product_attention(
                     q, k, v, is_causal=case.p["causal"], enable_gqa=_gqa(case),
                     window_size=_window(case)),
-                needs="scaled_dot_product_attention", op="attention"),
+                needs="scaled_dot_product_attention", op="attention")),
             sdpa_provider("torch", None),
             *[sdpa_provider(name, backend) for name, backend in SDPA_BACKENDS.items()],
             compile_provider(_composition, scratch_bytes=_materialized_scores),
@@ -262,6 +263,32 @@ class AttentionBench(OpBench):
             third_party("xformers", "xformers.ops", _xformers, check=_xformers_check,
                         to_layout=_bthd, from_layout=_bthd),
         ]
+
+
+def _native_cuda_limits(provider: Provider) -> Provider:
+    """The native provider, skipping on CUDA the cases its CUDA kernels do not take (float32,
+    say: ``fastattn.native.attention.cuda_unsupported``, asked with meta tensors of the case's
+    shapes), so the sweep and ``fastattn-bench tune`` report a skip, not a failure."""
+    if provider.name != "fastattn-native":
+        return provider
+    unavailable = provider.unavailable
+
+    def unavailable_here(case: Case, device: torch.device) -> str | None:
+        why = unavailable(case, device)
+        if why is None and device.type == "cuda":
+            from fastattn.native.attention import cuda_unsupported
+
+            p = case.p
+
+            def meta(heads: int) -> torch.Tensor:
+                return torch.empty(p["batch"], heads, 1, p["head_dim"], dtype=case.torch_dtype,
+                                   device="meta")
+
+            limit = cuda_unsupported(meta(p["heads"]), meta(p["kv_heads"]), meta(p["kv_heads"]))
+            why = None if limit is None else limit.reason
+        return why
+
+    return dataclasses.replace(provider, unavailable=unavailable_here)
 
 
 BENCH = AttentionBench()

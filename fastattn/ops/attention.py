@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastattn.backends import launcher
+from fastattn.backends import fixed_order, launcher, requested_backend
 from fastattn.ops import eager
 from fastattn.reference import accumulate_dtype, attention_output
 
@@ -118,9 +118,26 @@ attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 _Attention = eager.function("_Attention", _attention_fwd, _setup_context, _backward)
 
 
+def serving_backend(backend: str, device_type: str, q: Tensor, k: Tensor, v: Tensor,
+                    mask: Tensor | None, dropout_p: float, softcap: float) -> str:
+    """``backend``, unless a tuned table picked ``native`` for tensors on ``device_type`` "cuda"
+    and its CUDA kernels cannot serve this call (``fastattn.native.attention.cuda_unsupported``,
+    which reads shapes and dtypes only: a float32 call, say): then the fixed order's backend.
+    A table is the only way ``native`` is chosen for CUDA tensors without a request (the fixed
+    order never names it there); an explicit request is left alone, to raise."""
+    if backend != "native" or device_type != "cuda" or requested_backend()[0] is not None:
+        return backend
+    from fastattn.native.attention import cuda_unsupported
+
+    if cuda_unsupported(q, k, v, mask, dropout_p, softcap) is None:
+        return backend
+    return fixed_order(device_type, "attention")
+
+
 def attention(q, k, v, mask, seed, dropout_p, scale, window_left, window_right, align_bottom,
               softcap, deterministic, backend):
     """Checked, normalised arguments in, ``(out, lse)`` out."""
+    backend = serving_backend(backend, q.device.type, q, k, v, mask, dropout_p, softcap)
     return eager.call(attention_fwd, _attention_fwd, _Attention, (q, k, v, mask, seed),
                       q, k, v, mask, seed, dropout_p, scale, window_left, window_right,
                       align_bottom, softcap, deterministic, backend)

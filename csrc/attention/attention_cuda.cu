@@ -1,0 +1,68 @@
+// The CUDA launcher of the native attention ops: fastattn::native_attention_fwd /
+// native_attention_bwd for CUDA tensors, on the current stream of q's device. The kernels, their
+// design and the launch logic are attention_cuda.cuh.
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "attention_cuda.cuh"
+
+namespace fastattn::cuda {
+namespace {
+
+using attention::AttnParams;
+
+struct CudaLauncher {
+  // Raises the kernel's dynamic shared memory limit past the default 48 KB first (per call: the
+  // attribute is per device, and cheap to set).
+  template <typename Kernel>
+  static void launch(Kernel kernel, dim3 grid, int threads, size_t smem, const AttnParams& p) {
+    int device = 0, optin = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    C10_CUDA_CHECK(
+        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    TORCH_CHECK(smem <= static_cast<size_t>(optin), "native CUDA attention needs ", smem,
+                " bytes of shared memory per block for this head dim; the device allows ", optin);
+    if (smem > 48 * 1024) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(smem)));
+    }
+    kernel<<<grid, threads, smem, c10::cuda::getCurrentCUDAStream()>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& seed,
+    double dropout_p, double scale, int64_t window_left, int64_t window_right, bool align_bottom,
+    double softcap) {
+  TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor, got a tensor on ", q.device());
+  const c10::cuda::CUDAGuard guard(q.device());
+  return attention::attention_fwd_impl<CudaLauncher>(q, k, v, mask, seed, dropout_p, scale,
+                                                     window_left, window_right, align_bottom,
+                                                     softcap);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& mask,
+    const std::optional<at::Tensor>& seed, double dropout_p, double scale, int64_t window_left,
+    int64_t window_right, bool align_bottom, double softcap, bool mask_grad) {
+  TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor, got a tensor on ", q.device());
+  const c10::cuda::CUDAGuard guard(q.device());
+  return attention::attention_bwd_impl<CudaLauncher>(grad_out, q, k, v, out, lse, mask, seed,
+                                                     dropout_p, scale, window_left, window_right,
+                                                     align_bottom, softcap, mask_grad);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
+  m.impl("native_attention_fwd", &attention_fwd_cuda);
+  m.impl("native_attention_bwd", &attention_bwd_cuda);
+}
+
+}  // namespace fastattn::cuda

@@ -1,0 +1,1129 @@
+// Fused attention on CUDA (FlashAttention-2 style, tensor cores through mma.sync), forward and
+// backward: the kernels and the launch logic of fastattn::native_attention_fwd /
+// native_attention_bwd for CUDA tensors (attention_cuda.cu launches them and registers the ops;
+// the CPU kernels are attention_cpu.cpp). Written for sm_80 and newer; compiled for sm_80 and
+// sm_90a.
+//
+// What it computes, per batch b and query head h (key/value head hk = h / (Hq / Hk), GQA by
+// index, K/V never repeated), as fastattn.reference.attention_fwd / attention_bwd and the CPU
+// and Triton kernels:
+//
+//     s_ij = softcap * tanh(scale * q_i.k_j / softcap)     (scale * q_i.k_j without softcap)
+//            + mask_ij                                     (additive mask; -inf masks)
+//     s_ij = -inf  where a bool mask is False or key j lies outside query i's window
+//     p_ij = exp(s_ij - lse_i),  lse_i = log sum_j exp(s_ij)  (-inf: the row sees no key)
+//     o_i  = sum_j p_ij z_ij / (1 - dropout_p) v_j            (z: the dropout keep mask)
+//
+//     backward, P the dropped-and-rescaled probabilities, delta_i = sum_d do_id o_id:
+//     dv_j = sum_i P_ij do_i,  dP_ij = do_i.v_j z_ij / (1 - dropout_p),
+//     ds_ij = p_ij (dP_ij - delta_i)  (the additive mask's gradient, written when asked),
+//     dq_i = scale sum_j ds'_ij k_j,  dk_j = scale sum_i ds'_ij q_i,  ds' = ds (1 - tanh^2)
+//     under softcap, ds otherwise.
+//
+// The window is i + offset - left <= j <= i + offset + right (offset 0 or S - L, -1 leaves a
+// side unbounded; causal is right = 0). A row that sees no key gives output 0, lse -inf and
+// zero gradients. z is SplitMix64 of the flat index ((b Hq + h) L + i) S + j
+// (../common/dropout.h), the same bits as the CPU kernels and native_attention_dropout_mask.
+//
+// Shapes: q (B, Hq, L, D), k (B, Hk, S, D), v (B, Hk, S, Dv) with any batch/head/position
+// strides and a unit last-dim stride (the launcher copies a tensor that is not so, or whose rows
+// are not 16-byte aligned, into a zero-padded aligned buffer); mask broadcast to (B, Hq, L, S)
+// and read through its strides (stride 0 on broadcast dims, never expanded); out laid out as
+// fastattn.reference.attention_output; lse (B, Hq, L) float32. Limits (checked, TORCH_CHECK):
+// float16 / bfloat16 inputs (TORCH_CHECK_TYPE otherwise), head dims 1..256 (D and Dv may differ;
+// the larger picks kD), batch and query heads up to 65535 each (grid dims y and z); masks of
+// bool or any float dtype, dropout, softcap, windows and GQA are all served.
+//
+// Algorithm (per kernel; Bm query rows, Bn keys per tile, head dims padded on chip to kD, one of
+// 32, 64, 96, 128, 192, 256, with zero-filled shared memory):
+// - Forward: one CTA of 4 warps per (query tile of 64 rows, head, batch), 16 rows per warp. The
+//   Q tile and a double-buffered ring of K/V tiles (cp.async, the next tile loading while the
+//   current one is used) sit in shared memory with rows padded by 16 bytes, so ldmatrix reads
+//   of 8 rows hit 8 different bank groups. S = Q K^T on tensor cores (fp32 accumulators),
+//   scores in base 2 (scale * log2 e folded in), softcap / mask / window applied on the
+//   register tile, online softmax (running max and sum per row, quad shuffles for the row
+//   max), P converted to 16 bits in registers and used directly as the A operand of O += P V.
+//   Only key tiles some row of the tile can see are visited (causal and window skipping), and
+//   only tiles on the edge of the band pay for position checks. Heavy (late, causal) query
+//   tiles are scheduled first.
+// - Backward: a preprocess kernel, delta = rowsum(dO * O) and lse in base 2 (+inf for a fully
+//   masked row, so its probabilities recompute as 0); a dK/dV kernel, one CTA of 8 warps per
+//   key tile (64 keys) looping over the query tiles of every query head of its group (Q, dO,
+//   lse, delta double-buffered): S^T = K Q^T and dP^T = V dO^T per warp (16 keys x half the
+//   query tile), P^T and dS^T staged in shared memory as 16-bit tiles, then dV += P^T dO and
+//   dK += dS^T Q with each warp owning 16 keys x half the head dim (so head dim 256 fits the
+//   register file); and a dQ kernel, one CTA of 4 warps per query tile looping over key tiles:
+//   S, dP = dO V^T, dS in registers, dQ += dS K. Every gradient element has one owner and is
+//   written once: no atomics, bitwise reproducible, as the CPU backward.
+//
+// Work: forward 2 L S (D + Dv) flops per head (halved by causal skipping), backward 2.5x that;
+// each score tile is computed once forward, twice backward (dK/dV and dQ kernels). Memory: the
+// backward's delta and base-2 lse (B Hq L floats each), dmask only when asked.
+//
+// Checked without a GPU: tests/test_cuda_emulation.py runs these kernels unchanged, through
+// attention_fwd_impl / attention_bwd_impl below, in a CPU emulation of the CUDA model
+// (tests/cuda_emulation/; the FASTATTN_CUDA_EMULATION guard below lets it supply the PTX
+// pieces), against the float64 reference; nvcc compiles them for sm_80 and sm_90a in CI.
+//
+// Not yet (first version, not yet run on a GPU): float32 / float64 inputs (TypeError: the
+// triton or torch backend serves them), a SIMT fallback, Hopper's wgmma/TMA, split-KV, a
+// persistent scheduler, vectorised mask loads (masks are read one element per score, through
+// their strides), tuning of tile sizes. Performance is to be measured with the harness on a GPU.
+
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "../common/checks.h"
+#include "../common/dropout.h"
+#ifndef FASTATTN_CUDA_EMULATION  // a CPU emulation of the CUDA model provides these itself
+#include "../common/cuda_rows.cuh"
+#include "../common/mma.cuh"
+#endif
+
+namespace fastattn::cuda {
+namespace attention {
+
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr double kLog2eD = 1.4426950408889634;
+
+enum AttnMaskKind : int { kAttnNoMask = 0, kAttnBoolMask = 1, kAttnAdditiveMask = 2 };
+
+// Everything the kernels read, by value. Strides are in elements, 64-bit; the inputs' last-dim
+// stride is 1 and their rows are 16-byte aligned, `d_load` / `dv_load` columns per row are
+// readable (multiples of 8, zero beyond D / Dv).
+struct AttnParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  int64_t sq[3], sk[3], sv[3];  // batch, head, position
+  int d_load, dv_load;
+  int D, Dv;
+  int64_t B, Hq, Hk, group, L, S;
+  const void* mask;
+  int mask_kind;
+  int mask_dtype;  // cuda_rows.cuh DType code
+  int64_t sm[4];
+  float scale;        // dq, dk: scale * sum ds' k
+  float score_scale;  // scale * log2 e, or scale / softcap under softcap
+  float cap_log2;     // softcap * log2 e
+  bool softcap;
+  bool has_left, has_right;
+  int64_t left, right, offset;
+  bool dropout;
+  uint64_t seed;            // used when seed_ptr is null
+  const int64_t* seed_ptr;  // a seed on the device, read by the kernels (no host sync)
+  uint64_t threshold;
+  float drop_scale;  // 1 / (1 - dropout_p)
+  // forward
+  void* out;
+  int64_t so[4];
+  bool out_vec;  // 16-byte stores allowed
+  float* lse;
+  // backward
+  const void* dout;  // grad_out, q's dtype, like v (dv_load columns readable)
+  int64_t sdo[3];
+  const void* out_in;  // the forward's output (any float dtype, strides soi), for delta
+  int out_dtype;
+  int64_t soi[4];
+  const float* lse_in;  // (B, Hq, L) contiguous, the forward's lse
+  float* lse2;          // (B, Hq, L): lse * log2 e, +inf for fully masked rows (preprocess)
+  float* delta;         // (B, Hq, L): rowsum(dO * O) (preprocess)
+  void* dq;
+  void* dk;
+  void* dv;
+  int64_t sdq[4], sdk[4], sdv[4];
+  bool dq_vec, dk_vec, dv_vec;
+  float* dmask;  // (B, Hq, L, S) contiguous, or null
+};
+
+// Tile shapes per kernel and padded head dim. Rows of every 16-bit shared tile are padded by 8
+// elements (16 bytes): a row pitch of an odd number of 16-byte units puts the 8 rows one
+// ldmatrix phase reads in 8 different 16-byte bank groups (no conflicts), for every kD.
+template <int kD>
+struct Tiles {
+  static constexpr int kLds = kD + 8;
+  // forward and dQ: 4 warps, 64 query rows, 64 keys (32 above head dim 128: the fp32 output or
+  // dQ accumulator takes kD / 2 registers per thread)
+  static constexpr int kFwdM = 64;
+  static constexpr int kFwdN = kD <= 128 ? 64 : 32;
+  // dK/dV: 8 warps, 64 keys, 64 query rows (32 above head dim 128, for shared memory)
+  static constexpr int kKvN = 64;
+  static constexpr int kKvM = kD <= 128 ? 64 : 32;
+  static constexpr int kLdp = kKvM + 8;
+
+  static constexpr size_t fwd_smem(int elem) {
+    return static_cast<size_t>(kFwdM + 4 * kFwdN) * kLds * elem;
+  }
+  static constexpr size_t dq_smem(int elem) {
+    return static_cast<size_t>(2 * kFwdM + 4 * kFwdN) * kLds * elem;
+  }
+  static constexpr size_t dkdv_smem(int elem) {
+    return static_cast<size_t>(2 * kKvN + 4 * kKvM) * kLds * elem +
+           static_cast<size_t>(2 * kKvN) * kLdp * elem + 4 * kKvM * sizeof(float);
+  }
+};
+
+// Copies rows [row0, row0 + ROWS) of a row-major matrix (`pitch` elements between rows, `rows`
+// rows, `width` readable columns, a multiple of 8) into a ROWS x kD shared tile with row pitch
+// kLds, 16 bytes per cp.async; rows past the end and columns past `width` are zero-filled (the
+// zeros leave dot products unchanged and give padded keys zero weight).
+template <typename T, int ROWS, int kD, int THREADS>
+__device__ __forceinline__ void load_tile(T* tile, const T* base, int64_t pitch, int64_t row0,
+                                          int64_t rows, int width) {
+  constexpr int kChunks = kD / 8;
+  constexpr int kLds = kD + 8;
+  constexpr int kSteps = (ROWS * kChunks + THREADS - 1) / THREADS;
+#pragma unroll
+  for (int step = 0; step < kSteps; ++step) {
+    const int idx = step * THREADS + static_cast<int>(threadIdx.x);
+    if (ROWS * kChunks % THREADS != 0 && idx >= ROWS * kChunks) break;
+    const int r = idx / kChunks, c = (idx % kChunks) * 8;
+    const int64_t row = row0 + r;
+    const bool ok = row < rows && c < width;
+    cp_async_16(tile + r * kLds + c, ok ? base + row * pitch + c : base, ok ? 16 : 0);
+  }
+}
+
+// The keys [lo, hi) some query row in [i0, i1] may see (window and sequence end); hi <= lo when
+// none.
+__device__ __forceinline__ void visible_keys(const AttnParams& p, int64_t i0, int64_t i1,
+                                             int64_t& lo, int64_t& hi) {
+  lo = p.has_left ? max(int64_t(0), i0 + p.offset - p.left) : 0;
+  hi = p.has_right ? min(p.S, i1 + p.offset + p.right + 1) : p.S;
+}
+
+// Whether every (query, key) pair of rows [i0, i0 + M) and keys [j0, j0 + N) lies inside the
+// window and keys < S: such a tile needs no position checks.
+template <int M, int N>
+__device__ __forceinline__ bool full_tile(const AttnParams& p, int64_t i0, int64_t j0) {
+  return j0 + N <= p.S && (!p.has_left || j0 >= i0 + M - 1 + p.offset - p.left) &&
+         (!p.has_right || j0 + N - 1 <= i0 + p.offset + p.right);
+}
+
+__device__ __forceinline__ uint64_t seed_of(const AttnParams& p) {
+  return p.seed_ptr != nullptr ? static_cast<uint64_t>(*p.seed_ptr) : p.seed;
+}
+
+// Whether element (b, h, i, j) survives dropout (i < L, j < S).
+__device__ __forceinline__ bool keep_at(const AttnParams& p, uint64_t seed, int64_t b, int64_t h,
+                                        int64_t i, int64_t j) {
+  const uint64_t index = static_cast<uint64_t>(((b * p.Hq + h) * p.L + i) * p.S + j);
+  return dropout_keep(seed, index, p.threshold);
+}
+
+// The score of query i and key j in base 2 from the raw product x = q_i.k_j: scaled, soft-capped
+// (tanh written to `th` for the backward), masked; -inf where masked or (when `edge`) outside
+// the window or past the keys. Rows past L read no mask and are never stored.
+__device__ __forceinline__ float score2(const AttnParams& p, float x, int64_t b, int64_t h,
+                                        int64_t i, int64_t j, bool edge, float& th) {
+  float s;
+  if (p.softcap) {
+    th = tanhf(x * p.score_scale);
+    s = th * p.cap_log2;
+  } else {
+    th = 0.f;
+    s = x * p.score_scale;
+  }
+  if (p.mask_kind != kAttnNoMask && i < p.L && j < p.S) {
+    const int64_t mi = b * p.sm[0] + h * p.sm[1] + i * p.sm[2] + j * p.sm[3];
+    if (p.mask_kind == kAttnBoolMask) {
+      if (static_cast<const uint8_t*>(p.mask)[mi] == 0) s = -INFINITY;
+    } else {
+      const float a = load_as<float>(p.mask, p.mask_dtype, mi);
+      // Scaling to base 2 must not turn a finite large negative (finfo.min, as Hugging Face
+      // pads) into -inf: such a row stays a uniform softmax, as in PyTorch.
+      s = a == -INFINITY ? -INFINITY : s + fmaxf(a * kLog2e, -3.402823466e38f);
+    }
+  }
+  if (edge && (j >= p.S || (p.has_left && j < i + p.offset - p.left) ||
+               (p.has_right && j > i + p.offset + p.right))) {
+    s = -INFINITY;
+  }
+  return s;
+}
+
+// Stores a 16-bit tile held in shared memory (rows r < nrows of `tile`, pitch kLds) to global
+// row-major rows at `base` + r * pitch_r, columns c < width with column stride pitch_c; 16-byte
+// stores when `vec` (width % 8 == 0, unit column stride, aligned rows), else one element each.
+template <typename T, int kLds>
+__device__ __forceinline__ void store_rows(const T* tile, T* base, int64_t pitch_r,
+                                           int64_t pitch_c, int nrows, int width, bool vec,
+                                           int lane, int lanes) {
+  if (vec) {
+    const int chunks = width / 8;
+    for (int idx = lane; idx < nrows * chunks; idx += lanes) {
+      const int r = idx / chunks, c = (idx % chunks) * 8;
+      *reinterpret_cast<uint4*>(base + r * pitch_r + c) =
+          *reinterpret_cast<const uint4*>(tile + r * kLds + c);
+    }
+  } else {
+    for (int idx = lane; idx < nrows * width; idx += lanes) {
+      const int r = idx / width, c = idx % width;
+      base[r * pitch_r + c * pitch_c] = tile[r * kLds + c];
+    }
+  }
+}
+
+// --- forward -------------------------------------------------------------------------------
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(128) attention_fwd_kernel(const AttnParams p) {
+  using Cfg = Tiles<kD>;
+  constexpr int BM = Cfg::kFwdM, BN = Cfg::kFwdN, LDS = Cfg::kLds;
+  constexpr int NT = BN / 8;   // n-tiles of S per warp
+  constexpr int DT = kD / 8;   // n-tiles of O per warp
+  constexpr int KS = kD / 16;  // k-steps of Q K^T
+  constexpr int PS = BN / 16;  // k-steps of P V
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);  // BM x LDS
+  T* sK = sQ + BM * LDS;               // 2 x BN x LDS
+  T* sV = sK + 2 * BN * LDS;           // 2 x BN x LDS
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  const int64_t tiles = (p.L + BM - 1) / BM;
+  const int64_t m0 = (tiles - 1 - blockIdx.x) * BM;  // the last (heaviest causal) tiles first
+  const int64_t h = blockIdx.y, b = blockIdx.z, hk = h / p.group;
+  const T* qb = static_cast<const T*>(p.q) + b * p.sq[0] + h * p.sq[1];
+  const T* kb = static_cast<const T*>(p.k) + b * p.sk[0] + hk * p.sk[1];
+  const T* vb = static_cast<const T*>(p.v) + b * p.sv[0] + hk * p.sv[1];
+
+  int64_t klo, khi;
+  visible_keys(p, m0, min(m0 + BM, p.L) - 1, klo, khi);
+  const int64_t nb_lo = klo / BN, nb_hi = khi > klo ? (khi + BN - 1) / BN : nb_lo;
+
+  load_tile<T, BM, kD, 128>(sQ, qb, p.sq[2], m0, p.L, p.d_load);
+  if (nb_lo < nb_hi) {
+    load_tile<T, BN, kD, 128>(sK, kb, p.sk[2], nb_lo * BN, p.S, p.d_load);
+    load_tile<T, BN, kD, 128>(sV, vb, p.sv[2], nb_lo * BN, p.S, p.dv_load);
+  }
+  cp_async_commit();
+
+  const uint64_t seed = p.dropout ? seed_of(p) : 0;
+  float o[DT][4];
+#pragma unroll
+  for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float row_m[2] = {-INFINITY, -INFINITY}, row_l[2] = {0.f, 0.f};  // base-2 max; partial sums
+  const int64_t rows[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};
+  const T* sQw = sQ + warp * 16 * LDS;
+
+  for (int64_t nb = nb_lo; nb < nb_hi; ++nb) {
+    const int st = static_cast<int>((nb - nb_lo) & 1);
+    if (nb + 1 < nb_hi) {
+      load_tile<T, BN, kD, 128>(sK + (st ^ 1) * BN * LDS, kb, p.sk[2], (nb + 1) * BN, p.S,
+                                p.d_load);
+      load_tile<T, BN, kD, 128>(sV + (st ^ 1) * BN * LDS, vb, p.sv[2], (nb + 1) * BN, p.S,
+                                p.dv_load);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* sKs = sK + st * BN * LDS;
+    const T* sVs = sV + st * BN * LDS;
+    const int64_t n0 = nb * BN;
+
+    // S = Q K^T: this warp's 16 rows x BN keys.
+    float s[NT][4];
+#pragma unroll
+    for (int i = 0; i < NT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      uint32_t a[4];
+      ldmatrix_x4(a, sQw + (lane % 16) * LDS + ks * 16 + (lane / 16) * 8);
+#pragma unroll
+      for (int np = 0; np < NT / 2; ++np) {
+        uint32_t bb[4];
+        ldmatrix_x4(bb, sKs + (np * 16 + (lane % 8) + (lane / 16) * 8) * LDS + ks * 16 +
+                            ((lane / 8) % 2) * 8);
+        mma_16816<T>(s[2 * np], a, bb[0], bb[1]);
+        mma_16816<T>(s[2 * np + 1], a, bb[2], bb[3]);
+      }
+    }
+
+    // Scores, then the online softmax. s[nt][e]: row rows[e / 2], key n0 + nt * 8 + 2t + e % 2.
+    const bool edge = !full_tile<BM, BN>(p, m0, n0);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float th;
+        s[nt][e] = score2(p, s[nt][e], b, h, rows[e / 2], n0 + nt * 8 + 2 * t + (e & 1), edge, th);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+      // The four threads of a group hold the row between them.
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(row_m[r], mx);
+      // A row with nothing visible yet has max -inf: subtract 0 instead so exp2 gives 0, not
+      // NaN (-inf - -inf).
+      const float m_safe = m_new == -INFINITY ? 0.f : m_new;
+      const float alpha = exp2f(row_m[r] - m_safe);
+      row_m[r] = m_new;
+      row_l[r] *= alpha;
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt) {
+        o[dt][2 * r] *= alpha;
+        o[dt][2 * r + 1] *= alpha;
+      }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const float e2 = exp2f(s[nt][2 * r + c] - m_safe);
+          row_l[r] += e2;
+          s[nt][2 * r + c] = e2;
+        }
+      }
+    }
+    if (p.dropout) {  // the sum above is before dropout; dropped weights leave the product only
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int64_t i = rows[e / 2], j = n0 + nt * 8 + 2 * t + (e & 1);
+          if (s[nt][e] != 0.f && i < p.L && j < p.S && !keep_at(p, seed, b, h, i, j)) {
+            s[nt][e] = 0.f;
+          }
+        }
+      }
+    }
+
+    // O += P V: P from the accumulators (see mma.cuh), V^T fragments by ldmatrix.trans.
+#pragma unroll
+    for (int kk = 0; kk < PS; ++kk) {
+      const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]),
+                             pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                             pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                             pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int dp = 0; dp < DT / 2; ++dp) {
+        uint32_t bb[4];
+        ldmatrix_x4_trans(bb, sVs + (kk * 16 + (lane % 16)) * LDS + dp * 16 + (lane / 16) * 8);
+        mma_16816<T>(o[2 * dp], a, bb[0], bb[1]);
+        mma_16816<T>(o[2 * dp + 1], a, bb[2], bb[3]);
+      }
+    }
+    __syncthreads();  // every warp is done with this stage before it is refilled
+  }
+  cp_async_wait<0>();  // with no key tile, the Q copy may still be landing in sQ
+  __syncthreads();
+
+  // Epilogue: normalise, write lse and stage the output tile in this warp's rows of sQ.
+  T* sO = sQ + warp * 16 * LDS;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = row_l[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const bool dead = l == 0.f || row_m[r] == -INFINITY;  // no key seen: output 0, lse -inf
+    const float inv = dead ? 0.f : p.drop_scale / l;
+    const int64_t i = rows[r];
+    if (t == 0 && i < p.L) {
+      p.lse[(b * p.Hq + h) * p.L + i] = dead ? -INFINITY : (row_m[r] + log2f(l)) * kLn2;
+    }
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+      *reinterpret_cast<uint32_t*>(sO + (g + 8 * r) * LDS + dt * 8 + 2 * t) =
+          pack2<T>(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
+    }
+  }
+  __syncwarp();
+  const int nrows = static_cast<int>(max(int64_t(0), min(int64_t(16), p.L - (m0 + warp * 16))));
+  T* ob = static_cast<T*>(p.out) + b * p.so[0] + h * p.so[1] + (m0 + warp * 16) * p.so[2];
+  store_rows<T, LDS>(sO, ob, p.so[2], p.so[3], nrows, p.Dv, p.out_vec, lane, 32);
+}
+
+// --- backward ------------------------------------------------------------------------------
+
+// delta = rowsum(dO * O) and lse in base 2 (+inf where the row saw no key), one warp per row.
+template <typename T>
+__global__ void __launch_bounds__(256) attention_bwd_prep_kernel(const AttnParams p) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= p.B * p.Hq * p.L) return;  // whole warps: a warp owns one row
+  const int64_t i = row % p.L, bh = row / p.L, h = bh % p.Hq, b = bh / p.Hq;
+  const T* dob = static_cast<const T*>(p.dout) + b * p.sdo[0] + h * p.sdo[1] + i * p.sdo[2];
+  const int64_t ob = b * p.soi[0] + h * p.soi[1] + i * p.soi[2];
+  float acc = 0.f;
+  for (int d = lane; d < p.Dv; d += 32) {
+    acc += to_float<T>(dob[d]) * load_as<float>(p.out_in, p.out_dtype, ob + d * p.soi[3]);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  if (lane == 0) {
+    p.delta[row] = acc;
+    const float l = p.lse_in[row];
+    p.lse2[row] = l == -INFINITY ? INFINITY : l * kLog2e;
+  }
+}
+
+// dQ: one CTA of 4 warps per (query tile, head, batch); 16 query rows per warp.
+template <typename T, int kD>
+__global__ void __launch_bounds__(128) attention_bwd_dq_kernel(const AttnParams p) {
+  using Cfg = Tiles<kD>;
+  constexpr int BM = Cfg::kFwdM, BN = Cfg::kFwdN, LDS = Cfg::kLds;
+  constexpr int NT = BN / 8, DT = kD / 8, KS = kD / 16, PS = BN / 16;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);  // BM x LDS
+  T* sdO = sQ + BM * LDS;              // BM x LDS
+  T* sK = sdO + BM * LDS;              // 2 x BN x LDS
+  T* sV = sK + 2 * BN * LDS;           // 2 x BN x LDS
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  const int64_t tiles = (p.L + BM - 1) / BM;
+  const int64_t m0 = (tiles - 1 - blockIdx.x) * BM;
+  const int64_t h = blockIdx.y, b = blockIdx.z, hk = h / p.group;
+  const T* qb = static_cast<const T*>(p.q) + b * p.sq[0] + h * p.sq[1];
+  const T* dob = static_cast<const T*>(p.dout) + b * p.sdo[0] + h * p.sdo[1];
+  const T* kb = static_cast<const T*>(p.k) + b * p.sk[0] + hk * p.sk[1];
+  const T* vb = static_cast<const T*>(p.v) + b * p.sv[0] + hk * p.sv[1];
+
+  int64_t klo, khi;
+  visible_keys(p, m0, min(m0 + BM, p.L) - 1, klo, khi);
+  const int64_t nb_lo = klo / BN, nb_hi = khi > klo ? (khi + BN - 1) / BN : nb_lo;
+
+  load_tile<T, BM, kD, 128>(sQ, qb, p.sq[2], m0, p.L, p.d_load);
+  load_tile<T, BM, kD, 128>(sdO, dob, p.sdo[2], m0, p.L, p.dv_load);
+  if (nb_lo < nb_hi) {
+    load_tile<T, BN, kD, 128>(sK, kb, p.sk[2], nb_lo * BN, p.S, p.d_load);
+    load_tile<T, BN, kD, 128>(sV, vb, p.sv[2], nb_lo * BN, p.S, p.dv_load);
+  }
+  cp_async_commit();
+
+  const uint64_t seed = p.dropout ? seed_of(p) : 0;
+  const int64_t rows[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};
+  float lse2[2], delta[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const bool in = rows[r] < p.L;
+    lse2[r] = in ? p.lse2[(b * p.Hq + h) * p.L + rows[r]] : INFINITY;  // rows past L: p = 0
+    delta[r] = in ? p.delta[(b * p.Hq + h) * p.L + rows[r]] : 0.f;
+  }
+  float dq[DT][4];
+#pragma unroll
+  for (int i = 0; i < DT; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+  const T* sQw = sQ + warp * 16 * LDS;
+  const T* sdOw = sdO + warp * 16 * LDS;
+
+  for (int64_t nb = nb_lo; nb < nb_hi; ++nb) {
+    const int st = static_cast<int>((nb - nb_lo) & 1);
+    if (nb + 1 < nb_hi) {
+      load_tile<T, BN, kD, 128>(sK + (st ^ 1) * BN * LDS, kb, p.sk[2], (nb + 1) * BN, p.S,
+                                p.d_load);
+      load_tile<T, BN, kD, 128>(sV + (st ^ 1) * BN * LDS, vb, p.sv[2], (nb + 1) * BN, p.S,
+                                p.dv_load);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* sKs = sK + st * BN * LDS;
+    const T* sVs = sV + st * BN * LDS;
+    const int64_t n0 = nb * BN;
+
+    // S = Q K^T and dP = dO V^T (both: B operand rows are keys, as K in the forward).
+    float s[NT][4], dp[NT][4];
+#pragma unroll
+    for (int i = 0; i < NT; ++i) {
+      s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+      dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.f;
+    }
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      uint32_t a[4], ad[4];
+      ldmatrix_x4(a, sQw + (lane % 16) * LDS + ks * 16 + (lane / 16) * 8);
+      ldmatrix_x4(ad, sdOw + (lane % 16) * LDS + ks * 16 + (lane / 16) * 8);
+#pragma unroll
+      for (int np = 0; np < NT / 2; ++np) {
+        const int off = (np * 16 + (lane % 8) + (lane / 16) * 8) * LDS + ks * 16 +
+                        ((lane / 8) % 2) * 8;
+        uint32_t bb[4];
+        ldmatrix_x4(bb, sKs + off);
+        mma_16816<T>(s[2 * np], a, bb[0], bb[1]);
+        mma_16816<T>(s[2 * np + 1], a, bb[2], bb[3]);
+        ldmatrix_x4(bb, sVs + off);
+        mma_16816<T>(dp[2 * np], ad, bb[0], bb[1]);
+        mma_16816<T>(dp[2 * np + 1], ad, bb[2], bb[3]);
+      }
+    }
+
+    // dS' = p (dP z / (1 - dropout_p) - delta) (1 - tanh^2), into s.
+    const bool edge = !full_tile<BM, BN>(p, m0, n0);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t i = rows[e / 2], j = n0 + nt * 8 + 2 * t + (e & 1);
+        float th;
+        const float s2 = score2(p, s[nt][e], b, h, i, j, edge, th);
+        const float pr = exp2f(s2 - lse2[e / 2]);
+        float dpv = dp[nt][e];
+        if (p.dropout) {
+          dpv = pr != 0.f && i < p.L && j < p.S && keep_at(p, seed, b, h, i, j)
+                    ? dpv * p.drop_scale
+                    : 0.f;
+        }
+        float ds = pr * (dpv - delta[e / 2]);
+        if (p.softcap) ds *= 1.f - th * th;
+        s[nt][e] = ds;
+      }
+    }
+
+    // dQ += dS K: dS from the accumulators as the A operand, K fragments by ldmatrix.trans.
+#pragma unroll
+    for (int kk = 0; kk < PS; ++kk) {
+      const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]),
+                             pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                             pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                             pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int dt2 = 0; dt2 < DT / 2; ++dt2) {
+        uint32_t bb[4];
+        ldmatrix_x4_trans(bb, sKs + (kk * 16 + (lane % 16)) * LDS + dt2 * 16 + (lane / 16) * 8);
+        mma_16816<T>(dq[2 * dt2], a, bb[0], bb[1]);
+        mma_16816<T>(dq[2 * dt2 + 1], a, bb[2], bb[3]);
+      }
+    }
+    __syncthreads();
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  T* sO = sQ + warp * 16 * LDS;  // this warp's rows of sQ, read only by this warp
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+      *reinterpret_cast<uint32_t*>(sO + (g + 8 * r) * LDS + dt * 8 + 2 * t) =
+          pack2<T>(dq[dt][2 * r] * p.scale, dq[dt][2 * r + 1] * p.scale);
+    }
+  }
+  __syncwarp();
+  const int nrows = static_cast<int>(max(int64_t(0), min(int64_t(16), p.L - (m0 + warp * 16))));
+  T* out = static_cast<T*>(p.dq) + b * p.sdq[0] + h * p.sdq[1] + (m0 + warp * 16) * p.sdq[2];
+  store_rows<T, LDS>(sO, out, p.sdq[2], p.sdq[3], nrows, p.D, p.dq_vec, lane, 32);
+}
+
+// dK, dV: one CTA of 8 warps per (key tile, key/value head, batch), looping over the query
+// tiles of each query head of the group. Phase A: warp w computes S^T and dP^T for keys
+// 16 (w % 4) .. + 16 and query columns (w / 4) BM/2 .. + BM/2 and stages P^T, dS'^T in shared
+// memory; phase B: warp w accumulates dV, dK for the same 16 keys and head-dim columns
+// (w / 4) kD/2 .. + kD/2 over the whole query tile.
+template <typename T, int kD>
+__global__ void __launch_bounds__(256) attention_bwd_dkdv_kernel(const AttnParams p) {
+  using Cfg = Tiles<kD>;
+  constexpr int BN = Cfg::kKvN, BM = Cfg::kKvM, LDS = Cfg::kLds, LDP = Cfg::kLdp;
+  constexpr int KS = kD / 16;       // k-steps of K Q^T and V dO^T
+  constexpr int QT = BM / 2 / 8;    // n-tiles (query columns) per warp in phase A
+  constexpr int HT = kD / 2 / 8;    // n-tiles (head-dim columns) per warp in phase B
+  constexpr int MS = BM / 16;       // k-steps (queries) of phase B
+  static_assert(QT % 2 == 0 && HT % 2 == 0, "ldmatrix.x4 loads n-tiles in pairs");
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sK = reinterpret_cast<T*>(smem);  // BN x LDS
+  T* sV = sK + BN * LDS;               // BN x LDS
+  T* sQ = sV + BN * LDS;               // 2 x BM x LDS
+  T* sdO = sQ + 2 * BM * LDS;          // 2 x BM x LDS
+  T* sP = sdO + 2 * BM * LDS;          // BN x LDP: P^T (dropped, rescaled)
+  T* sdS = sP + BN * LDP;              // BN x LDP: dS'^T
+  float* sL = reinterpret_cast<float*>(sdS + BN * LDP);  // 2 x BM: lse2
+  float* sDl = sL + 2 * BM;                              // 2 x BM: delta
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * BN;
+  const int64_t hk = blockIdx.y, b = blockIdx.z;
+  const T* kb = static_cast<const T*>(p.k) + b * p.sk[0] + hk * p.sk[1];
+  const T* vb = static_cast<const T*>(p.v) + b * p.sv[0] + hk * p.sv[1];
+
+  // Query rows that see some key of [n0, n_last]: j - offset - right <= i <= j - offset + left.
+  const int64_t n_last = min(n0 + BN, p.S) - 1;
+  const int64_t qlo = p.has_right ? max(int64_t(0), n0 - p.offset - p.right) : 0;
+  const int64_t qhi = p.has_left ? min(p.L, n_last - p.offset + p.left + 1) : p.L;
+  const int64_t mb_lo = qlo / BM;
+  const int64_t nmb = qhi > qlo ? (qhi + BM - 1) / BM - mb_lo : 0;
+  const int64_t iters = p.group * nmb;
+
+  auto load_stage = [&](int st, int64_t it) {
+    const int64_t h = hk * p.group + it / nmb, m0 = (mb_lo + it % nmb) * BM;
+    load_tile<T, BM, kD, 256>(sQ + st * BM * LDS,
+                              static_cast<const T*>(p.q) + b * p.sq[0] + h * p.sq[1], p.sq[2],
+                              m0, p.L, p.d_load);
+    load_tile<T, BM, kD, 256>(sdO + st * BM * LDS,
+                              static_cast<const T*>(p.dout) + b * p.sdo[0] + h * p.sdo[1],
+                              p.sdo[2], m0, p.L, p.dv_load);
+    for (int idx = threadIdx.x; idx < BM; idx += 256) {
+      const int64_t i = m0 + idx, at = (b * p.Hq + h) * p.L + i;
+      sL[st * BM + idx] = i < p.L ? p.lse2[at] : INFINITY;  // rows past L: probability 0
+      sDl[st * BM + idx] = i < p.L ? p.delta[at] : 0.f;
+    }
+  };
+
+  load_tile<T, BN, kD, 256>(sK, kb, p.sk[2], n0, p.S, p.d_load);
+  load_tile<T, BN, kD, 256>(sV, vb, p.sv[2], n0, p.S, p.dv_load);
+  if (iters > 0) load_stage(0, 0);
+  cp_async_commit();
+
+  const uint64_t seed = p.dropout ? seed_of(p) : 0;
+  const int kw = (warp % 4) * 16;       // this warp's keys (both phases)
+  const int qw = (warp / 4) * (BM / 2);  // phase A: query columns
+  const int dh = (warp / 4) * (kD / 2);  // phase B: head-dim columns
+  float dk[HT][4], dv[HT][4];
+#pragma unroll
+  for (int i = 0; i < HT; ++i) {
+    dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = 0.f;
+    dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.f;
+  }
+
+  for (int64_t it = 0; it < iters; ++it) {
+    const int st = static_cast<int>(it & 1);
+    if (it + 1 < iters) {
+      load_stage(st ^ 1, it + 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const int64_t h = hk * p.group + it / nmb, m0 = (mb_lo + it % nmb) * BM;
+    const T* sQs = sQ + st * BM * LDS;
+    const T* sdOs = sdO + st * BM * LDS;
+    const float* sLs = sL + st * BM;
+    const float* sDls = sDl + st * BM;
+
+    // Phase A: S^T = K Q^T and dP^T = V dO^T (16 keys x BM/2 queries per warp).
+    float s[QT][4], dp[QT][4];
+#pragma unroll
+    for (int i = 0; i < QT; ++i) {
+      s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+      dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.f;
+    }
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      uint32_t a[4], av[4];
+      ldmatrix_x4(a, sK + (kw + (lane % 16)) * LDS + ks * 16 + (lane / 16) * 8);
+      ldmatrix_x4(av, sV + (kw + (lane % 16)) * LDS + ks * 16 + (lane / 16) * 8);
+#pragma unroll
+      for (int np = 0; np < QT / 2; ++np) {
+        const int off = (qw + np * 16 + (lane % 8) + (lane / 16) * 8) * LDS + ks * 16 +
+                        ((lane / 8) % 2) * 8;
+        uint32_t bb[4];
+        ldmatrix_x4(bb, sQs + off);
+        mma_16816<T>(s[2 * np], a, bb[0], bb[1]);
+        mma_16816<T>(s[2 * np + 1], a, bb[2], bb[3]);
+        ldmatrix_x4(bb, sdOs + off);
+        mma_16816<T>(dp[2 * np], av, bb[0], bb[1]);
+        mma_16816<T>(dp[2 * np + 1], av, bb[2], bb[3]);
+      }
+    }
+
+    // s[qt][e]: key n0 + kw + g + 8 (e / 2), query column qw + qt * 8 + 2t + e % 2.
+    const bool edge = !full_tile<BM, BN>(p, m0, n0);
+#pragma unroll
+    for (int qt = 0; qt < QT; ++qt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = qw + qt * 8 + 2 * t + (e & 1);
+        const int64_t i = m0 + col, j = n0 + kw + g + 8 * (e / 2);
+        float th;
+        const float s2 = score2(p, s[qt][e], b, h, i, j, edge, th);
+        const float pr = exp2f(s2 - sLs[col]);
+        float pd = pr, dpv = dp[qt][e];
+        if (p.dropout) {
+          const bool keep = pr != 0.f && i < p.L && j < p.S && keep_at(p, seed, b, h, i, j);
+          pd = keep ? pr * p.drop_scale : 0.f;
+          dpv = keep ? dpv * p.drop_scale : 0.f;
+        }
+        float ds = pr * (dpv - sDls[col]);
+        if (p.dmask != nullptr && i < p.L && j < p.S) {
+          p.dmask[((b * p.Hq + h) * p.L + i) * p.S + j] = ds;
+        }
+        if (p.softcap) ds *= 1.f - th * th;
+        s[qt][e] = pd;
+        dp[qt][e] = ds;
+      }
+      // Stage P^T and dS'^T as 16-bit row-major tiles (rows keys, columns queries).
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int at = (kw + g + 8 * r) * LDP + qw + qt * 8 + 2 * t;
+        *reinterpret_cast<uint32_t*>(sP + at) = pack2<T>(s[qt][2 * r], s[qt][2 * r + 1]);
+        *reinterpret_cast<uint32_t*>(sdS + at) = pack2<T>(dp[qt][2 * r], dp[qt][2 * r + 1]);
+      }
+    }
+    __syncthreads();
+
+    // Phase B: dV += P^T dO and dK += dS'^T Q over the whole query tile.
+#pragma unroll
+    for (int kk = 0; kk < MS; ++kk) {
+      uint32_t ap[4], ads[4];
+      ldmatrix_x4(ap, sP + (kw + (lane % 16)) * LDP + kk * 16 + (lane / 16) * 8);
+      ldmatrix_x4(ads, sdS + (kw + (lane % 16)) * LDP + kk * 16 + (lane / 16) * 8);
+#pragma unroll
+      for (int np = 0; np < HT / 2; ++np) {
+        const int off = (kk * 16 + (lane % 16)) * LDS + dh + np * 16 + (lane / 16) * 8;
+        uint32_t bb[4];
+        ldmatrix_x4_trans(bb, sdOs + off);
+        mma_16816<T>(dv[2 * np], ap, bb[0], bb[1]);
+        mma_16816<T>(dv[2 * np + 1], ap, bb[2], bb[3]);
+        ldmatrix_x4_trans(bb, sQs + off);
+        mma_16816<T>(dk[2 * np], ads, bb[0], bb[1]);
+        mma_16816<T>(dk[2 * np + 1], ads, bb[2], bb[3]);
+      }
+    }
+    __syncthreads();  // P^T, dS'^T and this Q/dO stage are free again
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  // Stage dK (scaled) and dV in sK / sV, then store the keys < S.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+#pragma unroll
+    for (int ht = 0; ht < HT; ++ht) {
+      const int at = (kw + g + 8 * r) * LDS + dh + ht * 8 + 2 * t;
+      *reinterpret_cast<uint32_t*>(sK + at) =
+          pack2<T>(dk[ht][2 * r] * p.scale, dk[ht][2 * r + 1] * p.scale);
+      *reinterpret_cast<uint32_t*>(sV + at) = pack2<T>(dv[ht][2 * r], dv[ht][2 * r + 1]);
+    }
+  }
+  __syncthreads();
+  const int nrows = static_cast<int>(min(int64_t(BN), p.S - n0));
+  store_rows<T, LDS>(sK, static_cast<T*>(p.dk) + b * p.sdk[0] + hk * p.sdk[1] + n0 * p.sdk[2],
+                     p.sdk[2], p.sdk[3], nrows, p.D, p.dk_vec, threadIdx.x, 256);
+  store_rows<T, LDS>(sV, static_cast<T*>(p.dv) + b * p.sdv[0] + hk * p.sdv[1] + n0 * p.sdv[2],
+                     p.sdv[2], p.sdv[3], nrows, p.Dv, p.dv_vec, threadIdx.x, 256);
+}
+
+// --- launchers -----------------------------------------------------------------------------
+
+constexpr int64_t kMaxGridYZ = 65535;
+
+// The tensor core kernels' padded head dim for head dims D, Dv.
+inline int padded_head_dim(int64_t D, int64_t Dv) {
+  const int64_t d = std::max(D, Dv);
+  for (int kd : {32, 64, 96, 128, 192, 256}) {
+    if (d <= kd) return kd;
+  }
+  TORCH_CHECK(false, "native CUDA attention takes head dims up to 256, got ", d);
+  return 256;
+}
+
+inline bool rows_aligned(const at::Tensor& t) {
+  // 16-byte rows: last dim a multiple of 8 elements with unit stride, every other stride (of a
+  // dim longer than 1) a multiple of 8 elements, the base 16-byte aligned.
+  const int64_t E = t.size(3);
+  if (E % 8 != 0 || (E > 1 && t.stride(3) != 1)) return false;
+  for (int d = 0; d < 3; ++d) {
+    if (t.size(d) > 1 && t.stride(d) % 8 != 0) return false;
+  }
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
+// `t` itself when the kernels can read it with 16-byte copies, else a copy whose last dim is
+// zero-padded to a multiple of 8 (the kernels read the zeros as head-dim padding).
+inline at::Tensor kernel_input(const at::Tensor& t) {
+  if (rows_aligned(t)) return t;
+  const int64_t E = t.size(3), E8 = (E + 7) / 8 * 8;
+  at::Tensor buf = at::zeros({t.size(0), t.size(1), t.size(2), E8}, t.options());
+  buf.narrow(3, 0, E).copy_(t);
+  return buf;
+}
+
+inline void strides3(const at::Tensor& t, int64_t* s) {
+  for (int d = 0; d < 3; ++d) s[d] = t.size(d) == 1 ? 0 : t.stride(d);
+}
+
+inline void strides4(const at::Tensor& t, int64_t* s) {
+  for (int d = 0; d < 4; ++d) s[d] = t.size(d) == 1 ? 0 : t.stride(d);
+}
+
+// fastattn.reference.attention_output: (B, Hq, L, Dv), laid out (B, L, Hq, Dv) in memory when q
+// is (flash-attn's layout), else contiguous.
+inline at::Tensor attention_output(const at::Tensor& q, int64_t Dv) {
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2);
+  if (H > 1 && L > 1 && q.stride(1) < q.stride(2)) {
+    return at::empty({B, L, H, Dv}, q.options()).transpose(1, 2);
+  }
+  return at::empty({B, H, L, Dv}, q.options());
+}
+
+// Checks every argument the forward and backward share (the CPU launcher's checks, plus the
+// CUDA path's dtype and size limits) and fills the shape, input and option fields of `p`;
+// `keep` holds the tensors the pointers in `p` point into.
+inline void check_and_fill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& seed,
+                    double dropout_p, double scale, int64_t left, int64_t right,
+                    bool align_bottom, double softcap, AttnParams& p,
+                    std::vector<at::Tensor>& keep) {
+  const c10::Device device = q.device();
+  check_float_on(q, "q", device);
+  check_float_on(k, "k", device);
+  check_float_on(v, "v", device);
+  TORCH_CHECK(q.dim() == 4, "q must be 4-d (B, Hq, L, D), got shape ", q.sizes());
+  TORCH_CHECK(k.dim() == 4, "k must be 4-d (B, Hk, S, D), got shape ", k.sizes());
+  TORCH_CHECK(v.dim() == 4, "v must be 4-d (B, Hk, S, Dv), got shape ", v.sizes());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "q, k and v must have the same dtype, got ", q.scalar_type(), ", ",
+              k.scalar_type(), " and ", v.scalar_type());
+  TORCH_CHECK_TYPE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+                   "native CUDA attention takes float16 or bfloat16 q, k and v (tensor cores), "
+                   "got ", q.scalar_type(), "; backend 'triton' (float32) or 'torch' (float32, "
+                   "float64) serves ", q.scalar_type(), " on CUDA");
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0),
+              "k and v must have q's batch size ", q.size(0), ", got ", k.size(0), " and ",
+              v.size(0));
+  TORCH_CHECK(v.size(1) == k.size(1), "v must have k's number of heads ", k.size(1), ", got ",
+              v.size(1));
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "q's heads (", q.size(1),
+              ") must be a multiple of k's heads (", k.size(1), ")");
+  TORCH_CHECK(k.size(3) == q.size(3), "k must have q's head dim ", q.size(3), ", got ",
+              k.size(3));
+  TORCH_CHECK(v.size(2) == k.size(2), "v must have k's number of positions ", k.size(2),
+              ", got ", v.size(2));
+  TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= 256 && v.size(3) >= 1 && v.size(3) <= 256,
+              "native CUDA attention takes head dims from 1 to 256 (q/k: ", q.size(3),
+              ", v: ", v.size(3), ")");
+  TORCH_CHECK(q.size(0) <= kMaxGridYZ && q.size(1) <= kMaxGridYZ,
+              "native CUDA attention takes batch and query heads up to 65535 each (CUDA grid "
+              "limit), got batch ", q.size(0), " and ", q.size(1), " heads");
+  TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, "softcap must be finite and >= 0, got ",
+              softcap);
+  TORCH_CHECK(left >= -1 && right >= -1, "window_left and window_right must be >= -1, got ",
+              left, " and ", right);
+  TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, "dropout_p must be in [0, 1), got ", dropout_p);
+  p = AttnParams{};
+  p.B = q.size(0);
+  p.Hq = q.size(1);
+  p.L = q.size(2);
+  p.D = static_cast<int>(q.size(3));
+  p.Hk = k.size(1);
+  p.S = k.size(2);
+  p.Dv = static_cast<int>(v.size(3));
+  p.group = p.Hq / p.Hk;
+  const at::Tensor qi = kernel_input(q), ki = kernel_input(k), vi = kernel_input(v);
+  keep.insert(keep.end(), {qi, ki, vi});
+  p.q = qi.data_ptr();
+  p.k = ki.data_ptr();
+  p.v = vi.data_ptr();
+  strides3(qi, p.sq);
+  strides3(ki, p.sk);
+  strides3(vi, p.sv);
+  p.d_load = static_cast<int>(qi.size(3));  // k's padded width is the same (same D)
+  p.dv_load = static_cast<int>(vi.size(3));
+  p.mask_kind = kAttnNoMask;
+  p.mask_dtype = kF32;
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    check_device(m, "mask", device);
+    TORCH_CHECK(m.scalar_type() == at::kBool || is_kernel_float(m.scalar_type()),
+                "mask must be bool or float32/float64/float16/bfloat16, got ", m.scalar_type());
+    const std::vector<int64_t> full{p.B, p.Hq, p.L, p.S};
+    check_broadcasts(m, full, "mask");
+    const at::Tensor view = m.expand(full);
+    keep.push_back(view);
+    p.mask = view.data_ptr();
+    p.mask_dtype = dtype_code(m.scalar_type());
+    p.mask_kind = m.scalar_type() == at::kBool ? kAttnBoolMask : kAttnAdditiveMask;
+    strides4(view, p.sm);
+  }
+  p.dropout = dropout_p > 0;
+  if (p.dropout) {
+    TORCH_CHECK(seed.has_value(), "seed must be given when dropout_p > 0");
+    const at::Tensor& s = *seed;
+    TORCH_CHECK((s.device().is_cpu() || s.device() == device) && s.scalar_type() == at::kLong &&
+                    s.numel() >= 1,
+                "seed must be an int64 tensor with at least one element, on the CPU or on ",
+                device, ", got ", s.scalar_type(), " of shape ", s.sizes(), " on ", s.device());
+    if (s.device().is_cpu()) {
+      p.seed = static_cast<uint64_t>(s.reshape(-1)[0].item<int64_t>());
+    } else {
+      p.seed_ptr = s.data_ptr<int64_t>();  // read by the kernels: no device-to-host sync
+      keep.push_back(s);
+    }
+    p.threshold = dropout_threshold(dropout_p);
+  }
+  p.drop_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
+  p.scale = static_cast<float>(scale);
+  p.softcap = softcap > 0;
+  p.score_scale = static_cast<float>(p.softcap ? scale / softcap : scale * kLog2eD);
+  p.cap_log2 = static_cast<float>(softcap * kLog2eD);
+  p.has_left = left >= 0;
+  p.has_right = right >= 0;
+  p.left = left;
+  p.right = right;
+  p.offset = align_bottom ? p.S - p.L : 0;
+}
+
+// Whether an output tensor's rows of `E` elements take 16-byte stores.
+inline bool vec_ok(const at::Tensor& t) { return rows_aligned(t); }
+
+// Kernel launches go through a Launcher: `Launcher::launch(kernel, grid, threads, smem, p)`
+// runs `kernel` over `grid` with `smem` bytes of dynamic shared memory (attention_cuda.cu's
+// CudaLauncher on the current stream; a CPU emulation of the CUDA model can stand in, which is
+// why everything above the launch lives in this header).
+template <typename T, int kD, class Launcher>
+void run_fwd(const AttnParams& p) {
+  const dim3 grid(static_cast<unsigned>((p.L + Tiles<kD>::kFwdM - 1) / Tiles<kD>::kFwdM),
+                  static_cast<unsigned>(p.Hq), static_cast<unsigned>(p.B));
+  Launcher::launch(attention_fwd_kernel<T, kD>, grid, 128, Tiles<kD>::fwd_smem(sizeof(T)), p);
+}
+
+template <typename T, int kD, class Launcher>
+void run_bwd(const AttnParams& p) {
+  const int64_t rows = p.B * p.Hq * p.L;
+  Launcher::launch(attention_bwd_prep_kernel<T>, dim3(static_cast<unsigned>((rows + 7) / 8)),
+                   256, 0, p);
+  const dim3 grid_q(static_cast<unsigned>((p.L + Tiles<kD>::kFwdM - 1) / Tiles<kD>::kFwdM),
+                    static_cast<unsigned>(p.Hq), static_cast<unsigned>(p.B));
+  Launcher::launch(attention_bwd_dq_kernel<T, kD>, grid_q, 128, Tiles<kD>::dq_smem(sizeof(T)),
+                   p);
+  if (p.S > 0) {
+    const dim3 grid_kv(static_cast<unsigned>((p.S + Tiles<kD>::kKvN - 1) / Tiles<kD>::kKvN),
+                       static_cast<unsigned>(p.Hk), static_cast<unsigned>(p.B));
+    Launcher::launch(attention_bwd_dkdv_kernel<T, kD>, grid_kv, 256,
+                     Tiles<kD>::dkdv_smem(sizeof(T)), p);
+  }
+}
+
+// Calls run<T, kD, Launcher>(p) for q's dtype and the padded head dim.
+template <class Launcher, bool kForward>
+void dispatch(at::ScalarType dtype, const AttnParams& p) {
+  const int kd = padded_head_dim(p.D, p.Dv);
+  auto by_dim = [&](auto tag) {
+    using T = decltype(tag);
+    auto run = [&](auto dim) {
+      constexpr int kD = decltype(dim)::value;
+      if constexpr (kForward) {
+        run_fwd<T, kD, Launcher>(p);
+      } else {
+        run_bwd<T, kD, Launcher>(p);
+      }
+    };
+    switch (kd) {
+      case 32: run(std::integral_constant<int, 32>{}); break;
+      case 64: run(std::integral_constant<int, 64>{}); break;
+      case 96: run(std::integral_constant<int, 96>{}); break;
+      case 128: run(std::integral_constant<int, 128>{}); break;
+      case 192: run(std::integral_constant<int, 192>{}); break;
+      default: run(std::integral_constant<int, 256>{}); break;
+    }
+  };
+  if (dtype == at::kBFloat16) {
+    by_dim(__nv_bfloat16{});
+  } else {
+    by_dim(__half{});
+  }
+}
+
+// native_attention_fwd on q's device (checked to be CUDA, and guarded, by the caller).
+template <class Launcher>
+std::tuple<at::Tensor, at::Tensor> attention_fwd_impl(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& seed,
+    double dropout_p, double scale, int64_t window_left, int64_t window_right, bool align_bottom,
+    double softcap) {
+  AttnParams p;
+  std::vector<at::Tensor> keep;
+  check_and_fill(q, k, v, mask, seed, dropout_p, scale, window_left, window_right, align_bottom,
+                 softcap, p, keep);
+  at::Tensor out = attention_output(q, p.Dv);
+  at::Tensor lse = at::empty({p.B, p.Hq, p.L}, q.options().dtype(at::kFloat));
+  if (p.B * p.Hq * p.L == 0) return {out, lse};
+  p.out = out.data_ptr();
+  strides4(out, p.so);
+  p.out_vec = vec_ok(out);
+  p.lse = lse.data_ptr<float>();
+  dispatch<Launcher, true>(q.scalar_type(), p);
+  return {out, lse};
+}
+
+// native_attention_bwd on q's device (checked to be CUDA, and guarded, by the caller).
+template <class Launcher>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_impl(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& mask,
+    const std::optional<at::Tensor>& seed, double dropout_p, double scale, int64_t window_left,
+    int64_t window_right, bool align_bottom, double softcap, bool mask_grad) {
+  AttnParams p;
+  std::vector<at::Tensor> keep;
+  check_and_fill(q, k, v, mask, seed, dropout_p, scale, window_left, window_right, align_bottom,
+                 softcap, p, keep);
+  const c10::Device device = q.device();
+  const std::vector<int64_t> out_shape{p.B, p.Hq, p.L, p.Dv};
+  check_float_on(grad_out, "grad_out", device);
+  check_float_on(out, "out", device);
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.sizes() == at::IntArrayRef(out_shape),
+              "grad_out must have shape ", out_shape, " (B, Hq, L, Dv), got ", grad_out.sizes());
+  TORCH_CHECK(out.dim() == 4 && out.sizes() == at::IntArrayRef(out_shape),
+              "out must have shape ", out_shape, " (B, Hq, L, Dv), got ", out.sizes());
+  TORCH_CHECK(lse.device() == device && lse.scalar_type() == at::kFloat,
+              "lse must be a float32 tensor on ", device, ", got ", lse.scalar_type(), " on ",
+              lse.device());
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({p.B, p.Hq, p.L}), "lse must have shape [", p.B,
+              ", ", p.Hq, ", ", p.L, "] (B, Hq, L), got ", lse.sizes());
+  TORCH_CHECK(!mask_grad || p.mask_kind == kAttnAdditiveMask,
+              "mask_grad=True needs an additive (floating) mask");
+  at::Tensor dq = at::empty_like(q);
+  at::Tensor dk = at::empty_like(k);
+  at::Tensor dv = at::empty_like(v);
+  at::Tensor dmask = mask_grad ? at::zeros({p.B, p.Hq, p.L, p.S}, q.options().dtype(at::kFloat))
+                               : at::empty({0}, q.options().dtype(at::kFloat));
+  if (p.B * p.Hk == 0) return {dq, dk, dv, dmask};
+  if (p.L == 0) {  // no queries: nothing reaches k and v
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv, dmask};
+  }
+  const at::Tensor go = kernel_input(grad_out.scalar_type() == q.scalar_type()
+                                         ? grad_out
+                                         : grad_out.to(q.scalar_type()));
+  keep.push_back(go);
+  p.dout = go.data_ptr();
+  strides3(go, p.sdo);
+  TORCH_CHECK(go.size(3) == p.dv_load, "internal: grad_out and v padded differently");
+  const at::Tensor lse_c = lse.contiguous();
+  at::Tensor lse2 = at::empty({p.B, p.Hq, p.L}, q.options().dtype(at::kFloat));
+  at::Tensor delta = at::empty({p.B, p.Hq, p.L}, q.options().dtype(at::kFloat));
+  keep.push_back(lse_c);
+  p.out_in = out.data_ptr();
+  p.out_dtype = dtype_code(out.scalar_type());
+  strides4(out, p.soi);
+  p.lse_in = lse_c.data_ptr<float>();
+  p.lse2 = lse2.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  strides4(dq, p.sdq);
+  strides4(dk, p.sdk);
+  strides4(dv, p.sdv);
+  p.dq_vec = vec_ok(dq);
+  p.dk_vec = vec_ok(dk);
+  p.dv_vec = vec_ok(dv);
+  p.dmask = mask_grad ? dmask.data_ptr<float>() : nullptr;
+  dispatch<Launcher, false>(q.scalar_type(), p);
+  return {dq, dk, dv, dmask};
+}
+
+}  // namespace attention
+}  // namespace fastattn::cuda

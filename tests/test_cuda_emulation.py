@@ -1,0 +1,127 @@
+"""The native CUDA attention kernels, run unchanged on the CPU in an emulation of the CUDA model
+(tests/cuda_emulation/: a thread per CUDA thread, barriers, and the warp collectives ldmatrix,
+mma.sync and shuffles computed from the PTX ISA's fragment layouts), through the same launch
+logic as on a GPU (attention_fwd_impl / attention_bwd_impl of csrc/attention/attention_cuda.cuh).
+
+What this checks before any GPU sees the code: fragment layouts and every index expression,
+tile loops with remainders, causal/window tile skipping, masks, dropout (the CPU generator's
+mask, bit for bit), softcap, GQA, padded and copied head dims, rows that see no key, the mask
+gradient. Outputs and every gradient must meet test_attention's rule (twice PyTorch's error
+against the float64 reference). What it cannot check: timing (cp.async copies at once, so a
+missing wait or barrier goes unseen; compute-sanitizer's racecheck covers that on a GPU),
+hardware limits and speed. Emulation is slow (one OS thread per CUDA thread): sizes are small.
+"""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from check import assert_twice_error
+
+from fastattn import _ext, reference
+
+HERE = Path(__file__).resolve().parent
+OPS = torch.ops.fastattn
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    from torch.utils import cpp_extension
+
+    if torch.cuda.is_available():  # and its build would cost a GPU lease a minute
+        pytest.skip("a GPU is here: test_attention runs the native CUDA kernels themselves")
+    if not cpp_extension.is_ninja_available() or shutil.which("c++") is None:
+        pytest.skip("building the emulation needs ninja and a C++ compiler")
+    return cpp_extension.load(
+        name="fastattn_cuda_emulation", sources=[str(HERE / "cuda_emulation" / "attention.cpp")],
+        extra_include_paths=[str(HERE / "cuda_emulation"), str(HERE.parent / "csrc")],
+        extra_cflags=["-O1", "-std=c++20", "-Wno-unknown-pragmas"], verbose=False)
+
+
+def _inputs(dtype, B, Hq, Hk, L, S, D, Dv, flash):
+    def make(H, N, E):
+        if flash:  # flash-attn's (B, N, H, E) memory, viewed as (B, H, N, E)
+            return torch.randn(B, N, H, E, dtype=dtype).transpose(1, 2)
+        return torch.randn(B, H, N, E, dtype=dtype)
+    return make(Hq, L, D), make(Hk, S, D), make(Hk, S, Dv)
+
+
+# Each padded head dim the kernels are built for (32, 64, 96, 128, 192, 256; odd dims take the
+# padded-copy path), each option, lengths that cross tiles with remainders, single rows.
+#  name, dtype, (B, Hq, Hk, L, S, D, Dv), mask, dropout_p, window, bottom, softcap, flash layout
+CASES = [
+    ("d32 causal gqa", torch.bfloat16, (2, 4, 2, 70, 90, 32, 32), None, 0.0, (-1, 0), False, 0.0,
+     False),
+    ("d59/111 bottom-right, rows that see no key", torch.float16, (1, 2, 2, 100, 45, 59, 111),
+     None, 0.0, (10, 0), True, 0.0, False),
+    ("d96 additive mask + grad, softcap", torch.bfloat16, (1, 2, 1, 66, 129, 96, 96), "additive",
+     0.0, (-1, -1), False, 3.0, False),
+    ("d128 bool mask, window", torch.float16, (1, 2, 2, 65, 70, 128, 128), "bool", 0.0, (5, 7),
+     False, 0.0, False),
+    ("d160 causal", torch.bfloat16, (1, 2, 1, 40, 75, 160, 160), None, 0.0, (-1, 0), False, 0.0,
+     False),
+    ("d256/64 flash layout, bottom-right", torch.bfloat16, (1, 2, 2, 17, 65, 256, 64), None, 0.0,
+     (-1, 0), True, 0.0, True),
+    ("d200/256 dropout", torch.float16, (1, 2, 2, 33, 40, 200, 256), None, 0.2, (-1, -1), False,
+     0.0, False),
+    ("L = S = 1", torch.bfloat16, (1, 3, 3, 1, 1, 64, 32), None, 0.0, (-1, -1), False, 0.0, False),
+    ("L = 1", torch.float16, (1, 2, 2, 1, 77, 40, 40), None, 0.0, (-1, -1), False, 0.0, True),
+]
+
+
+@pytest.mark.skipif(_ext.reason() is not None, reason=f"extension not loaded: {_ext.reason()}")
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_emulated_cuda_attention_matches_reference(emulated, case):
+    _, dtype, shape, mask_kind, p, window, bottom, softcap, flash = case
+    B, Hq, Hk, L, S, D, Dv = shape
+    q, k, v = _inputs(dtype, B, Hq, Hk, L, S, D, Dv, flash)
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(B, 1, L, S) > 0.2
+    elif mask_kind == "additive":
+        mask = torch.randn(1, 1, L, S, dtype=dtype)
+        mask = mask.masked_fill(torch.rand(1, 1, L, S) < 0.1, float("-inf"))
+    seed = torch.tensor([20241124]) if p > 0 else None
+    scale = D**-0.5
+    args = (mask, seed, p, scale, window[0], window[1], bottom, softcap)
+    out, lse = emulated.attention_fwd(q, k, v, *args)
+    grad = torch.randn_like(out)
+    mask_grad = mask_kind == "additive"
+    grads = emulated.attention_bwd(grad, q, k, v, out, lse, *args, mask_grad)
+
+    keep = OPS.native_attention_dropout_mask(seed, [B, Hq, L, S], p) if p > 0 else None
+
+    def spec(precision):
+        leaves = [t.detach().to(precision).requires_grad_() for t in (q, k, v)]
+        m = mask
+        if mask_grad:
+            m = mask.to(precision).requires_grad_()
+            leaves.append(m)
+        o = reference.attention(*leaves[:3], m, keep, p, scale, window, bottom, softcap)
+        return o, torch.autograd.grad(o, leaves, grad.to(precision))
+
+    ref, ref_grads = spec(torch.float64)
+    pt, pt_grads = spec(dtype)
+    assert_twice_error(out, ref, pt, "out")
+    for name, g, rg, pg in zip(("dq", "dk", "dv", "dmask"), grads, ref_grads, pt_grads,
+                               strict=False):
+        if name == "dmask":  # (B, Hq, L, S) float32; the broadcast mask's gradient is its sum
+            g = g.sum_to_size(rg.shape)
+        assert_twice_error(g, rg, pg, name, precision=dtype)
+    s = reference.attention_scores(q.double(), k.double(), None if mask is None else (
+        mask if mask.dtype == torch.bool else mask.double()), scale, window, bottom, softcap)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(_ext.reason() is not None, reason=f"extension not loaded: {_ext.reason()}")
+def test_emulated_cuda_dropout_is_the_cpu_mask(emulated):
+    # v = identity: the output row is the dropped, rescaled probability row, so its zeros are
+    # exactly the drops, which must be native_attention_dropout_mask's.
+    B, H, L, S, p = 1, 2, 20, 24, 0.3
+    q = torch.randn(B, H, L, 16, dtype=torch.bfloat16)
+    k = torch.randn(B, H, S, 16, dtype=torch.bfloat16)
+    v = torch.eye(S, dtype=torch.bfloat16).expand(B, H, S, S)
+    seed = torch.tensor([987654321])
+    out, _ = emulated.attention_fwd(q, k, v, None, seed, p, 0.2, -1, -1, False, 0.0)
+    assert torch.equal(out != 0, OPS.native_attention_dropout_mask(seed, [B, H, L, S], p))
