@@ -91,6 +91,7 @@
 #include "../common/cuda_rows.cuh"
 #include "../common/mma.cuh"
 #endif
+#include "attention_args.h"
 
 namespace fastattn::cuda {
 namespace attention {
@@ -278,6 +279,27 @@ __device__ __forceinline__ void store_rows(const T* tile, T* base, int64_t pitch
   }
 }
 
+// The key-tile loop of the forward and dQ kernels (128 threads): waits until key/value tile
+// `nb`, in stage `st` of the two-stage ring sK / sV, has landed, after starting the copy of
+// tile nb + 1 into the other stage (the previous iteration's closing barrier freed it).
+template <typename T, int BN, int kD>
+__device__ __forceinline__ void next_kv_tile(T* sK, T* sV, const T* kb, const T* vb,
+                                             const AttnParams& p, int64_t nb, int64_t nb_hi,
+                                             int st) {
+  constexpr int LDS = Tiles<kD>::kLds;
+  if (nb + 1 < nb_hi) {
+    load_tile<T, BN, kD, 128>(sK + (st ^ 1) * BN * LDS, kb, p.sk[2], (nb + 1) * BN, p.S,
+                              p.d_load);
+    load_tile<T, BN, kD, 128>(sV + (st ^ 1) * BN * LDS, vb, p.sv[2], (nb + 1) * BN, p.S,
+                              p.dv_load);
+    cp_async_commit();
+    cp_async_wait<1>();
+  } else {
+    cp_async_wait<0>();
+  }
+  __syncthreads();
+}
+
 // --- forward -------------------------------------------------------------------------------
 
 template <typename T, int kD>
@@ -322,17 +344,7 @@ __global__ void __launch_bounds__(128) attention_fwd_kernel(const AttnParams p) 
 
   for (int64_t nb = nb_lo; nb < nb_hi; ++nb) {
     const int st = static_cast<int>((nb - nb_lo) & 1);
-    if (nb + 1 < nb_hi) {
-      load_tile<T, BN, kD, 128>(sK + (st ^ 1) * BN * LDS, kb, p.sk[2], (nb + 1) * BN, p.S,
-                                p.d_load);
-      load_tile<T, BN, kD, 128>(sV + (st ^ 1) * BN * LDS, vb, p.sv[2], (nb + 1) * BN, p.S,
-                                p.dv_load);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    next_kv_tile<T, BN, kD>(sK, sV, kb, vb, p, nb, nb_hi, st);
     const T* sKs = sK + st * BN * LDS;
     const T* sVs = sV + st * BN * LDS;
     const int64_t n0 = nb * BN;
@@ -527,17 +539,7 @@ __global__ void __launch_bounds__(128) attention_bwd_dq_kernel(const AttnParams 
 
   for (int64_t nb = nb_lo; nb < nb_hi; ++nb) {
     const int st = static_cast<int>((nb - nb_lo) & 1);
-    if (nb + 1 < nb_hi) {
-      load_tile<T, BN, kD, 128>(sK + (st ^ 1) * BN * LDS, kb, p.sk[2], (nb + 1) * BN, p.S,
-                                p.d_load);
-      load_tile<T, BN, kD, 128>(sV + (st ^ 1) * BN * LDS, vb, p.sv[2], (nb + 1) * BN, p.S,
-                                p.dv_load);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    next_kv_tile<T, BN, kD>(sK, sV, kb, vb, p, nb, nb_hi, st);
     const T* sKs = sK + st * BN * LDS;
     const T* sVs = sV + st * BN * LDS;
     const int64_t n0 = nb * BN;
@@ -878,39 +880,17 @@ inline void check_and_fill(const at::Tensor& q, const at::Tensor& k, const at::T
   check_float_on(q, "q", device);
   check_float_on(k, "k", device);
   check_float_on(v, "v", device);
-  TORCH_CHECK(q.dim() == 4, "q must be 4-d (B, Hq, L, D), got shape ", q.sizes());
-  TORCH_CHECK(k.dim() == 4, "k must be 4-d (B, Hk, S, D), got shape ", k.sizes());
-  TORCH_CHECK(v.dim() == 4, "v must be 4-d (B, Hk, S, Dv), got shape ", v.sizes());
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "q, k and v must have the same dtype, got ", q.scalar_type(), ", ",
-              k.scalar_type(), " and ", v.scalar_type());
+  check_attention_args(q, k, v, scale, softcap, left, right, dropout_p);
   TORCH_CHECK_TYPE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
                    "native CUDA attention takes float16 or bfloat16 q, k and v (tensor cores), "
                    "got ", q.scalar_type(), "; backend 'triton' (float32) or 'torch' (float32, "
                    "float64) serves ", q.scalar_type(), " on CUDA");
-  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0),
-              "k and v must have q's batch size ", q.size(0), ", got ", k.size(0), " and ",
-              v.size(0));
-  TORCH_CHECK(v.size(1) == k.size(1), "v must have k's number of heads ", k.size(1), ", got ",
-              v.size(1));
-  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "q's heads (", q.size(1),
-              ") must be a multiple of k's heads (", k.size(1), ")");
-  TORCH_CHECK(k.size(3) == q.size(3), "k must have q's head dim ", q.size(3), ", got ",
-              k.size(3));
-  TORCH_CHECK(v.size(2) == k.size(2), "v must have k's number of positions ", k.size(2),
-              ", got ", v.size(2));
   TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= 256 && v.size(3) >= 1 && v.size(3) <= 256,
               "native CUDA attention takes head dims from 1 to 256 (q/k: ", q.size(3),
               ", v: ", v.size(3), ")");
   TORCH_CHECK(q.size(0) <= kMaxGridYZ && q.size(1) <= kMaxGridYZ,
               "native CUDA attention takes batch and query heads up to 65535 each (CUDA grid "
               "limit), got batch ", q.size(0), " and ", q.size(1), " heads");
-  TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
-  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, "softcap must be finite and >= 0, got ",
-              softcap);
-  TORCH_CHECK(left >= -1 && right >= -1, "window_left and window_right must be >= -1, got ",
-              left, " and ", right);
-  TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, "dropout_p must be in [0, 1), got ", dropout_p);
   p = AttnParams{};
   p.B = q.size(0);
   p.Hq = q.size(1);
