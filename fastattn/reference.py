@@ -94,10 +94,14 @@ def softmax_bwd(grad_output, output, dim, scale, mask, causal, log, input_dtype)
     """torch-backend launcher: d(input) from d(output) and the saved output."""
     acc = accumulate_dtype(torch.promote_types(output.dtype, input_dtype))
     y, g = output.to(acc), grad_output.to(acc)
+    # PyTorch's own backward kernels (g - exp(y) sum(g), y (g - sum(g y))): the torch backend
+    # is PyTorch to the last bit, sums included. A torch.sum here is more accurate than
+    # PyTorch's row sum, but at 70001 columns PyTorch's rounding now and then cancels the
+    # forward's error in lse, and the twice-PyTorch's-error rule then fails a better sum.
     if log:
-        gz = g - y.exp() * g.sum(dim, keepdim=True)
+        gz = torch._log_softmax_backward_data(g, y, dim, acc)
     else:
-        gz = y * (g - (g * y).sum(dim, keepdim=True))
+        gz = torch._softmax_backward_data(g, y, dim, acc)
     keep = keep_mask(y.shape, mask, causal, y.device)
     if keep is not None:
         gz = gz.masked_fill(~keep, 0.0)
@@ -118,18 +122,20 @@ def _valid_tokens(target: torch.Tensor, ignore_index: int, probability: bool) ->
     return target != ignore_index
 
 
-def cross_entropy_denominator(target, weight, ignore_index, num_classes, probability):
-    """What ``reduction="mean"`` divides the summed loss by, as a 0-dim float32 tensor.
+def cross_entropy_denominator(target, weight, ignore_index, num_classes, probability, dtype):
+    """What ``reduction="mean"`` divides the summed loss by, as a 0-dim tensor of ``dtype``
+    (the accumulation dtype: float64 for float64 logits, as PyTorch's total weight, else float32).
 
     Class indices: the sum of the target classes' weights over non-ignored tokens (their count
     without ``weight``). Probability targets: the number of tokens. 0 gives NaN, as in PyTorch.
     """
     if probability:
-        return torch.tensor(float(target.numel() // max(num_classes, 1)), device=target.device)
+        return torch.tensor(float(target.numel() // max(num_classes, 1)), dtype=dtype,
+                            device=target.device)
     valid = target != ignore_index
     if weight is None:
-        return valid.sum().to(torch.float32)
-    picked = weight.float()[target.clamp(0, num_classes - 1).long()]
+        return valid.sum().to(dtype)
+    picked = weight.to(dtype)[target.clamp(0, num_classes - 1).long()]
     return torch.where(valid, picked, 0.0).sum()
 
 
@@ -169,7 +175,8 @@ def cross_entropy(
     elif reduction == "mean":
         num_classes = input.shape[class_dim]
         tgt = target.reshape(1, *target.shape) if input.ndim == 1 else target
-        denom = cross_entropy_denominator(tgt, weight, ignore_index, num_classes, probability)
+        denom = cross_entropy_denominator(tgt, weight, ignore_index, num_classes, probability,
+                                          accumulate_dtype(input.dtype))
         loss = loss.sum() / denom.to(loss.dtype)
     return (loss, lse) if return_lse else loss
 
@@ -228,7 +235,7 @@ def cross_entropy_fwd(
     denom = None
     if reduction == 1:
         denom = cross_entropy_denominator(target, weight, ignore_index, num_classes,
-                                          target.is_floating_point()).to(acc)
+                                          target.is_floating_point(), acc)
         loss_out = loss.sum() / denom
     else:
         loss_out = loss.sum() if reduction == 2 else loss

@@ -32,6 +32,16 @@ def _fresh_seed(request):
     yield
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    # The seed goes into the failure report itself: a CI log is often all there is of a failure.
+    report = (yield).get_result()
+    if report.failed:
+        seeds = [value for name, value in item.user_properties if name == "seed"]
+        if seeds:
+            report.sections.append(("seed", f"torch.manual_seed({seeds[0]}) reproduces the inputs"))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _no_tuned_table(tmp_path_factory):
     # Tests see the fixed backend order, never a table `fastattn-bench tune` wrote on this

@@ -50,13 +50,14 @@ int64_t check_class_indices(const at::Tensor& target, int64_t C, int64_t ignore_
 }
 
 // What the mean divides by, computed as fastattn.reference.cross_entropy_denominator does (the
-// specification): a float32 sum of the target classes' weights over non-ignored tokens (their
-// count without weight), the token count for probability targets.
+// specification): a sum in the accumulation dtype of the target classes' weights over
+// non-ignored tokens (their count without weight), the token count for probability targets.
 double denominator(const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t C,
-                   int64_t ignore_index, bool probability, int64_t tokens, int64_t valid) {
-  if (probability) return static_cast<float>(tokens);
+                   int64_t ignore_index, bool probability, int64_t tokens, int64_t valid,
+                   at::ScalarType acc) {
+  if (probability) return static_cast<double>(tokens);
   if (!weight.has_value()) return static_cast<double>(valid);
-  const at::Tensor picked = weight->to(at::kFloat).index_select(0, target.clamp(0, C - 1).flatten());
+  const at::Tensor picked = weight->to(acc).index_select(0, target.clamp(0, C - 1).flatten());
   return at::where(target.ne(ignore_index).flatten(), picked, 0.0).sum().item<double>();
 }
 
@@ -77,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
   const int64_t tokens = input.numel() / C;
   const int64_t valid = probability ? tokens : check_class_indices(t, C, ignore_index);
   const double denom =
-      reduction == 1 ? denominator(t, weight, C, ignore_index, probability, tokens, valid) : 1.0;
+      reduction == 1 ? denominator(t, weight, C, ignore_index, probability, tokens, valid, acc) : 1.0;
 
   const auto opts = at::TensorOptions().dtype(acc);
   at::Tensor loss = at::empty({tokens}, opts);

@@ -64,7 +64,7 @@ struct CrossEntropyArgs {
   void* grad;          // input's dtype, or null
   void* loss;          // (tokens,) accumulation dtype
   float* lse;          // (tokens,)
-  const float* denom;  // the mean's denominator (device), or null: no scaling
+  const void* denom;  // the mean's denominator (device, accumulation dtype), or null: no scaling
   int64_t ignore_index;
   double one_minus_eps;
   double eps_per_class;
@@ -104,7 +104,7 @@ __global__ void cross_entropy_fwd_kernel(CrossEntropyArgs a) {
   const bool need_v = a.probability || smooth;
   const A ome = static_cast<A>(a.one_minus_eps), epsc = static_cast<A>(a.eps_per_class);
   const A zl = static_cast<A>(a.z_loss);
-  const A scale = a.denom ? A(1) / static_cast<A>(*a.denom) : A(1);
+  const A scale = a.denom ? A(1) / *static_cast<const A*>(a.denom) : A(1);
   for (int64_t row = blockIdx.x; row < a.rows.rows; row += gridDim.x) {
     const RowOffsets r = row_offsets(a.rows, row);
     bool valid = true;
@@ -208,17 +208,17 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
     TORCH_CHECK(!bad.any().item<bool>(), "target holds a class index outside [0, ", C,
                 ") that is not ignore_index=", ignore_index);
   }
-  // The mean's denominator as the specification computes it: a float32 sum of the target
-  // classes' weights over non-ignored tokens (their count without weight), or the token count.
+  // The mean's denominator as the specification computes it: a sum in the accumulation dtype of
+  // the target classes' weights over non-ignored tokens (their count without weight), or the
+  // token count.
   at::Tensor denom;
   if (reduction == 1) {
     if (probability) {
-      denom = at::full({}, static_cast<float>(tokens), input.options().dtype(at::kFloat));
+      denom = at::full({}, static_cast<double>(tokens), input.options().dtype(acc));
     } else if (!weight.has_value()) {
-      denom = valid.sum().to(at::kFloat);
+      denom = valid.sum().to(acc);
     } else {
-      const at::Tensor picked =
-          weight->to(at::kFloat).index_select(0, t.clamp(0, C - 1).flatten());
+      const at::Tensor picked = weight->to(acc).index_select(0, t.clamp(0, C - 1).flatten());
       denom = at::where(valid.flatten(), picked, 0.0).sum();
     }
   }
@@ -241,7 +241,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
     a.grad = grad.has_value() ? grad->data_ptr() : nullptr;
     a.loss = loss.data_ptr();
     a.lse = lse.data_ptr<float>();
-    a.denom = denom.defined() ? denom.data_ptr<float>() : nullptr;
+    a.denom = denom.defined() ? denom.const_data_ptr() : nullptr;
     a.ignore_index = ignore_index;
     a.one_minus_eps = 1.0 - label_smoothing;
     a.eps_per_class = label_smoothing / static_cast<double>(C);
@@ -263,7 +263,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
   } else if (reduction == 2) {
     loss_out = loss.sum();
   } else {
-    loss_out = loss.sum().div_(denom.to(acc));  // 0 / 0 = NaN for a mean over nothing
+    loss_out = loss.sum().div_(denom);  // 0 / 0 = NaN for a mean over nothing
   }
   return {loss_out, lse.view(token_shape)};
 }

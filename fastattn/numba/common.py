@@ -141,9 +141,17 @@ def scaled_max(v, n, scale, init):
     return m
 
 
+# Sums run in chunks of _CHUNK elements: each chunk in the row's dtype (vectorised), the chunk
+# sums added in float64. A float32 row of 70001 summed in one vectorised pass (each lane adding
+# ~1000 terms one after another) is off by ~1e-5 relative, which at 70001 columns put the
+# log-softmax gradient past twice PyTorch's error; chunks keep each lane's run short. LLVM
+# vectorises a chunk only when it is its own function called on a slice (an inner loop over
+# range(c, c + k) stays scalar, 10x slower), hence the _run_* helpers.
+_CHUNK = 4096
+
+
 @numba.njit(**_HELPER)
-def scaled_exp_store_sum(v, out, n, scale, m):
-    """out[j] <- exp(v[j] * scale - m) for j < n; returns their sum."""
+def _run_scaled_exp_store_sum(v, out, n, scale, m):
     s = cast(0.0, v)
     for j in range(n):
         e = fexp(v[j] * scale - m)
@@ -153,8 +161,7 @@ def scaled_exp_store_sum(v, out, n, scale, m):
 
 
 @numba.njit(**_HELPER)
-def scaled_exp_sum(v, n, scale, m):
-    """sum_j exp(v[j] * scale - m) over j < n."""
+def _run_scaled_exp_sum(v, n, scale, m):
     s = cast(0.0, v)
     for j in range(n):
         s += fexp(v[j] * scale - m)
@@ -162,17 +169,7 @@ def scaled_exp_sum(v, n, scale, m):
 
 
 @numba.njit(**_HELPER)
-def exp_sum(v, n, m):
-    """sum_j exp(v[j] - m) over j < n."""
-    s = cast(0.0, v)
-    for j in range(n):
-        s += fexp(v[j] - m)
-    return s
-
-
-@numba.njit(**_HELPER)
-def exp_store_sum(v, n, m):
-    """v[j] <- exp(v[j] - m) for j < n; returns their sum."""
+def _run_exp_store_sum(v, n, m):
     s = cast(0.0, v)
     for j in range(n):
         e = fexp(v[j] - m)
@@ -182,8 +179,7 @@ def exp_store_sum(v, n, m):
 
 
 @numba.njit(**_HELPER)
-def total(v, n):
-    """sum_j v[j] over j < n."""
+def _run_total(v, n):
     s = cast(0.0, v)
     for j in range(n):
         s += v[j]
@@ -191,12 +187,62 @@ def total(v, n):
 
 
 @numba.njit(**_HELPER)
-def dot(a, b, n):
-    """sum_j a[j] b[j] over j < n."""
+def _run_dot(a, b, n):
     s = cast(0.0, a)
     for j in range(n):
         s += a[j] * b[j]
     return s
+
+
+@numba.njit(**_HELPER)
+def scaled_exp_store_sum(v, out, n, scale, m):
+    """out[j] <- exp(v[j] * scale - m) for j < n; returns their sum."""
+    s = 0.0
+    for c in range(0, n, _CHUNK):
+        s += _run_scaled_exp_store_sum(v[c:], out[c:], min(_CHUNK, n - c), scale, m)
+    return cast(s, v)
+
+
+@numba.njit(**_HELPER)
+def scaled_exp_sum(v, n, scale, m):
+    """sum_j exp(v[j] * scale - m) over j < n."""
+    s = 0.0
+    for c in range(0, n, _CHUNK):
+        s += _run_scaled_exp_sum(v[c:], min(_CHUNK, n - c), scale, m)
+    return cast(s, v)
+
+
+@numba.njit(**_HELPER)
+def exp_sum(v, n, m):
+    """sum_j exp(v[j] - m) over j < n."""
+    return scaled_exp_sum(v, n, cast(1.0, v), m)
+
+
+@numba.njit(**_HELPER)
+def exp_store_sum(v, n, m):
+    """v[j] <- exp(v[j] - m) for j < n; returns their sum."""
+    s = 0.0
+    for c in range(0, n, _CHUNK):
+        s += _run_exp_store_sum(v[c:], min(_CHUNK, n - c), m)
+    return cast(s, v)
+
+
+@numba.njit(**_HELPER)
+def dot(a, b, n):
+    """sum_j a[j] b[j] over j < n."""
+    s = 0.0
+    for c in range(0, n, _CHUNK):
+        s += _run_dot(a[c:], b[c:], min(_CHUNK, n - c))
+    return cast(s, a)
+
+
+@numba.njit(**_HELPER)
+def total(v, n):
+    """sum_j v[j] over j < n."""
+    s = 0.0
+    for c in range(0, n, _CHUNK):
+        s += _run_total(v[c:], min(_CHUNK, n - c))
+    return cast(s, v)
 
 
 # --- dropout ---------------------------------------------------------------------------------

@@ -184,7 +184,7 @@ def cross_entropy_fwd(
     lse = torch.empty(n, dtype=acc)
     denom = 1.0
     if reduction == 1:
-        denom = float(cross_entropy_denominator(target, weight, ignore_index, C, probability))
+        denom = float(cross_entropy_denominator(target, weight, ignore_index, C, probability, acc))
     g_moved = None if grad is None else last(grad, 1)  # (N, d1, ..., C)
     direct = g_moved is not None and g_moved.is_contiguous() and grad.dtype == acc
     g_rows = torch.empty(0, 1, dtype=acc)

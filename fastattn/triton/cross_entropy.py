@@ -281,7 +281,7 @@ def cross_entropy_fwd(
     elif reduction == 1:
         # Before the launch, on the device: the gradient is divided by it too. No host sync.
         denom = cross_entropy_denominator(target, weight, ignore_index, num_classes,
-                                          probability).to(acc)
+                                          probability, acc)
     if num_rows > 0:
         x = input.movedim(1, -1)  # (N, d1, ..., C)
         t = target.movedim(1, -1) if probability else target.unsqueeze(-1)  # (N, d1, ..., C | 1)
