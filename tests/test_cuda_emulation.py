@@ -1,7 +1,7 @@
-"""The native CUDA attention kernels, run unchanged on the CPU in an emulation of the CUDA model
-(tests/cuda_emulation/: a thread per CUDA thread, barriers, and the warp collectives ldmatrix,
-mma.sync and shuffles computed from the PTX ISA's fragment layouts), through the same launch
-logic as on a GPU (attention_fwd_impl / attention_bwd_impl of csrc/attention/attention_cuda.cuh).
+"""The native CUDA kernels (attention, softmax, cross-entropy), run unchanged on the CPU in an
+emulation of the CUDA model (tests/cuda_emulation/: a thread per CUDA thread, barriers, and the
+warp collectives ldmatrix, mma.sync and shuffles computed from the PTX ISA's fragment layouts),
+through the same launch logic as on a GPU (the *_impl templates of csrc/<op>/<op>_cuda.cuh).
 
 What this checks before any GPU sees the code: fragment layouts and every index expression,
 tile loops with remainders, causal/window tile skipping, masks, dropout (the CPU generator's
@@ -25,18 +25,27 @@ HERE = Path(__file__).resolve().parent
 OPS = torch.ops.fastattn
 
 
-@pytest.fixture(scope="module")
-def emulated():
+def _build(name, source):
     from torch.utils import cpp_extension
 
     if torch.cuda.is_available():  # and its build would cost a GPU lease a minute
-        pytest.skip("a GPU is here: test_attention runs the native CUDA kernels themselves")
+        pytest.skip("a GPU is here: the op tests run the native CUDA kernels themselves")
     if not cpp_extension.is_ninja_available() or shutil.which("c++") is None:
         pytest.skip("building the emulation needs ninja and a C++ compiler")
     return cpp_extension.load(
-        name="fastattn_cuda_emulation", sources=[str(HERE / "cuda_emulation" / "attention.cpp")],
+        name=name, sources=[str(HERE / "cuda_emulation" / source)],
         extra_include_paths=[str(HERE / "cuda_emulation"), str(HERE.parent / "csrc")],
         extra_cflags=["-O1", "-std=c++20", "-Wno-unknown-pragmas"], verbose=False)
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    return _build("fastattn_cuda_emulation", "attention.cpp")
+
+
+@pytest.fixture(scope="module")
+def emulated_rows():
+    return _build("fastattn_cuda_emulation_rows", "rows.cpp")
 
 
 def _inputs(dtype, B, Hq, Hk, L, S, D, Dv, flash):
@@ -125,3 +134,120 @@ def test_emulated_cuda_dropout_is_the_cpu_mask(emulated):
     seed = torch.tensor([987654321])
     out, _ = emulated.attention_fwd(q, k, v, None, seed, p, 0.2, -1, -1, False, 0.0)
     assert torch.equal(out != 0, OPS.native_attention_dropout_mask(seed, [B, H, L, S], p))
+
+
+# The row kernels (softmax_cuda.cuh, cross_entropy_cuda.cuh): every block size threads_for picks
+# (64 to 512 threads), rows left over by the grid-stride loop (3 blocks), strided and
+# broadcast tensors, masks, every float dtype.
+#  name, dtype, shape, dim, log, mask shape (bool / additive), causal, scale, out dtype
+SOFTMAX_CASES = [
+    ("short rows", torch.float32, (7, 37), -1, False, None, False, 1.0, None),
+    ("bf16 log, 128 threads", torch.bfloat16, (4, 300), -1, True, None, False, 0.5, None),
+    ("fp16 causal, a row masked but one", torch.float16, (2, 3, 9, 9), -1, False, None, True,
+     1.0, None),
+    ("bool mask broadcast, a fully masked row", torch.float32, (2, 3, 5, 7), -1, True,
+     ("bool", (1, 3, 1, 7)), False, 1.0, None),
+    ("additive mask with -inf, 256 threads", torch.bfloat16, (2, 3, 2500), -1, False,
+     ("additive", (3, 2500)), False, 2.0, None),
+    ("dim 0 of a transposed float64", torch.float64, (6, 40), 0, True, None, False, 1.0, None),
+    ("fp16 in, float32 out", torch.float16, (3, 70), 1, False, None, False, 1.0,
+     torch.float32),
+    ("long rows, 512 threads", torch.float32, (2, 9001), -1, True, None, False, 1.0, None),
+]
+
+
+@pytest.mark.skipif(_ext.reason() is not None, reason=f"extension not loaded: {_ext.reason()}")
+@pytest.mark.parametrize("case", SOFTMAX_CASES, ids=[c[0] for c in SOFTMAX_CASES])
+def test_emulated_cuda_softmax_matches_reference(emulated_rows, case):
+    _, dtype, shape, dim, log, mask_spec, causal, scale, out_dtype = case
+    x = 3 * torch.randn(shape, dtype=dtype)
+    if dim == 0:
+        x = x.t()  # the reduced dim is then strided
+    mask = None
+    if mask_spec is not None and mask_spec[0] == "bool":
+        mask = torch.rand(mask_spec[1]) > 0.3
+        mask[..., 0, :] = False  # one row masked throughout
+    elif mask_spec is not None:
+        mask = torch.randn(mask_spec[1], dtype=dtype)
+        mask = mask.masked_fill(torch.rand(mask_spec[1]) < 0.2, float("-inf"))
+    dim = dim % x.ndim
+    out = emulated_rows.softmax_fwd(x, dim, scale, mask, causal, log, out_dtype or dtype)
+    spec = reference.log_softmax if log else reference.softmax
+
+    def run(precision):
+        leaf = x.detach().to(precision).requires_grad_()
+        m = mask if mask is None or mask.dtype == torch.bool else mask.to(precision)
+        return leaf, spec(leaf, dim, out_dtype if precision == dtype else None, scale=scale,
+                          mask=m, causal=causal)
+
+    x64, ref = run(torch.float64)
+    x_pt, pt = run(dtype)
+    assert out.dtype == (out_dtype or dtype)
+    assert_twice_error(out, ref, pt, "output")
+    grad = torch.randn(ref.shape, dtype=torch.float64)
+    dx = emulated_rows.softmax_bwd(grad.to(out.dtype), out, dim, scale, mask, causal, log, dtype)
+    ref.backward(grad)
+    pt.backward(grad.to(pt.dtype))
+    assert dx.dtype == dtype
+    assert_twice_error(dx, x64.grad, x_pt.grad, "d input",
+                       out_dtype if out_dtype is not None and out_dtype.itemsize < dtype.itemsize
+                       else None)
+
+
+#  name, dtype, (tokens, classes) or (N, C, d1), options, reduction
+CROSS_ENTROPY_CASES = [
+    ("plain, 64 threads", torch.float32, (6, 37), {}, "mean"),
+    ("bf16 weight + ignore + smoothing", torch.bfloat16, (5, 300),
+     {"weight": True, "ignore": True, "label_smoothing": 0.1}, "mean"),
+    ("fp16 z-loss + softcap, 256 threads", torch.float16, (4, 2000),
+     {"z_loss": 1e-2, "softcap": 5.0}, "sum"),
+    ("probability targets + weight + smoothing", torch.float32, (4, 50),
+     {"probability": True, "weight": True, "label_smoothing": 0.2}, "none"),
+    ("(N, C, d1): strided classes", torch.bfloat16, (2, 11, 3), {"ignore": True}, "mean"),
+    ("float64 weighted mean", torch.float64, (7, 19), {"weight": True, "ignore": True}, "mean"),
+    ("long vocab, 512 threads, gradient in place", torch.float32, (2, 9001), {"inplace": True},
+     "mean"),
+]
+
+
+@pytest.mark.skipif(_ext.reason() is not None, reason=f"extension not loaded: {_ext.reason()}")
+@pytest.mark.parametrize("case", CROSS_ENTROPY_CASES, ids=[c[0] for c in CROSS_ENTROPY_CASES])
+def test_emulated_cuda_cross_entropy_matches_reference(emulated_rows, case):
+    _, dtype, shape, opts, reduction = case
+    opts = dict(opts)
+    C = shape[1]
+    x = 4 * torch.randn(shape, dtype=dtype)
+    batch = shape[:1] + shape[2:]
+    if opts.pop("probability", False):
+        target = torch.softmax(3 * torch.randn(shape), 1)
+    else:
+        target = torch.randint(0, C, batch)
+        if opts.pop("ignore", False):
+            target = target.masked_fill(torch.rand(batch) < 0.3, -100)
+            target.view(-1)[0] = 1  # never every token ignored
+    weight = torch.rand(C, dtype=torch.float64) + 0.5 if opts.pop("weight", False) else None
+    inplace = opts.pop("inplace", False)
+    eps, z_loss, softcap = (opts.get("label_smoothing", 0.0), opts.get("z_loss", 0.0),
+                            opts.get("softcap", 0.0))
+    grad = x.clone() if inplace else torch.empty_like(x)
+    x_in = grad if inplace else x  # the gradient overwrites the logits it is computed from
+    loss, lse = emulated_rows.cross_entropy_fwd(
+        x_in, target, None if weight is None else weight.to(dtype), -100,
+        reference.REDUCTIONS.index(reduction), eps, z_loss, softcap, grad)
+
+    def run(precision):
+        leaf = x.detach().to(precision).requires_grad_()
+        t = target.to(precision) if target.is_floating_point() else target
+        w = None if weight is None else weight.to(precision)
+        out = reference.cross_entropy(leaf, t, w, -100, reduction, eps, z_loss=z_loss,
+                                      softcap=softcap or None)
+        out.backward(torch.ones_like(out))
+        return out, leaf.grad
+
+    ref, ref_grad = run(torch.float64)
+    pt, pt_grad = run(dtype)
+    assert_twice_error(loss, ref, pt, "loss")
+    # the gradient the kernel writes: d(loss)/d(logits) for an upstream gradient of ones
+    assert_twice_error(grad, ref_grad, pt_grad, "d input")
+    logits = reference.apply_softcap(x.double(), softcap or None)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(logits, 1), atol=1e-4, rtol=1e-4)

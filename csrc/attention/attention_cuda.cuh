@@ -87,8 +87,8 @@
 
 #include "../common/checks.h"
 #include "../common/dropout.h"
-#ifndef FASTATTN_CUDA_EMULATION  // a CPU emulation of the CUDA model provides these itself
 #include "../common/cuda_rows.cuh"
+#ifndef FASTATTN_CUDA_EMULATION  // a CPU emulation of the CUDA model provides the PTX pieces
 #include "../common/mma.cuh"
 #endif
 #include "attention_args.h"

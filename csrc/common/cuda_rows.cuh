@@ -7,15 +7,23 @@
 // The layout is csrc/common/rows.h's RowLayout (built on the host with the same rules as the
 // CPU kernels: broadcast dims read through stride 0, the reduced dim through its own stride),
 // copied into a fixed-size struct passed by value to the kernel.
+//
+// Under FASTATTN_CUDA_EMULATION (tests/cuda_emulation/) the device code here compiles as host
+// C++ and the CUDA runtime parts (CudaRowLauncher) are left out.
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
+#ifndef FASTATTN_CUDA_EMULATION
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
+
+// A block's static shared array (the emulation makes it a function-local static).
+#define FASTATTN_BLOCK_SHARED __shared__
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -185,12 +193,30 @@ inline int threads_for(int64_t cols) {
   return 512;
 }
 
-// Blocks for a grid-stride loop over `rows` rows: enough to fill every SM many times over.
-inline unsigned row_blocks(int64_t rows) {
-  int device = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return static_cast<unsigned>(std::min<int64_t>(rows, static_cast<int64_t>(sms) * 32));
+#ifndef FASTATTN_CUDA_EMULATION
+// Launches the row kernels on the current stream of the current device; the launch logic of
+// each op (<op>_cuda.cuh) is written against this interface, which the emulation also provides.
+struct CudaRowLauncher {
+  // Blocks for a grid-stride loop over rows: enough to fill every SM many times over.
+  static unsigned max_blocks() {
+    int device = 0, sms = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    return static_cast<unsigned>(sms) * 32;
+  }
+
+  template <typename Args>
+  static void launch(void (*kernel)(Args), unsigned blocks, int threads, const Args& a) {
+    kernel<<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+#endif
+
+// Blocks for a grid-stride loop over `rows` rows, at most what the launcher asks for.
+template <typename Launcher>
+unsigned row_blocks(int64_t rows) {
+  return static_cast<unsigned>(std::min<int64_t>(rows, Launcher::max_blocks()));
 }
 
 }  // namespace fastattn::cuda

@@ -1,5 +1,6 @@
 // A CPU emulation of the CUDA execution model, enough of it to run the kernels of
-// csrc/attention/attention_cuda.cuh unchanged on a machine without a GPU (tests/
+// csrc/attention/attention_cuda.cuh, csrc/softmax/softmax_cuda.cuh and
+// csrc/cross_entropy/cross_entropy_cuda.cuh unchanged on a machine without a GPU (tests/
 // test_cuda_emulation.py): one OS thread per CUDA thread, CTAs one after another, dynamic shared
 // memory one global buffer (filled with 0xFF, a NaN pattern, before each CTA, so a read of
 // shared memory nothing wrote shows up), __syncthreads / __syncwarp as barriers, and the warp
@@ -9,8 +10,9 @@
 // zero-fills) at once, so it checks what the kernels compute, not their timing: races are
 // compute-sanitizer's job on a GPU (benchmarks/sanitize_cuda.py); out-of-bounds accesses show
 // up here under AddressSanitizer (see attention.cpp).
-// What it replaces, the attention header leaves out under FASTATTN_CUDA_EMULATION:
-// csrc/common/mma.cuh's PTX and csrc/common/cuda_rows.cuh's element loads.
+// Static __shared__ arrays (FASTATTN_BLOCK_SHARED) are function-local statics. What it replaces,
+// the headers leave out under FASTATTN_CUDA_EMULATION: csrc/common/mma.cuh's PTX and
+// csrc/common/cuda_rows.cuh's CUDA runtime launcher.
 #pragma once
 #include <barrier>
 #include <cmath>
@@ -41,7 +43,10 @@ struct __nv_bfloat16 { uint16_t x; };
 struct __half { uint16_t x; };
 
 inline thread_local dim3 threadIdx;
-inline dim3 blockIdx;
+inline dim3 blockIdx, blockDim, gridDim;  // CTAs run one after another
+
+// A block's static __shared__ array: one per kernel instantiation, shared by the block's threads.
+#define FASTATTN_BLOCK_SHARED static
 
 namespace emu {
 struct Warp {
@@ -49,7 +54,7 @@ struct Warp {
   const void* addr[32];
   uint32_t a[32][4];
   uint32_t b[32][2];
-  float f[32];
+  double f[32];  // shuffle slots
 };
 inline std::vector<std::unique_ptr<Warp>> warps;
 inline std::unique_ptr<std::barrier<>> cta;
@@ -85,38 +90,48 @@ inline uint16_t float_to_bits(float f, bool bf16) {
 
 inline void __syncthreads() { emu::cta->arrive_and_wait(); }
 inline void __syncwarp() { emu::warp().bar.arrive_and_wait(); }
-inline float __shfl_xor_sync(unsigned, float v, int m) {
+template <typename T>
+inline T __shfl_xor_sync(unsigned, T v, int m) {
+  static_assert(sizeof(T) <= sizeof(double), "one shuffle slot holds 8 bytes");
   auto& w = emu::warp(); int l = emu::lane();
-  w.f[l] = v; w.bar.arrive_and_wait();
-  float r = w.f[l ^ m]; w.bar.arrive_and_wait();
+  std::memcpy(&w.f[l], &v, sizeof(T)); w.bar.arrive_and_wait();
+  T r; std::memcpy(&r, &w.f[l ^ m], sizeof(T)); w.bar.arrive_and_wait();
   return r;
 }
+
+namespace emu {
+// Runs `body` as every thread of every CTA of `grid` (threads per CTA), CTA after CTA; each CTA
+// gets fresh warps and barriers. `before_cta` runs before each CTA's threads start.
+template <typename Body, typename BeforeCta>
+void run_grid(dim3 grid, int threads, Body body, BeforeCta before_cta) {
+  TORCH_CHECK(threads % 32 == 0 && threads <= 1024, "bad block size ", threads);
+  gridDim = grid;
+  blockDim = dim3(threads);
+  for (unsigned z = 0; z < grid.z; ++z) {
+    for (unsigned y = 0; y < grid.y; ++y) {
+      for (unsigned x = 0; x < grid.x; ++x) {
+        blockIdx = dim3(x, y, z);
+        before_cta();
+        warps.clear();
+        for (int w = 0; w < threads / 32; ++w) warps.push_back(std::make_unique<Warp>());
+        cta = std::make_unique<std::barrier<>>(threads);
+        std::vector<std::thread> pool;
+        for (int t = 0; t < threads; ++t) {
+          pool.emplace_back([&, t] {
+            threadIdx = dim3(t);
+            body();
+          });
+        }
+        for (auto& thread : pool) thread.join();
+      }
+    }
+  }
+}
+}  // namespace emu
 
 namespace fastattn::cuda {
 using std::min;
 using std::max;
-
-enum DType : int { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3, kU8 = 4 };
-inline DType dtype_code(c10::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return kF32;
-    case at::kDouble: return kF64;
-    case at::kHalf: return kF16;
-    case at::kBFloat16: return kBF16;
-    case at::kBool: return kU8;
-    default: TORCH_CHECK(false, "unsupported dtype ", t);
-  }
-}
-template <typename A>
-inline A load_as(const void* base, int dtype, int64_t i) {
-  switch (dtype) {
-    case kF32: return A(static_cast<const float*>(base)[i]);
-    case kF64: return A(static_cast<const double*>(base)[i]);
-    case kF16: return A(float(static_cast<const c10::Half*>(base)[i]));
-    case kBF16: return A(float(static_cast<const c10::BFloat16*>(base)[i]));
-    default: return A(static_cast<const uint8_t*>(base)[i]);
-  }
-}
 
 template <typename T> constexpr bool is_bf16 = std::is_same_v<T, __nv_bfloat16>;
 
