@@ -23,11 +23,15 @@
 
 // A block's static shared array (the emulation makes it a function-local static).
 #define FASTATTN_BLOCK_SHARED __shared__
+// Prefixes a vector access statement; the hardware enforces the alignment itself, the
+// emulation checks it.
+#define FASTATTN_ALIGNED_ACCESS(ptr, bytes)
 #endif
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "rows.h"
 
@@ -153,24 +157,35 @@ __device__ inline T shfl_xor(T v, int lane_mask) {
   return __shfl_xor_sync(0xffffffffu, v, lane_mask);
 }
 
-// Sum over the block of `v` (every thread gets the result). `scratch` holds 32 values.
 template <typename A>
-__device__ A block_sum(A v, A* scratch) {
-  for (int o = 16; o > 0; o >>= 1) v += shfl_xor(v, o);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = (blockDim.x + 31) / 32;
-  __syncthreads();  // scratch may still be read by a previous reduction
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  v = lane < warps ? scratch[lane] : A(0);
+__device__ inline A warp_sum(A v) {
   for (int o = 16; o > 0; o >>= 1) v += shfl_xor(v, o);
   return v;
 }
 
 template <typename A>
-__device__ MaxSum<A> block_max_sum(MaxSum<A> v, A* scratch_m, A* scratch_s) {
+__device__ inline MaxSum<A> warp_max_sum(MaxSum<A> v) {
   for (int o = 16; o > 0; o >>= 1) {
     v = MaxSum<A>::merge(v, {shfl_xor(v.m, o), shfl_xor(v.s, o)});
   }
+  return v;
+}
+
+// Sum over the block of `v` (every thread gets the result). `scratch` holds 32 values.
+template <typename A>
+__device__ A block_sum(A v, A* scratch) {
+  v = warp_sum(v);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = (blockDim.x + 31) / 32;
+  __syncthreads();  // scratch may still be read by a previous reduction
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < warps ? scratch[lane] : A(0);
+  return warp_sum(v);
+}
+
+template <typename A>
+__device__ MaxSum<A> block_max_sum(MaxSum<A> v, A* scratch_m, A* scratch_s) {
+  v = warp_max_sum(v);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = (blockDim.x + 31) / 32;
   __syncthreads();
   if (lane == 0) {
@@ -179,10 +194,172 @@ __device__ MaxSum<A> block_max_sum(MaxSum<A> v, A* scratch_m, A* scratch_s) {
   }
   __syncthreads();
   v = lane < warps ? MaxSum<A>{scratch_m[lane], scratch_s[lane]} : MaxSum<A>::empty();
-  for (int o = 16; o > 0; o >>= 1) {
-    v = MaxSum<A>::merge(v, {shfl_xor(v.m, o), shfl_xor(v.s, o)});
+  return warp_max_sum(v);
+}
+
+// The same over the `nt` threads that share a row: a warp (no block barrier, so the warps of a
+// block may work on different rows) or the whole block.
+template <typename A>
+__device__ inline A row_sum(A v, int nt, A* scratch) {
+  return nt == 32 ? warp_sum(v) : block_sum(v, scratch);
+}
+
+template <typename A>
+__device__ inline MaxSum<A> row_max_sum(MaxSum<A> v, int nt, A* scratch_m, A* scratch_s) {
+  return nt == 32 ? warp_max_sum(v) : block_max_sum(v, scratch_m, scratch_s);
+}
+
+// The rows this thread's group (`nt` threads: a warp or the block) works on, in a grid-stride
+// loop, and the thread's index within the group.
+struct RowGroup {
+  int64_t first;
+  int64_t step;
+  int t;
+  int nt;
+};
+
+__device__ inline RowGroup row_group(int nt) {
+  const int per_block = blockDim.x / nt;
+  return {static_cast<int64_t>(blockIdx.x) * per_block + threadIdx.x / nt,
+          static_cast<int64_t>(gridDim.x) * per_block, static_cast<int>(threadIdx.x) % nt, nt};
+}
+
+// Element access to one row, for kernels written once for two layouts. `each<kIn>` calls
+// f(j, x0_j, x1_j) for the columns j this thread takes (thread t of nt; x1 is 0 unless kIn is
+// 2); `map<kIn>` also writes f's result to the output's column j.
+
+// Any dtype (runtime codes) and any column strides: one element at a time.
+struct StridedRow {
+  const void* in[2];
+  int in_dtype[2];
+  int64_t in_off[2];
+  int64_t in_stride[2];
+  void* out;
+  int out_dtype;
+  int64_t out_off;
+  int64_t out_stride;
+
+  template <int kIn, typename A>
+  __device__ A load(int i, int64_t j) const {
+    if (kIn <= i) return A(0);
+    return load_as<A>(in[i], in_dtype[i], in_off[i] + j * in_stride[i]);
   }
-  return v;
+
+  template <int kIn, typename A, typename F>
+  __device__ void each(int64_t C, int t, int nt, F f) const {
+    for (int64_t j = t; j < C; j += nt) f(j, load<kIn, A>(0, j), load<kIn, A>(1, j));
+  }
+
+  template <int kIn, typename A, typename F>
+  __device__ void map(int64_t C, int t, int nt, F f) const {
+    for (int64_t j = t; j < C; j += nt) {
+      store_as(out, out_dtype, out_off + j * out_stride, f(j, load<kIn, A>(0, j),
+                                                           load<kIn, A>(1, j)));
+    }
+  }
+};
+
+// 16 bytes of T.
+template <typename T>
+struct alignas(16) Vec {
+  static constexpr int N = 16 / sizeof(T);
+  T v[N];
+};
+
+template <typename A, typename T>
+__device__ inline A widen(T x) {
+  if constexpr (sizeof(T) == 2) {
+    return static_cast<A>(static_cast<float>(x));
+  } else {
+    return static_cast<A>(x);
+  }
+}
+
+template <typename T, typename A>
+__device__ inline T narrow(A x) {
+  if constexpr (sizeof(T) == 2) {
+    return T(static_cast<float>(x));
+  } else {
+    return static_cast<T>(x);
+  }
+}
+
+// Tensors of one element type T whose rows start at the same offset `off`, with unit column
+// stride and 16-byte aligned data pointers: 16-byte loads and stores over the aligned middle of
+// the row, one element at a time for the few before it and after the last whole vector.
+template <typename T>
+struct VecRow {
+  static constexpr int N = Vec<T>::N;
+  const T* in[2];
+  T* out;
+  int64_t off;
+
+  __device__ int64_t head(int64_t C) const { return std::min<int64_t>(C, (N - off % N) % N); }
+
+  template <int kIn, typename A>
+  __device__ A load(int i, int64_t j) const {
+    return kIn <= i ? A(0) : widen<A>(in[i][off + j]);
+  }
+
+  template <int kIn>
+  __device__ Vec<T> load_vec(int i, int64_t j) const {
+    Vec<T> v;
+    if (kIn > i) {
+      FASTATTN_ALIGNED_ACCESS(in[i] + off + j, 16)
+      v = *reinterpret_cast<const Vec<T>*>(in[i] + off + j);
+    }
+    return v;
+  }
+
+  template <int kIn, typename A, typename F>
+  __device__ void each(int64_t C, int t, int nt, F f) const {
+    const int64_t h = head(C), nvec = (C - h) / N, tail = h + nvec * N;
+    for (int64_t j = t; j < h; j += nt) f(j, load<kIn, A>(0, j), load<kIn, A>(1, j));
+    for (int64_t i = t; i < nvec; i += nt) {
+      const int64_t j = h + i * N;
+      const Vec<T> v0 = load_vec<kIn>(0, j), v1 = load_vec<kIn>(1, j);
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        f(j + k, widen<A>(v0.v[k]), kIn > 1 ? widen<A>(v1.v[k]) : A(0));
+      }
+    }
+    for (int64_t j = tail + t; j < C; j += nt) f(j, load<kIn, A>(0, j), load<kIn, A>(1, j));
+  }
+
+  template <int kIn, typename A, typename F>
+  __device__ void map(int64_t C, int t, int nt, F f) const {
+    const int64_t h = head(C), nvec = (C - h) / N, tail = h + nvec * N;
+    for (int64_t j = t; j < h; j += nt) {
+      out[off + j] = narrow<T>(f(j, load<kIn, A>(0, j), load<kIn, A>(1, j)));
+    }
+    for (int64_t i = t; i < nvec; i += nt) {
+      const int64_t j = h + i * N;
+      const Vec<T> v0 = load_vec<kIn>(0, j), v1 = load_vec<kIn>(1, j);
+      Vec<T> o;
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        o.v[k] = narrow<T>(f(j + k, widen<A>(v0.v[k]), kIn > 1 ? widen<A>(v1.v[k]) : A(0)));
+      }
+      FASTATTN_ALIGNED_ACCESS(out + off + j, 16)
+      *reinterpret_cast<Vec<T>*>(out + off + j) = o;
+    }
+    for (int64_t j = tail + t; j < C; j += nt) {
+      out[off + j] = narrow<T>(f(j, load<kIn, A>(0, j), load<kIn, A>(1, j)));
+    }
+  }
+};
+
+// Whether the tensors qualify for VecRow: one dtype, the reduced dim last and every tensor
+// contiguous (so row r starts at r * cols in each), 16-byte aligned data pointers.
+inline bool vec_rows_ok(const std::vector<const at::Tensor*>& tensors, int64_t dim) {
+  const at::Tensor& first = *tensors.front();
+  for (const at::Tensor* t : tensors) {
+    if (t->scalar_type() != first.scalar_type() || dim != t->dim() - 1 || !t->is_contiguous() ||
+        reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 != 0) {
+      return false;
+    }
+  }
+  return true;
 }
 
 // Threads per block for rows of `cols` elements: enough that each thread handles a handful.
@@ -191,6 +368,19 @@ inline int threads_for(int64_t cols) {
   if (cols <= 2048) return 128;
   if (cols <= 8192) return 256;
   return 512;
+}
+
+// Block size and threads per row: a warp per row (four rows a block) for VecRow rows where
+// each lane has at most four 16-byte vectors to read, else a block per row.
+struct RowGrid {
+  int threads;
+  int per_row;
+};
+
+inline RowGrid row_grid(int64_t cols, int64_t elem_size, bool vec) {
+  if (vec && cols * elem_size <= 32 * 4 * 16) return {128, 32};
+  const int threads = threads_for(cols);
+  return {threads, threads};
 }
 
 #ifndef FASTATTN_CUDA_EMULATION
@@ -213,10 +403,13 @@ struct CudaRowLauncher {
 };
 #endif
 
-// Blocks for a grid-stride loop over `rows` rows, at most what the launcher asks for.
+// Blocks for a grid-stride loop over `rows` rows, `grid.threads / grid.per_row` rows a block, at
+// most what the launcher asks for.
 template <typename Launcher>
-unsigned row_blocks(int64_t rows) {
-  return static_cast<unsigned>(std::min<int64_t>(rows, Launcher::max_blocks()));
+unsigned row_blocks(int64_t rows, const RowGrid& grid) {
+  const int64_t per_block = grid.threads / grid.per_row;
+  return static_cast<unsigned>(
+      std::min<int64_t>((rows + per_block - 1) / per_block, Launcher::max_blocks()));
 }
 
 }  // namespace fastattn::cuda

@@ -22,20 +22,23 @@
 // torch.logsumexp (-inf for a row of -inf, +inf with a +inf logit), loss and gradient
 // torch.log_softmax (NaN when the max is not finite). Log-probabilities stay max-shifted.
 //
-// Algorithm: one block per token (a grid-stride loop over tokens). Sweep 1 reads the row once
-// and keeps each thread's online (max, sum of exp) -- so max and sum come from one read -- and
-// the sum of v = w (smoothing) or w t' (probability targets); block reductions merge them.
-// Every term of the gradient is known after sweep 1, so sweep 2 reads the row again (mostly
-// from L2), accumulates sum v (m - u) for the loss and writes the gradient once, in the input's
-// dtype, into `grad` (which may be the input itself: each element is read before it is
-// overwritten by the same thread, and u_y is read before the first block barrier). The mean's
-// denominator stays on the device (no host sync beyond the class-index check).
+// Algorithm: a warp or a block per token (a grid-stride loop over tokens). Sweep 1 reads the
+// row once and keeps each thread's online (max, sum of exp) -- so max and sum come from one
+// read -- and the sum of v = w (smoothing) or w t' (probability targets); warp shuffles (and a
+// block reduction for a block per row) merge them. Every term of the gradient is known after
+// sweep 1, so sweep 2 reads the row again (mostly from L2), accumulates sum v (m - u) for the
+// loss and writes the gradient once, in the input's dtype, into `grad` (which may be the input
+// itself: each element is read before it is overwritten by the same thread, and u_y is read
+// before a barrier that precedes sweep 2). The mean's denominator stays on the device (no host
+// sync beyond the class-index check). Layouts as softmax_cuda.cuh: Vector<T> (contiguous
+// (tokens, C) logits and gradient of one dtype, class-index targets: 16-byte loads and stores,
+// a warp per token for short rows) and Strided (anything else, one element at a time).
 //
 // Bytes per token of C classes (b bytes a logit): reads C b twice (the second mostly from L2),
 // writes C b of gradient when asked, plus the target probabilities for probability targets.
 //
-// Not yet (first CUDA version, not yet run on a GPU in this project): 16-byte vector loads,
-// holding the row in registers between the sweeps, several tokens per block for small C.
+// Not yet (not yet run on a GPU in this project): holding the row in registers between the
+// sweeps. Performance is to be measured with the harness on a GPU.
 
 #pragma once
 
@@ -71,6 +74,7 @@ struct CrossEntropyArgs {
   double eps_per_class;
   double z_loss;
   double softcap;  // 0: off
+  int threads_per_row;  // 32 (a warp per row) or the block size
 };
 
 template <typename A>
@@ -94,20 +98,45 @@ __device__ inline A v_at(const CrossEntropyArgs& a, const RowOffsets& r, int64_t
   return v;
 }
 
-template <typename A>
+// The two layouts (see softmax_cuda.cuh): Strided (any strides and dtypes, probability
+// targets) and Vector<T> (contiguous (tokens, C) logits and gradient of one dtype, class-index
+// targets: 16-byte loads and stores). Each gives the row's logits -> gradient access and the
+// offset of its target.
+struct Strided {
+  using Row = StridedRow;
+  __device__ static Row row(const CrossEntropyArgs& a, int64_t row, RowOffsets& r) {
+    r = row_offsets(a.rows, row);
+    return {{a.input, a.input}, {a.input_dtype, a.input_dtype}, {r.off[0], r.off[0]},
+            {a.rows.col_stride[0], a.rows.col_stride[0]}, a.grad, a.input_dtype, r.off[2],
+            a.rows.col_stride[2]};
+  }
+};
+
+template <typename T>
+struct Vector {
+  using Row = VecRow<T>;
+  __device__ static Row row(const CrossEntropyArgs& a, int64_t row, RowOffsets& r) {
+    r.off[1] = row;  // the target, one index per token
+    const T* x = static_cast<const T*>(a.input);
+    return {{x, x}, static_cast<T*>(a.grad), row * a.rows.cols};
+  }
+};
+
+template <typename A, typename Layout>
 __global__ void cross_entropy_fwd_kernel(CrossEntropyArgs a) {
   FASTATTN_BLOCK_SHARED A scratch_m[32];
   FASTATTN_BLOCK_SHARED A scratch_s[32];
   FASTATTN_BLOCK_SHARED A scratch_v[32];
   const int64_t C = a.rows.cols;
-  const int64_t xs = a.rows.col_stride[0];
   const bool smooth = a.eps_per_class != 0;
   const bool need_v = a.probability || smooth;
   const A ome = static_cast<A>(a.one_minus_eps), epsc = static_cast<A>(a.eps_per_class);
   const A zl = static_cast<A>(a.z_loss);
   const A scale = a.denom ? A(1) / *static_cast<const A*>(a.denom) : A(1);
-  for (int64_t row = blockIdx.x; row < a.rows.rows; row += gridDim.x) {
-    const RowOffsets r = row_offsets(a.rows, row);
+  const RowGroup grp = row_group(a.threads_per_row);
+  for (int64_t row = grp.first; row < a.rows.rows; row += grp.step) {
+    RowOffsets r{};
+    const typename Layout::Row x = Layout::row(a, row, r);
     bool valid = true;
     int64_t y = 0;
     if (!a.probability) {
@@ -116,16 +145,19 @@ __global__ void cross_entropy_fwd_kernel(CrossEntropyArgs a) {
       valid = y != a.ignore_index;
       y = !valid || y < 0 ? 0 : (y >= C ? C - 1 : y);
     }
-    const A u_y = capped(a, load_as<A>(a.input, a.input_dtype, r.off[0] + y * xs));
+    const A u_y = capped(a, x.template load<1, A>(0, y));
     // Sweep 1: online max and sum of exp, and sum v.
     MaxSum<A> ms = MaxSum<A>::empty();
     A sum_v = A(0);
-    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-      ms.add(capped(a, load_as<A>(a.input, a.input_dtype, r.off[0] + c * xs)));
+    x.template each<1, A>(C, grp.t, grp.nt, [&](int64_t c, A xc, A) {
+      ms.add(capped(a, xc));
       if (need_v) sum_v += v_at<A>(a, r, c);
-    }
-    ms = block_max_sum(ms, scratch_m, scratch_s);
-    if (need_v) sum_v = block_sum(sum_v, scratch_v);
+    });
+    // u_y is read before the gradient overwrites the logits (grad may be the input itself): a
+    // block reduction has a barrier, a warp's shuffles do not order memory.
+    if (grp.nt == 32) __syncwarp();
+    ms = row_max_sum(ms, grp.nt, scratch_m, scratch_s);
+    if (need_v) sum_v = row_sum(sum_v, grp.nt, scratch_v);
     const bool inf_max = isinf(ms.m);
     // The shift: 0 when the max is not finite, so that lse is -inf for a row of -inf and +inf
     // with a +inf logit (torch.logsumexp); then the log-softmax terms are NaN (log_s).
@@ -144,15 +176,13 @@ __global__ void cross_entropy_fwd_kernel(CrossEntropyArgs a) {
     // Sweep 2: sum v (m - u) for the loss, and the gradient.
     const A f = inf_max ? A(NAN) : coef / s;
     A sum_vd = A(0);
-    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-      const int64_t xi = r.off[0] + c * xs;
-      const A u = capped(a, load_as<A>(a.input, a.input_dtype, xi));
+    auto grad_at = [&](int64_t c, A xc, A) {
+      const A u = capped(a, xc);
       A v = A(0);
       if (need_v) {
         v = v_at<A>(a, r, c);
         sum_vd += v * (m - u);
       }
-      if (a.grad == nullptr) continue;
       A g = A(0);
       if (valid) {
         g = exp_acc(u - m) * f;
@@ -168,10 +198,15 @@ __global__ void cross_entropy_fwd_kernel(CrossEntropyArgs a) {
           g *= A(1) - q * q;
         }
       }
-      store_as(a.grad, a.input_dtype, r.off[2] + c * a.rows.col_stride[2], g);
+      return g;
+    };
+    if (a.grad != nullptr) {
+      x.template map<1, A>(C, grp.t, grp.nt, grad_at);
+    } else if (need_v) {
+      x.template each<1, A>(C, grp.t, grp.nt, grad_at);
     }
-    if (need_v) sum_vd = block_sum(sum_vd, scratch_v);
-    if (threadIdx.x == 0) {
+    if (need_v) sum_vd = row_sum(sum_vd, grp.nt, scratch_v);
+    if (grp.t == 0) {
       A loss;
       if (a.probability) {
         loss = sum_vd + sum_v * log_s;
@@ -250,12 +285,26 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_impl(
     a.eps_per_class = label_smoothing / static_cast<double>(C);
     a.z_loss = z_loss;
     a.softcap = softcap;
-    const unsigned blocks = row_blocks<Launcher>(tokens);
-    const int threads = threads_for(C);
-    if (acc == at::kDouble) {
-      Launcher::launch(cross_entropy_fwd_kernel<double>, blocks, threads, a);
+    std::vector<const at::Tensor*> rows{&input};
+    if (grad.has_value()) rows.push_back(&*grad);
+    const bool vec = !probability && input.dim() == 2 && t.is_contiguous() &&
+                     vec_rows_ok(rows, 1);
+    const RowGrid grid = row_grid(C, input.element_size(), vec);
+    a.threads_per_row = grid.per_row;
+    auto go = [&](auto acc_tag, auto layout_tag) {
+      using A = decltype(acc_tag);
+      Launcher::launch(cross_entropy_fwd_kernel<A, decltype(layout_tag)>,
+                       row_blocks<Launcher>(tokens, grid), grid.threads, a);
+    };
+    if (!vec) {
+      acc == at::kDouble ? go(double(), Strided()) : go(float(), Strided());
     } else {
-      Launcher::launch(cross_entropy_fwd_kernel<float>, blocks, threads, a);
+      switch (input.scalar_type()) {
+        case at::kFloat: go(float(), Vector<float>()); break;
+        case at::kDouble: go(double(), Vector<double>()); break;
+        case at::kHalf: go(float(), Vector<c10::Half>()); break;
+        default: go(float(), Vector<c10::BFloat16>()); break;
+      }
     }
   }
   at::Tensor loss_out;

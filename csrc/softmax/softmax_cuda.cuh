@@ -19,21 +19,29 @@
 // and zero gradient; other rows behave as torch.softmax on the unmasked values (a NaN or +inf
 // makes the row NaN, a row whose kept values are all -inf is NaN).
 //
-// Algorithm: one block per row (a grid-stride loop over rows), each thread a strided slice of
-// the columns. Forward: one sweep keeps each thread's running (max, sum of exp) -- the online
-// softmax, so one read of the row gives both statistics -- merged across the block with warp
-// shuffles; a second sweep recomputes z (from L2 for rows that fit) and writes y. Backward: one
-// sweep for the row sum, one to write dx. Loads and stores convert any of the four float dtypes
-// (and bool masks) to the accumulation type: float for 16-bit and float32 rows, double when a
-// float64 tensor is involved. Offsets are 64-bit; every tensor is read through its own strides
-// (broadcast masks with stride 0), so nothing is expanded in memory.
+// Algorithm: a warp or a block per row (a grid-stride loop over rows), each thread a strided
+// slice of the columns. Forward: one sweep keeps each thread's running (max, sum of exp) -- the
+// online softmax, so one read of the row gives both statistics -- merged with warp shuffles
+// (and across warps through shared memory); a second sweep recomputes z (from L2 for rows that
+// fit) and writes y. Backward: one sweep for the row sum, one to write dx. Two layouts, one
+// kernel body (cuda_rows.cuh's row access):
+//   - Vector<T>: the common case -- no mask, every tensor contiguous with the reduced dim last,
+//     one dtype, 16-byte aligned data -- reads and writes 16-byte vectors (4 float32, 8 bf16 or
+//     fp16), element by element only for the few columns before a row's first aligned vector
+//     and after its last whole one; a warp per row (four rows a block) when each lane has at
+//     most four vectors, else a block per row.
+//   - Strided: anything else. Loads and stores convert any of the four float dtypes (and bool
+//     masks) to the accumulation type one element at a time, every tensor through its own
+//     strides (broadcast masks with stride 0), so nothing is expanded in memory.
+// Accumulation: float for 16-bit and float32 rows, double when a float64 tensor is involved.
+// Offsets are 64-bit.
 //
 // Bytes per row of C elements: forward reads C (twice, the second time mostly from L2) and
 // writes C; backward reads y and g twice and writes dx; plus the mask where it is not broadcast.
 //
-// Not yet (first CUDA version, not yet run on a GPU in this project): 16-byte vector loads,
-// rows held in registers between the two sweeps, a warp-per-row path for short rows, skipping
-// the masked causal tail. Performance is to be measured with the harness on a GPU.
+// Not yet (not yet run on a GPU in this project): rows held in registers between the two
+// sweeps, skipping the masked causal tail. Performance is to be measured with the harness on a
+// GPU.
 
 #pragma once
 
@@ -66,6 +74,8 @@ struct SoftmaxArgs {
   double scale;
   bool causal;
   bool log;
+  int64_t inner_len;   // size of the innermost leading dim: row % inner_len is the causal row
+  int threads_per_row;  // 32 (a warp per row) or the block size
 };
 
 // Whether element j of the row takes part (mask and causal limit), and the additive mask value.
@@ -81,79 +91,101 @@ __device__ inline bool keep_at(const SoftmaxArgs& a, const RowOffsets& r, int64_
   return keep && add != -INFINITY;
 }
 
-// z_j: the scaled (and mask-added) input, -inf where masked.
+// z_j: the scaled (and mask-added) input x_j, -inf where masked.
 template <typename A>
 __device__ inline A z_at(const SoftmaxArgs& a, const RowOffsets& r, int64_t j, int64_t limit,
-                         bool& keep) {
+                         A x, bool& keep) {
   A add;
   keep = keep_at<A>(a, r, j, limit, add);
-  const A x = load_as<A>(a.in0, a.in0_dtype, r.off[0] + j * a.rows.col_stride[0]);
   return keep ? x * static_cast<A>(a.scale) + add : A(-INFINITY);
 }
 
-template <typename A>
+// The two layouts a kernel runs on: Strided (any dtypes and strides, masks) and Vec<T> (one
+// dtype, contiguous rows with the reduced dim last, no mask: 16-byte loads and stores).
+struct Strided {
+  using Row = StridedRow;
+  // fwd: input -> output; bwd: (grad_output, output) -> dx. `r` gets the mask's offsets too.
+  __device__ static Row fwd(const SoftmaxArgs& a, int64_t row, RowOffsets& r) {
+    r = row_offsets(a.rows, row);
+    return {{a.in0, a.in0}, {a.in0_dtype, a.in0_dtype}, {r.off[0], r.off[0]},
+            {a.rows.col_stride[0], a.rows.col_stride[0]}, a.out, a.out_dtype, r.off[1], 1};
+  }
+  __device__ static Row bwd(const SoftmaxArgs& a, int64_t row, RowOffsets& r) {
+    r = row_offsets(a.rows, row);
+    return {{a.in0, a.in1}, {a.in0_dtype, a.in1_dtype}, {r.off[0], r.off[1]},
+            {a.rows.col_stride[0], a.rows.col_stride[1]}, a.out, a.out_dtype, r.off[2], 1};
+  }
+};
+
+template <typename T>
+struct Vector {
+  using Row = VecRow<T>;
+  __device__ static Row fwd(const SoftmaxArgs& a, int64_t row, RowOffsets&) {
+    const T* x = static_cast<const T*>(a.in0);
+    return {{x, x}, static_cast<T*>(a.out), row * a.rows.cols};
+  }
+  __device__ static Row bwd(const SoftmaxArgs& a, int64_t row, RowOffsets&) {
+    return {{static_cast<const T*>(a.in0), static_cast<const T*>(a.in1)}, static_cast<T*>(a.out),
+            row * a.rows.cols};
+  }
+};
+
+template <typename A, typename Layout>
 __global__ void softmax_fwd_kernel(SoftmaxArgs a) {
   FASTATTN_BLOCK_SHARED A scratch_m[32];
   FASTATTN_BLOCK_SHARED A scratch_s[32];
   FASTATTN_BLOCK_SHARED A scratch_any[32];
   const int64_t C = a.rows.cols;
-  for (int64_t row = blockIdx.x; row < a.rows.rows; row += gridDim.x) {
-    const RowOffsets r = row_offsets(a.rows, row);
-    const int64_t limit = a.causal ? std::min<int64_t>(r.inner + 1, C) : C;
+  const RowGroup grp = row_group(a.threads_per_row);
+  for (int64_t row = grp.first; row < a.rows.rows; row += grp.step) {
+    RowOffsets r{};
+    const typename Layout::Row x = Layout::fwd(a, row, r);
+    const int64_t limit = a.causal ? std::min<int64_t>(row % a.inner_len + 1, C) : C;
     MaxSum<A> ms = MaxSum<A>::empty();
     A any = A(0);
-    for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
+    x.template each<1, A>(C, grp.t, grp.nt, [&](int64_t j, A xj, A) {
       bool keep;
-      const A z = z_at<A>(a, r, j, limit, keep);
+      ms.add(z_at<A>(a, r, j, limit, xj, keep));
       any += keep ? A(1) : A(0);
-      ms.add(z);
-    }
-    ms = block_max_sum(ms, scratch_m, scratch_s);
-    any = block_sum(any, scratch_any);
-    const int64_t out_row = r.off[1];  // the output's rows are contiguous
-    if (any == A(0)) {
+    });
+    ms = row_max_sum(ms, grp.nt, scratch_m, scratch_s);
+    // Without a mask some element is kept (limit >= 1): no reduction needed to know it.
+    if (a.mask_kind != kNoMask && row_sum(any, grp.nt, scratch_any) == A(0)) {
       const A fill = a.log ? A(-INFINITY) : A(0);
-      for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
-        store_as(a.out, a.out_dtype, out_row + j, fill);
-      }
+      x.template map<0, A>(C, grp.t, grp.nt, [&](int64_t, A, A) { return fill; });
       continue;
     }
     // m = -inf, s = 0 when every kept value is -inf: exp(-inf - -inf) = NaN, as torch.softmax.
     const A log_s = log_acc(ms.s);
     const A inv_s = A(1) / ms.s;
-    for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
+    x.template map<1, A>(C, grp.t, grp.nt, [&](int64_t j, A xj, A) {
       bool keep;
-      const A z = z_at<A>(a, r, j, limit, keep);
-      const A y = a.log ? (z - ms.m) - log_s : exp_acc(z - ms.m) * inv_s;
-      store_as(a.out, a.out_dtype, out_row + j, y);
-    }
+      const A z = z_at<A>(a, r, j, limit, xj, keep);
+      return a.log ? (z - ms.m) - log_s : exp_acc(z - ms.m) * inv_s;
+    });
   }
 }
 
-template <typename A>
+template <typename A, typename Layout>
 __global__ void softmax_bwd_kernel(SoftmaxArgs a) {
   FASTATTN_BLOCK_SHARED A scratch[32];
   const int64_t C = a.rows.cols;
-  const int64_t gs = a.rows.col_stride[0], ys = a.rows.col_stride[1];
-  for (int64_t row = blockIdx.x; row < a.rows.rows; row += gridDim.x) {
-    const RowOffsets r = row_offsets(a.rows, row);
-    const int64_t limit = a.causal ? std::min<int64_t>(r.inner + 1, C) : C;
+  const RowGroup grp = row_group(a.threads_per_row);
+  for (int64_t row = grp.first; row < a.rows.rows; row += grp.step) {
+    RowOffsets r{};
+    const typename Layout::Row gy = Layout::bwd(a, row, r);
+    const int64_t limit = a.causal ? std::min<int64_t>(row % a.inner_len + 1, C) : C;
     // The row sum runs over every column, masked ones included, exactly as the composition
     // masked_fill -> (log_)softmax differentiates; masked columns are zeroed afterwards.
     A t = A(0);
-    for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
-      const A g = load_as<A>(a.in0, a.in0_dtype, r.off[0] + j * gs);
-      t += a.log ? g : g * load_as<A>(a.in1, a.in1_dtype, r.off[1] + j * ys);
-    }
-    t = block_sum(t, scratch);
-    for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
-      const A g = load_as<A>(a.in0, a.in0_dtype, r.off[0] + j * gs);
-      const A y = load_as<A>(a.in1, a.in1_dtype, r.off[1] + j * ys);
+    gy.template each<2, A>(C, grp.t, grp.nt, [&](int64_t, A g, A y) { t += a.log ? g : g * y; });
+    t = row_sum(t, grp.nt, scratch);
+    gy.template map<2, A>(C, grp.t, grp.nt, [&](int64_t j, A g, A y) {
       A add;
       const bool keep = keep_at<A>(a, r, j, limit, add);
       const A dz = a.log ? g - exp_acc(y) * t : y * (g - t);
-      store_as(a.out, a.out_dtype, r.off[2] + j, keep ? dz * static_cast<A>(a.scale) : A(0));
-    }
+      return keep ? dz * static_cast<A>(a.scale) : A(0);
+    });
   }
 }
 
@@ -162,9 +194,40 @@ inline int mask_kind_of(const at::Tensor& mask_view) {
   return mask_view.scalar_type() == at::kBool ? kBoolMask : kAdditiveMask;
 }
 
-template <typename Launcher>
-void launch(void (*kernel)(SoftmaxArgs), const SoftmaxArgs& a) {
-  Launcher::launch(kernel, row_blocks<Launcher>(a.rows.rows), threads_for(a.rows.cols), a);
+// Picks the layout (Vector<T> when `vec`, else Strided) and the accumulation type (double when
+// `wide`), fills in the grid, and launches.
+template <typename Launcher, bool kFwd>
+void launch(SoftmaxArgs& a, bool vec, at::ScalarType dtype, bool wide) {
+  const RowGrid grid = row_grid(a.rows.cols, c10::elementSize(dtype), vec);
+  a.threads_per_row = grid.per_row;
+  const unsigned blocks = row_blocks<Launcher>(a.rows.rows, grid);
+  auto go = [&](auto acc_tag, auto layout_tag) {
+    using A = decltype(acc_tag);
+    using L = decltype(layout_tag);
+    if constexpr (kFwd) {
+      Launcher::launch(softmax_fwd_kernel<A, L>, blocks, grid.threads, a);
+    } else {
+      Launcher::launch(softmax_bwd_kernel<A, L>, blocks, grid.threads, a);
+    }
+  };
+  if (!vec) {
+    wide ? go(double(), Strided()) : go(float(), Strided());
+    return;
+  }
+  switch (dtype) {
+    case at::kFloat: go(float(), Vector<float>()); break;
+    case at::kDouble: go(double(), Vector<double>()); break;
+    case at::kHalf: go(float(), Vector<c10::Half>()); break;
+    default: go(float(), Vector<c10::BFloat16>()); break;
+  }
+}
+
+// The innermost leading dim's size (the causal mask's row count), 1 without leading dims.
+inline int64_t inner_len(const at::Tensor& t, int64_t dim) {
+  for (int64_t d = t.dim() - 1; d >= 0; --d) {
+    if (d != dim) return t.size(d);
+  }
+  return 1;
 }
 
 // Launch logic of native_softmax_fwd: checks, the output, the row layout, the kernel.
@@ -197,11 +260,10 @@ at::Tensor softmax_fwd_impl(const at::Tensor& input, int64_t dim, double scale,
     a.scale = scale;
     a.causal = causal;
     a.log = log;
-    if (x.scalar_type() == at::kDouble || out_dtype == at::kDouble) {
-      launch<Launcher>(softmax_fwd_kernel<double>, a);
-    } else {
-      launch<Launcher>(softmax_fwd_kernel<float>, a);
-    }
+    a.inner_len = inner_len(x, dim);
+    const bool vec = !mask_view.defined() && vec_rows_ok({&x, &out}, dim);
+    launch<Launcher, true>(a, vec, x.scalar_type(),
+                           x.scalar_type() == at::kDouble || out_dtype == at::kDouble);
   }
   return input.dim() == 0 ? out.reshape({}) : out;
 }
@@ -240,12 +302,11 @@ at::Tensor softmax_bwd_impl(const at::Tensor& grad_output, const at::Tensor& out
     a.scale = scale;
     a.causal = causal;
     a.log = log;
-    if (y.scalar_type() == at::kDouble || input_dtype == at::kDouble ||
-        g.scalar_type() == at::kDouble) {
-      launch<Launcher>(softmax_bwd_kernel<double>, a);
-    } else {
-      launch<Launcher>(softmax_bwd_kernel<float>, a);
-    }
+    a.inner_len = inner_len(y, dim);
+    const bool vec = !mask_view.defined() && vec_rows_ok({&g, &y, &grad_input}, dim);
+    launch<Launcher, false>(a, vec, y.scalar_type(),
+                            y.scalar_type() == at::kDouble || input_dtype == at::kDouble ||
+                                g.scalar_type() == at::kDouble);
   }
   return scalar ? grad_input.reshape({}) : grad_input;
 }

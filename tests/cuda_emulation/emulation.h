@@ -22,6 +22,7 @@
 #include <thread>
 #include <vector>
 #include <algorithm>
+#include <atomic>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <ATen/core/Tensor.h>
@@ -47,6 +48,16 @@ inline dim3 blockIdx, blockDim, gridDim;  // CTAs run one after another
 
 // A block's static __shared__ array: one per kernel instantiation, shared by the block's threads.
 #define FASTATTN_BLOCK_SHARED static
+// A misaligned vector access faults on a GPU (and, as an aligned SSE load, would segfault
+// here): the access is skipped and counted instead, and run_grid raises after the grid (an
+// exception cannot leave the emulated threads). The macro prefixes the access statement.
+namespace emu {
+inline std::atomic<int64_t> misaligned{0};
+}
+#define FASTATTN_ALIGNED_ACCESS(ptr, bytes)                 \
+  if (reinterpret_cast<uintptr_t>(ptr) % (bytes) != 0) {    \
+    ++emu::misaligned;                                       \
+  } else
 
 namespace emu {
 struct Warp {
@@ -126,6 +137,8 @@ void run_grid(dim3 grid, int threads, Body body, BeforeCta before_cta) {
       }
     }
   }
+  const int64_t bad = misaligned.exchange(0);
+  TORCH_CHECK(bad == 0, bad, " misaligned vector accesses (a misaligned-address fault on a GPU)");
 }
 }  // namespace emu
 
