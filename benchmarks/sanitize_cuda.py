@@ -10,7 +10,8 @@ The cases cover each kernel family and the paths that index differently: every a
 kernel template's shared-memory layout at some head dim, the padded-copy path for unaligned
 head dims, sequence lengths that are not multiples of any tile, L = S = 1, rows that see no
 key, GQA, masks, windows, softcap, dropout with a CPU and a CUDA seed, the mask gradient,
-flash-attn's strided layout; softmax and cross-entropy with masks, causal rows and odd lengths.
+flash-attn's strided layout; softmax and cross-entropy with masks, causal rows and odd lengths,
+on both row layouts (16-byte vectors with a warp or a block per row, and the strided one).
 
 Each result is also compared, on the CPU, with the float64 reference under a loose bound, so a
 kernel that computes garbage without touching bad memory fails here too (the tests hold the
@@ -154,11 +155,14 @@ def cases():
         (torch.bfloat16, (3, 33, 1025), -1, "bool", True, True),
         (torch.float16, (2, 300, 7), 1, None, False, False),
         (torch.float32, (5, 4099), -1, "additive", False, True),
+        (torch.bfloat16, (3, 5001), -1, None, True, False),  # 16-byte vectors, rows misaligned
+        (torch.float16, (40, 250), -1, None, False, True),  # vectors, a warp per row
     ]:
         yield (f"softmax {dtype} {shape} dim={dim} mask={mask} causal={causal} log={log}",
                lambda a=(dtype, shape, dim, mask, causal, log): _softmax_case(*a))
     for dtype, N, C, smoothing, softcap in [(torch.float32, 8, 1000, 0.0, 0.0),
-                                            (torch.bfloat16, 5, 50257, 0.1, 30.0)]:
+                                            (torch.bfloat16, 5, 50257, 0.1, 30.0),
+                                            (torch.float16, 40, 101, 0.0, 0.0)]:
         yield (f"cross_entropy {dtype} {N}x{C} smoothing={smoothing} softcap={softcap}",
                lambda a=(dtype, N, C, smoothing, softcap): _cross_entropy_case(*a))
 
