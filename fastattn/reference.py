@@ -34,7 +34,9 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 def row_output(shape, dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The output buffer of a row-wise op reducing along ``dim``: contiguous with ``dim`` moved
     last, viewed back in the input's dim order (plain contiguous when ``dim`` is the last dim),
-    so every backend and the fake function agree on strides and kernels write rows densely."""
+    so every backend and the fake function agree on strides and kernels write rows densely.
+    ``dim`` may be negative."""
+    dim = dim % len(shape) if len(shape) else 0
     moved = list(shape[:dim]) + list(shape[dim + 1 :]) + [shape[dim]]
     return torch.empty(moved, dtype=dtype, device=device).movedim(-1, dim)
 

@@ -258,3 +258,12 @@ def test_broadcast_rows(backend, log):
     spec(x_pt, -1).backward(grad.float())
     spec(x_ref, -1).backward(grad)
     assert_twice_error(x_ours.grad, x_ref.grad, x_pt.grad, "d input")
+
+
+# The launchers' output buffer: a negative dim is the same dim counted from the end.
+@pytest.mark.parametrize("dim", [0, 1, 2])
+def test_row_output_negative_dim(dim):
+    shape = torch.Size((3, 4, 5))
+    pos = R.row_output(shape, dim, torch.float32, "cpu")
+    neg = R.row_output(shape, dim - 3, torch.float32, "cpu")
+    assert pos.shape == neg.shape == shape and pos.stride() == neg.stride()
