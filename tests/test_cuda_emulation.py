@@ -136,11 +136,12 @@ def test_emulated_cuda_dropout_is_the_cpu_mask(emulated):
     assert torch.equal(out != 0, OPS.native_attention_dropout_mask(seed, [B, H, L, S], p))
 
 
-# The row kernels (softmax_cuda.cuh, cross_entropy_cuda.cuh) on both layouts: 16-byte vectors
+# The row kernels (softmax_cuda.cuh, cross_entropy_cuda.cuh) on every layout: 16-byte vectors
 # (contiguous rows of one dtype; rows of odd length start misaligned, so the element-wise head
-# and tail run too) with a warp or a block per row, and the strided path (masks, strided or
-# mixed-dtype tensors) with every block size threads_for picks; rows left over by the
-# grid-stride loop (3 blocks); every float dtype.
+# and tail run too) with a warp or a block per row, the row held in registers or, past them,
+# streamed twice; and the strided path (masks, strided or mixed-dtype tensors) with every
+# block size threads_for picks; rows left over by the grid-stride loop (3 blocks); every float
+# dtype.
 #  name, dtype, shape, dim, log, mask shape (bool / additive), causal, scale, out dtype
 SOFTMAX_CASES = [
     ("vec: a warp per row, grid-stride", torch.float32, (30, 37), -1, False, None, False, 1.0,
@@ -151,7 +152,12 @@ SOFTMAX_CASES = [
     ("vec: fp16 causal", torch.float16, (2, 3, 9, 9), -1, False, None, True, 1.0, None),
     ("vec: bf16 misaligned rows, 256 threads", torch.bfloat16, (3, 3001), -1, False, None,
      False, 1.0, None),
-    ("vec: long rows, 512 threads", torch.float32, (2, 9001), -1, True, None, True, 1.0, None),
+    ("vec: long rows, forward in registers, backward streamed", torch.float32, (2, 9001), -1,
+     True, None, True, 1.0, None),
+    ("vec: bf16 long rows in registers both ways", torch.bfloat16, (2, 12001), -1, True, None,
+     False, 1.0, None),
+    ("vec: past the registers, streamed", torch.float32, (1, 40000), -1, False, None, False,
+     1.0, None),
     ("bool mask broadcast, a fully masked row", torch.float32, (2, 3, 5, 7), -1, True,
      ("bool", (1, 3, 1, 7)), False, 1.0, None),
     ("additive mask with -inf, 256 threads", torch.bfloat16, (2, 3, 2500), -1, False,
@@ -211,8 +217,10 @@ CROSS_ENTROPY_CASES = [
      "mean"),
     ("vec: no gradient asked, smoothing", torch.bfloat16, (3, 500),
      {"label_smoothing": 0.1, "no_grad": True}, "mean"),
-    ("vec: long vocab, 512 threads, gradient in place", torch.float32, (2, 9001),
+    ("vec: long vocab in registers, gradient in place", torch.float32, (2, 9001),
      {"inplace": True}, "mean"),
+    ("vec: past the registers, streamed, gradient in place", torch.float32, (1, 40000),
+     {"inplace": True, "label_smoothing": 0.1}, "mean"),
     ("probability targets + weight + smoothing", torch.float32, (4, 50),
      {"probability": True, "weight": True, "label_smoothing": 0.2}, "none"),
     ("(N, C, d1): strided classes", torch.bfloat16, (2, 11, 3), {"ignore": True}, "mean"),

@@ -349,6 +349,82 @@ struct VecRow {
   }
 };
 
+// VecRow with the row kept in registers: the first each() reads the row from memory into up to
+// kVecs vectors per thread (and the one head and one tail element a thread may have), later
+// each() and map() calls read the registers, so a kernel reads the row from memory once. The
+// launcher guarantees the row fits: ceil(C / N) <= kVecs * nt (head and tail are shorter than
+// a vector, and nt >= 32 >= N). Every register index is a compile-time constant after unrolling,
+// so the arrays stay in registers.
+template <typename T, int kVecs>
+struct ResidentRow {
+  static constexpr int N = Vec<T>::N;
+  VecRow<T> row;
+  Vec<T> v0[kVecs], v1[kVecs];
+  T h0, h1, t0, t1;
+  bool loaded = false;
+
+  template <int kIn, typename A>
+  __device__ A load(int i, int64_t j) const {
+    return row.template load<kIn, A>(i, j);
+  }
+
+  template <int kIn, typename A, typename F>
+  __device__ void each(int64_t C, int t, int nt, F f) {
+    visit<kIn, A, false>(C, t, nt, f);
+  }
+
+  template <int kIn, typename A, typename F>
+  __device__ void map(int64_t C, int t, int nt, F f) {
+    visit<kIn, A, true>(C, t, nt, f);
+  }
+
+ private:
+  template <int kIn, typename A, bool kWrite, typename F>
+  __device__ void visit(int64_t C, int t, int nt, F f) {
+    const int64_t h = row.head(C), nvec = (C - h) / N, tail = h + nvec * N;
+    const bool load_now = !loaded;
+    auto one = [&](int64_t j, T& c0, T& c1) {
+      if (load_now) {
+        c0 = kIn > 0 ? row.in[0][row.off + j] : T();
+        c1 = kIn > 1 ? row.in[1][row.off + j] : T();
+      }
+      if constexpr (kWrite) {
+        row.out[row.off + j] = narrow<T>(f(j, widen<A>(c0), kIn > 1 ? widen<A>(c1) : A(0)));
+      } else {
+        f(j, widen<A>(c0), kIn > 1 ? widen<A>(c1) : A(0));
+      }
+    };
+    if (t < h) one(t, h0, h1);
+#pragma unroll
+    for (int k = 0; k < kVecs; ++k) {
+      const int64_t i = t + static_cast<int64_t>(k) * nt;
+      if (i < nvec) {
+        const int64_t j = h + i * N;
+        if (load_now) {
+          v0[k] = row.template load_vec<kIn>(0, j);
+          v1[k] = row.template load_vec<kIn>(1, j);
+        }
+        Vec<T> o;
+#pragma unroll
+        for (int e = 0; e < N; ++e) {
+          const A x0 = widen<A>(v0[k].v[e]), x1 = kIn > 1 ? widen<A>(v1[k].v[e]) : A(0);
+          if constexpr (kWrite) {
+            o.v[e] = narrow<T>(f(j + e, x0, x1));
+          } else {
+            f(j + e, x0, x1);
+          }
+        }
+        if constexpr (kWrite) {
+          FASTATTN_ALIGNED_ACCESS(row.out + row.off + j, 16)
+          *reinterpret_cast<Vec<T>*>(row.out + row.off + j) = o;
+        }
+      }
+    }
+    if (tail + t < C) one(tail + t, t0, t1);
+    loaded = true;
+  }
+};
+
 // Whether the tensors qualify for VecRow: one dtype, the reduced dim last and every tensor
 // contiguous (so row r starts at r * cols in each), 16-byte aligned data pointers.
 inline bool vec_rows_ok(const std::vector<const at::Tensor*>& tensors, int64_t dim) {
@@ -381,6 +457,22 @@ inline RowGrid row_grid(int64_t cols, int64_t elem_size, bool vec) {
   if (vec && cols * elem_size <= 32 * 4 * 16) return {128, 32};
   const int threads = threads_for(cols);
   return {threads, threads};
+}
+
+// The most threads a row kernel's block has (their __launch_bounds__): 512 leaves a thread 128
+// registers, room for a ResidentRow's vectors without spilling.
+constexpr int kMaxRowThreads = 512;
+
+// The grid for ResidentRow<T, kVecs> rows when they fit in registers ({0, 0} if not): row_grid's
+// block grown until ceil(cols / N) vectors take at most kVecs per thread, up to kMaxRowThreads.
+inline RowGrid resident_grid(int64_t cols, int64_t elem_size, int vecs_per_thread) {
+  const RowGrid grid = row_grid(cols, elem_size, true);
+  const int64_t per_vec = 16 / elem_size, vecs = (cols + per_vec - 1) / per_vec;
+  if (grid.per_row == 32) return grid;  // at most four vectors a lane
+  const int64_t need = (vecs + vecs_per_thread - 1) / vecs_per_thread;
+  const int64_t threads = std::max<int64_t>(grid.threads, (need + 31) / 32 * 32);
+  if (threads > kMaxRowThreads) return {0, 0};
+  return {static_cast<int>(threads), static_cast<int>(threads)};
 }
 
 #ifndef FASTATTN_CUDA_EMULATION

@@ -30,15 +30,17 @@
 // loss and writes the gradient once, in the input's dtype, into `grad` (which may be the input
 // itself: each element is read before it is overwritten by the same thread, and u_y is read
 // before a barrier that precedes sweep 2). The mean's denominator stays on the device (no host
-// sync beyond the class-index check). Layouts as softmax_cuda.cuh: Vector<T> (contiguous
-// (tokens, C) logits and gradient of one dtype, class-index targets: 16-byte loads and stores,
-// a warp per token for short rows) and Strided (anything else, one element at a time).
+// sync beyond the class-index check). Layouts as softmax_cuda.cuh: Resident<T> and Vector<T>
+// (contiguous (tokens, C) logits and gradient of one dtype, class-index targets: 16-byte loads
+// and stores, a warp per token for short rows; Resident keeps rows up to 16k float32 / 32k bf16
+// logits in registers between the sweeps) and Strided (anything else, one element at a time).
 //
-// Bytes per token of C classes (b bytes a logit): reads C b twice (the second mostly from L2),
-// writes C b of gradient when asked, plus the target probabilities for probability targets.
+// Bytes per token of C classes (b bytes a logit): reads C b once when resident, else twice (the
+// second mostly from L2), writes C b of gradient when asked, plus the target probabilities for
+// probability targets.
 //
-// Not yet (not yet run on a GPU in this project): holding the row in registers between the
-// sweeps. Performance is to be measured with the harness on a GPU.
+// Not yet (not yet run on a GPU in this project): rows longer than the registers held in shared
+// memory. Performance is to be measured with the harness on a GPU.
 
 #pragma once
 
@@ -122,8 +124,20 @@ struct Vector {
   }
 };
 
+// Vector<T> with the row held in registers between the sweeps (one read of it from memory);
+// eight vectors a thread (32 registers of 128): rows up to 16k float32 or 32k bf16 logits.
+constexpr int kVecs = 8;
+
+template <typename T>
+struct Resident {
+  using Row = ResidentRow<T, kVecs>;
+  __device__ static Row row(const CrossEntropyArgs& a, int64_t row, RowOffsets& r) {
+    return {Vector<T>::row(a, row, r)};
+  }
+};
+
 template <typename A, typename Layout>
-__global__ void cross_entropy_fwd_kernel(CrossEntropyArgs a) {
+__global__ void __launch_bounds__(kMaxRowThreads) cross_entropy_fwd_kernel(CrossEntropyArgs a) {
   FASTATTN_BLOCK_SHARED A scratch_m[32];
   FASTATTN_BLOCK_SHARED A scratch_s[32];
   FASTATTN_BLOCK_SHARED A scratch_v[32];
@@ -136,7 +150,7 @@ __global__ void cross_entropy_fwd_kernel(CrossEntropyArgs a) {
   const RowGroup grp = row_group(a.threads_per_row);
   for (int64_t row = grp.first; row < a.rows.rows; row += grp.step) {
     RowOffsets r{};
-    const typename Layout::Row x = Layout::row(a, row, r);
+    typename Layout::Row x = Layout::row(a, row, r);
     bool valid = true;
     int64_t y = 0;
     if (!a.probability) {
@@ -289,21 +303,36 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_impl(
     if (grad.has_value()) rows.push_back(&*grad);
     const bool vec = !probability && input.dim() == 2 && t.is_contiguous() &&
                      vec_rows_ok(rows, 1);
-    const RowGrid grid = row_grid(C, input.element_size(), vec);
+    // Resident<T> when the row fits in registers, else Vector<T> (a second read, mostly
+    // from L2), else Strided.
+    const RowGrid resident =
+        vec ? resident_grid(C, input.element_size(), kVecs) : RowGrid{0, 0};
+    const RowGrid grid = resident.threads ? resident : row_grid(C, input.element_size(), vec);
     a.threads_per_row = grid.per_row;
     auto go = [&](auto acc_tag, auto layout_tag) {
       using A = decltype(acc_tag);
       Launcher::launch(cross_entropy_fwd_kernel<A, decltype(layout_tag)>,
                        row_blocks<Launcher>(tokens, grid), grid.threads, a);
     };
+    auto go_vec = [&](auto acc_tag, auto elem_tag) {
+      using T = decltype(elem_tag);
+      // float64 streams (twice the registers; it is for checking, not speed)
+      if constexpr (std::is_same_v<T, double>) {
+        go(acc_tag, Vector<T>());
+      } else if (resident.threads) {
+        go(acc_tag, Resident<T>());
+      } else {
+        go(acc_tag, Vector<T>());
+      }
+    };
     if (!vec) {
       acc == at::kDouble ? go(double(), Strided()) : go(float(), Strided());
     } else {
       switch (input.scalar_type()) {
-        case at::kFloat: go(float(), Vector<float>()); break;
-        case at::kDouble: go(double(), Vector<double>()); break;
-        case at::kHalf: go(float(), Vector<c10::Half>()); break;
-        default: go(float(), Vector<c10::BFloat16>()); break;
+        case at::kFloat: go_vec(float(), float()); break;
+        case at::kDouble: go_vec(double(), double()); break;
+        case at::kHalf: go_vec(float(), c10::Half()); break;
+        default: go_vec(float(), c10::BFloat16()); break;
       }
     }
   }

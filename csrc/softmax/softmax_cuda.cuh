@@ -29,19 +29,23 @@
 //     one dtype, 16-byte aligned data -- reads and writes 16-byte vectors (4 float32, 8 bf16 or
 //     fp16), element by element only for the few columns before a row's first aligned vector
 //     and after its last whole one; a warp per row (four rows a block) when each lane has at
-//     most four vectors, else a block per row.
+//     most four vectors, else a block per row. Resident<T>: the same with the row kept in
+//     registers between the sweeps, so it is read from memory once -- every such row up to
+//     16k float32 / 32k bf16 elements (forward; half that backward); longer rows are read
+//     twice, the second time mostly from L2.
 //   - Strided: anything else. Loads and stores convert any of the four float dtypes (and bool
 //     masks) to the accumulation type one element at a time, every tensor through its own
 //     strides (broadcast masks with stride 0), so nothing is expanded in memory.
 // Accumulation: float for 16-bit and float32 rows, double when a float64 tensor is involved.
 // Offsets are 64-bit.
 //
-// Bytes per row of C elements: forward reads C (twice, the second time mostly from L2) and
-// writes C; backward reads y and g twice and writes dx; plus the mask where it is not broadcast.
+// Bytes per row of C elements: forward reads C (once when resident, else twice, the second
+// time mostly from L2) and writes C; backward reads y and g (once or twice) and writes dx; plus
+// the mask where it is not broadcast.
 //
-// Not yet (not yet run on a GPU in this project): rows held in registers between the two
-// sweeps, skipping the masked causal tail. Performance is to be measured with the harness on a
-// GPU.
+// Not yet (not yet run on a GPU in this project): skipping the masked causal tail, rows longer
+// than the registers held in shared memory. Performance is to be measured with the harness on
+// a GPU.
 
 #pragma once
 
@@ -130,8 +134,27 @@ struct Vector {
   }
 };
 
+// Vector<T> with the row held in registers between the sweeps (one read of it from memory).
+template <typename T, int kVecs>
+struct Resident {
+  using Row = ResidentRow<T, kVecs>;
+  __device__ static Row fwd(const SoftmaxArgs& a, int64_t row, RowOffsets& r) {
+    return {Vector<T>::fwd(a, row, r)};
+  }
+  __device__ static Row bwd(const SoftmaxArgs& a, int64_t row, RowOffsets& r) {
+    return {Vector<T>::bwd(a, row, r)};
+  }
+};
+
+// Vectors a thread keeps in registers: eight of the forward's one input, four of each of the
+// backward's two (32 registers either way; 512 threads leave 128 a thread). Rows up to 4096
+// vectors (forward; 2048 backward) -- 16k float32 or 32k bf16 elements -- are read once;
+// longer ones are streamed twice.
+constexpr int kFwdVecs = 8;
+constexpr int kBwdVecs = 4;
+
 template <typename A, typename Layout>
-__global__ void softmax_fwd_kernel(SoftmaxArgs a) {
+__global__ void __launch_bounds__(kMaxRowThreads) softmax_fwd_kernel(SoftmaxArgs a) {
   FASTATTN_BLOCK_SHARED A scratch_m[32];
   FASTATTN_BLOCK_SHARED A scratch_s[32];
   FASTATTN_BLOCK_SHARED A scratch_any[32];
@@ -139,7 +162,7 @@ __global__ void softmax_fwd_kernel(SoftmaxArgs a) {
   const RowGroup grp = row_group(a.threads_per_row);
   for (int64_t row = grp.first; row < a.rows.rows; row += grp.step) {
     RowOffsets r{};
-    const typename Layout::Row x = Layout::fwd(a, row, r);
+    typename Layout::Row x = Layout::fwd(a, row, r);
     const int64_t limit = a.causal ? std::min<int64_t>(row % a.inner_len + 1, C) : C;
     MaxSum<A> ms = MaxSum<A>::empty();
     A any = A(0);
@@ -167,13 +190,13 @@ __global__ void softmax_fwd_kernel(SoftmaxArgs a) {
 }
 
 template <typename A, typename Layout>
-__global__ void softmax_bwd_kernel(SoftmaxArgs a) {
+__global__ void __launch_bounds__(kMaxRowThreads) softmax_bwd_kernel(SoftmaxArgs a) {
   FASTATTN_BLOCK_SHARED A scratch[32];
   const int64_t C = a.rows.cols;
   const RowGroup grp = row_group(a.threads_per_row);
   for (int64_t row = grp.first; row < a.rows.rows; row += grp.step) {
     RowOffsets r{};
-    const typename Layout::Row gy = Layout::bwd(a, row, r);
+    typename Layout::Row gy = Layout::bwd(a, row, r);
     const int64_t limit = a.causal ? std::min<int64_t>(row % a.inner_len + 1, C) : C;
     // The row sum runs over every column, masked ones included, exactly as the composition
     // masked_fill -> (log_)softmax differentiates; masked columns are zeroed afterwards.
@@ -194,11 +217,14 @@ inline int mask_kind_of(const at::Tensor& mask_view) {
   return mask_view.scalar_type() == at::kBool ? kBoolMask : kAdditiveMask;
 }
 
-// Picks the layout (Vector<T> when `vec`, else Strided) and the accumulation type (double when
-// `wide`), fills in the grid, and launches.
+// Picks the layout -- Resident<T> when `vec` and the row fits in registers, Vector<T> when `vec`,
+// else Strided -- and the accumulation type (double when `wide`), fills in the grid, launches.
 template <typename Launcher, bool kFwd>
 void launch(SoftmaxArgs& a, bool vec, at::ScalarType dtype, bool wide) {
-  const RowGrid grid = row_grid(a.rows.cols, c10::elementSize(dtype), vec);
+  const int64_t elem = c10::elementSize(dtype);
+  const RowGrid resident = vec ? resident_grid(a.rows.cols, elem, kFwd ? kFwdVecs : kBwdVecs)
+                               : RowGrid{0, 0};
+  const RowGrid grid = resident.threads ? resident : row_grid(a.rows.cols, elem, vec);
   a.threads_per_row = grid.per_row;
   const unsigned blocks = row_blocks<Launcher>(a.rows.rows, grid);
   auto go = [&](auto acc_tag, auto layout_tag) {
@@ -210,15 +236,27 @@ void launch(SoftmaxArgs& a, bool vec, at::ScalarType dtype, bool wide) {
       Launcher::launch(softmax_bwd_kernel<A, L>, blocks, grid.threads, a);
     }
   };
+  auto go_vec = [&](auto acc_tag, auto elem_tag) {
+    using T = decltype(elem_tag);
+    // float64 rows stream: their vectors hold two elements and their arithmetic twice the
+    // registers, and float64 is for checking, not speed.
+    if constexpr (std::is_same_v<T, double>) {
+      go(acc_tag, Vector<T>());
+    } else if (resident.threads) {
+      go(acc_tag, Resident<T, kFwd ? kFwdVecs : kBwdVecs>());
+    } else {
+      go(acc_tag, Vector<T>());
+    }
+  };
   if (!vec) {
     wide ? go(double(), Strided()) : go(float(), Strided());
     return;
   }
   switch (dtype) {
-    case at::kFloat: go(float(), Vector<float>()); break;
-    case at::kDouble: go(double(), Vector<double>()); break;
-    case at::kHalf: go(float(), Vector<c10::Half>()); break;
-    default: go(float(), Vector<c10::BFloat16>()); break;
+    case at::kFloat: go_vec(float(), float()); break;
+    case at::kDouble: go_vec(double(), double()); break;
+    case at::kHalf: go_vec(float(), c10::Half()); break;
+    default: go_vec(float(), c10::BFloat16()); break;
   }
 }
 
