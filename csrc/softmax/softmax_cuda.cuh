@@ -260,6 +260,19 @@ void launch(SoftmaxArgs& a, bool vec, at::ScalarType dtype, bool wide) {
   }
 }
 
+// The arguments the forward and backward share: the mask (row tensor `slot`), the options.
+inline void set_options(SoftmaxArgs& a, const at::Tensor& mask_view, int slot, double scale,
+                        bool causal, bool log, int64_t inner) {
+  a.mask = mask_view.defined() ? mask_view.data_ptr() : nullptr;
+  a.mask_dtype = mask_view.defined() ? dtype_code(mask_view.scalar_type()) : kF32;
+  a.mask_kind = mask_kind_of(mask_view);
+  a.mask_slot = slot;
+  a.scale = scale;
+  a.causal = causal;
+  a.log = log;
+  a.inner_len = inner;
+}
+
 // The innermost leading dim's size (the causal mask's row count), 1 without leading dims.
 inline int64_t inner_len(const at::Tensor& t, int64_t dim) {
   for (int64_t d = t.dim() - 1; d >= 0; --d) {
@@ -291,14 +304,7 @@ at::Tensor softmax_fwd_impl(const at::Tensor& input, int64_t dim, double scale,
     a.in0_dtype = dtype_code(x.scalar_type());
     a.out = out.data_ptr();
     a.out_dtype = dtype_code(out_dtype);
-    a.mask = mask_view.defined() ? mask_view.data_ptr() : nullptr;
-    a.mask_dtype = mask_view.defined() ? dtype_code(mask_view.scalar_type()) : kF32;
-    a.mask_kind = mask_kind_of(mask_view);
-    a.mask_slot = 2;
-    a.scale = scale;
-    a.causal = causal;
-    a.log = log;
-    a.inner_len = inner_len(x, dim);
+    set_options(a, mask_view, 2, scale, causal, log, inner_len(x, dim));
     const bool vec = !mask_view.defined() && vec_rows_ok({&x, &out}, dim);
     launch<Launcher, true>(a, vec, x.scalar_type(),
                            x.scalar_type() == at::kDouble || out_dtype == at::kDouble);
@@ -333,14 +339,7 @@ at::Tensor softmax_bwd_impl(const at::Tensor& grad_output, const at::Tensor& out
     a.in1_dtype = dtype_code(y.scalar_type());
     a.out = grad_input.data_ptr();
     a.out_dtype = dtype_code(input_dtype);
-    a.mask = mask_view.defined() ? mask_view.data_ptr() : nullptr;
-    a.mask_dtype = mask_view.defined() ? dtype_code(mask_view.scalar_type()) : kF32;
-    a.mask_kind = mask_kind_of(mask_view);
-    a.mask_slot = 3;
-    a.scale = scale;
-    a.causal = causal;
-    a.log = log;
-    a.inner_len = inner_len(y, dim);
+    set_options(a, mask_view, 3, scale, causal, log, inner_len(y, dim));
     const bool vec = !mask_view.defined() && vec_rows_ok({&g, &y, &grad_input}, dim);
     launch<Launcher, false>(a, vec, y.scalar_type(),
                             y.scalar_type() == at::kDouble || input_dtype == at::kDouble ||
