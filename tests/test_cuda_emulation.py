@@ -7,12 +7,22 @@ What this checks before any GPU sees the code: fragment layouts and every index 
 tile loops with remainders, causal/window tile skipping, masks, dropout (the CPU generator's
 mask, bit for bit), softcap, GQA, padded and copied head dims, rows that see no key, the mask
 gradient. Outputs and every gradient must meet test_attention's rule (twice PyTorch's error
-against the float64 reference). What it cannot check: timing (cp.async copies at once, so a
-missing wait or barrier goes unseen; compute-sanitizer's racecheck covers that on a GPU),
-hardware limits and speed. Emulation is slow (one OS thread per CUDA thread): sizes are small.
+against the float64 reference). cp.async is asynchronous in the emulation (its destination is
+NaN from the issue until the wait that covers it; a thread that exits with copies no wait
+covered fails the launch), so a missing wait shows in the numbers. Races: a few cases run again
+with the emulation built under ThreadSanitizer, which reports a missing __syncthreads or wait,
+or a stage refilled while another warp still reads it, as a data race between CUDA threads.
+What it cannot check: races between CTAs (they run one after another), timing, hardware limits
+and speed; compute-sanitizer covers the first on a GPU. Emulation is slow (one OS thread per
+CUDA thread, TSan about 20x slower again): sizes are small.
 """
 
+import os
+import platform
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,18 +35,36 @@ HERE = Path(__file__).resolve().parent
 OPS = torch.ops.fastattn
 
 
-@pytest.fixture(scope="module")
-def emulated():
+def _build(name: str, flags: tuple[str, ...] = ()):
+    from torch.utils import cpp_extension
+
+    return cpp_extension.load(
+        name=name, sources=[str(HERE / "cuda_emulation" / "attention.cpp")],
+        extra_include_paths=[str(HERE / "cuda_emulation"), str(HERE.parent / "csrc")],
+        extra_cflags=["-O1", "-std=c++20", "-Wno-unknown-pragmas", *flags],
+        extra_ldflags=list(flags), verbose=False)
+
+
+def _why_no_emulation() -> str | None:
     from torch.utils import cpp_extension
 
     if torch.cuda.is_available():  # and its build would cost a GPU lease a minute
-        pytest.skip("a GPU is here: test_attention runs the native CUDA kernels themselves")
+        return "a GPU is here: test_attention runs the native CUDA kernels themselves"
+    if sys.platform != "linux":
+        return "the emulation's barriers sleep on Linux futexes"
     if not cpp_extension.is_ninja_available() or shutil.which("c++") is None:
-        pytest.skip("building the emulation needs ninja and a C++ compiler")
-    return cpp_extension.load(
-        name="fastattn_cuda_emulation", sources=[str(HERE / "cuda_emulation" / "attention.cpp")],
-        extra_include_paths=[str(HERE / "cuda_emulation"), str(HERE.parent / "csrc")],
-        extra_cflags=["-O1", "-std=c++20", "-Wno-unknown-pragmas"], verbose=False)
+        return "building the emulation needs ninja and a C++ compiler"
+    if _ext.reason() is not None:
+        return f"extension not loaded: {_ext.reason()}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    why = _why_no_emulation()
+    if why is not None:
+        pytest.skip(why)
+    return _build("fastattn_cuda_emulation")
 
 
 def _inputs(dtype, B, Hq, Hk, L, S, D, Dv, flash):
@@ -70,9 +98,12 @@ CASES = [
 ]
 
 
-@pytest.mark.skipif(_ext.reason() is not None, reason=f"extension not loaded: {_ext.reason()}")
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_emulated_cuda_attention_matches_reference(emulated, case):
+    _check_case(emulated, case)
+
+
+def _check_case(ext, case) -> None:
     _, dtype, shape, mask_kind, p, window, bottom, softcap, flash = case
     B, Hq, Hk, L, S, D, Dv = shape
     q, k, v = _inputs(dtype, B, Hq, Hk, L, S, D, Dv, flash)
@@ -85,10 +116,10 @@ def test_emulated_cuda_attention_matches_reference(emulated, case):
     seed = torch.tensor([20241124]) if p > 0 else None
     scale = D**-0.5
     args = (mask, seed, p, scale, window[0], window[1], bottom, softcap)
-    out, lse = emulated.attention_fwd(q, k, v, *args)
+    out, lse = ext.attention_fwd(q, k, v, *args)
     grad = torch.randn_like(out)
     mask_grad = mask_kind == "additive"
-    grads = emulated.attention_bwd(grad, q, k, v, out, lse, *args, mask_grad)
+    grads = ext.attention_bwd(grad, q, k, v, out, lse, *args, mask_grad)
 
     keep = OPS.native_attention_dropout_mask(seed, [B, Hq, L, S], p) if p > 0 else None
 
@@ -114,7 +145,6 @@ def test_emulated_cuda_attention_matches_reference(emulated, case):
     torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.skipif(_ext.reason() is not None, reason=f"extension not loaded: {_ext.reason()}")
 def test_emulated_cuda_dropout_is_the_cpu_mask(emulated):
     # v = identity: the output row is the dropped, rescaled probability row, so its zeros are
     # exactly the drops, which must be native_attention_dropout_mask's.
@@ -125,3 +155,87 @@ def test_emulated_cuda_dropout_is_the_cpu_mask(emulated):
     seed = torch.tensor([987654321])
     out, _ = emulated.attention_fwd(q, k, v, None, seed, p, 0.2, -1, -1, False, 0.0)
     assert torch.equal(out != 0, OPS.native_attention_dropout_mask(seed, [B, H, L, S], p))
+
+
+# Under ThreadSanitizer (about 20x slower) a few of CASES, shrunk but still taking every
+# pipelined loop round its ring: three key tiles per forward and dQ CTA (a stage is refilled),
+# up to three query tiles or heads per dK/dV CTA (likewise), and a query tile that sees no key
+# (the forward's and dQ's loops do not run).
+RACE_CASES = [
+    ("d32 causal gqa, bottom-right", torch.bfloat16, (1, 3, 1, 40, 150, 32, 32), None, 0.0,
+     (-1, 0), True, 0.0, False),
+    ("d96 additive mask + grad, softcap", torch.bfloat16, (1, 1, 1, 40, 150, 96, 96), "additive",
+     0.0, (-1, -1), False, 3.0, False),
+    ("d256/64 flash layout, gqa, bottom-right", torch.bfloat16, (1, 2, 1, 17, 65, 256, 64), None,
+     0.0, (-1, 0), True, 0.0, True),
+    ("d59/111 dropout, window, a query tile that sees no key", torch.float16,
+     (1, 1, 1, 90, 20, 59, 111), None, 0.2, (10, 0), True, 0.0, False),
+]
+
+
+def _race_child(seed: int) -> None:
+    """The ThreadSanitizer process of test_emulated_cuda_attention_is_race_free (libtsan
+    preloaded): RACE_CASES through the emulation built with -fsanitize=thread, numbers checked
+    as in the test above."""
+    os.environ.pop("LD_PRELOAD")  # ninja and the compiler it starts run unsanitized
+    assert _why_no_emulation() is None  # which also loads fastattn._C (the dropout mask op)
+    torch.set_num_threads(1)  # torch's OpenMP pool synchronises where TSan cannot see it
+    # -g1: file and line of both accesses in a report
+    ext = _build("fastattn_cuda_emulation_tsan", ("-fsanitize=thread", "-g1"))
+    for case in RACE_CASES:
+        print(case[0], flush=True)
+        torch.manual_seed(seed)
+        _check_case(ext, case)
+
+
+def test_emulated_cuda_attention_is_race_free():
+    # Every shared and global memory access of the kernels under ThreadSanitizer, in a child
+    # process with its runtime preloaded (torch is not built for it). __syncthreads and the warp
+    # collectives are barriers it sees, and cp.async writes its destination at issue and at the
+    # wait (emulation.h): a missing barrier or wait, or a stage refilled while another warp still
+    # reads it, is a data race it reports.
+    why = _why_no_emulation()
+    if why is not None:
+        pytest.skip(why)
+    cxx = os.environ.get("CXX", "c++")  # the compiler torch.utils.cpp_extension builds with
+    libtsan = subprocess.run([cxx, "-print-file-name=libtsan.so"], capture_output=True,
+                             text=True).stdout.strip()
+    if not os.path.isabs(libtsan):
+        pytest.skip(f"ThreadSanitizer's runtime libtsan.so is not installed beside {cxx}")
+    env = {**os.environ, "LD_PRELOAD": libtsan, "TSAN_OPTIONS": "halt_on_error=1",
+           "OMP_NUM_THREADS": "1"}
+    # GCC's TSan runtime stops at start where the kernel randomises more address bits than it
+    # expects ("unexpected memory mapping"); without randomisation (setarch -R) it runs.
+    for prefix in ([], ["setarch", platform.machine(), "-R"]):
+        if prefix and shutil.which("setarch") is None:
+            continue
+        probe = subprocess.run([*prefix, sys.executable, "-c", "pass"], env=env,
+                               capture_output=True, text=True)
+        if probe.returncode == 0:
+            break
+    else:
+        pytest.skip(f"ThreadSanitizer does not start here: {probe.stderr.strip()[-500:]}")
+    code = (f"import sys; sys.path.insert(1, {str(HERE)!r}); import test_cuda_emulation as t; "
+            f"t._race_child({torch.initial_seed()})")
+    run = subprocess.run([*prefix, sys.executable, "-c", code], cwd=HERE.parent, env=env,
+                         capture_output=True, text=True, timeout=900)
+    if run.returncode != 0:
+        case = (run.stdout.strip().splitlines() or ["building the sanitized emulation"])[-1]
+        out = (_race_report(run.stderr) if "WARNING: ThreadSanitizer" in run.stderr
+               else "\n".join(run.stderr.splitlines()[-30:]))
+        pytest.fail(f"under ThreadSanitizer, {case}:\n{out}", pytrace=False)
+
+
+def _race_report(stderr: str) -> str:
+    """ThreadSanitizer's first report, short: both accesses with their frames in csrc/ and
+    tests/cuda_emulation/ (function, file:line) and the memory they touched."""
+    report = stderr[stderr.find("WARNING: ThreadSanitizer"):].split("\n  Thread ")[0]
+    lines = []
+    for line in report.splitlines():
+        frame = re.match(r"\s*(#\d+) ([^(]*).* \S*?((?:csrc|tests/cuda_emulation)/\S+:\d+) \(",
+                         line)
+        if frame:
+            lines.append(f"    {frame[1]} {frame[2]} {frame[3]}")
+        elif not line.lstrip().startswith("#"):  # std::thread's frames
+            lines.append(line)
+    return "\n".join(lines)
