@@ -7,12 +7,22 @@ What this checks before any GPU sees the code: fragment layouts and every index 
 tile loops with remainders, causal/window tile skipping, masks, dropout (the CPU generator's
 mask, bit for bit), softcap, GQA, padded and copied head dims, rows that see no key, the mask
 gradient. Outputs and every gradient must meet test_attention's rule (twice PyTorch's error
-against the float64 reference). What it cannot check: timing (cp.async copies at once, so a
-missing wait or barrier goes unseen; compute-sanitizer's racecheck covers that on a GPU),
-hardware limits and speed. Emulation is slow (one OS thread per CUDA thread): sizes are small.
+against the float64 reference). cp.async is asynchronous in the emulation (its destination is
+NaN from the issue until the wait that covers it; a thread that exits with copies no wait
+covered fails the launch), so a missing wait shows in the numbers. Races: a few cases run again
+with the emulation built under ThreadSanitizer, which reports a missing __syncthreads or wait,
+or a stage refilled while another warp still reads it, as a data race between CUDA threads.
+What it cannot check: races between CTAs (they run one after another), timing, hardware limits
+and speed; compute-sanitizer covers the first on a GPU. Emulation is slow (one OS thread per
+CUDA thread, TSan about 20x slower again): sizes are small.
 """
 
+import os
+import platform
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,26 +35,43 @@ HERE = Path(__file__).resolve().parent
 OPS = torch.ops.fastattn
 
 
-def _build(name, source):
+def _build(name: str, source: str, flags: tuple[str, ...] = ()):
     from torch.utils import cpp_extension
 
-    if torch.cuda.is_available():  # and its build would cost a GPU lease a minute
-        pytest.skip("a GPU is here: the op tests run the native CUDA kernels themselves")
-    if not cpp_extension.is_ninja_available() or shutil.which("c++") is None:
-        pytest.skip("building the emulation needs ninja and a C++ compiler")
     return cpp_extension.load(
         name=name, sources=[str(HERE / "cuda_emulation" / source)],
         extra_include_paths=[str(HERE / "cuda_emulation"), str(HERE.parent / "csrc")],
-        extra_cflags=["-O1", "-std=c++20", "-Wno-unknown-pragmas"], verbose=False)
+        extra_cflags=["-O1", "-std=c++20", "-Wno-unknown-pragmas", *flags],
+        extra_ldflags=list(flags), verbose=False)
+
+
+def _why_no_emulation() -> str | None:
+    from torch.utils import cpp_extension
+
+    if torch.cuda.is_available():  # and its build would cost a GPU lease a minute
+        return "a GPU is here: the op tests run the native CUDA kernels themselves"
+    if sys.platform != "linux":
+        return "the emulation's barriers sleep on Linux futexes"
+    if not cpp_extension.is_ninja_available() or shutil.which("c++") is None:
+        return "building the emulation needs ninja and a C++ compiler"
+    if _ext.reason() is not None:
+        return f"extension not loaded: {_ext.reason()}"
+    return None
 
 
 @pytest.fixture(scope="module")
 def emulated():
+    why = _why_no_emulation()
+    if why is not None:
+        pytest.skip(why)
     return _build("fastattn_cuda_emulation", "attention.cpp")
 
 
 @pytest.fixture(scope="module")
 def emulated_rows():
+    why = _why_no_emulation()
+    if why is not None:
+        pytest.skip(why)
     return _build("fastattn_cuda_emulation_rows", "rows.cpp")
 
 
@@ -79,9 +106,12 @@ CASES = [
 ]
 
 
-@pytest.mark.skipif(_ext.reason() is not None, reason=f"extension not loaded: {_ext.reason()}")
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_emulated_cuda_attention_matches_reference(emulated, case):
+    _check_case(emulated, case)
+
+
+def _check_case(ext, case) -> None:
     _, dtype, shape, mask_kind, p, window, bottom, softcap, flash = case
     B, Hq, Hk, L, S, D, Dv = shape
     q, k, v = _inputs(dtype, B, Hq, Hk, L, S, D, Dv, flash)
@@ -94,10 +124,10 @@ def test_emulated_cuda_attention_matches_reference(emulated, case):
     seed = torch.tensor([20241124]) if p > 0 else None
     scale = D**-0.5
     args = (mask, seed, p, scale, window[0], window[1], bottom, softcap)
-    out, lse = emulated.attention_fwd(q, k, v, *args)
+    out, lse = ext.attention_fwd(q, k, v, *args)
     grad = torch.randn_like(out)
     mask_grad = mask_kind == "additive"
-    grads = emulated.attention_bwd(grad, q, k, v, out, lse, *args, mask_grad)
+    grads = ext.attention_bwd(grad, q, k, v, out, lse, *args, mask_grad)
 
     keep = OPS.native_attention_dropout_mask(seed, [B, Hq, L, S], p) if p > 0 else None
 
@@ -123,7 +153,6 @@ def test_emulated_cuda_attention_matches_reference(emulated, case):
     torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.skipif(_ext.reason() is not None, reason=f"extension not loaded: {_ext.reason()}")
 def test_emulated_cuda_dropout_is_the_cpu_mask(emulated):
     # v = identity: the output row is the dropped, rescaled probability row, so its zeros are
     # exactly the drops, which must be native_attention_dropout_mask's.
@@ -134,6 +163,96 @@ def test_emulated_cuda_dropout_is_the_cpu_mask(emulated):
     seed = torch.tensor([987654321])
     out, _ = emulated.attention_fwd(q, k, v, None, seed, p, 0.2, -1, -1, False, 0.0)
     assert torch.equal(out != 0, OPS.native_attention_dropout_mask(seed, [B, H, L, S], p))
+
+
+# Under ThreadSanitizer (about 20x slower) a few of CASES, shrunk but still taking every
+# pipelined loop round its ring: three key tiles per forward and dQ CTA (a stage is refilled),
+# up to three query tiles or heads per dK/dV CTA (likewise), and a query tile that sees no key
+# (the forward's and dQ's loops do not run).
+RACE_CASES = [
+    ("d32 causal gqa, bottom-right", torch.bfloat16, (1, 3, 1, 40, 150, 32, 32), None, 0.0,
+     (-1, 0), True, 0.0, False),
+    ("d96 additive mask + grad, softcap", torch.bfloat16, (1, 1, 1, 40, 150, 96, 96), "additive",
+     0.0, (-1, -1), False, 3.0, False),
+    ("d256/64 flash layout, gqa, bottom-right", torch.bfloat16, (1, 2, 1, 17, 65, 256, 64), None,
+     0.0, (-1, 0), True, 0.0, True),
+    ("d59/111 dropout, window, a query tile that sees no key", torch.float16,
+     (1, 1, 1, 90, 20, 59, 111), None, 0.2, (10, 0), True, 0.0, False),
+]
+
+
+def _race_child(seed: int) -> None:
+    """The ThreadSanitizer process of test_emulated_cuda_kernels_are_race_free (libtsan
+    preloaded): RACE_CASES and RACE_ROW_CASES through the emulations built with
+    -fsanitize=thread, numbers checked as in the tests above."""
+    os.environ.pop("LD_PRELOAD")  # ninja and the compiler it starts run unsanitized
+    assert _why_no_emulation() is None  # which also loads fastattn._C (the dropout mask op)
+    torch.set_num_threads(1)  # torch's OpenMP pool synchronises where TSan cannot see it
+    # -g1: file and line of both accesses in a report
+    flags = ("-fsanitize=thread", "-g1")
+    ext = _build("fastattn_cuda_emulation_tsan", "attention.cpp", flags)
+    for case in RACE_CASES:
+        print(case[0], flush=True)
+        torch.manual_seed(seed)
+        _check_case(ext, case)
+    rows = _build("fastattn_cuda_emulation_rows_tsan", "rows.cpp", flags)
+    for check, case in RACE_ROW_CASES:
+        print(case[0], flush=True)
+        torch.manual_seed(seed)
+        check(rows, case)
+
+
+def test_emulated_cuda_kernels_are_race_free():
+    # Every shared and global memory access of the kernels under ThreadSanitizer, in a child
+    # process with its runtime preloaded (torch is not built for it). __syncthreads and the warp
+    # collectives are barriers it sees, and cp.async writes its destination at issue and at the
+    # wait (emulation.h): a missing barrier or wait, or a stage refilled while another warp still
+    # reads it, is a data race it reports.
+    why = _why_no_emulation()
+    if why is not None:
+        pytest.skip(why)
+    cxx = os.environ.get("CXX", "c++")  # the compiler torch.utils.cpp_extension builds with
+    libtsan = subprocess.run([cxx, "-print-file-name=libtsan.so"], capture_output=True,
+                             text=True).stdout.strip()
+    if not os.path.isabs(libtsan):
+        pytest.skip(f"ThreadSanitizer's runtime libtsan.so is not installed beside {cxx}")
+    env = {**os.environ, "LD_PRELOAD": libtsan, "TSAN_OPTIONS": "halt_on_error=1",
+           "OMP_NUM_THREADS": "1"}
+    # GCC's TSan runtime stops at start where the kernel randomises more address bits than it
+    # expects ("unexpected memory mapping"); without randomisation (setarch -R) it runs.
+    for prefix in ([], ["setarch", platform.machine(), "-R"]):
+        if prefix and shutil.which("setarch") is None:
+            continue
+        probe = subprocess.run([*prefix, sys.executable, "-c", "pass"], env=env,
+                               capture_output=True, text=True)
+        if probe.returncode == 0:
+            break
+    else:
+        pytest.skip(f"ThreadSanitizer does not start here: {probe.stderr.strip()[-500:]}")
+    code = (f"import sys; sys.path.insert(1, {str(HERE)!r}); import test_cuda_emulation as t; "
+            f"t._race_child({torch.initial_seed()})")
+    run = subprocess.run([*prefix, sys.executable, "-c", code], cwd=HERE.parent, env=env,
+                         capture_output=True, text=True, timeout=900)
+    if run.returncode != 0:
+        case = (run.stdout.strip().splitlines() or ["building the sanitized emulation"])[-1]
+        out = (_race_report(run.stderr) if "WARNING: ThreadSanitizer" in run.stderr
+               else "\n".join(run.stderr.splitlines()[-30:]))
+        pytest.fail(f"under ThreadSanitizer, {case}:\n{out}", pytrace=False)
+
+
+def _race_report(stderr: str) -> str:
+    """ThreadSanitizer's first report, short: both accesses with their frames in csrc/ and
+    tests/cuda_emulation/ (function, file:line) and the memory they touched."""
+    report = stderr[stderr.find("WARNING: ThreadSanitizer"):].split("\n  Thread ")[0]
+    lines = []
+    for line in report.splitlines():
+        frame = re.match(r"\s*(#\d+) ([^(]*).* \S*?((?:csrc|tests/cuda_emulation)/\S+:\d+) \(",
+                         line)
+        if frame:
+            lines.append(f"    {frame[1]} {frame[2]} {frame[3]}")
+        elif not line.lstrip().startswith("#"):  # std::thread's frames
+            lines.append(line)
+    return "\n".join(lines)
 
 
 # The row kernels (softmax_cuda.cuh, cross_entropy_cuda.cuh) on every layout: 16-byte vectors
@@ -168,9 +287,12 @@ SOFTMAX_CASES = [
 ]
 
 
-@pytest.mark.skipif(_ext.reason() is not None, reason=f"extension not loaded: {_ext.reason()}")
 @pytest.mark.parametrize("case", SOFTMAX_CASES, ids=[c[0] for c in SOFTMAX_CASES])
 def test_emulated_cuda_softmax_matches_reference(emulated_rows, case):
+    _check_softmax(emulated_rows, case)
+
+
+def _check_softmax(ext, case) -> None:
     _, dtype, shape, dim, log, mask_spec, causal, scale, out_dtype = case
     x = 3 * torch.randn(shape, dtype=dtype)
     if dim == 0:
@@ -183,7 +305,7 @@ def test_emulated_cuda_softmax_matches_reference(emulated_rows, case):
         mask = torch.randn(mask_spec[1], dtype=dtype)
         mask = mask.masked_fill(torch.rand(mask_spec[1]) < 0.2, float("-inf"))
     dim = dim % x.ndim
-    out = emulated_rows.softmax_fwd(x, dim, scale, mask, causal, log, out_dtype or dtype)
+    out = ext.softmax_fwd(x, dim, scale, mask, causal, log, out_dtype or dtype)
     spec = reference.log_softmax if log else reference.softmax
 
     def run(precision):
@@ -197,7 +319,7 @@ def test_emulated_cuda_softmax_matches_reference(emulated_rows, case):
     assert out.dtype == (out_dtype or dtype)
     assert_twice_error(out, ref, pt, "output")
     grad = torch.randn(ref.shape, dtype=torch.float64)
-    dx = emulated_rows.softmax_bwd(grad.to(out.dtype), out, dim, scale, mask, causal, log, dtype)
+    dx = ext.softmax_bwd(grad.to(out.dtype), out, dim, scale, mask, causal, log, dtype)
     ref.backward(grad)
     pt.backward(grad.to(pt.dtype))
     assert dx.dtype == dtype
@@ -227,9 +349,12 @@ CROSS_ENTROPY_CASES = [
 ]
 
 
-@pytest.mark.skipif(_ext.reason() is not None, reason=f"extension not loaded: {_ext.reason()}")
 @pytest.mark.parametrize("case", CROSS_ENTROPY_CASES, ids=[c[0] for c in CROSS_ENTROPY_CASES])
 def test_emulated_cuda_cross_entropy_matches_reference(emulated_rows, case):
+    _check_cross_entropy(emulated_rows, case)
+
+
+def _check_cross_entropy(ext, case) -> None:
     _, dtype, shape, opts, reduction = case
     opts = dict(opts)
     C = shape[1]
@@ -249,7 +374,7 @@ def test_emulated_cuda_cross_entropy_matches_reference(emulated_rows, case):
                             opts.get("softcap", 0.0))
     grad = x.clone() if inplace else torch.empty_like(x)
     x_in = grad if inplace else x  # the gradient overwrites the logits it is computed from
-    loss, lse = emulated_rows.cross_entropy_fwd(
+    loss, lse = ext.cross_entropy_fwd(
         x_in, target, None if weight is None else weight.to(dtype), -100,
         reference.REDUCTIONS.index(reduction), eps, z_loss, softcap, None if no_grad else grad)
 
@@ -269,3 +394,16 @@ def test_emulated_cuda_cross_entropy_matches_reference(emulated_rows, case):
         assert_twice_error(grad, ref_grad, pt_grad, "d input")
     logits = reference.apply_softcap(x.double(), softcap or None)
     torch.testing.assert_close(lse.double(), torch.logsumexp(logits, 1), atol=1e-4, rtol=1e-4)
+
+
+# The row kernels under ThreadSanitizer: a block per row, several rows per block (the block
+# reductions' shared scratch is reused within a row and across rows), resident and streamed.
+RACE_ROW_CASES = [
+    (_check_softmax, ("bf16 log, 256 threads, 2 rows a block", torch.bfloat16, (5, 3001), -1,
+                      True, None, False, 1.0, None)),
+    (_check_softmax, ("additive mask, 256 threads", torch.float32, (4, 2100), -1, False,
+                      ("additive", (2100,)), False, 1.0, None)),
+    (_check_cross_entropy, ("smoothing + weight, 256 threads, gradient in place", torch.float16,
+                            (5, 2000), {"weight": True, "label_smoothing": 0.1,
+                                        "inplace": True}, "mean")),
+]

@@ -1,9 +1,12 @@
 // The attention launch logic of csrc/attention/attention_cuda.cuh with a launcher that runs the
 // kernels in the CPU emulation of emulation.h: native_attention_fwd / _bwd's CUDA code path on
 // CPU tensors, for tests/test_cuda_emulation.py (built there with torch.utils.cpp_extension).
-// Built with -fsanitize=address (and libasan preloaded), AddressSanitizer also checks every
-// global and shared memory access of the kernels against the tensors' and the launch's bounds.
+// Built with -fsanitize=thread (and libtsan preloaded), ThreadSanitizer reports data races
+// between the kernels' CUDA threads (test_emulated_cuda_kernels_are_race_free). Built with
+// -fsanitize=address (and libasan preloaded), AddressSanitizer checks every global and shared
+// memory access of the kernels against the tensors' and the launch's bounds.
 #include <torch/extension.h>
+
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/asan_interface.h>
 #endif
@@ -21,34 +24,17 @@ struct EmulatedLauncher {
                      const attention::AttnParams& p) {
     TORCH_CHECK(smem <= sizeof(attention::smem), "emulated shared memory is too small");
     TORCH_CHECK(smem <= 227 * 1024, smem, " bytes of shared memory exceed an H100's 227 KB");
-    TORCH_CHECK(threads % 32 == 0 && threads <= 1024, "bad block size ", threads);
-    for (unsigned z = 0; z < grid.z; ++z) {
-      for (unsigned y = 0; y < grid.y; ++y) {
-        for (unsigned x = 0; x < grid.x; ++x) {
-          blockIdx = dim3(x, y, z);
+    emu::run_grid(grid, threads, [&] { kernel(p); }, [&]() noexcept {
 #if defined(__SANITIZE_ADDRESS__)
-          ASAN_UNPOISON_MEMORY_REGION(attention::smem, sizeof(attention::smem));
+      ASAN_UNPOISON_MEMORY_REGION(attention::smem, sizeof(attention::smem));
 #endif
-          std::memset(attention::smem, 0xFF, sizeof(attention::smem));
+      std::memset(attention::smem, 0xFF, smem);
 #if defined(__SANITIZE_ADDRESS__)
-          // Built with -fsanitize=address, shared memory past the launch's dynamic size is
-          // poisoned: an access beyond the tiles the kernel asked for is reported.
-          ASAN_POISON_MEMORY_REGION(attention::smem + smem, sizeof(attention::smem) - smem);
+      // Built with -fsanitize=address, shared memory past the launch's dynamic size is
+      // poisoned: an access beyond the tiles the kernel asked for is reported.
+      ASAN_POISON_MEMORY_REGION(attention::smem + smem, sizeof(attention::smem) - smem);
 #endif
-          emu::warps.clear();
-          for (int w = 0; w < threads / 32; ++w) emu::warps.push_back(std::make_unique<emu::Warp>());
-          emu::cta = std::make_unique<std::barrier<>>(threads);
-          std::vector<std::thread> pool;
-          for (int t = 0; t < threads; ++t) {
-            pool.emplace_back([&, t] {
-              threadIdx = dim3(t);
-              kernel(p);
-            });
-          }
-          for (auto& thread : pool) thread.join();
-        }
-      }
-    }
+    });
   }
 };
 

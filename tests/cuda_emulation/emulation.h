@@ -6,23 +6,35 @@
 // shared memory nothing wrote shows up), __syncthreads / __syncwarp as barriers, and the warp
 // collectives -- ldmatrix (plain and .trans), mma.sync m16n8k16 (bf16/fp16 in, fp32 out),
 // shuffles -- computed from the PTX ISA's fragment layouts (see csrc/common/mma.cuh) with every
-// lane's operands exchanged through per-warp slots between two barriers. cp.async copies (or
-// zero-fills) at once, so it checks what the kernels compute, not their timing: races are
-// compute-sanitizer's job on a GPU (benchmarks/sanitize_cuda.py); out-of-bounds accesses show
-// up here under AddressSanitizer (see attention.cpp).
-// Static __shared__ arrays (FASTATTN_BLOCK_SHARED) are function-local statics. What it replaces,
-// the headers leave out under FASTATTN_CUDA_EMULATION: csrc/common/mma.cuh's PTX and
+// lane's operands exchanged through per-warp slots between two barriers. cp.async is as
+// asynchronous as PTX allows (see cp_async_16): its destination holds NaN from the issue until
+// the wait_group that covers it, so a tile read too early gives wrong numbers.
+// Built with -fsanitize=thread it is also a race checker: ThreadSanitizer sees the barriers as
+// happens-before edges and checks every shared and global memory access of the kernels, so a
+// missing __syncthreads, __syncwarp or cp_async_wait, or a stage refilled while another warp
+// still reads it, is a data race it reports. Out-of-bounds accesses show up under
+// AddressSanitizer (see attention.cpp). Not checked here: races between CTAs (they run one
+// after another), timing and hardware limits; compute-sanitizer on a GPU covers those
+// (benchmarks/sanitize_cuda.py). Linux only (the barriers sleep on futexes).
+// Static __shared__ arrays (FASTATTN_BLOCK_SHARED) are function-local statics; a misaligned
+// vector access (FASTATTN_ALIGNED_ACCESS) fails the launch, as it faults on a GPU. What it
+// replaces, the headers leave out under FASTATTN_CUDA_EMULATION: csrc/common/mma.cuh's PTX and
 // csrc/common/cuda_rows.cuh's CUDA runtime launcher.
 #pragma once
+#include <atomic>
 #include <barrier>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <memory>
 #include <thread>
 #include <vector>
 #include <algorithm>
-#include <atomic>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <ATen/core/Tensor.h>
@@ -34,6 +46,9 @@
 #define __launch_bounds__(x)
 #define __shared__
 #define __align__(x)
+// The emulation's own exchanges between lanes (through barriers) are not the kernels' memory
+// accesses: ThreadSanitizer neither checks them nor slows down on them.
+#define EMU_UNCHECKED __attribute__((no_sanitize("thread")))
 
 struct dim3 {
   unsigned x, y, z;
@@ -49,26 +64,93 @@ inline dim3 blockIdx, blockDim, gridDim;  // CTAs run one after another
 // A block's static __shared__ array: one per kernel instantiation, shared by the block's threads.
 #define FASTATTN_BLOCK_SHARED static
 // A misaligned vector access faults on a GPU (and, as an aligned SSE load, would segfault
-// here): the access is skipped and counted instead, and run_grid raises after the grid (an
-// exception cannot leave the emulated threads). The macro prefixes the access statement.
+// here): the access is skipped and counted instead, and run_grid fails the launch (an exception
+// cannot leave the emulated threads). The macro prefixes the access statement.
 namespace emu {
 inline std::atomic<int64_t> misaligned{0};
 }
-#define FASTATTN_ALIGNED_ACCESS(ptr, bytes)                 \
-  if (reinterpret_cast<uintptr_t>(ptr) % (bytes) != 0) {    \
-    ++emu::misaligned;                                       \
+#define FASTATTN_ALIGNED_ACCESS(ptr, bytes)              \
+  if (reinterpret_cast<uintptr_t>(ptr) % (bytes) != 0) { \
+    ++emu::misaligned;                                   \
   } else
 
+#if defined(__SANITIZE_THREAD__)  // ThreadSanitizer's runtime (-fsanitize=thread)
+extern "C" void __tsan_read_range(void* addr, unsigned long size);
+extern "C" void __tsan_write_range(void* addr, unsigned long size);
+#endif
+
 namespace emu {
+// A reusable barrier of n threads (std::barrier's arrive_and_wait) whose only synchronisation
+// is its own two atomics, so that ThreadSanitizer's happens-before edges are exactly the
+// kernel's barriers. std::barrier and std::atomic::wait park waiters in libstdc++'s waiter
+// pool, whose counters are shared by unrelated addresses: through them one warp's barrier
+// ordered another warp's accesses and hid races. Waiters yield a few times, then sleep on a
+// futex, polling with relaxed loads (an acquire load costs TSan a join of vector clocks as long
+// as the thread count), and acquire the new phase once.
+class Barrier {
+ public:
+  explicit Barrier(int n) : n_(n) {}
+  void arrive_and_wait() {
+    const unsigned phase = phase_.load(std::memory_order_relaxed);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) + 1 == n_) {
+      arrived_.store(0, std::memory_order_relaxed);
+      phase_.store(phase + 1, std::memory_order_release);
+      syscall(SYS_futex, &phase_, FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
+    } else {
+      for (int i = 0; i < 8 && phase_.load(std::memory_order_relaxed) == phase; ++i) {
+        std::this_thread::yield();
+      }
+      while (phase_.load(std::memory_order_relaxed) == phase) {
+        syscall(SYS_futex, &phase_, FUTEX_WAIT_PRIVATE, phase, nullptr, nullptr, 0);
+      }
+      (void)phase_.load(std::memory_order_acquire);
+    }
+  }
+
+ private:
+  const int n_;
+  std::atomic<int> arrived_{0};
+  std::atomic<unsigned> phase_{0};
+  static_assert(sizeof(std::atomic<unsigned>) == 4, "a futex word is 32 bits");
+};
+
 struct Warp {
-  std::barrier<> bar{32};
-  const void* addr[32];
+  Barrier bar{32};
+  uint16_t rows[32][8];  // ldmatrix: each lane's row
   uint32_t a[32][4];
   uint32_t b[32][2];
   double f[32];  // shuffle slots
 };
 inline std::vector<std::unique_ptr<Warp>> warps;
-inline std::unique_ptr<std::barrier<>> cta;
+inline std::unique_ptr<Barrier> cta;
+// This CUDA thread's cp.async copies not yet performed: those issued since the last commit and
+// the committed groups, oldest first (see cp_async_16).
+struct Copy {
+  void* dst;
+  const void* src;
+  int bytes;
+};
+struct AsyncCopies {
+  std::vector<Copy> open;
+  std::deque<std::vector<Copy>> committed;
+  bool pending() const {
+    return !open.empty() || std::any_of(committed.begin(), committed.end(),
+                                        [](const auto& group) { return !group.empty(); });
+  }
+};
+inline thread_local AsyncCopies copies;
+// Declares to ThreadSanitizer an access the emulation makes on a CUDA thread's behalf with
+// memset / memcpy: GCC expands those inline for a known size, out of its interceptors' sight.
+inline void tsan_access([[maybe_unused]] const void* p, [[maybe_unused]] size_t n,
+                        [[maybe_unused]] bool write) {
+#if defined(__SANITIZE_THREAD__)
+  if (write) {
+    __tsan_write_range(const_cast<void*>(p), n);
+  } else {
+    __tsan_read_range(const_cast<void*>(p), n);
+  }
+#endif
+}
 inline Warp& warp() { return *warps[threadIdx.x / 32]; }
 inline int lane() { return threadIdx.x % 32; }
 // 16-bit patterns of bfloat16 / float16 to float and back (round to nearest even, as the
@@ -111,34 +193,62 @@ inline T __shfl_xor_sync(unsigned, T v, int m) {
 }
 
 namespace emu {
-// Runs `body` as every thread of every CTA of `grid` (threads per CTA), CTA after CTA; each CTA
-// gets fresh warps and barriers. `before_cta` runs before each CTA's threads start.
+// Runs body() as every thread of every CTA of `grid` (`threads` a CTA), CTAs one after another
+// (blockIdx.x fastest) on one set of OS threads, created once per launch: creating threads is
+// what ThreadSanitizer slows most. Between two CTAs every thread waits at `next_block`, whose
+// completion step, run once by the last thread to arrive, sets up the next CTA: fresh warps and
+// barriers, then before_cta() (a std::barrier is exact enough there: whatever it orders, the
+// CTA boundary orders anyway). Fails the launch when a thread left a CTA with cp.async copies
+// no cp_async_wait covered (such a copy lands whenever the hardware gets to it, possibly over
+// what the kernel wrote there since), or when a vector access was misaligned.
 template <typename Body, typename BeforeCta>
 void run_grid(dim3 grid, int threads, Body body, BeforeCta before_cta) {
   TORCH_CHECK(threads % 32 == 0 && threads <= 1024, "bad block size ", threads);
   gridDim = grid;
   blockDim = dim3(threads);
-  for (unsigned z = 0; z < grid.z; ++z) {
-    for (unsigned y = 0; y < grid.y; ++y) {
-      for (unsigned x = 0; x < grid.x; ++x) {
-        blockIdx = dim3(x, y, z);
-        before_cta();
-        warps.clear();
-        for (int w = 0; w < threads / 32; ++w) warps.push_back(std::make_unique<Warp>());
-        cta = std::make_unique<std::barrier<>>(threads);
-        std::vector<std::thread> pool;
-        for (int t = 0; t < threads; ++t) {
-          pool.emplace_back([&, t] {
-            threadIdx = dim3(t);
-            body();
-          });
-        }
-        for (auto& thread : pool) thread.join();
+  const int64_t blocks = int64_t(grid.x) * grid.y * grid.z;
+  auto block_idx = [&](int64_t i) {
+    return dim3(i % grid.x, i / grid.x % grid.y, i / grid.x / grid.y);
+  };
+  int64_t block = 0;
+  auto start_block = [&]() noexcept {
+    if (block == blocks) return;
+    blockIdx = block_idx(block);
+    warps.clear();
+    for (int w = 0; w < threads / 32; ++w) warps.push_back(std::make_unique<Warp>());
+    cta = std::make_unique<Barrier>(threads);
+    before_cta();
+  };
+  start_block();
+  std::barrier next_block(threads, [&]() noexcept {
+    ++block;
+    start_block();
+  });
+  // Per thread (one element each, no shared writes): the first CTA it left with cp.async
+  // copies no cp_async_wait covered, or -1.
+  std::vector<int64_t> unwaited(threads, -1);
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      threadIdx = dim3(t);
+      for (int64_t i = 0; i < blocks; ++i) {
+        body();
+        if (copies.pending() && unwaited[t] < 0) unwaited[t] = i;
+        copies = {};
+        next_block.arrive_and_wait();
       }
-    }
+    });
   }
+  for (auto& thread : pool) thread.join();
   const int64_t bad = misaligned.exchange(0);
   TORCH_CHECK(bad == 0, bad, " misaligned vector accesses (a misaligned-address fault on a GPU)");
+  for (int t = 0; t < threads; ++t) {
+    if (unwaited[t] >= 0) {
+      const dim3 b = block_idx(unwaited[t]);
+      TORCH_CHECK(false, "thread ", t, " of block (", b.x, ", ", b.y, ", ", b.z,
+                  ") exited with cp.async copies that no cp_async_wait covered");
+    }
+  }
 }
 }  // namespace emu
 
@@ -150,13 +260,10 @@ template <typename T> constexpr bool is_bf16 = std::is_same_v<T, __nv_bfloat16>;
 
 // D += A B for one m16n8k16 tile: lane (g, t) holds the A, B, C elements at the positions the
 // PTX ISA gives (csrc/common/mma.cuh); each lane computes its four D elements from every
-// lane's A and B registers.
+// lane's A and B registers, exchanged through the warp's slots.
 template <typename T>
-inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  auto& w = emu::warp(); int l = emu::lane();
-  for (int i = 0; i < 4; ++i) w.a[l][i] = a[i];
-  w.b[l][0] = b0; w.b[l][1] = b1;
-  w.bar.arrive_and_wait();
+EMU_UNCHECKED inline void mma_lane(float (&out)[4], const float (&d)[4], const emu::Warp& w,
+                                   int l) {
   auto A = [&](int r, int c) {  // PTX A layout
     int g = r % 8, reg = (r >= 8 ? 1 : 0) + (c >= 8 ? 2 : 0), t = (c % 8) / 2;
     uint32_t v = w.a[4 * g + t][reg];
@@ -167,45 +274,85 @@ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32
     return emu::bits_to_float(uint16_t(k % 2 ? v >> 16 : v & 0xFFFF), is_bf16<T>);
   };
   int g = l >> 2, t = l & 3;
-  float out[4];
   for (int i = 0; i < 4; ++i) {
     int r = g + (i >= 2 ? 8 : 0), c = 2 * t + (i & 1);
     float acc = d[i];
     for (int k = 0; k < 16; ++k) acc += A(r, k) * B(k, c);
     out[i] = acc;
   }
+}
+template <typename T>
+inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  auto& w = emu::warp(); int l = emu::lane();
+  for (int i = 0; i < 4; ++i) w.a[l][i] = a[i];
+  w.b[l][0] = b0; w.b[l][1] = b1;
+  w.bar.arrive_and_wait();
+  float out[4];
+  mma_lane<T>(out, d, w, l);
   w.bar.arrive_and_wait();
   for (int i = 0; i < 4; ++i) d[i] = out[i];
 }
 
 // ldmatrix.x4: lanes 8m .. 8m + 7 give the row addresses of matrix m; lane (g, t) receives row g,
 // columns 2t, 2t + 1 of matrix m in register m, or with .trans rows 2t, 2t + 1 at column g.
-inline void ldmatrix_impl(uint32_t (&r)[4], const void* p, bool trans) {
-  auto& w = emu::warp(); int l = emu::lane();
-  w.addr[l] = p; w.bar.arrive_and_wait();
+EMU_UNCHECKED inline void ldmatrix_lane(uint32_t (&r)[4], const emu::Warp& w, int l, bool trans) {
   int g = l >> 2, t = l & 3;
   for (int m = 0; m < 4; ++m) {
     uint16_t lo, hi;
     if (!trans) {
-      const uint16_t* row = static_cast<const uint16_t*>(w.addr[8 * m + g]);
-      lo = row[2 * t]; hi = row[2 * t + 1];
+      lo = w.rows[8 * m + g][2 * t];
+      hi = w.rows[8 * m + g][2 * t + 1];
     } else {
-      lo = static_cast<const uint16_t*>(w.addr[8 * m + 2 * t])[g];
-      hi = static_cast<const uint16_t*>(w.addr[8 * m + 2 * t + 1])[g];
+      lo = w.rows[8 * m + 2 * t][g];
+      hi = w.rows[8 * m + 2 * t + 1][g];
     }
     r[m] = uint32_t(lo) | (uint32_t(hi) << 16);
   }
+}
+// Each lane reads the 16-byte row at its own address and takes its elements from the warp's
+// rows: to ThreadSanitizer a warp reads each row once, through one thread, rather than as 16
+// threads' 2-byte reads, which is cheaper and crowds less the four accesses it keeps per word.
+inline void ldmatrix_impl(uint32_t (&r)[4], const void* p, bool trans) {
+  auto& w = emu::warp(); int l = emu::lane();
+  std::memcpy(w.rows[l], p, 16);
+  emu::tsan_access(p, 16, false);
+  w.bar.arrive_and_wait();
+  ldmatrix_lane(r, w, l, trans);
   w.bar.arrive_and_wait();
 }
 inline void ldmatrix_x4(uint32_t (&r)[4], const void* p) { ldmatrix_impl(r, p, false); }
 inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) { ldmatrix_impl(r, p, true); }
 
+// cp.async as the PTX ISA defines it, and no more forgiving: a copy lands in shared memory at
+// some point between its issue and the cp.async.wait_group that covers its group, so the
+// emulation writes both ends of that window. At issue the 16 destination bytes become 0xFF (NaN
+// in bf16, fp16 and fp32): a tile read before its wait reads NaN. The copy itself (and the zero
+// fill past `bytes`) happens at the wait, by the issuing thread: a tile read before the barrier
+// that follows the wait, or refilled while another warp still reads it, is a data race between
+// two CUDA threads that ThreadSanitizer reports (test_cuda_emulation's TSan build).
+// wait_group N completes every committed group but the newest N; copies not yet committed are
+// not waited for at all.
 inline void cp_async_16(void* dst, const void* src, int bytes) {
-  std::memset(dst, 0, 16);
-  if (bytes > 0) std::memcpy(dst, src, bytes);
+  std::memset(dst, 0xFF, 16);
+  emu::tsan_access(dst, 16, true);
+  emu::copies.open.push_back({dst, src, bytes});
 }
-inline void cp_async_commit() {}
-template <int N> inline void cp_async_wait() {}
+inline void cp_async_commit() {
+  emu::copies.committed.push_back(std::move(emu::copies.open));
+  emu::copies.open.clear();
+}
+template <int N> inline void cp_async_wait() {
+  auto& groups = emu::copies.committed;
+  while (groups.size() > N) {
+    for (const emu::Copy& c : groups.front()) {
+      if (c.bytes > 0) std::memcpy(c.dst, c.src, c.bytes);
+      std::memset(static_cast<unsigned char*>(c.dst) + c.bytes, 0, 16 - c.bytes);
+      emu::tsan_access(c.src, c.bytes, false);
+      emu::tsan_access(c.dst, 16, true);
+    }
+    groups.pop_front();
+  }
+}
 
 template <typename T> inline uint32_t pack2(float lo, float hi) {
   return uint32_t(emu::float_to_bits(lo, is_bf16<T>)) |

@@ -1,7 +1,8 @@
 // The launch logic of csrc/softmax/softmax_cuda.cuh and csrc/cross_entropy/cross_entropy_cuda.cuh
 // with a launcher that runs their kernels in the CPU emulation of emulation.h: the CUDA code path
 // of native_softmax_fwd / _bwd and native_cross_entropy_fwd on CPU tensors, for
-// tests/test_cuda_emulation.py (built there with torch.utils.cpp_extension).
+// tests/test_cuda_emulation.py (built there with torch.utils.cpp_extension; also with
+// -fsanitize=thread for test_emulated_cuda_kernels_are_race_free).
 #include <torch/extension.h>
 
 #define FASTATTN_CUDA_EMULATION 1
@@ -18,7 +19,7 @@ struct EmulatedRowLauncher {
 
   template <typename Args>
   static void launch(void (*kernel)(Args), unsigned blocks, int threads, const Args& a) {
-    emu::run_grid(dim3(blocks), threads, [&] { kernel(a); }, [] {});
+    emu::run_grid(dim3(blocks), threads, [&] { kernel(a); }, []() noexcept {});
   }
 };
 
