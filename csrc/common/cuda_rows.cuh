@@ -224,7 +224,7 @@ __device__ inline RowGroup row_group(int nt) {
           static_cast<int64_t>(gridDim.x) * per_block, static_cast<int>(threadIdx.x) % nt, nt};
 }
 
-// Element access to one row, for kernels written once for two layouts. `each<kIn>` calls
+// Element access to one row, for kernels written once for every layout. `each<kIn>` calls
 // f(j, x0_j, x1_j) for the columns j this thread takes (thread t of nt; x1 is 0 unless kIn is
 // 2); `map<kIn>` also writes f's result to the output's column j.
 
