@@ -333,7 +333,7 @@ CROSS_ENTROPY_CASES = [
     ("vec: a warp per row", torch.float32, (6, 37), {}, "mean"),
     ("vec: bf16 weight + ignore + smoothing", torch.bfloat16, (9, 300),
      {"weight": True, "ignore": True, "label_smoothing": 0.1}, "mean"),
-    ("vec: fp16 z-loss + softcap, 256 threads", torch.float16, (4, 2000),
+    ("vec: fp16 z-loss + softcap, 128 threads", torch.float16, (4, 2000),
      {"z_loss": 1e-2, "softcap": 5.0}, "sum"),
     ("vec: float64 weighted mean", torch.float64, (7, 19), {"weight": True, "ignore": True},
      "mean"),
@@ -403,7 +403,7 @@ RACE_ROW_CASES = [
                       True, None, False, 1.0, None)),
     (_check_softmax, ("additive mask, 256 threads", torch.float32, (4, 2100), -1, False,
                       ("additive", (2100,)), False, 1.0, None)),
-    (_check_cross_entropy, ("smoothing + weight, 256 threads, gradient in place", torch.float16,
+    (_check_cross_entropy, ("smoothing + weight, 128 threads, gradient in place", torch.float16,
                             (5, 2000), {"weight": True, "label_smoothing": 0.1,
                                         "inplace": True}, "mean")),
 ]
