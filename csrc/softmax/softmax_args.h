@@ -58,4 +58,55 @@ inline void check_softmax_bwd_args(const at::Tensor& grad_output, const at::Tens
   check_kernel_float(input_dtype, "input_dtype");
 }
 
+// What both launchers of native_softmax_fwd work on: the checked dim, the input and the mask
+// (expanded to it) with a 0-d input as one row of one element, and the output buffer.
+struct SoftmaxFwdRows {
+  int64_t dim;
+  at::Tensor x;
+  at::Tensor mask_view;
+  at::Tensor out;  // softmax_result gives it the input's shape back
+};
+
+inline SoftmaxFwdRows prepare_softmax_fwd(const at::Tensor& input, int64_t dim,
+                                          const std::optional<at::Tensor>& mask, bool causal,
+                                          double scale, at::ScalarType out_dtype) {
+  check_kernel_float(out_dtype, "out_dtype");
+  SoftmaxFwdRows r;
+  r.dim = check_softmax_args(input, "input", dim, mask, causal, scale, r.mask_view);
+  const bool scalar = input.dim() == 0;
+  r.x = scalar ? input.reshape({1}) : input;
+  if (scalar && r.mask_view.defined()) r.mask_view = r.mask_view.reshape({1});
+  r.out = softmax_row_output(r.x, r.dim, out_dtype);
+  return r;
+}
+
+// The same for native_softmax_bwd: grad_output, output and the mask, and the gradient buffer.
+struct SoftmaxBwdRows {
+  int64_t dim;
+  at::Tensor g;
+  at::Tensor y;
+  at::Tensor mask_view;
+  at::Tensor grad_input;  // softmax_result gives it the output's shape back
+};
+
+inline SoftmaxBwdRows prepare_softmax_bwd(const at::Tensor& grad_output,
+                                          const at::Tensor& output, int64_t dim,
+                                          const std::optional<at::Tensor>& mask, bool causal,
+                                          double scale, at::ScalarType input_dtype) {
+  check_softmax_bwd_args(grad_output, output, input_dtype);
+  SoftmaxBwdRows r;
+  r.dim = check_softmax_args(output, "output", dim, mask, causal, scale, r.mask_view);
+  const bool scalar = output.dim() == 0;
+  r.y = scalar ? output.reshape({1}) : output;
+  r.g = scalar ? grad_output.reshape({1}) : grad_output;
+  if (scalar && r.mask_view.defined()) r.mask_view = r.mask_view.reshape({1});
+  r.grad_input = softmax_row_output(r.y, r.dim, input_dtype);
+  return r;
+}
+
+// A launcher's result in the shape of the op's argument `like` (0-d again for a 0-d one).
+inline at::Tensor softmax_result(const at::Tensor& rows, const at::Tensor& like) {
+  return like.dim() == 0 ? rows.reshape({}) : rows;
+}
+
 }  // namespace fastattn

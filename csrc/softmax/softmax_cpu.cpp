@@ -37,12 +37,9 @@ at::Tensor softmax_fwd_cpu(const at::Tensor& input, int64_t dim, double scale,
                            const std::optional<at::Tensor>& mask, bool causal, bool log,
                            at::ScalarType out_dtype) {
   check_cpu_float(input, "input");
-  check_kernel_float(out_dtype, "out_dtype");
-  at::Tensor mask_view;
-  dim = check_softmax_args(input, "input", dim, mask, causal, scale, mask_view);
-  const at::Tensor x = input.dim() == 0 ? input.reshape({1}) : input;
-  if (input.dim() == 0 && mask_view.defined()) mask_view = mask_view.reshape({1});
-  at::Tensor out = softmax_row_output(x, dim, out_dtype);
+  const auto [d, x, mask_view, out] =
+      prepare_softmax_fwd(input, dim, mask, causal, scale, out_dtype);
+  dim = d;
   if (x.numel() > 0) {
     RowLayout layout(x.sizes(), dim);
     layout.add(0, x);
@@ -63,21 +60,16 @@ at::Tensor softmax_fwd_cpu(const at::Tensor& input, int64_t dim, double scale,
     p.acc_double = x.scalar_type() == at::kDouble || out_dtype == at::kDouble;
     run(FASTATTN_CPU_KERNEL(softmax_fwd_rows), p);
   }
-  return input.dim() == 0 ? out.reshape({}) : out;
+  return softmax_result(out, input);
 }
 
 at::Tensor softmax_bwd_cpu(const at::Tensor& grad_output, const at::Tensor& output, int64_t dim,
                            double scale, const std::optional<at::Tensor>& mask, bool causal,
                            bool log, at::ScalarType input_dtype) {
   check_cpu_float(output, "output");
-  check_softmax_bwd_args(grad_output, output, input_dtype);
-  at::Tensor mask_view;
-  dim = check_softmax_args(output, "output", dim, mask, causal, scale, mask_view);
-  const bool scalar = output.dim() == 0;
-  const at::Tensor y = scalar ? output.reshape({1}) : output;
-  const at::Tensor g = scalar ? grad_output.reshape({1}) : grad_output;
-  if (scalar && mask_view.defined()) mask_view = mask_view.reshape({1});
-  at::Tensor grad_input = softmax_row_output(y, dim, input_dtype);
+  const auto [d, g, y, mask_view, grad_input] =
+      prepare_softmax_bwd(grad_output, output, dim, mask, causal, scale, input_dtype);
+  dim = d;
   if (y.numel() > 0) {
     RowLayout layout(y.sizes(), dim);
     layout.add(0, g);
@@ -101,7 +93,7 @@ at::Tensor softmax_bwd_cpu(const at::Tensor& grad_output, const at::Tensor& outp
     p.acc_double = y.scalar_type() == at::kDouble || input_dtype == at::kDouble;
     run(FASTATTN_CPU_KERNEL(softmax_bwd_rows), p);
   }
-  return scalar ? grad_input.reshape({}) : grad_input;
+  return softmax_result(grad_input, output);
 }
 
 }  // namespace
