@@ -7,8 +7,10 @@
 // that torch.compile and opcheck need are registered in Python, in fastattn/_ext.py, named here
 // by set_python_module so that torch finds them.
 //
-// The ops are the kernels of the `native` backend, not differentiable on their own: autograd
-// lives on the Python ops that call them (fastattn/ops/).
+// The `_fwd`/`_bwd` ops are the kernels of the `native` backend, not differentiable on their
+// own: fastattn/ops/ gives them autograd in Python (custom ops, traced by torch.compile). The
+// differentiable ops without a suffix (`native_softmax`, ...) join a forward and its backward
+// in C++ (csrc/<op>/<op>_autograd.cpp), for eager calls: no Python runs between the kernels.
 
 #include <Python.h>
 #include <torch/library.h>
@@ -35,6 +37,11 @@ TORCH_LIBRARY(fastattn, m) {
   m.def(
       "native_softmax_bwd(Tensor grad_output, Tensor output, int dim, float scale, Tensor? mask, "
       "bool causal, bool log, ScalarType input_dtype) -> Tensor");
+  // Differentiable in `input`: native_softmax_fwd, with native_softmax_bwd as its backward.
+  // `mask` must not require grad.
+  m.def(
+      "native_softmax(Tensor input, int dim, float scale, Tensor? mask, bool causal, bool log, "
+      "ScalarType out_dtype) -> Tensor");
   // Cross-entropy of (N, C, d1, ...) logits: (loss, lse) and, when `grad` is given, the
   // gradient of the loss for a unit upstream gradient written into it (`grad` may be `input`
   // itself); fastattn.reference.cross_entropy_fwd. `reduction` indexes ("none", "mean", "sum").
@@ -42,6 +49,11 @@ TORCH_LIBRARY(fastattn, m) {
       "native_cross_entropy_fwd(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
       "int reduction, float label_smoothing, float z_loss, float softcap, Tensor(a!)? grad) "
       "-> (Tensor, Tensor)");
+  // Differentiable in `input`: (loss, lse) of native_cross_entropy_fwd, which also writes the
+  // gradient when `input` requires grad; backward scales it. `target` must not require grad.
+  m.def(
+      "native_cross_entropy(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
+      "int reduction, float label_smoothing, float z_loss, float softcap) -> (Tensor, Tensor)");
   // Attention in the normalised form of fastattn.reference: q (B, Hq, L, D), k (B, Hk, S, D),
   // v (B, Hk, S, Dv) with any strides, mask broadcast to (B, Hq, L, S); (out, lse) as
   // fastattn.reference.attention_fwd (out laid out by fastattn.reference.attention_output).
@@ -56,6 +68,12 @@ TORCH_LIBRARY(fastattn, m) {
       "Tensor lse, Tensor? mask, Tensor? seed, float dropout_p, float scale, int window_left, "
       "int window_right, bool align_bottom, float softcap, bool mask_grad) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Differentiable in q, k and v: native_attention_fwd, with native_attention_bwd as its
+  // backward (no mask gradient: `mask` must not require grad).
+  m.def(
+      "native_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? seed, "
+      "float dropout_p, float scale, int window_left, int window_right, bool align_bottom, "
+      "float softcap) -> (Tensor, Tensor)");
   // The dropout keep mask (bool, shape (B, Hq, L, S)) the attention kernels draw for `seed`.
   m.def("native_attention_dropout_mask(Tensor seed, int[] shape, float dropout_p) -> Tensor");
 }

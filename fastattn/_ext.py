@@ -122,11 +122,15 @@ def _register_fakes() -> None:
     """Fake functions of the C++ ops, for torch.compile and opcheck. They live in this module
     because the C++ library names it (set_python_module) as the home of its Python parts."""
 
-    @torch.library.register_fake("fastattn::native_softmax_fwd")
-    def _(input, dim, scale, mask, causal, log, out_dtype):
+    # The differentiable ops (native_softmax, native_cross_entropy, native_attention) return
+    # what their forward kernels return.
+    def softmax_fwd(input, dim, scale, mask, causal, log, out_dtype):
         shape = input.shape if input.dim() else (1,)
         out = _row_output(shape, dim % len(shape), out_dtype, input.device)
         return out if input.dim() else out.reshape(())
+
+    torch.library.register_fake("fastattn::native_softmax_fwd")(softmax_fwd)
+    torch.library.register_fake("fastattn::native_softmax")(softmax_fwd)
 
     @torch.library.register_fake("fastattn::native_softmax_bwd")
     def _(grad_output, output, dim, scale, mask, causal, log, input_dtype):
@@ -134,20 +138,28 @@ def _register_fakes() -> None:
         out = _row_output(shape, dim % len(shape), input_dtype, output.device)
         return out if output.dim() else out.reshape(())
 
-    @torch.library.register_fake("fastattn::native_cross_entropy_fwd")
-    def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, grad):
+    @torch.library.register_fake("fastattn::native_cross_entropy")
+    def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                      softcap):
         acc = torch.float64 if input.dtype == torch.float64 else torch.float32
         tokens = tuple(input.shape[:1]) + tuple(input.shape[2:])
         loss = input.new_empty(tokens if reduction == 0 else (), dtype=acc)
         return loss, input.new_empty(tokens, dtype=torch.float32)
 
-    @torch.library.register_fake("fastattn::native_attention_fwd")
-    def _(q, k, v, mask, seed, dropout_p, scale, window_left, window_right, align_bottom,
-          softcap):
+    @torch.library.register_fake("fastattn::native_cross_entropy_fwd")
+    def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, grad):
+        return cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
+                             z_loss, softcap)
+
+    def attention_fwd(q, k, v, mask, seed, dropout_p, scale, window_left, window_right,
+                      align_bottom, softcap):
         from fastattn.reference import attention_output
 
         out = attention_output(q, v.shape[-1], q.dtype)
         return out, q.new_empty(q.shape[:3], dtype=torch.float32)
+
+    torch.library.register_fake("fastattn::native_attention_fwd")(attention_fwd)
+    torch.library.register_fake("fastattn::native_attention")(attention_fwd)
 
     @torch.library.register_fake("fastattn::native_attention_bwd")
     def _(grad_out, q, k, v, out, lse, mask, seed, dropout_p, scale, window_left, window_right,

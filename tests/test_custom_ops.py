@@ -229,15 +229,15 @@ def _run(call, backend):
     return outs, grads
 
 
-def _graph_names(t):
-    """The class names of every node in ``t``'s autograd graph."""
+def _graph_names(t, key=lambda node: type(node).__name__):
+    """``key(node)`` (the class name) of every node in ``t``'s autograd graph."""
     names, todo, seen = set(), [t.grad_fn], set()
     while todo:
         node = todo.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        names.add(type(node).__name__)
+        names.add(key(node))
         todo.extend(n for n, _ in node.next_functions)
     return names
 
@@ -264,15 +264,106 @@ def test_eager_path_matches_custom_op(op, backend, call):
 
 
 # The backward ops have no autograd: a second derivative must raise, never come back silently
-# without the backward's own dependence on its inputs.
+# without the backward's own dependence on its inputs. With and without a mask, so that the
+# native backend's C++ autograd (no mask gradient) and its Python autograd are both tried.
 @pytest.mark.parametrize("backend", backends("softmax"))
-def test_eager_path_refuses_double_backward(backend):
+@pytest.mark.parametrize("mask_grad", [False, True])
+def test_eager_path_refuses_double_backward(backend, mask_grad):
     x = torch.randn(4, 9, device=DEVICE, requires_grad=True)
+    mask = torch.randn(9, device=DEVICE, requires_grad=mask_grad)
     with fastattn.use_backend(backend):
-        y = fastattn.softmax(x, -1)
+        y = fastattn.softmax(x, -1, mask=mask)
         (g,) = torch.autograd.grad(y, x, torch.randn_like(y), create_graph=True)
-        with pytest.raises(RuntimeError, match="fastattn.softmax_bwd"):
+        with pytest.raises(RuntimeError, match="softmax_bwd"):
             torch.autograd.grad(g.sum(), x)
+
+
+@pytest.mark.parametrize("backend", attention_backends(torch.float32))
+def test_attention_refuses_double_backward(backend):
+    skip_unsupported_attention(backend, torch.float32)
+    q, k, v = (torch.randn(1, 2, 7, 8, device=DEVICE, requires_grad=True) for _ in range(3))
+    with fastattn.use_backend(backend):
+        out = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True)
+        (g,) = torch.autograd.grad(out, q, torch.randn_like(out), create_graph=True)
+        with pytest.raises(RuntimeError, match="attention_bwd"):
+            torch.autograd.grad(g.sum(), q)
+
+
+# Cross-entropy's backward scales the gradient made in forward: it has no second derivative
+# (a Hessian through it would silently come back without the logits' part), so a backward
+# with create_graph=True raises.
+@pytest.mark.parametrize("backend", backends("cross_entropy"))
+@pytest.mark.parametrize("inplace", [False, True])
+def test_cross_entropy_refuses_create_graph(backend, inplace):
+    x = torch.randn(4, 9, device=DEVICE, requires_grad=True)
+    t = torch.randint(0, 9, (4,), device=DEVICE)
+    with fastattn.use_backend(backend):
+        loss = fastattn.cross_entropy(x * 1.0, t, inplace_backward=inplace)
+        with pytest.raises(RuntimeError, match="no second derivative"):
+            torch.autograd.grad(loss, x, create_graph=True)
+
+
+# The native backend's eager calls run its differentiable C++ ops (autograd in C++, no Python
+# between the kernels) when no mask or target needs a gradient; under a dispatch mode the same
+# call goes through the custom ops and their Python autograd. Same kernels: the same bits.
+def _cpp_autograd_cases():
+    def softmax():
+        x = torch.randn(5, 7, 33, device=DEVICE, requires_grad=True)
+        mask = torch.randn(7, 33, device=DEVICE) > -1
+        return [fastattn.log_softmax(x, -1, scale=0.7, mask=mask, causal=True)], (x,)
+
+    def cross_entropy(reduction):
+        def call():
+            x = torch.randn(6, 50, 3, device=DEVICE, requires_grad=True)
+            t = torch.randint(0, 50, (6, 3), device=DEVICE)
+            t[0, 0] = -100
+            w = torch.rand(50, device=DEVICE)
+            loss, lse = fastattn.cross_entropy(x, t, w, label_smoothing=0.1, z_loss=1e-3,
+                                               reduction=reduction, return_lse=True)
+            return [loss, lse], (x,)
+        return call
+
+    def attention():
+        q = torch.randn(2, 4, 19, 24, device=DEVICE, requires_grad=True)
+        k = torch.randn(2, 2, 23, 24, device=DEVICE, requires_grad=True)
+        v = torch.randn(2, 2, 23, 40, device=DEVICE, requires_grad=True)
+        mask = torch.randn(19, 23, device=DEVICE)
+        out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True,
+                                                    dropout_p=0.2, softcap=4.0,
+                                                    window_size=(5, 3))
+        return [out], (q, k, v)
+
+    cases = [("softmax", softmax)]
+    cases += [("cross_entropy", cross_entropy(r)) for r in ("mean", "none")]
+    return cases + [("attention", attention)]
+
+
+@pytest.mark.parametrize("op,call", _cpp_autograd_cases())
+def test_native_cpp_autograd_matches_custom_op(op, call):
+    if "native" not in backends(op):
+        pytest.skip(f"the native backend does not serve {op} on {DEVICE}")
+    if op == "attention":
+        skip_unsupported_attention("native", torch.float32)
+    outs, grads = _run(call, "native")
+    names = _graph_names(outs[0], key=lambda node: node.name())
+    assert any(n.startswith("torch::autograd::CppNode<fastattn::") for n in names), names
+    with _Recorder() as seen:
+        outs_op, grads_op = _run(call, "native")
+    assert any(name.startswith(f"fastattn::{op}_fwd") for name in seen.ops), seen.ops
+    for a, b in zip((*outs, *grads), (*outs_op, *grads_op), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_native_cpp_autograd_refuses_grad_less_arguments():
+    if "native" not in backends("softmax"):
+        pytest.skip(f"the native backend does not serve softmax on {DEVICE}")
+    x = torch.randn(3, 8, device=DEVICE, requires_grad=True)
+    mask = torch.randn(8, device=DEVICE, requires_grad=True)
+    with pytest.raises(RuntimeError, match="mask must not require grad"):
+        OPS.native_softmax(x, 1, 1.0, mask, False, False, torch.float32)
+    target = torch.softmax(torch.randn(3, 8, device=DEVICE), 1).requires_grad_()
+    with pytest.raises(RuntimeError, match="target must not require grad"):
+        OPS.native_cross_entropy(x, target, None, -100, 1, 0.0, 0.0, 0.0)
 
 
 def test_eager_inplace_cross_entropy_bumps_version():

@@ -190,6 +190,26 @@ def test_opcheck_native_attention():
                           (torch.tensor([3]), [2, 3, 5, 7], 0.4))
 
 
+# The differentiable C++ ops (autograd in C++ around the kernels above), with inputs that
+# require grad: opcheck also runs their backward, eagerly and under AOT autograd.
+@needs_ext
+def test_opcheck_native_differentiable_ops():
+    for input, *rest in _softmax_args():
+        x = input.detach().requires_grad_()
+        torch.library.opcheck(OPS.native_softmax.default, (x, *rest))
+    x = torch.randn(4, 9, 3, requires_grad=True)
+    t = torch.randint(0, 9, (4, 3))
+    w = torch.rand(9)
+    for args in [(x, t, None, -100, 1, 0.0, 0.0, 0.0), (x, t, w, 2, 0, 0.1, 1e-3, 5.0),
+                 (x.detach().bfloat16().requires_grad_(), t, w, -100, 2, 0.0, 0.0, 2.0)]:
+        torch.library.opcheck(OPS.native_cross_entropy.default, args)
+    for q, k, v, *rest, _ in _attention_args():
+        if rest[0] is not None and rest[0].is_floating_point():
+            rest[0] = rest[0].detach()  # this op gives no mask gradient
+        qkv = [a.detach().requires_grad_() for a in (q, k, v)]
+        torch.library.opcheck(OPS.native_attention.default, (*qkv, *rest))
+
+
 # The CUDA kernels of the native ops, where the extension was built with them and a GPU is here.
 CUDA_ATTENTION = BUILT and torch.cuda.is_available() and fastattn.backend_status(
     "cuda", "attention")["native"] is None

@@ -4,6 +4,11 @@ of a language model's head. Memory-bound: reported in GB/s against the measured 
 Only ``fwd`` (inference: loss alone) and ``fwd_bwd`` (training: loss and logits gradient) are
 timed. fastattn and Liger compute the gradient inside the forward kernel, so a backward timed
 alone would compare a scale with a full pass.
+
+The backward starts from the upstream gradient 1, as ``loss.backward()``. A case with
+``loss_scale`` (one per sweep) multiplies the loss before backward, as gradient accumulation
+(``loss / steps``) or a loss scaler does: kernels that made the gradient in forward must then
+scale it, one more pass over the logits.
 """
 
 from __future__ import annotations
@@ -31,16 +36,25 @@ FULL_TOKENS = 8192
 QUICK_VOCABS = (4099, 50257)
 QUICK_TOKENS = 32
 MODES = ("fwd", "fwd_bwd")
+LOSS_SCALE = 0.25  # loss / 4: four micro-batches of gradient accumulation
+
+
+def _scaled(case: Case, loss: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``loss``, times the case's ``loss_scale`` when it has one."""
+    scale = case.p.get("loss_scale")
+    if scale is None:
+        return loss
+    return lambda logits, target: loss(logits, target) * scale
 
 
 def _eager(case: Case) -> Callable[..., torch.Tensor]:
-    return lambda logits, target: F.cross_entropy(logits, target)
+    return _scaled(case, lambda logits, target: F.cross_entropy(logits, target))
 
 
 def _liger(case: Case) -> Callable[..., torch.Tensor]:
     from liger_kernel.transformers.functional import liger_cross_entropy
 
-    return lambda logits, target: liger_cross_entropy(logits, target)
+    return _scaled(case, lambda logits, target: liger_cross_entropy(logits, target))
 
 
 def _flash_attn(case: Case) -> Callable[..., torch.Tensor]:
@@ -50,13 +64,14 @@ def _flash_attn(case: Case) -> Callable[..., torch.Tensor]:
         losses, _ = cross_entropy_loss(logits, target)  # per token; none ignored here
         return losses.mean()
 
-    return fn
+    return _scaled(case, fn)
 
 
 def _quack(case: Case) -> Callable[..., torch.Tensor]:
     from quack.cross_entropy import cross_entropy
 
-    return lambda logits, target: cross_entropy(logits, target, reduction="mean")
+    return _scaled(case,
+                   lambda logits, target: cross_entropy(logits, target, reduction="mean"))
 
 
 class CrossEntropyBench(OpBench):
@@ -66,11 +81,17 @@ class CrossEntropyBench(OpBench):
 
     def sweep(self, device: torch.device, quick: bool, dtypes: Sequence[str]) -> list[Case]:
         tokens, vocabs = (QUICK_TOKENS, QUICK_VOCABS) if quick else (FULL_TOKENS, FULL_VOCABS)
-        return [Case.make("cross_entropy", d, tokens=tokens, vocab=v)
-                for d in dtypes for v in vocabs]
+        cases = []
+        for d in dtypes:
+            cases += [Case.make("cross_entropy", d, tokens=tokens, vocab=v) for v in vocabs]
+            cases.append(Case.make("cross_entropy", d, tokens=tokens, vocab=vocabs[1],
+                                   loss_scale=LOSS_SCALE))
+        return cases
 
     def label(self, case: Case) -> str:
-        return f"{case.p['tokens']}x{case.p['vocab']} {case.dtype}"
+        scale = case.p.get("loss_scale")
+        scaled = "" if scale is None else f" loss*{scale:g}"
+        return f"{case.p['tokens']}x{case.p['vocab']} {case.dtype}{scaled}"
 
     def inputs(self, case: Case, device: torch.device) -> Inputs:
         p = case.p
@@ -81,7 +102,7 @@ class CrossEntropyBench(OpBench):
     def reference(self, case: Case, *args: torch.Tensor) -> torch.Tensor:
         from fastattn import reference
 
-        return reference.cross_entropy(args[0], args[1])
+        return reference.cross_entropy(args[0], args[1]) * case.p.get("loss_scale", 1.0)
 
     def work(self, case: Case, mode: str) -> Work:
         p = case.p
@@ -97,8 +118,8 @@ class CrossEntropyBench(OpBench):
 
     def providers(self) -> list[Provider]:
         return [
-            *fastattn_providers(lambda f, case, logits, target: f.cross_entropy(logits, target),
-                                op="cross_entropy"),
+            *fastattn_providers(lambda f, case, logits, target: _scaled(
+                case, f.cross_entropy)(logits, target), op="cross_entropy"),
             Provider("torch", _eager, modes=MODES),
             compile_provider(_eager),
             third_party("liger", "liger_kernel.transformers.functional", _liger, modes=MODES),

@@ -121,7 +121,10 @@ def build_call(op: OpBench, case: Case, provider: Provider, mode: str,
     - ``fwd``: the forward under ``torch.no_grad`` (inference);
     - ``bwd``: the backward alone, through a forward graph built once (``retain_graph``);
     - ``fwd_bwd``: forward then backward, as in a training step.
-    Gradients are returned by ``torch.autograd.grad``, never accumulated into ``.grad``.
+    Gradients are returned by ``torch.autograd.grad``, never accumulated into ``.grad``. The
+    upstream gradient is random, except for a scalar output (a loss), which gets 1: what
+    ``loss.backward()`` passes. (A loss scaled before backward, for gradient accumulation or
+    by a loss scaler, is a case of its own: ``loss_scale`` of the cross-entropy suite.)
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not allowed; use one of {MODES}")
@@ -135,11 +138,17 @@ def build_call(op: OpBench, case: Case, provider: Provider, mode: str,
         return fwd
     if mode == "bwd":
         out = fn(*prep.args)
-        grad = torch.randn_like(out)
+        grad = upstream_grad(out)
         return lambda: torch.autograd.grad(out, prep.diff, grad, retain_graph=True)
     with torch.no_grad():
-        grad = torch.randn_like(fn(*prep.args))
+        grad = upstream_grad(fn(*prep.args))
     return lambda: torch.autograd.grad(fn(*prep.args), prep.diff, grad)
+
+
+def upstream_grad(out: torch.Tensor) -> torch.Tensor:
+    """The gradient a timed backward starts from: 1 for a scalar (a loss, as
+    ``loss.backward()``), random otherwise."""
+    return torch.ones_like(out) if out.dim() == 0 else torch.randn_like(out)
 
 
 def _max_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -97,6 +97,21 @@ def attention_bwd(
                                                    softcap or 0.0, mask_grad)
 
 
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+    seed: torch.Tensor | None, dropout_p: float, scale: float, left: int, right: int,
+    align_bottom: bool, softcap: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attention_fwd`, differentiable in q, k and v with :func:`attention_bwd` as its
+    backward, both joined in C++ (``csrc/attention/attention_autograd.cpp``); ``mask`` must not
+    require grad."""
+    _ext._load()
+    if q.is_cuda:
+        _check_cuda(q, k, v, mask, dropout_p, softcap)
+    return torch.ops.fastattn.native_attention(q, k, v, mask, seed, dropout_p, scale, left, right,
+                                               align_bottom, softcap or 0.0)
+
+
 def dropout_mask(seed: torch.Tensor, shape, dropout_p: float, device) -> torch.Tensor:
     """The keep mask (bool ``shape`` = (B, Hq, L, S)) the kernels draw for ``seed``, on CPU and
     CUDA alike: for tests and for anyone who needs to see exactly which probabilities were

@@ -6,7 +6,8 @@ masking as a window) and the backend name last. Forward returns the output and t
 log-sum-exp, which backward uses to recompute the probabilities tile by tile. Dropout travels
 as a seed tensor drawn from PyTorch's generator (``dropout_seed``), so backward regenerates the
 forward's mask and ``torch.manual_seed`` reproduces both. Eager calls on plain tensors run the
-same implementations without the custom ops' dispatch (``fastattn.ops.eager``).
+same implementations without the custom ops' dispatch, and the native backend's in its C++
+autograd op (``fastattn.ops.eager``).
 """
 
 from __future__ import annotations
@@ -138,6 +139,10 @@ def attention(q, k, v, mask, seed, dropout_p, scale, window_left, window_right, 
               softcap, deterministic, backend):
     """Checked, normalised arguments in, ``(out, lse)`` out."""
     backend = serving_backend(backend, q.device.type, q, k, v, mask, dropout_p, softcap)
+    if eager.native_autograd(backend, (q, k, v, mask, seed), no_grad=(mask,)):
+        return launcher(backend, "attention", "attention")(
+            q, k, v, mask, seed, dropout_p, scale, window_left, window_right, align_bottom,
+            softcap)
     return eager.call(attention_fwd, _attention_fwd, _Attention, (q, k, v, mask, seed),
                       q, k, v, mask, seed, dropout_p, scale, window_left, window_right,
                       align_bottom, softcap, deterministic, backend)

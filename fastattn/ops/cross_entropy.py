@@ -10,7 +10,8 @@ classes on dim 1 and at least 2 dims (``fastattn.functional`` turns ``(C,)`` int
 
 Mutable custom ops cannot carry registered autograd, so the in-place variant is wrapped in a
 ``torch.autograd.Function``; the functional op uses ``register_autograd``. Eager calls on plain
-tensors run the same implementations without the custom ops' dispatch (``fastattn.ops.eager``).
+tensors run the same implementations without the custom ops' dispatch, and the native
+backend's in its C++ autograd op (``fastattn.ops.eager``).
 """
 
 from __future__ import annotations
@@ -155,7 +156,22 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (reduction, label_smoothing, softcap, compute_grad, target.dtype)
 
 
+NO_DOUBLE_BACKWARD = (
+    "fastattn.cross_entropy has no second derivative: its backward scales the gradient "
+    "computed in forward, so backward with create_graph=True (double backward, Hessians) is "
+    "not supported; use torch.nn.functional.cross_entropy there")  # as the C++ autograd's
+
+
+def _check_not_create_graph() -> None:
+    """Raise for an eager backward with ``create_graph=True``: the gradient it returns would
+    not depend on the logits, so its own derivative would silently miss the Hessian. (Traced
+    backward graphs, under AOT autograd, run with grad mode on and are not differentiated.)"""
+    if torch.is_grad_enabled() and not eager.tracing():
+        raise RuntimeError(NO_DOUBLE_BACKWARD)
+
+
 def _backward(ctx, grad_loss, grad_lse, grad_grad):
+    _check_not_create_graph()
     grad, input, weight = ctx.saved_tensors
     reduction, label_smoothing, softcap, compute_grad, target_dtype = ctx.args
     grad_input = grad_target = None
@@ -198,6 +214,7 @@ class _CrossEntropyInplace(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
+        _check_not_create_graph()
         (grad,) = ctx.saved_tensors
         return (_scaled(grad, grad_loss, ctx.reduction),) + (None,) * 8
 
@@ -209,6 +226,9 @@ def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothin
     args = (ignore_index, reduction, label_smoothing, z_loss, softcap)
     if inplace_backward and compute_grad:
         return _CrossEntropyInplace.apply(input, target, weight, *args, backend)
+    if eager.native_autograd(backend, (input, target, weight), no_grad=(target,)):
+        _check_class_indices(input, target, ignore_index, backend)
+        return launcher(backend, "cross_entropy", "cross_entropy")(input, target, weight, *args)
     loss, lse, _ = eager.call(cross_entropy_fwd, _cross_entropy_fwd, _CrossEntropy,
                               (input, target, weight), input, target, weight, *args, compute_grad,
                               backend)

@@ -3,7 +3,7 @@
 Both ops take the backend name as their last argument: the backend is chosen per call in
 ``fastattn.backends`` and travels with the op, so ``torch.compile`` sees one opaque op whatever
 runs inside it. Eager calls on plain tensors run the same implementations without the custom
-op's dispatch (``fastattn.ops.eager``).
+op's dispatch, and the native backend's in its C++ autograd op (``fastattn.ops.eager``).
 """
 
 from __future__ import annotations
@@ -90,5 +90,8 @@ _Softmax = eager.function("_Softmax", _softmax_fwd, _setup_context, _backward)
 def softmax(input, dim, scale, mask, causal, log, out_dtype, backend):
     """Checked arguments in, (log-)softmax out; ``scale`` None means 1."""
     scale = 1.0 if scale is None else scale
+    if eager.native_autograd(backend, (input, mask), no_grad=(mask,)):
+        return launcher(backend, "softmax", "softmax")(input, dim, scale, mask, causal, log,
+                                                       out_dtype)
     return eager.call(softmax_fwd, _softmax_fwd, _Softmax, (input, mask),
                       input, dim, scale, mask, causal, log, out_dtype, backend)
