@@ -173,6 +173,30 @@ def test_case_round_trips_and_sweeps_are_model_shaped():
         Case.make("softmax", "int8", rows=1, cols=1)
 
 
+# A timed backward starts from 1 for a loss (what loss.backward() passes), from a random
+# gradient otherwise; the cross-entropy sweeps add one case whose loss is scaled before
+# backward (gradient accumulation), and every provider of it returns the scaled loss.
+def test_upstream_gradient_and_the_scaled_loss_case():
+    assert torch.equal(runner.upstream_grad(torch.tensor(3.0)), torch.tensor(1.0))
+    g = runner.upstream_grad(torch.zeros(4, 5))
+    assert g.shape == (4, 5) and bool((g != 0).all())
+    op = get_op("cross_entropy")
+    for quick in (True, False):
+        cases = op.sweep(torch.device("cpu"), quick, dtypes=["float32"])
+        scaled = [c for c in cases if "loss_scale" in c.p]
+        assert len(scaled) == 1 and "loss*0.25" in op.label(scaled[0])
+    case = scaled[0].replace(tokens=3, vocab=11)
+    logits, target = op.inputs(case, torch.device("cpu")).args
+    expected = 0.25 * torch.nn.functional.cross_entropy(logits, target)
+    providers = {p.name: p for p in op.providers()}
+    for name in ("torch", "fastattn-torch", "fastattn-native"):
+        if name == "fastattn-native" and "native" not in fastattn.available_backends("cpu"):
+            continue
+        torch.testing.assert_close(providers[name].make(case)(logits, target), expected)
+    torch.testing.assert_close(op.reference(case, logits.double(), target),
+                               expected.double())
+
+
 class _WithWrongProvider(SoftmaxBench):
     """The real softmax benchmark plus a provider that computes something else."""
 
