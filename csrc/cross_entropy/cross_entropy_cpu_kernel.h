@@ -93,7 +93,9 @@ void fwd_rows(const CrossEntropyParams& p, int64_t begin, int64_t end) {
   };
 
   RowCursor cur(l, begin);
-  for (int64_t r = begin; r < end; ++r, cur.next()) {
+  // One row ahead, for the prefetches of exp_sum (rows read and written where they lie only).
+  RowCursor ahead(l, std::min(begin + 1, end - 1));
+  for (int64_t r = begin; r < end; ++r, cur.next(), ahead.next()) {
     bool valid = true;
     int64_t y = 0;
     if (!p.probability) {
@@ -135,10 +137,15 @@ void fwd_rows(const CrossEntropyParams& p, int64_t begin, int64_t end) {
     if (!need_v) {
       // The common case, one sweep: u is read, exp(u - m) summed and kept for the gradient.
       // u - ms <= 0 unless the max is infinite (ms = 0 then, and exp(+inf) must be inf).
+      const bool more = r + 1 < end;
+      const A* next_u = more && in_direct ? reinterpret_cast<const A*>(
+          static_cast<const float*>(p.input) + ahead.offset(0)) : nullptr;
       if (std::isinf(m)) {
-        s = grad ? exp_sum<true, false>(u, C, A(1), ms, e) : exp_sum<false, false>(u, C, A(1), ms, e);
+        s = grad ? exp_sum<true, false>(u, C, A(1), ms, e, next_u)
+                 : exp_sum<false, false>(u, C, A(1), ms, e, next_u);
       } else {
-        s = grad ? exp_sum<true>(u, C, A(1), ms, e) : exp_sum<false>(u, C, A(1), ms, e);
+        s = grad ? exp_sum<true>(u, C, A(1), ms, e, next_u)
+                 : exp_sum<false>(u, C, A(1), ms, e, next_u);
       }
     } else {
       V vs(0), vsv(0), vsvd(0);
