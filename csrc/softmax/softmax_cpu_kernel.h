@@ -104,26 +104,29 @@ void zero_masked(const SoftmaxParams& p, const RowCursor& cur, int mask_slot, in
 // y[0:C] = softmax(x[0:C] * scale), or log-softmax: three sweeps, one exp an element. Max;
 // exp(x * scale - m) written to y with its sum; y *= 1/s (log-softmax: the sum alone, then
 // y = (x * scale - m) - log s, max-shifted so large |x| does not cancel digits). y may be x.
+// next_x (may be null): the next row, asked into L2 during the exp sweep (exp_sum).
 template <typename A>
-void softmax_row(const A* x, A* y, int64_t C, A scale, bool log) {
+void softmax_row(const A* x, A* y, int64_t C, A scale, bool log, const A* next_x = nullptr) {
   using V = Vectorized<A>;
   const A m = row_max(x, C, scale);
   if (log) {
-    const V vs(scale), vm(m), shift(std::log(exp_sum<false>(x, C, scale, m, y)));
+    const V vs(scale), vm(m), shift(std::log(exp_sum<false>(x, C, scale, m, y, next_x)));
     int64_t i = 0;
     for (; i + V::size() <= C; i += V::size()) {
       (at::vec::fmsub(V::loadu(x + i), vs, vm) - shift).store(y + i);
     }
     if (i < C) (at::vec::fmsub(V::loadu(x + i, C - i), vs, vm) - shift).store(y + i, C - i);
   } else {
-    row_scale(y, C, A(1) / exp_sum<true>(x, C, scale, m, y));
+    row_scale(y, C, A(1) / exp_sum<true>(x, C, scale, m, y, next_x));
   }
 }
 
 // dx[0:C] = scale * y (g - sum g y), or for log-softmax scale * (g - exp(y) sum g): the sum,
-// then one sweep writing dx (which may be g).
+// then one sweep writing dx (which may be g). next_g, next_y (null or both set): the next row's,
+// asked into L2 during the writing sweep, which reads only what the first sweep brought in.
 template <typename A>
-void softmax_bwd_row(const A* g, const A* y, A* dx, int64_t C, A scale, bool log) {
+void softmax_bwd_row(const A* g, const A* y, A* dx, int64_t C, A scale, bool log,
+                     const A* next_g = nullptr, const A* next_y = nullptr) {
   using V = Vectorized<A>;
   // The row sum runs over every column, masked ones included, exactly as the composition
   // masked_fill -> (log_)softmax differentiates; masked columns are zeroed afterwards.
@@ -133,8 +136,13 @@ void softmax_bwd_row(const A* g, const A* y, A* dx, int64_t C, A scale, bool log
     const V d = log ? gv - fast_exp(yv) * total : yv * (gv - total);
     return scale == A(1) ? d : d * vscale;
   };
+  constexpr int64_t kLine = 64 / sizeof(A);
   int64_t i = 0;
   for (; i + V::size() <= C; i += V::size()) {
+    if (next_g != nullptr && i % kLine == 0) {
+      __builtin_prefetch(next_g + i, 0, 2);
+      __builtin_prefetch(next_y + i, 0, 2);
+    }
     grad(V::loadu(g + i), V::loadu(y + i)).store(dx + i);
   }
   if (i < C) grad(V::loadu(g + i, C - i), V::loadu(y + i, C - i)).store(dx + i, C - i);
@@ -196,8 +204,10 @@ void fwd_rows(const SoftmaxParams& p, int64_t begin, int64_t end) {
         direct(p, p.out_dtype, 1)) {
       const float* x = static_cast<const float*>(p.in[0]);
       float* y = static_cast<float*>(p.out);
-      for (int64_t r = begin; r < end; ++r, cur.next()) {
-        softmax_row(x + cur.offset(0), y + cur.offset(1), C, scale, p.log);
+      RowCursor ahead(l, std::min(begin + 1, end - 1));  // for softmax_row's prefetch
+      for (int64_t r = begin; r < end; ++r, cur.next(), ahead.next()) {
+        softmax_row(x + cur.offset(0), y + cur.offset(1), C, scale, p.log,
+                    r + 1 < end ? x + ahead.offset(0) : nullptr);
       }
       return;
     }
@@ -229,9 +239,12 @@ void bwd_rows(const SoftmaxParams& p, int64_t begin, int64_t end) {
       const float* g = static_cast<const float*>(p.in[0]);
       const float* y = static_cast<const float*>(p.in[1]);
       float* dx = static_cast<float*>(p.out);
-      for (int64_t r = begin; r < end; ++r, cur.next()) {
+      RowCursor ahead(l, std::min(begin + 1, end - 1));  // for softmax_bwd_row's prefetch
+      for (int64_t r = begin; r < end; ++r, cur.next(), ahead.next()) {
+        const bool more = r + 1 < end;
         softmax_bwd_row(g + cur.offset(0), y + cur.offset(1), dx + cur.offset(2), C, scale,
-                        p.log);
+                        p.log, more ? g + ahead.offset(0) : nullptr,
+                        more ? y + ahead.offset(1) : nullptr);
       }
       return;
     }
