@@ -222,19 +222,21 @@ inline uint64_t drop_index(const AttentionParams& p, int64_t b, int64_t h, int64
 // Online-softmax update of one row: s (masked scores) becomes exp(s - m_new) (0 for a row that
 // has seen no key yet), m and l are the running max and sum; returns the factor the row's
 // output accumulator must be multiplied by.
+// Only s[0:n] is read and written (n a multiple of the vector size): the caller knows every
+// later score of the block is masked for this row.
 template <typename A>
-A online_row(A* s, A& m, A& l) {
+A online_row(A* s, int64_t n, A& m, A& l) {
   using V = Vectorized<A>;
-  const A mx = row_max(s, kBlockN);
+  const A mx = row_max(s, n);
   const A mnew = std::isnan(mx) ? mx : std::max(m, mx);
   if (mnew == kNegInf<A>) {
-    std::fill(s, s + kBlockN, A(0));
+    std::fill(s, s + n, A(0));
     return A(1);
   }
   const A alpha = mnew == m ? A(1) : std::exp(m - mnew);
   const V vm(mnew);
   V acc(A(0));
-  for (int64_t c = 0; c < kBlockN; c += V::size()) {
+  for (int64_t c = 0; c < n; c += V::size()) {
     const V e = exp_scores(V::loadu(s + c) - vm);
     e.store(s + c);
     acc += e;
@@ -302,16 +304,23 @@ void fwd_tiles(const AttentionParams& p, int64_t begin, int64_t end) {
     std::fill(lrow.begin(), lrow.end(), A(0));
     int64_t first, last;
     block_range(p, i0, i0 + m, first, last);
+    // Keys past the last row's window end (causal: the diagonal) are masked for every row of
+    // the tile: each block's products stop at `ncols`, the first multiple of the vector size
+    // past them (score_row masks the columns between).
+    int64_t lo_last, hi_last;
+    key_range(p, i0 + m - 1, lo_last, hi_last);
     for (int64_t blk = first; blk < last; ++blk) {
       const int64_t j0 = blk * kBlockN;
+      const int64_t ncols = round_up(std::clamp<int64_t>(hi_last - j0, 1, kBlockN),
+                                     static_cast<int64_t>(Vectorized<A>::size()));
       fwd_pack(p, (b * p.Hk + hk) * blocks + blk, row);
       const A* kt = static_cast<const A*>(p.work) + ((b * p.Hk + hk) * blocks + blk) * kBlockN *
                                                         (D + Dvp);
-      gemm<A, false>(m, kBlockN, D, Q, D, kt, kBlockN, Sb, kBlockN, false);
+      gemm<A, false>(m, ncols, D, Q, D, kt, kBlockN, Sb, kBlockN, false);
       for (int64_t r = 0; r < m; ++r) {
         A* s = Sb + r * kBlockN;
         score_row(p, b, h, i0 + r, j0, s, static_cast<A*>(nullptr), mbuf.data());
-        const A alpha = online_row(s, mrow[r], lrow[r]);
+        const A alpha = online_row(s, ncols, mrow[r], lrow[r]);
         if (alpha != A(1)) row_scale(O + r * Dvp, Dvp, alpha);
         if (p.dropout_p > 0) {
           const int64_t nval = std::min(kBlockN, p.S - j0);
@@ -321,7 +330,7 @@ void fwd_tiles(const AttentionParams& p, int64_t begin, int64_t end) {
           }
         }
       }
-      gemm<A, false>(m, Dvp, kBlockN, Sb, kBlockN, kt + D * kBlockN, Dvp, O, Dvp, true);
+      gemm<A, false>(m, Dvp, ncols, Sb, kBlockN, kt + D * kBlockN, Dvp, O, Dvp, true);
     }
     for (int64_t r = 0; r < m; ++r) {
       const int64_t i = i0 + r;
@@ -423,16 +432,22 @@ void bwd_head(const AttentionParams& p, int64_t b, int64_t hk, int64_t chunk, Bw
             A* s = Sb + r * kBlockN;
             score_row(p, b, h, i0 + r, blk * kBlockN, s, static_cast<A*>(nullptr),
                       w.mbuf.data());
-            online_row(s, mr[r], lr[r]);
+            online_row(s, kBlockN, mr[r], lr[r]);
           }
         }
         for (int64_t r = 0; r < m; ++r) {
           w.lse[r] = lr[r] == A(0) ? kNegInf<A> : mr[r] + std::log(lr[r]);
         }
       }
+      // As in the forward: the block's keys from `ncols` on are masked for every row of the
+      // tile, so their P and dS are 0 and the products stop there.
+      int64_t lo_last, hi_last;
+      key_range(p, i0 + m - 1, lo_last, hi_last);
       for (int64_t blk = first; blk < last; ++blk) {
         const int64_t j0 = blk * kBlockN, nval = std::min(kBlockN, p.S - j0);
-        gemm<A, false>(m, kBlockN, D, Q, Dp, w.kt.data() + (blk - kb0) * D * kBlockN, kBlockN,
+        const int64_t ncols = round_up(std::clamp<int64_t>(hi_last - j0, 1, kBlockN),
+                                       static_cast<int64_t>(V::size()));
+        gemm<A, false>(m, ncols, D, Q, Dp, w.kt.data() + (blk - kb0) * D * kBlockN, kBlockN,
                        Sb, kBlockN, false);
         for (int64_t r = 0; r < m; ++r) {
           A* s = Sb + r * kBlockN;
@@ -440,10 +455,10 @@ void bwd_head(const AttentionParams& p, int64_t b, int64_t hk, int64_t chunk, Bw
           score_row(p, b, h, i0 + r, j0, s, t, w.mbuf.data());
           const A lse = w.lse[r];
           if (lse == kNegInf<A>) {
-            std::fill(s, s + kBlockN, A(0));
+            std::fill(s, s + ncols, A(0));
           } else {
             const V vl(lse);
-            for (int64_t c = 0; c < kBlockN; c += V::size()) {
+            for (int64_t c = 0; c < ncols; c += V::size()) {
               exp_scores(V::loadu(s + c) - vl).store(s + c);
             }
           }
@@ -451,7 +466,7 @@ void bwd_head(const AttentionParams& p, int64_t b, int64_t hk, int64_t chunk, Bw
           if (dropout) {
             A* kf = w.kf.data() + r * kBlockN;
             const uint64_t base = drop_index(p, b, h, i0 + r, j0);
-            for (int64_t c = 0; c < kBlockN; ++c) {
+            for (int64_t c = 0; c < ncols; ++c) {
               kf[c] = c < nval && dropout_keep(p.seed, base + c, threshold) ? drop_scale : A(0);
               pd[c] = s[c] * kf[c];
             }
@@ -459,36 +474,37 @@ void bwd_head(const AttentionParams& p, int64_t b, int64_t hk, int64_t chunk, Bw
         }
         const A* P = dropout ? PD : Sb;
         // dV += P^T dO
-        gemm<A, true>(kBlockN, Dvp, m, P, kBlockN, G, Dvp, w.dv.data() + (j0 - jb) * Dvp, Dvp,
+        gemm<A, true>(ncols, Dvp, m, P, kBlockN, G, Dvp, w.dv.data() + (j0 - jb) * Dvp, Dvp,
                       true);
         // dP = dO V^T
-        gemm<A, false>(m, kBlockN, Dv, G, Dvp, w.vt.data() + (blk - kb0) * Dv * kBlockN, kBlockN, DS,
+        gemm<A, false>(m, ncols, Dv, G, Dvp, w.vt.data() + (blk - kb0) * Dv * kBlockN, kBlockN, DS,
                        kBlockN, false);
         for (int64_t r = 0; r < m; ++r) {
           const A* pr = Sb + r * kBlockN;
           A* ds = DS + r * kBlockN;
           const V vd(w.delta[r]);
-          for (int64_t c = 0; c < kBlockN; c += V::size()) {
+          for (int64_t c = 0; c < ncols; c += V::size()) {
             V dp = V::loadu(ds + c);
             if (dropout) dp = dp * V::loadu(w.kf.data() + r * kBlockN + c);
             (V::loadu(pr + c) * (dp - vd)).store(ds + c);
           }
           if (p.dmask != nullptr) {
+            std::fill(ds + ncols, ds + kBlockN, A(0));
             const int64_t off = ((b * p.Hq + h) * p.L + i0 + r) * p.S + j0;
             std::memcpy(static_cast<A*>(p.dmask) + off, ds, nval * sizeof(A));
           }
           if (softcap) {
             const A* t = w.t.data() + r * kBlockN;
-            for (int64_t c = 0; c < kBlockN; c += V::size()) {
+            for (int64_t c = 0; c < ncols; c += V::size()) {
               const V th = V::loadu(t + c);
               (V::loadu(ds + c) * (V(A(1)) - th * th)).store(ds + c);
             }
           }
         }
         // dQ += dS K, dK += dS^T Q
-        gemm<A, false>(m, Dp, kBlockN, DS, kBlockN, w.kr.data() + (j0 - jb) * Dp, Dp, dQ, Dp,
+        gemm<A, false>(m, Dp, ncols, DS, kBlockN, w.kr.data() + (j0 - jb) * Dp, Dp, dQ, Dp,
                        true);
-        gemm<A, true>(kBlockN, Dp, m, DS, kBlockN, Q, Dp, w.dk.data() + (j0 - jb) * Dp, Dp,
+        gemm<A, true>(ncols, Dp, m, DS, kBlockN, Q, Dp, w.dk.data() + (j0 - jb) * Dp, Dp,
                       true);
       }
       for (int64_t r = 0; r < m; ++r) {
