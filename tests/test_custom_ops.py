@@ -183,6 +183,14 @@ class _Recorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _gqa_qkv():
+    """q (2, 4, 19, 24), k (2, 2, 23, 24), v (2, 2, 23, 40), requiring grad: GQA, L != S, and
+    head dims that are not multiples of the vector size."""
+    return (torch.randn(2, 4, 19, 24, device=DEVICE, requires_grad=True),
+            torch.randn(2, 2, 23, 24, device=DEVICE, requires_grad=True),
+            torch.randn(2, 2, 23, 40, device=DEVICE, requires_grad=True))
+
+
 def _eager_cases():
     """(op, backend, call) where call() returns (outputs, differentiable inputs) for fresh
     random inputs drawn from a fixed seed: the same numbers on every call."""
@@ -204,9 +212,7 @@ def _eager_cases():
         return call
 
     def attention():
-        q = torch.randn(2, 4, 19, 24, device=DEVICE, requires_grad=True)
-        k = torch.randn(2, 2, 23, 24, device=DEVICE, requires_grad=True)
-        v = torch.randn(2, 2, 23, 40, device=DEVICE, requires_grad=True)
+        q, k, v = _gqa_qkv()
         mask = torch.randn(19, 23, device=DEVICE, requires_grad=True)
         out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True,
                                                     softcap=4.0, window_size=(5, 3))
@@ -324,9 +330,7 @@ def _cpp_autograd_cases():
         return call
 
     def attention():
-        q = torch.randn(2, 4, 19, 24, device=DEVICE, requires_grad=True)
-        k = torch.randn(2, 2, 23, 24, device=DEVICE, requires_grad=True)
-        v = torch.randn(2, 2, 23, 40, device=DEVICE, requires_grad=True)
+        q, k, v = _gqa_qkv()
         mask = torch.randn(19, 23, device=DEVICE)
         out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True,
                                                     dropout_p=0.2, softcap=4.0,
