@@ -68,20 +68,13 @@ struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
     const at::Tensor& out = s[3];
     const at::Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros_like(out);
     const auto& d = ctx->saved_data;
-    auto run = [&] {
+    const auto g = backward_op([&] {
       return op.call(grad_out, s[0], s[1], s[2], out, s[4], optional(s[5]), optional(s[6]),
                      d.at("dropout_p").toDouble(), d.at("scale").toDouble(),
                      d.at("window_left").toInt(), d.at("window_right").toInt(),
                      d.at("align_bottom").toBool(), d.at("softcap").toDouble(),
                      /*mask_grad=*/false);
-    };
-    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> g;
-    if (at::GradMode::is_enabled()) {
-      g = run();  // create_graph: through no_double_backward()
-    } else {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      g = run();
-    }
+    });
     variable_list result(11);
     result[0] = std::get<0>(g);
     result[1] = std::get<1>(g);

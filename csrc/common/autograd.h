@@ -25,4 +25,14 @@ inline torch::CppFunction no_double_backward() {
   return torch::autograd::autogradNotImplementedFallback();
 }
 
+// Runs `call` (a backward op) from a Function's backward: below autograd in a plain backward,
+// through the op's no_double_backward() kernel under create_graph=True, so that the gradient
+// it returns refuses to be differentiated.
+template <typename F>
+auto backward_op(F&& call) {
+  if (at::GradMode::is_enabled()) return call();
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return call();
+}
+
 }  // namespace fastattn

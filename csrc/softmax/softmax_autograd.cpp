@@ -50,18 +50,11 @@ struct SoftmaxFunction : torch::autograd::Function<SoftmaxFunction> {
     std::optional<at::Tensor> mask;
     if (saved[1].defined()) mask = saved[1];
     const auto& d = ctx->saved_data;
-    auto run = [&] {
+    at::Tensor grad_input = backward_op([&] {
       return op.call(grads[0], output, d.at("dim").toInt(), d.at("scale").toDouble(), mask,
                      d.at("causal").toBool(), d.at("log").toBool(),
                      d.at("input_dtype").toScalarType());
-    };
-    at::Tensor grad_input;
-    if (at::GradMode::is_enabled()) {
-      grad_input = run();  // create_graph: through no_double_backward()
-    } else {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      grad_input = run();
-    }
+    });
     return {grad_input, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor()};
   }
