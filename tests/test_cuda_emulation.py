@@ -354,6 +354,16 @@ def test_emulated_cuda_cross_entropy_matches_reference(emulated_rows, case):
     _check_cross_entropy(emulated_rows, case)
 
 
+# A class index out of range is refused on the host before any launch, as IndexError (the CPU
+# kernel's error type): never an out-of-bounds read on the device.
+def test_emulated_cuda_cross_entropy_rejects_bad_class_index(emulated_rows):
+    x = torch.randn(3, 7)
+    for bad in (7, -2):
+        target = torch.tensor([1, bad, -100])
+        with pytest.raises(IndexError, match=r"outside \[0, 7\)"):
+            emulated_rows.cross_entropy_fwd(x, target, None, -100, 1, 0.0, 0.0, 0.0, None)
+
+
 def _check_cross_entropy(ext, case) -> None:
     _, dtype, shape, opts, reduction = case
     opts = dict(opts)

@@ -257,8 +257,8 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_impl(
     // One host sync, as fastattn.ops.cross_entropy's own check: a bad index must raise here,
     // not become an out-of-bounds read or a device-side assert.
     const at::Tensor bad = valid.logical_and(t.lt(0).logical_or(t.ge(C)));
-    TORCH_CHECK(!bad.any().item<bool>(), "target holds a class index outside [0, ", C,
-                ") that is not ignore_index=", ignore_index);
+    TORCH_CHECK_INDEX(!bad.any().item<bool>(), "target holds a class index outside [0, ", C,
+                      ") that is not ignore_index=", ignore_index);  // IndexError, as on CPU
   }
   // The mean's denominator as the specification computes it: a sum in the accumulation dtype of
   // the target classes' weights over non-ignored tokens (their count without weight), or the
