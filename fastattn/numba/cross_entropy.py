@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 
 import numba
+import numpy as np
 import torch
 from numba import prange
 
@@ -47,12 +48,12 @@ from fastattn.numba.common import (
     exp_sum,
     fexp,
     last,
+    np_dtype,
     row_max,
     rows,
-    scalar,
     scaled_exp_store_sum,
 )
-from fastattn.reference import accumulate_dtype, cross_entropy_denominator
+from fastattn.reference import accumulate_dtype
 
 
 @numba.njit(**JIT)
@@ -161,6 +162,25 @@ def _cross_entropy_fwd_kernel(x, target, probs, weight, prob_target, has_weight,
                     g[c] = gc / denom
 
 
+@numba.njit(cache=True)
+def _denominator(target, weight, has_weight, ignore_index):
+    """The mean's denominator for class indices (``reference.cross_entropy_denominator``): the
+    non-ignored tokens' class weights summed in float64 (their count without weight). Indices
+    are clamped to the weight's range, as the reference does (the op checked them already)."""
+    total = 0.0
+    last_class = weight.shape[0] - 1
+    for i in range(target.shape[0]):
+        y = target[i]
+        if y != ignore_index:
+            total += weight[min(max(y, 0), last_class)] if has_weight else 1.0
+    return total
+
+
+# Placeholders for the arguments a call does not use (read-only in the kernel).
+_EMPTY_ROWS = {t: np.zeros((1, 1), t) for t in (np.float32, np.float64)}
+_NO_TARGET = np.zeros(1, np.int64)
+
+
 def cross_entropy_fwd(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -175,38 +195,45 @@ def cross_entropy_fwd(
     """(loss, lse) and, when ``grad`` is a tensor, the gradient written into it; see
     ``fastattn.reference.cross_entropy_fwd`` (same signature and results)."""
     acc = accumulate_dtype(input.dtype)
+    np_acc = np_dtype(acc)
     C = input.shape[1]
     batch = input.shape[:1] + input.shape[2:]
     probability = target.is_floating_point()
     x = rows(last(input, 1), acc)  # (rows, C)
     n = x.shape[0]
-    loss = torch.empty(n, dtype=acc)
-    lse = torch.empty(n, dtype=acc)
-    denom = 1.0
-    if reduction == 1:
-        denom = float(cross_entropy_denominator(target, weight, ignore_index, C, probability, acc))
+    loss = np.empty(n, np_acc)
+    lse = np.empty(n, np_acc)
     g_moved = None if grad is None else last(grad, 1)  # (N, d1, ..., C)
     direct = g_moved is not None and g_moved.is_contiguous() and grad.dtype == acc
-    g_rows = torch.empty(0, 1, dtype=acc)
+    g_rows = _EMPTY_ROWS[np_acc]
     if g_moved is not None:
-        g_rows = g_moved.view(n, C) if direct else torch.empty(n, C, dtype=acc)
+        g_rows = array(g_moved.view(n, C)) if direct else np.empty((n, C), np_acc)
+    w = None if weight is None else array(weight.to(acc).contiguous())  # (C,)
+    if probability:
+        probs = array(rows(last(target, 1), acc))  # (rows, C)
+        idx = _NO_TARGET
+    else:
+        probs = _EMPTY_ROWS[np_acc]
+        idx = array(target.reshape(-1).long())  # (rows,)
+    denom = 1.0
+    if reduction == 1:
+        no_weight = _EMPTY_ROWS[np_acc][0]
+        denom = float(n) if probability else _denominator(
+            idx, no_weight if w is None else w, w is not None, ignore_index)
+        denom = float(np_acc(denom))  # summed in the accumulation dtype's precision, as torch
     if n:
-        t = last(target, 1) if probability else target
-        probs = rows(t, acc) if probability else torch.empty(1, 1, dtype=acc)
-        idx = torch.zeros(1, dtype=torch.int64) if probability else t.reshape(-1).long()
-        w = torch.ones(1, dtype=acc) if weight is None else weight.to(acc).contiguous()
-        weight_sum = float(C) if weight is None else float(w.sum())
+        weight_sum = float(C) if w is None else float(w.sum(dtype=np.float64))
         with LAUNCH_LOCK:
             _cross_entropy_fwd_kernel(
-                array(x), array(idx), array(probs), array(w), probability, weight is not None,
-                int(ignore_index), scalar(label_smoothing, acc), scalar(z_loss, acc),
-                scalar(softcap or 0.0, acc), scalar(weight_sum, acc), scalar(denom, acc),
-                array(loss), array(lse), array(g_rows), grad is not None)
+                array(x), idx, probs, _EMPTY_ROWS[np_acc][0] if w is None else w, probability,
+                w is not None, int(ignore_index), np_acc(label_smoothing), np_acc(z_loss),
+                np_acc(softcap or 0.0), np_acc(weight_sum), np_acc(denom), loss, lse, g_rows,
+                grad is not None)
     if grad is not None and not direct:
-        g_moved.copy_(g_rows.view(g_moved.shape))
-    loss = loss.view(batch)
+        g_moved.copy_(torch.from_numpy(g_rows).view(g_moved.shape))
+    loss_t = torch.from_numpy(loss).view(batch)
     if reduction == 2:
-        loss = loss.sum()
+        loss_t = loss_t.sum()
     elif reduction == 1:
-        loss = loss.sum() / torch.tensor(denom, dtype=acc)
-    return loss, lse.view(batch).float()
+        loss_t = loss_t.sum() / torch.tensor(denom, dtype=acc)
+    return loss_t, torch.from_numpy(lse).view(batch).float()
