@@ -250,6 +250,27 @@ def test_numba_kernels_from_several_threads():
     assert proc.stdout.strip() == "workqueue"
 
 
+# Numba's attention tiles call scipy's OpenBLAS from prange threads: BLAS must run on the
+# calling thread during a launch, and the caller's own BLAS thread counts come back after it.
+@pytest.mark.skipif(not HAS_NUMBA or fastattn.numba.reason("cpu", "attention") is not None,
+                    reason="numba attention cannot run here")
+def test_numba_attention_launch_holds_blas_to_one_thread():
+    from fastattn.numba import attention as numba_attention
+
+    libs = numba_attention._blas_libs()
+    assert libs, "no BLAS library found for numba's np.dot"
+    original = [lib.get_num_threads() for lib in libs]
+    for lib in libs:
+        lib.set_num_threads(2)
+    try:
+        with numba_attention._launching():
+            assert [lib.get_num_threads() for lib in libs] == [1] * len(libs)
+        assert [lib.get_num_threads() for lib in libs] == [2] * len(libs)
+    finally:
+        for lib, n in zip(libs, original, strict=True):
+            lib.set_num_threads(n)
+
+
 @pytest.fixture
 def no_numba(monkeypatch):
     """numba made unavailable, as on a machine where it does not import."""
