@@ -1,4 +1,4 @@
-// Argument checks of native_cross_entropy_fwd, shared by the CPU launcher
+// Argument checks and prepared inputs of native_cross_entropy_fwd, shared by the CPU launcher
 // (cross_entropy_cpu.cpp) and the CUDA launcher (cross_entropy_cuda.cu), so both devices accept
 // and reject exactly the same calls. Host code only.
 #pragma once
@@ -70,6 +70,28 @@ inline CrossEntropyShape check_cross_entropy_args(
                 input.scalar_type(), ", got ", grad->sizes(), " ", grad->scalar_type());
   }
   return s;
+}
+
+// What both launchers of native_cross_entropy_fwd work on, after the checks: the weight in the
+// accumulation dtype (contiguous; undefined without one), the target as the kernels read it
+// (probabilities as given, class indices as int64) and the token count.
+struct CrossEntropyInputs : CrossEntropyShape {
+  at::Tensor w;
+  at::Tensor t;
+  int64_t tokens;
+};
+
+inline CrossEntropyInputs prepare_cross_entropy(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t reduction, double label_smoothing, double z_loss, double softcap,
+    const std::optional<at::Tensor>& grad) {
+  CrossEntropyInputs in{check_cross_entropy_args(input, target, weight, reduction,
+                                                 label_smoothing, z_loss, softcap, grad),
+                        at::Tensor(), at::Tensor(), 0};
+  if (weight.has_value()) in.w = weight->to(in.acc).contiguous();
+  in.t = in.probability ? target : target.to(at::kLong);
+  in.tokens = input.numel() / in.classes;
+  return in;
 }
 
 }  // namespace fastattn

@@ -66,16 +66,12 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
     int64_t ignore_index, int64_t reduction, double label_smoothing, double z_loss,
     double softcap, const std::optional<at::Tensor>& grad) {
   check_cpu_float(input, "input");
-  const CrossEntropyShape shape = check_cross_entropy_args(
-      input, target, weight, reduction, label_smoothing, z_loss, softcap, grad);
-  const int64_t C = shape.classes;
-  const std::vector<int64_t>& token_shape = shape.token_shape;
-  const bool probability = shape.probability;
-  const at::ScalarType acc = shape.acc;
-  const at::Tensor w = weight.has_value() ? weight->to(acc).contiguous() : at::Tensor();
-
-  const at::Tensor t = probability ? target : target.to(at::kLong);
-  const int64_t tokens = input.numel() / C;
+  const CrossEntropyInputs in = prepare_cross_entropy(input, target, weight, reduction,
+                                                       label_smoothing, z_loss, softcap, grad);
+  const int64_t C = in.classes, tokens = in.tokens;
+  const bool probability = in.probability;
+  const at::ScalarType acc = in.acc;
+  const at::Tensor &w = in.w, &t = in.t;
   const int64_t valid = probability ? tokens : check_class_indices(t, C, ignore_index);
   const double denom =
       reduction == 1 ? denominator(t, weight, C, ignore_index, probability, tokens, valid, acc) : 1.0;
@@ -113,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
   }
   at::Tensor loss_out;
   if (reduction == 0) {
-    loss_out = loss.view(token_shape);
+    loss_out = loss.view(in.token_shape);
   } else {
     // The sum in double, rounded once (ATen's sum and div are two more dispatches, several
     // microseconds of a small call); 0 / 0 = NaN for a mean over nothing, as PyTorch.
@@ -130,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
       *loss_out.data_ptr<A>() = static_cast<A>(value);
     });
   }
-  return {loss_out, lse.view(token_shape)};
+  return {loss_out, lse.view(in.token_shape)};
 }
 
 }  // namespace

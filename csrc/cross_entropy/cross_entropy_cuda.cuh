@@ -242,15 +242,12 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_impl(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     int64_t ignore_index, int64_t reduction, double label_smoothing, double z_loss,
     double softcap, const std::optional<at::Tensor>& grad) {
-  const CrossEntropyShape shape = check_cross_entropy_args(
-      input, target, weight, reduction, label_smoothing, z_loss, softcap, grad);
-  const int64_t C = shape.classes;
-  const std::vector<int64_t>& token_shape = shape.token_shape;
-  const bool probability = shape.probability;
-  const at::ScalarType acc = shape.acc;
-  const at::Tensor w = weight.has_value() ? weight->to(acc).contiguous() : at::Tensor();
-  const at::Tensor t = probability ? target : target.to(at::kLong);
-  const int64_t tokens = input.numel() / C;
+  const CrossEntropyInputs in = prepare_cross_entropy(input, target, weight, reduction,
+                                                       label_smoothing, z_loss, softcap, grad);
+  const int64_t C = in.classes, tokens = in.tokens;
+  const bool probability = in.probability;
+  const at::ScalarType acc = in.acc;
+  const at::Tensor &w = in.w, &t = in.t;
   at::Tensor valid;
   if (!probability) {
     valid = t.ne(ignore_index);
@@ -338,13 +335,13 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_impl(
   }
   at::Tensor loss_out;
   if (reduction == 0) {
-    loss_out = loss.view(token_shape);
+    loss_out = loss.view(in.token_shape);
   } else if (reduction == 2) {
     loss_out = loss.sum();
   } else {
     loss_out = loss.sum().div_(denom);  // 0 / 0 = NaN for a mean over nothing
   }
-  return {loss_out, lse.view(token_shape)};
+  return {loss_out, lse.view(in.token_shape)};
 }
 
 }  // namespace fastattn::cuda::cross_entropy
