@@ -141,6 +141,26 @@ def test_masks(backend, shape, kind):
             window=(-1, 0 if causal else -1))
 
 
+# A mask whose keys are strided (a transposed view), under a sliding window: each row's visible
+# keys start past its first, so the mask is read from an offset, neither contiguous nor
+# broadcast.
+@pytest.mark.parametrize("backend", backends("attention"))
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_mask_strided_along_keys_in_a_window(backend, kind):
+    q, k, v = _qkv(1, 2, 2, 37, 45, 32, 32, torch.float16)
+    if kind == "bool":
+        mask = (torch.rand(1, 2, 45, 37, device=DEVICE) > 0.25).transpose(-1, -2)
+    else:
+        mask = torch.randn(1, 2, 45, 37, device=DEVICE, dtype=torch.float16)
+        mask = mask.masked_fill(torch.rand(mask.shape, device=DEVICE) < 0.2, float("-inf"))
+        mask = mask.transpose(-1, -2).requires_grad_()
+    assert mask.stride(-1) == 37
+    skip_unsupported_attention(backend, q, k, v, mask)
+    with fastattn.use_backend(backend):
+        _check(lambda q, k, v: fastattn.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, window_size=(6, 4)), q, k, v, mask=mask, window=(6, 4))
+
+
 # float64 end to end, the mask gradient included (it once went through a float32 buffer).
 @pytest.mark.parametrize("backend", [b for b in backends("attention") if b != "triton"])
 def test_float64_additive_mask_gradient(backend):

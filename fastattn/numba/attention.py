@@ -73,6 +73,8 @@ from fastattn.numba.common import (
     np_dtype,
     row_max,
     scalar,
+    scaled_exp_in_place,
+    scaled_max,
     strided_mask,
 )
 from fastattn.reference import accumulate_dtype, attention_output
@@ -91,15 +93,61 @@ def _window_cols(ii, n0, bn, left, right, offset):
     return lo, max(lo, hi)
 
 
+# Row helpers. Each loops over range(n) from 0 on a slice of the row: an inner loop over
+# range(lo, hi) with lo not known to be >= 0 keeps Numba's negative-index wraparound on every
+# access, which stops LLVM from vectorising it (the backward's probability loop ran scalar, 4x
+# slower, before these).
+
+
 @numba.njit(cache=True)
-def _apply_mask(val, row, jj, kind, mask_b, mask_f, mask_off, mask_stride, ninf):
-    """Score ``val`` of flat query row ``row`` of (B, Hq, L) and key ``jj`` after the mask:
-    -inf where a bool mask is False, plus an additive mask."""
+def _fill(v, n, value):
+    for j in range(n):
+        v[j] = value
+
+
+@numba.njit(cache=True)
+def _scale_cap(v, n, scale, softcap):
+    """v[j] <- scale v[j], or softcap tanh(scale v[j] / softcap) when softcap > 0."""
+    if softcap > cast(0.0, v):
+        for j in range(n):
+            v[j] = softcap * cast(math.tanh(v[j] * scale / softcap), v)
+    else:
+        for j in range(n):
+            v[j] = v[j] * scale
+
+
+@numba.njit(cache=True)
+def _mask_value(val, kind, mask_b, mask_f, at, ninf):
+    """``val`` after the mask element at ``at``: -inf where a bool mask is False, plus an
+    additive mask."""
     if kind == 1:
-        return val if mask_b[mask_off[row] + jj * mask_stride] else ninf
-    if kind == 2:
-        return val + mask_f[mask_off[row] + jj * mask_stride]
-    return val
+        return val if mask_b[at] else ninf
+    return val + mask_f[at]
+
+
+@numba.njit(cache=True)
+def _mask_row(v, n, kind, mask_b, mask_f, start, stride):
+    """v[j] <- v[j] after the mask of its key, for j < n: the mask elements are ``stride`` apart
+    from ``start`` (contiguous and broadcast rows get loops that vectorise)."""
+    ninf = cast(-math.inf, v)
+    if stride == 1 and kind == 1:
+        mb = mask_b[start:start + n]
+        for j in range(n):
+            v[j] = v[j] if mb[j] else ninf
+    elif stride == 1:
+        mf = mask_f[start:start + n]
+        for j in range(n):
+            v[j] = v[j] + mf[j]
+    elif stride == 0 and kind == 1:  # one element for the whole row
+        if not mask_b[start]:
+            _fill(v, n, ninf)
+    elif stride == 0:
+        a = mask_f[start]
+        for j in range(n):
+            v[j] = v[j] + a
+    else:
+        for j in range(n):
+            v[j] = _mask_value(v[j], kind, mask_b, mask_f, start + j * stride, ninf)
 
 
 @numba.njit(cache=True)
@@ -148,32 +196,35 @@ def _attention_fwd_kernel(q, k, v, kind, mask_b, mask_f, mask_off, mask_stride, 
                 ii = i0 + i
                 row = (b * H + h) * L + ii
                 lo_j, hi_j = _window_cols(ii, n0, bn, left, right, offset)
-                if softcap > zero:
-                    for j in range(lo_j, hi_j):
-                        srow[j] = softcap * cast(math.tanh(srow[j] * scale / softcap), q)
-                else:
-                    for j in range(lo_j, hi_j):
-                        srow[j] = srow[j] * scale
-                if kind != 0:
-                    for j in range(lo_j, hi_j):
-                        srow[j] = _apply_mask(srow[j], row, n0 + j, kind, mask_b, mask_f,
-                                              mask_off, mask_stride, ninf)
-                for j in range(lo_j):
-                    srow[j] = ninf
-                for j in range(hi_j, bn):
-                    srow[j] = ninf
+                n = hi_j - lo_j
+                seg = srow[lo_j:hi_j]  # the keys row i sees; the rest get p = 0
                 m_old = m_i[i]
-                m_new = row_max(srow, bn, m_old)
+                if kind == 0 and softcap == zero:  # scale fused into the max and the exp
+                    m_new = scaled_max(seg, n, scale, m_old)
+                    l_new = zero
+                    if m_new != ninf:
+                        l_new = scaled_exp_in_place(seg, n, scale, m_new)
+                else:
+                    _scale_cap(seg, n, scale, softcap)
+                    if kind != 0:
+                        _mask_row(seg, n, kind, mask_b, mask_f,
+                                  mask_off[row] + (n0 + lo_j) * mask_stride, mask_stride)
+                    m_new = row_max(seg, n, m_old)
+                    l_new = zero
+                    if m_new != ninf:
+                        l_new = exp_store_sum(seg, n, m_new)
+                _fill(srow, lo_j, zero)
+                _fill(srow[hi_j:], bn - hi_j, zero)
                 if m_new == ninf:  # nothing visible yet in this row: p = 0
-                    for j in range(bn):
-                        srow[j] = zero
+                    _fill(seg, n, zero)
                     continue
                 alpha = fexp(m_old - m_new)
-                l_i[i] = l_i[i] * alpha + exp_store_sum(srow, bn, m_new)
+                l_i[i] = l_i[i] * alpha + l_new
                 m_i[i] = m_new
-                arow = acc[i]
-                for e in range(Dv):
-                    arow[e] *= alpha
+                if alpha != cast(1.0, q):
+                    arow = acc[i]
+                    for e in range(Dv):
+                        arow[e] *= alpha
                 if threshold > 0:  # dropout after the sum: lse and l are of the undropped p
                     base = row * S + n0
                     for j in range(bn):
@@ -195,6 +246,56 @@ def _attention_fwd_kernel(q, k, v, kind, mask_b, mask_f, mask_off, mask_stride, 
 
 
 @numba.njit(cache=True)
+def _dscores_plain(s, dp, p, n, scale, lse_i, delta_i):
+    """One row of ``_probs_and_dscores`` without mask, softcap, dropout or dmask."""
+    for j in range(n):
+        pj = fexp(s[j] * scale - lse_i)
+        p[j] = pj
+        s[j] = pj * (dp[j] - delta_i)
+
+
+@numba.njit(cache=True)
+def _dscores(s, dp, p, n, scale, lse_i, delta_i, kind, mask_b, mask_f, mask_start, mask_stride,
+             seed, first, threshold, drop_scale, softcap, dmask, write_dmask):
+    """One row of ``_probs_and_dscores``, every option: element j's mask element is at
+    ``mask_start + j * mask_stride``, its dropout index ``first + j``."""
+    ninf = cast(-math.inf, s)
+    zero = cast(0.0, s)
+    one = cast(1.0, s)
+    for j in range(n):
+        val = s[j] * scale
+        t = zero
+        if softcap > zero:
+            t = cast(math.tanh(val / softcap), s)
+            val = softcap * t
+        if kind != 0:
+            val = _mask_value(val, kind, mask_b, mask_f, mask_start + j * mask_stride, ninf)
+        if val == ninf:
+            s[j] = zero
+            p[j] = zero
+            if write_dmask:
+                dmask[j] = zero
+            continue
+        pj = fexp(val - lse_i)
+        d = dp[j]
+        pd = pj
+        if threshold > 0:
+            if dropout_keep(seed, first + j, threshold):
+                pd = pj * drop_scale
+                d = d * drop_scale
+            else:
+                pd = zero
+                d = zero
+        ds = pj * (d - delta_i)
+        if write_dmask:
+            dmask[j] = ds
+        if softcap > zero:
+            ds = ds * (one - t * t)
+        s[j] = ds
+        p[j] = pd
+
+
+@numba.njit(cache=True)
 def _probs_and_dscores(s, dp, p_drop, b, h, H, L, S, i0, n0, lse, delta, kind, mask_b, mask_f,
                        mask_off, mask_stride, seed, threshold, drop_scale, scale, softcap, left,
                        right, offset, dmask, write_dmask):
@@ -203,8 +304,8 @@ def _probs_and_dscores(s, dp, p_drop, b, h, H, L, S, i0, n0, lse, delta, kind, m
     the dropped probabilities P, and ``dmask`` (when written) ds."""
     ninf = cast(-math.inf, s)
     zero = cast(0.0, s)
-    one = cast(1.0, s)
     bm, bn = s.shape
+    plain = kind == 0 and softcap == zero and threshold == 0 and not write_dmask
     for i in range(bm):
         srow, dprow, prow = s[i], dp[i], p_drop[i]
         ii = i0 + i
@@ -214,47 +315,22 @@ def _probs_and_dscores(s, dp, p_drop, b, h, H, L, S, i0, n0, lse, delta, kind, m
         lo_j, hi_j = _window_cols(ii, n0, bn, left, right, offset)
         if lse_i == ninf:  # fully masked row: no probability, no gradient
             lo_j = hi_j = 0
-        for j in range(lo_j):  # outside the window: no probability, no gradient
-            srow[j] = zero
-            prow[j] = zero
-        for j in range(hi_j, bn):
-            srow[j] = zero
-            prow[j] = zero
-        if kind == 0 and softcap == zero and threshold == 0 and not write_dmask:
-            for j in range(lo_j, hi_j):  # the common case: straight-line, vectorised
-                p = fexp(srow[j] * scale - lse_i)
-                prow[j] = p
-                srow[j] = p * (dprow[j] - delta_i)
-            continue
-        for j in range(lo_j, hi_j):
-            jj = n0 + j
-            val = srow[j] * scale
-            t = zero
-            if softcap > zero:
-                t = cast(math.tanh(val / softcap), s)
-                val = softcap * t
-            val = _apply_mask(val, row, jj, kind, mask_b, mask_f, mask_off, mask_stride, ninf)
-            if val == ninf:
-                srow[j] = zero
-                prow[j] = zero
-                continue
-            p = fexp(val - lse_i)
-            d = dprow[j]
-            pd = p
-            if threshold > 0:
-                if dropout_keep(seed, row * S + jj, threshold):
-                    pd = p * drop_scale
-                    d = d * drop_scale
-                else:
-                    pd = zero
-                    d = zero
-            ds = p * (d - delta_i)
-            if write_dmask:
-                dmask[b, h, ii, jj] = ds
-            if softcap > zero:
-                ds = ds * (one - t * t)
-            srow[j] = ds
-            prow[j] = pd
+        n = hi_j - lo_j
+        # outside the window: no probability, no gradient (dmask is zeros already)
+        _fill(srow, lo_j, zero)
+        _fill(prow, lo_j, zero)
+        _fill(srow[hi_j:], bn - hi_j, zero)
+        _fill(prow[hi_j:], bn - hi_j, zero)
+        seg, dseg, pseg = srow[lo_j:hi_j], dprow[lo_j:hi_j], prow[lo_j:hi_j]
+        if plain:
+            _dscores_plain(seg, dseg, pseg, n, scale, lse_i, delta_i)
+        else:
+            jj0 = n0 + lo_j
+            mask_start = mask_off[row] + jj0 * mask_stride if kind != 0 else 0
+            dmask_row = dmask[b, h, ii, jj0:jj0 + n] if write_dmask else dmask[0, 0, 0, :0]
+            _dscores(seg, dseg, pseg, n, scale, lse_i, delta_i, kind, mask_b, mask_f,
+                     mask_start, mask_stride, seed, row * S + jj0,
+                     threshold, drop_scale, softcap, dmask_row, write_dmask)
 
 
 @numba.njit(**_JIT)

@@ -169,10 +169,10 @@ def _run_scaled_exp_sum(v, n, scale, m):
 
 
 @numba.njit(**_HELPER)
-def _run_exp_store_sum(v, n, m):
+def _run_scaled_exp_in_place(v, n, scale, m):
     s = cast(0.0, v)
     for j in range(n):
-        e = fexp(v[j] - m)
+        e = fexp(v[j] * scale - m)
         v[j] = e
         s += e
     return s
@@ -219,12 +219,20 @@ def exp_sum(v, n, m):
 
 
 @numba.njit(**_HELPER)
-def exp_store_sum(v, n, m):
-    """v[j] <- exp(v[j] - m) for j < n; returns their sum."""
+def scaled_exp_in_place(v, n, scale, m):
+    """v[j] <- exp(v[j] * scale - m) for j < n; returns their sum. (``scaled_exp_store_sum``
+    with ``out`` = ``v`` would run scalar: LLVM's runtime overlap check sends identical
+    pointers down the unvectorised loop.)"""
     s = 0.0
     for c in range(0, n, _CHUNK):
-        s += _run_exp_store_sum(v[c:], min(_CHUNK, n - c), m)
+        s += _run_scaled_exp_in_place(v[c:], min(_CHUNK, n - c), scale, m)
     return cast(s, v)
+
+
+@numba.njit(**_HELPER)
+def exp_store_sum(v, n, m):
+    """v[j] <- exp(v[j] - m) for j < n; returns their sum."""
+    return scaled_exp_in_place(v, n, cast(1.0, v), m)
 
 
 @numba.njit(**_HELPER)
