@@ -271,6 +271,40 @@ def test_numba_attention_launch_holds_blas_to_one_thread():
             lib.set_num_threads(n)
 
 
+# The tile product numba attention calls BLAS through: row-major, every transpose, alpha and
+# beta, odd sizes, one-row and one-column results, an empty inner dimension.
+@pytest.mark.skipif(not HAS_NUMBA or fastattn.numba.reason("cpu", "attention") is not None,
+                    reason="numba attention cannot run here")
+@pytest.mark.parametrize("dtype_name", ["float32", "float64"])
+def test_numba_gemm_matches_numpy(dtype_name):
+    import numba
+    import numpy as np
+
+    from fastattn.numba.attention import gemm
+
+    @numba.njit
+    def call(a, b, c, trans_a, trans_b, alpha, beta, scalars):
+        gemm(a, b, c, trans_a, trans_b, alpha, beta, scalars)
+
+    dtype = np.dtype(dtype_name).type
+    rng = np.random.default_rng()
+    for trans_a in (False, True):
+        for trans_b in (False, True):
+            for m, n, k in [(5, 7, 3), (1, 4, 9), (6, 1, 2), (3, 3, 0), (0, 3, 2), (33, 65, 17)]:
+                a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(dtype)
+                b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(dtype)
+                c = rng.standard_normal((m, n)).astype(dtype)
+                a0, b0, c0 = a.copy(), b.copy(), c.copy()
+                call(a, b, c, trans_a, trans_b, dtype(0.5), dtype(-2.0), np.empty(2, dtype))
+                op_a = (a0.T if trans_a else a0).astype(np.float64)
+                op_b = (b0.T if trans_b else b0).astype(np.float64)
+                expect = 0.5 * op_a @ op_b - 2.0 * c0
+                tol = 1e-5 if dtype == np.float32 else 1e-12
+                np.testing.assert_allclose(c, expect, rtol=tol, atol=tol,
+                                           err_msg=f"{trans_a=} {trans_b=} {m=} {n=} {k=}")
+                assert np.array_equal(a, a0) and np.array_equal(b, b0)
+
+
 @pytest.fixture
 def no_numba(monkeypatch):
     """numba made unavailable, as on a machine where it does not import."""

@@ -21,21 +21,24 @@ v (B, Hk, S, Dv) with any strides, the mask broadcast to (B, Hq, L, S) as a view
 its strides, ``common.strided_mask``: one offset per query row, never expanded), the window
 ``i + offset - left <= j <= i + offset + right`` (offset 0 or S - L, -1 unbounded).
 
-Algorithm. The launchers make q, k, v contiguous in the accumulation dtype. Tile products go
-through ``np.dot`` (Numba binds it to scipy's BLAS, about 10x what hand-written loops reach
-here), with BLAS held to one thread since prange already uses every core. Forward: one prange
-task per (b, h, BLOCK_M query rows) keeps its output accumulator (BLOCK_M x Dv), running max and
-running sum in local arrays and streams key tiles of BLOCK_N (online softmax); only key tiles
-the window lets some row see are visited, and within a tile the window is a column range per
-row (no per-element test; only a mask or softcap takes the element-wise path). Backward: one
-task per (b, hk, chunk of key tiles) -- key tiles dealt out round-robin over as many chunks as
-threads, so causal work stays balanced -- recomputes each score tile once and accumulates dk,
-dv for its keys over the query tiles of every query head sharing hk (GQA without atomics), and
-dq into that chunk's own (L, D) buffer per head; the chunks' dq are then summed in a fixed
-order. Five tile products per tile, as FlashAttention-2,
-every result with one writer in a fixed order: backward is always deterministic (the
-``deterministic`` flag changes nothing here), for a given thread count. Extra memory: one dq
-per chunk (threads x |dq|), never L x S.
+Algorithm. The launchers make q, k, v contiguous in the accumulation dtype. Tile products are
+BLAS gemm calls (``gemm``: scipy's BLAS, the one Numba's np.dot binds, about 10x what
+hand-written loops reach here) with alpha, beta and transposed operands, so scores come out
+scaled and every accumulator (the output, dk, dv, dq) is summed into in place with no
+temporary; BLAS is held to one thread since prange already uses every core. Forward: one prange
+task per (b, h, BLOCK_M query rows) accumulates its output rows in place, keeps its running max
+and sum in local arrays and streams key tiles of BLOCK_N (online softmax); only key tiles the
+window lets some row see are visited, and within a tile the window is a column range per row
+(no per-element test; only a mask or softcap takes an element-wise pass of its own). The row
+loops run on slices from index 0 so that LLVM vectorises them (see the row helpers). Backward:
+one task per (b, hk, chunk of key tiles) -- key tiles dealt out round-robin over as many chunks
+as threads, so causal work stays balanced -- recomputes each score tile once and accumulates
+dk, dv for its keys over the query tiles of every query head sharing hk (GQA without atomics),
+and dq into that chunk's own (L, D) buffer per head; the chunks' dq are then summed in a fixed
+order. Five tile products per tile, as FlashAttention-2, every result with one writer in a
+fixed order: backward is always deterministic (the ``deterministic`` flag changes nothing
+here), for a given thread count. Extra memory: one dq per chunk (threads x |dq|) and three
+BLOCK_M x BLOCK_N tiles per task, never L x S.
 
 Dropout: a counter hash (``common.dropout_keep``) of the seed and the flat (b, h, i, j) index,
 regenerated in backward; ``dropout_mask`` returns the same mask for tests.
@@ -59,7 +62,8 @@ import math
 import numba
 import numpy as np
 import torch
-from numba import prange
+from numba import prange, types
+from numba.extending import overload
 
 from fastattn.numba.common import (
     JIT,
@@ -73,15 +77,68 @@ from fastattn.numba.common import (
     np_dtype,
     row_max,
     scalar,
-    scaled_exp_in_place,
-    scaled_max,
     strided_mask,
 )
 from fastattn.reference import accumulate_dtype, attention_output
 
 BLOCK_M = 64
 BLOCK_N = 128
+# backward tiles: narrower key tiles skip more of a causal mask, taller query tiles make fewer,
+# larger products (measured at L128 and L384, D64, one thread)
+BWD_BLOCK_M = 128
+BWD_BLOCK_N = 64
 _JIT = {**JIT, "fastmath": {"contract"}}
+
+
+# --- tile products: BLAS gemm with alpha, beta and transposes ---------------------------------
+#
+# np.dot in Numba allocates its result and has neither alpha, beta nor transposed operands
+# without a copy; the kernels call the BLAS Numba binds (scipy's, through its helper
+# ``numba_xxgemm``, resolved by symbol name, so the kernels stay cacheable) directly: scores
+# come out scaled, and dk, dv, dq and the output accumulate in place with beta = 1.
+
+
+def _xxgemm(dtype):
+    ptr = types.CPointer(dtype)
+    return types.ExternalFunction("numba_xxgemm", types.intc(
+        types.char, types.char, types.char, types.intp, types.intp, types.intp,
+        ptr, ptr, types.intp, ptr, types.intp, ptr, ptr, types.intp))
+
+
+_XXGEMM = {types.float32: (_xxgemm(types.float32), ord("s")),
+           types.float64: (_xxgemm(types.float64), ord("d"))}
+_N, _T = ord("n"), ord("t")
+
+
+def gemm(a, b, c, trans_a, trans_b, alpha, beta, scalars):
+    """c <- alpha op(a) op(b) + beta c for C-contiguous 2-d arrays of one float dtype (op: the
+    transpose where ``trans_*``); ``scalars`` is a writable array of 2 of that dtype (BLAS takes
+    alpha and beta by pointer)."""
+    raise NotImplementedError("gemm is called from Numba-compiled code only")
+
+
+@overload(gemm)
+def _gemm(a, b, c, trans_a, trans_b, alpha, beta, scalars):
+    if any(getattr(x, "layout", None) != "C" for x in (a, b, c)) or a.dtype not in _XXGEMM:
+        return None
+    fn, kind = _XXGEMM[a.dtype]
+
+    def impl(a, b, c, trans_a, trans_b, alpha, beta, scalars):
+        m, n = c.shape
+        k = a.shape[0] if trans_a else a.shape[1]
+        if m == 0 or n == 0:
+            return
+        scalars[0] = alpha
+        scalars[1] = beta
+        # Row-major c = op(a) op(b) is column-major c^T = op(b)^T op(a)^T: b first, flags as
+        # given, leading dimensions the row lengths.
+        status = fn(kind, _T if trans_b else _N, _T if trans_a else _N, n, m, k,
+                    scalars[0:].ctypes, b.ctypes, max(1, b.shape[1]), a.ctypes,
+                    max(1, a.shape[1]), scalars[1:].ctypes, c.ctypes, max(1, n))
+        if status != 0:
+            raise RuntimeError("fastattn numba attention: no BLAS sgemm/dgemm from scipy")
+
+    return impl
 
 
 @numba.njit(cache=True)
@@ -106,14 +163,10 @@ def _fill(v, n, value):
 
 
 @numba.njit(cache=True)
-def _scale_cap(v, n, scale, softcap):
-    """v[j] <- scale v[j], or softcap tanh(scale v[j] / softcap) when softcap > 0."""
-    if softcap > cast(0.0, v):
-        for j in range(n):
-            v[j] = softcap * cast(math.tanh(v[j] * scale / softcap), v)
-    else:
-        for j in range(n):
-            v[j] = v[j] * scale
+def _softcap(v, n, softcap):
+    """v[j] <- softcap tanh(v[j] / softcap) for j < n."""
+    for j in range(n):
+        v[j] = softcap * cast(math.tanh(v[j] / softcap), v)
 
 
 @numba.njit(cache=True)
@@ -175,6 +228,7 @@ def _attention_fwd_kernel(q, k, v, kind, mask_b, mask_f, mask_off, mask_stride, 
     n_mt = (L + BLOCK_M - 1) // BLOCK_M
     ninf = cast(-math.inf, q)
     zero = cast(0.0, q)
+    one = cast(1.0, q)
     for task in prange(B * H * n_mt):
         b = task // (H * n_mt)
         h = (task // n_mt) % H
@@ -183,14 +237,18 @@ def _attention_fwd_kernel(q, k, v, kind, mask_b, mask_f, mask_off, mask_stride, 
         i1 = min(L, i0 + BLOCK_M)
         bm = i1 - i0
         q_tile = q[b, h][i0:i1]  # (bm, D)
-        acc = np.zeros((bm, Dv), q.dtype)
+        acc = out[b, h][i0:i1]  # (bm, Dv): accumulated in place, normalised at the end
+        acc[:] = zero
         m_i = np.full(bm, ninf, q.dtype)
         l_i = np.zeros(bm, q.dtype)
+        s_buf = np.empty(BLOCK_M * BLOCK_N, q.dtype)
+        scalars = np.empty(2, q.dtype)
         lo, hi = _key_range(i0, i1, S, left, right, offset)
         for n0 in range(lo, hi, BLOCK_N):
             n1 = min(hi, n0 + BLOCK_N)
             bn = n1 - n0
-            s = np.dot(q_tile, k[b, hk][n0:n1].T)  # (bm, bn)
+            s = s_buf[:bm * bn].reshape((bm, bn))
+            gemm(q_tile, k[b, hk][n0:n1], s, False, True, scale, zero, scalars)  # scale q.k
             for i in range(bm):
                 srow = s[i]
                 ii = i0 + i
@@ -199,29 +257,21 @@ def _attention_fwd_kernel(q, k, v, kind, mask_b, mask_f, mask_off, mask_stride, 
                 n = hi_j - lo_j
                 seg = srow[lo_j:hi_j]  # the keys row i sees; the rest get p = 0
                 m_old = m_i[i]
-                if kind == 0 and softcap == zero:  # scale fused into the max and the exp
-                    m_new = scaled_max(seg, n, scale, m_old)
-                    l_new = zero
-                    if m_new != ninf:
-                        l_new = scaled_exp_in_place(seg, n, scale, m_new)
-                else:
-                    _scale_cap(seg, n, scale, softcap)
-                    if kind != 0:
-                        _mask_row(seg, n, kind, mask_b, mask_f,
-                                  mask_off[row] + (n0 + lo_j) * mask_stride, mask_stride)
-                    m_new = row_max(seg, n, m_old)
-                    l_new = zero
-                    if m_new != ninf:
-                        l_new = exp_store_sum(seg, n, m_new)
+                if softcap > zero:
+                    _softcap(seg, n, softcap)
+                if kind != 0:
+                    _mask_row(seg, n, kind, mask_b, mask_f,
+                              mask_off[row] + (n0 + lo_j) * mask_stride, mask_stride)
+                m_new = row_max(seg, n, m_old)
                 _fill(srow, lo_j, zero)
                 _fill(srow[hi_j:], bn - hi_j, zero)
                 if m_new == ninf:  # nothing visible yet in this row: p = 0
                     _fill(seg, n, zero)
                     continue
                 alpha = fexp(m_old - m_new)
-                l_i[i] = l_i[i] * alpha + l_new
+                l_i[i] = l_i[i] * alpha + exp_store_sum(seg, n, m_new)
                 m_i[i] = m_new
-                if alpha != cast(1.0, q):
+                if alpha != one:
                     arow = acc[i]
                     for e in range(Dv):
                         arow[e] *= alpha
@@ -230,32 +280,31 @@ def _attention_fwd_kernel(q, k, v, kind, mask_b, mask_f, mask_off, mask_stride, 
                     for j in range(bn):
                         keep = dropout_keep(seed, base + j, threshold)
                         srow[j] = srow[j] * drop_scale if keep else zero
-            acc += np.dot(s, v[b, hk][n0:n1])  # (bm, Dv)
+            gemm(s, v[b, hk][n0:n1], acc, False, False, one, one, scalars)  # acc += p v
         for i in range(bm):
             ii = i0 + i
-            o = out[b, h, ii]
+            o = acc[i]
             if l_i[i] > zero:
-                inv = cast(1.0, q) / l_i[i]
+                inv = one / l_i[i]
                 for e in range(Dv):
-                    o[e] = acc[i, e] * inv
+                    o[e] = o[e] * inv
                 lse[b, h, ii] = m_i[i] + cast(math.log(l_i[i]), q)
             else:  # fully masked row
-                for e in range(Dv):
-                    o[e] = zero
+                _fill(o, Dv, zero)
                 lse[b, h, ii] = ninf
 
 
 @numba.njit(cache=True)
-def _dscores_plain(s, dp, p, n, scale, lse_i, delta_i):
+def _dscores_plain(s, dp, p, n, lse_i, delta_i):
     """One row of ``_probs_and_dscores`` without mask, softcap, dropout or dmask."""
     for j in range(n):
-        pj = fexp(s[j] * scale - lse_i)
+        pj = fexp(s[j] - lse_i)
         p[j] = pj
         s[j] = pj * (dp[j] - delta_i)
 
 
 @numba.njit(cache=True)
-def _dscores(s, dp, p, n, scale, lse_i, delta_i, kind, mask_b, mask_f, mask_start, mask_stride,
+def _dscores(s, dp, p, n, lse_i, delta_i, kind, mask_b, mask_f, mask_start, mask_stride,
              seed, first, threshold, drop_scale, softcap, dmask, write_dmask):
     """One row of ``_probs_and_dscores``, every option: element j's mask element is at
     ``mask_start + j * mask_stride``, its dropout index ``first + j``."""
@@ -263,7 +312,7 @@ def _dscores(s, dp, p, n, scale, lse_i, delta_i, kind, mask_b, mask_f, mask_star
     zero = cast(0.0, s)
     one = cast(1.0, s)
     for j in range(n):
-        val = s[j] * scale
+        val = s[j]
         t = zero
         if softcap > zero:
             t = cast(math.tanh(val / softcap), s)
@@ -297,7 +346,7 @@ def _dscores(s, dp, p, n, scale, lse_i, delta_i, kind, mask_b, mask_f, mask_star
 
 @numba.njit(cache=True)
 def _probs_and_dscores(s, dp, p_drop, b, h, H, L, S, i0, n0, lse, delta, kind, mask_b, mask_f,
-                       mask_off, mask_stride, seed, threshold, drop_scale, scale, softcap, left,
+                       mask_off, mask_stride, seed, threshold, drop_scale, softcap, left,
                        right, offset, dmask, write_dmask):
     """Turn a (queries i0.., keys n0..) tile of q.k (``s``) and do.v (``dp``) into score
     gradients, in place: on return ``s`` holds ds' (ds times the softcap factor), ``p_drop``
@@ -323,12 +372,12 @@ def _probs_and_dscores(s, dp, p_drop, b, h, H, L, S, i0, n0, lse, delta, kind, m
         _fill(prow[hi_j:], bn - hi_j, zero)
         seg, dseg, pseg = srow[lo_j:hi_j], dprow[lo_j:hi_j], prow[lo_j:hi_j]
         if plain:
-            _dscores_plain(seg, dseg, pseg, n, scale, lse_i, delta_i)
+            _dscores_plain(seg, dseg, pseg, n, lse_i, delta_i)
         else:
             jj0 = n0 + lo_j
             mask_start = mask_off[row] + jj0 * mask_stride if kind != 0 else 0
             dmask_row = dmask[b, h, ii, jj0:jj0 + n] if write_dmask else dmask[0, 0, 0, :0]
-            _dscores(seg, dseg, pseg, n, scale, lse_i, delta_i, kind, mask_b, mask_f,
+            _dscores(seg, dseg, pseg, n, lse_i, delta_i, kind, mask_b, mask_f,
                      mask_start, mask_stride, seed, row * S + jj0,
                      threshold, drop_scale, softcap, dmask_row, write_dmask)
 
@@ -337,38 +386,47 @@ def _probs_and_dscores(s, dp, p_drop, b, h, H, L, S, i0, n0, lse, delta, kind, m
 def _attention_bwd_kernel(q, k, v, g, lse, delta, kind, mask_b, mask_f, mask_off, mask_stride,
                           seed, threshold, drop_scale, scale, softcap, left, right, offset,
                           n_chunks, dq_part, dk, dv, dmask, write_dmask):
-    B, H, L, D = q.shape
-    Hk, S, Dv = k.shape[1], k.shape[2], v.shape[3]
+    B, H, L, _ = q.shape
+    Hk, S = k.shape[1], k.shape[2]
     group = H // Hk
-    n_nt = (S + BLOCK_N - 1) // BLOCK_N
+    n_nt = (S + BWD_BLOCK_N - 1) // BWD_BLOCK_N
+    zero = cast(0.0, q)
+    one = cast(1.0, q)
     for task in prange(B * Hk * n_chunks):
         b = task // (Hk * n_chunks)
         hk = (task // n_chunks) % Hk
         chunk = task % n_chunks
+        s_buf = np.empty(BWD_BLOCK_M * BWD_BLOCK_N, q.dtype)
+        dp_buf = np.empty(BWD_BLOCK_M * BWD_BLOCK_N, q.dtype)
+        p_buf = np.empty(BWD_BLOCK_M * BWD_BLOCK_N, q.dtype)
+        scalars = np.empty(2, q.dtype)
         for nt in range(chunk, n_nt, n_chunks):  # interleaved: causal work stays balanced
-            n0 = nt * BLOCK_N
-            n1 = min(S, n0 + BLOCK_N)
+            n0 = nt * BWD_BLOCK_N
+            n1 = min(S, n0 + BWD_BLOCK_N)
             k_tile, v_tile = k[b, hk][n0:n1], v[b, hk][n0:n1]  # (bn, D), (bn, Dv)
-            dk_acc = np.zeros((n1 - n0, D), q.dtype)
-            dv_acc = np.zeros((n1 - n0, Dv), q.dtype)
+            bn = n1 - n0
+            dk_acc, dv_acc = dk[b, hk][n0:n1], dv[b, hk][n0:n1]  # accumulated in place
+            dk_acc[:] = zero
+            dv_acc[:] = zero
             lo, hi = _query_range(n0, n1, L, left, right, offset)
             for h in range(hk * group, (hk + 1) * group):
                 dq_h = dq_part[chunk, b, h]  # (L, D): this chunk's share of dq
-                for m0 in range(lo, hi, BLOCK_M):
-                    m1 = min(hi, m0 + BLOCK_M)
+                for m0 in range(lo, hi, BWD_BLOCK_M):
+                    m1 = min(hi, m0 + BWD_BLOCK_M)
+                    bm = m1 - m0
                     q_tile, g_tile = q[b, h][m0:m1], g[b, h][m0:m1]  # (bm, D), (bm, Dv)
-                    s = np.dot(q_tile, k_tile.T)  # (bm, bn)
-                    dp = np.dot(g_tile, v_tile.T)
-                    p = np.empty_like(s)
+                    s = s_buf[:bm * bn].reshape((bm, bn))
+                    dp = dp_buf[:bm * bn].reshape((bm, bn))
+                    p = p_buf[:bm * bn].reshape((bm, bn))
+                    gemm(q_tile, k_tile, s, False, True, scale, zero, scalars)  # scaled scores
+                    gemm(g_tile, v_tile, dp, False, True, one, zero, scalars)
                     _probs_and_dscores(s, dp, p, b, h, H, L, S, m0, n0, lse, delta, kind,
                                        mask_b, mask_f, mask_off, mask_stride, seed, threshold,
-                                       drop_scale, scale, softcap, left, right, offset, dmask,
+                                       drop_scale, softcap, left, right, offset, dmask,
                                        write_dmask)
-                    dv_acc += np.dot(p.T, g_tile)
-                    dk_acc += np.dot(s.T, q_tile)
-                    dq_h[m0:m1] += np.dot(s, k_tile)
-            dk[b, hk][n0:n1] = dk_acc * scale
-            dv[b, hk][n0:n1] = dv_acc
+                    gemm(p, g_tile, dv_acc, True, False, one, one, scalars)  # dv += P^T do
+                    gemm(s, q_tile, dk_acc, True, False, scale, one, scalars)  # dk += c ds'^T q
+                    gemm(s, k_tile, dq_h[m0:m1], False, False, scale, one, scalars)
 
 
 @numba.njit(**_JIT)
@@ -484,7 +542,7 @@ def attention_bwd(grad_out, q, k, v, out, lse, mask, seed, dropout_p, scale, lef
     dk = torch.empty(k.shape, dtype=acc)
     dv = torch.empty(v.shape, dtype=acc)
     # dq: one partial sum per chunk of key tiles, added here in a fixed order (deterministic)
-    n_chunks = max(1, min(numba.get_num_threads(), -(-S // BLOCK_N)))
+    n_chunks = max(1, min(numba.get_num_threads(), -(-S // BWD_BLOCK_N)))
     dq_part = torch.zeros((n_chunks, *q.shape), dtype=acc)
     qa, ka, va, ga = _contiguous(q, acc), _contiguous(k, acc), _contiguous(v, acc), array(g)
     dmask_np = array(dmask) if mask_grad else np.zeros((1, 1, 1, 1), np_dtype(acc))
@@ -492,7 +550,7 @@ def attention_bwd(grad_out, q, k, v, out, lse, mask, seed, dropout_p, scale, lef
         _attention_bwd_kernel(qa, ka, va, ga, lse, delta, *common, left, right, offset,
                               n_chunks, array(dq_part), array(dk), array(dv), dmask_np,
                               bool(mask_grad))
-    dq = dq_part.sum(0) * scale
+    dq = dq_part.sum(0)
     dq, dk, dv = (torch.empty_like(t).copy_(d) for t, d in ((q, dq), (k, dk), (v, dv)))
     return dq, dk, dv, dmask
 
