@@ -102,13 +102,34 @@ def _setup_context(ctx, inputs, output):
     ctx.args = args  # dropout_p, scale, left, right, align_bottom, softcap, deterministic, backend
 
 
+def _delta_wants_float32(out: Tensor, q: Tensor, backend: str) -> bool:
+    """Whether backward should recompute a 16-bit ``out`` in float32 for the mask's gradient.
+
+    The fused backward forms ds_ij = p_ij (dp_ij - delta_i) with delta_i = do_i . o_i from the
+    saved output. Summed over the keys, which is what a mask broadcast along them gets as its
+    gradient, that is delta_i(exact) - delta_i(used): 0 up to the output's rounding. With a
+    16-bit output that rounding alone was past twice PyTorch's error for about 1 in 100 (L, 1)
+    masks. So when the mask wants a gradient, the fused backends get the output again in
+    float32 (one more forward, only then). The torch backend takes delta as rowsum(p dP) in
+    the accumulation dtype, never from the output; the native CUDA kernels take 16-bit inputs
+    only, and keep the saved output."""
+    if out.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return backend in ("numba", "triton") or (backend == "native" and q.device.type == "cpu")
+
+
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, mask, seed = ctx.saved_tensors
     dropout_p, scale, left, right, align_bottom, softcap, deterministic, backend = ctx.args
     mask_grad = ctx.needs_input_grad[3]
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    bwd = _attention_bwd if eager.eager_backward(grad_out, q, k, v, mask) else attention_bwd
+    run_eager = eager.eager_backward(grad_out, q, k, v, mask)
+    if mask_grad and _delta_wants_float32(out, q, backend):
+        fwd = _attention_fwd if run_eager else attention_fwd
+        out = fwd(q.float(), k.float(), v.float(), mask, seed, dropout_p, scale, left, right,
+                  align_bottom, softcap, deterministic, backend)[0]
+    bwd = _attention_bwd if run_eager else attention_bwd
     dq, dk, dv, dmask = bwd(grad_out, q, k, v, out, lse, mask, seed, dropout_p, scale, left,
                             right, align_bottom, softcap, deterministic, mask_grad, backend)
     grad_mask = dmask.to(mask.dtype) if mask_grad else None
