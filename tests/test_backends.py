@@ -213,7 +213,7 @@ def test_numba_reason_when_it_is_not_installed(monkeypatch):
                         lambda name, *a: None if name == "numba" else find_spec(name, *a))
     why = fastattn.numba.import_error.__wrapped__()
     assert why == "numba is not installed (pip install numba)"
-    # attention also needs scipy (the BLAS behind Numba's np.dot); softmax and CE do not
+    # attention also needs scipy (the BLAS gemm of its tile products); softmax and CE do not
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "scipy" else find_spec(name, *a))
     assert "pip install scipy" in fastattn.numba._blas_error.__wrapped__()
@@ -258,7 +258,7 @@ def test_numba_attention_launch_holds_blas_to_one_thread():
     from fastattn.numba import attention as numba_attention
 
     libs = numba_attention._blas_libs()
-    assert libs, "no BLAS library found for numba's np.dot"
+    assert libs, "no BLAS library found for numba attention's gemm"
     original = [lib.get_num_threads() for lib in libs]
     for lib in libs:
         lib.set_num_threads(2)

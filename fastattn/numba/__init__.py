@@ -27,13 +27,13 @@ def import_error() -> str | None:
 
 @functools.cache
 def _blas_error() -> str | None:
-    """Why the attention kernels cannot use BLAS here; None if they can. Numba's ``np.dot``
-    binds scipy's BLAS, and threadpoolctl must hold it to one thread inside the parallel
-    kernels (OpenBLAS called from Numba's OpenMP threads otherwise warns that it may hang and
-    runs tens of times slower)."""
+    """Why the attention kernels cannot use BLAS here; None if they can. Their tile products
+    call scipy's BLAS gemm (through Numba's helper, as its ``np.dot`` does), and threadpoolctl
+    must hold it to one thread inside the parallel kernels (OpenBLAS called from Numba's OpenMP
+    threads otherwise warns that it may hang and runs tens of times slower)."""
     for module in ("scipy", "threadpoolctl"):
         if importlib.util.find_spec(module) is None:
-            return (f"numba's attention kernels multiply tiles with np.dot on scipy's BLAS, held "
+            return (f"numba's attention kernels multiply tiles with scipy's BLAS gemm, held "
                     f"to one thread by threadpoolctl: pip install {module}")
     return None
 

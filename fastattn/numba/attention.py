@@ -444,7 +444,7 @@ def _dropout_mask_kernel(seed, threshold, keep):
 @functools.cache
 def _blas_libs():
     """threadpoolctl's controllers of the BLAS libraries loaded here, scipy's included (the one
-    Numba's np.dot calls); found once, as the libraries stay loaded."""
+    the tile products call); found once, as the libraries stay loaded."""
     importlib.import_module("scipy.linalg.cython_blas")  # load it before looking for it
     from threadpoolctl import ThreadpoolController
 
