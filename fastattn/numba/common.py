@@ -196,7 +196,9 @@ def _run_dot(a, b, n):
 
 @numba.njit(**_HELPER)
 def scaled_exp_store_sum(v, out, n, scale, m):
-    """out[j] <- exp(v[j] * scale - m) for j < n; returns their sum."""
+    """out[j] <- exp(v[j] * scale - m) for j < n; returns their sum. ``out`` may be ``v``."""
+    if out.ctypes.data == v.ctypes.data:
+        return scaled_exp_in_place(v, n, scale, m)
     s = 0.0
     for c in range(0, n, _CHUNK):
         s += _run_scaled_exp_store_sum(v[c:], out[c:], min(_CHUNK, n - c), scale, m)
@@ -220,9 +222,9 @@ def exp_sum(v, n, m):
 
 @numba.njit(**_HELPER)
 def scaled_exp_in_place(v, n, scale, m):
-    """v[j] <- exp(v[j] * scale - m) for j < n; returns their sum. (``scaled_exp_store_sum``
-    with ``out`` = ``v`` would run scalar: LLVM's runtime overlap check sends identical
-    pointers down the unvectorised loop.)"""
+    """v[j] <- exp(v[j] * scale - m) for j < n; returns their sum. (``scaled_exp_store_sum``'s
+    own loop with ``out`` = ``v`` would run scalar: LLVM's runtime overlap check sends
+    identical pointers down the unvectorised loop; it calls this instead.)"""
     s = 0.0
     for c in range(0, n, _CHUNK):
         s += _run_scaled_exp_in_place(v[c:], min(_CHUNK, n - c), scale, m)

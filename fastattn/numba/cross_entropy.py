@@ -51,7 +51,6 @@ from fastattn.numba.common import (
     np_dtype,
     row_max,
     rows,
-    scaled_exp_in_place,
     scaled_exp_store_sum,
 )
 from fastattn.reference import accumulate_dtype
@@ -66,9 +65,6 @@ def _cross_entropy_fwd_kernel(x, target, probs, weight, prob_target, has_weight,
     zero = cast(0.0, x)
     one = cast(1.0, x)
     smooth = eps / cast(C, x)
-    # the gradient written over the logits: the exp sweep must not go through
-    # scaled_exp_store_sum, whose loop runs scalar when its input and output are one array
-    in_place = x.ctypes.data == grad.ctypes.data
     for r in prange(n_rows):
         xr = x[r]
         y = 0
@@ -89,9 +85,7 @@ def _cross_entropy_fwd_kernel(x, target, probs, weight, prob_target, has_weight,
         s = zero
         wz = zero
         wsum = weight_sum
-        if stored and in_place:
-            s = scaled_exp_in_place(xr, C, one, m)
-        elif stored:
+        if stored:
             s = scaled_exp_store_sum(xr, grad[r], C, one, m)
         elif softcap == zero and not prob_target and (eps == zero or not valid):
             s = exp_sum(xr, C, m)
