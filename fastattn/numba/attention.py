@@ -383,19 +383,23 @@ def _probs_and_dscores(s, dp, p_drop, b, h, H, L, S, i0, n0, lse, delta, kind, m
 
 
 @numba.njit(**_JIT)
-def _attention_bwd_kernel(q, k, v, g, lse, delta, kind, mask_b, mask_f, mask_off, mask_stride,
-                          seed, threshold, drop_scale, scale, softcap, left, right, offset,
-                          n_chunks, dq_part, dk, dv, dmask, write_dmask):
+def _attention_bwd_kernel(q, k, v, g, out, lse, delta, kind, mask_b, mask_f, mask_off,
+                          mask_stride, seed, threshold, drop_scale, scale, softcap, left, right,
+                          offset, n_chunks, dq_part, dk, dv, dmask, write_dmask):
     B, H, L, _ = q.shape
     Hk, S = k.shape[1], k.shape[2]
     group = H // Hk
     n_nt = (S + BWD_BLOCK_N - 1) // BWD_BLOCK_N
     zero = cast(0.0, q)
     one = cast(1.0, q)
+    for row in prange(B * H * L):  # delta_i = do_i . o_i (B, Hq, L)
+        b, h, i = row // (H * L), (row // L) % H, row % L
+        delta[b, h, i] = np.dot(g[b, h, i], out[b, h, i])
     for task in prange(B * Hk * n_chunks):
         b = task // (Hk * n_chunks)
         hk = (task // n_chunks) % Hk
         chunk = task % n_chunks
+        dq_part[chunk, b, hk * group:(hk + 1) * group] = zero  # this task's share, summed in
         s_buf = np.empty(BWD_BLOCK_M * BWD_BLOCK_N, q.dtype)
         dp_buf = np.empty(BWD_BLOCK_M * BWD_BLOCK_N, q.dtype)
         p_buf = np.empty(BWD_BLOCK_M * BWD_BLOCK_N, q.dtype)
@@ -474,7 +478,15 @@ def _launching():
 
 
 def _contiguous(t: torch.Tensor, acc: torch.dtype) -> np.ndarray:
-    return array(t.to(acc).contiguous())
+    """``t`` as a C-contiguous array of ``acc``: its own memory when it is one already (the
+    checks cost less than the no-op conversions, which matters at small sizes)."""
+    if t.dtype != acc or not t.is_contiguous():
+        t = t.to(acc).contiguous()
+    return (t.detach() if t.requires_grad else t).numpy()
+
+
+# The dmask argument when no mask gradient is asked (never written; writable, like real ones)
+_NO_DMASK = {t: np.zeros((1, 1, 1, 1), t) for t in (np.float32, np.float64)}
 
 
 def _common_args(q, k, mask, seed, dropout_p, scale, softcap, acc):
@@ -536,23 +548,29 @@ def attention_bwd(grad_out, q, k, v, out, lse, mask, seed, dropout_p, scale, lef
     common = _common_args(q, k, mask, seed, dropout_p, scale, softcap, acc)
     if acc == torch.float64:  # lse and out again in float64: the saved lse is float32
         out, lse = _forward(q, k, v, common, left, right, offset, acc)
-    g = grad_out.to(acc).contiguous()
-    delta = array((g * out.to(acc)).sum(-1).contiguous())  # (B, Hq, L)
-    lse = array(lse.to(acc).contiguous())
+    lse = _contiguous(lse, acc)
     dk = torch.empty(k.shape, dtype=acc)
     dv = torch.empty(v.shape, dtype=acc)
     # dq: one partial sum per chunk of key tiles, added here in a fixed order (deterministic)
     n_chunks = max(1, min(numba.get_num_threads(), -(-S // BWD_BLOCK_N)))
-    dq_part = torch.zeros((n_chunks, *q.shape), dtype=acc)
-    qa, ka, va, ga = _contiguous(q, acc), _contiguous(k, acc), _contiguous(v, acc), array(g)
-    dmask_np = array(dmask) if mask_grad else np.zeros((1, 1, 1, 1), np_dtype(acc))
+    dq_part = torch.empty((n_chunks, *q.shape), dtype=acc)
+    delta = np.empty((B, H, L), np_dtype(acc))
+    tensors = (q, k, v, grad_out, out)
+    qa, ka, va, ga, oa = (_contiguous(t, acc) for t in tensors)
+    dmask_np = array(dmask) if mask_grad else _NO_DMASK[np_dtype(acc)]
     with _launching():
-        _attention_bwd_kernel(qa, ka, va, ga, lse, delta, *common, left, right, offset,
+        _attention_bwd_kernel(qa, ka, va, ga, oa, lse, delta, *common, left, right, offset,
                               n_chunks, array(dq_part), array(dk), array(dv), dmask_np,
                               bool(mask_grad))
-    dq = dq_part.sum(0)
-    dq, dk, dv = (torch.empty_like(t).copy_(d) for t, d in ((q, dq), (k, dk), (v, dv)))
-    return dq, dk, dv, dmask
+    dq = dq_part[0] if n_chunks == 1 else dq_part.sum(0)
+    return _like(q, dq), _like(k, dk), _like(v, dv), dmask
+
+
+def _like(t: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """The gradient ``d`` (contiguous, accumulation dtype) in ``t``'s dtype and layout."""
+    if d.dtype == t.dtype and t.is_contiguous():
+        return d
+    return torch.empty_like(t).copy_(d)
 
 
 def dropout_mask(seed: torch.Tensor, shape, dropout_p: float, device) -> torch.Tensor:
