@@ -124,6 +124,12 @@ def _valid_tokens(target: torch.Tensor, ignore_index: int, probability: bool) ->
     return target != ignore_index
 
 
+def class_index_error(value: int, num_classes: int, ignore_index: int) -> IndexError:
+    """The error for a class index outside [0, C) that is not ``ignore_index``."""
+    return IndexError(f"target holds class index {value}, outside [0, {num_classes}) and not "
+                      f"ignore_index={ignore_index}")
+
+
 def cross_entropy_denominator(target, weight, ignore_index, num_classes, probability, dtype):
     """What ``reduction="mean"`` divides the summed loss by, as a 0-dim tensor of ``dtype``
     (the accumulation dtype: float64 for float64 logits, as PyTorch's total weight, else float32).

@@ -232,6 +232,12 @@ def test_out_of_range_target(backend):
         target = torch.tensor([0, bad, 2], device=DEVICE)
         with fastattn.use_backend(backend), pytest.raises(IndexError, match=f"class index {bad}"):
             fastattn.cross_entropy(x, target)
+        # the gradient written over the logits: refused before anything is written
+        logits = x.detach().clone()
+        leaf = logits.clone().requires_grad_()
+        with fastattn.use_backend(backend), pytest.raises(IndexError, match=f"class index {bad}"):
+            fastattn.cross_entropy(leaf, target, inplace_backward=True)
+        assert torch.equal(leaf.detach(), logits)
     # ignore_index may be any value, in range or not
     target = torch.tensor([0, 5, 2], device=DEVICE)
     with fastattn.use_backend(backend):

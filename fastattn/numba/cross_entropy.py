@@ -53,7 +53,7 @@ from fastattn.numba.common import (
     rows,
     scaled_exp_store_sum,
 )
-from fastattn.reference import accumulate_dtype
+from fastattn.reference import accumulate_dtype, class_index_error
 
 
 @numba.njit(**JIT)
@@ -163,6 +163,17 @@ def _cross_entropy_fwd_kernel(x, target, probs, weight, prob_target, has_weight,
 
 
 @numba.njit(cache=True)
+def _first_bad_class(target, num_classes, ignore_index):
+    """The position of the first class index outside [0, C) that is not ``ignore_index``, or
+    -1 (the op's check, ``fastattn.ops.cross_entropy._check_class_indices``, in one loop)."""
+    for i in range(target.shape[0]):
+        y = target[i]
+        if y != ignore_index and (y < 0 or y >= num_classes):
+            return i
+    return -1
+
+
+@numba.njit(cache=True)
 def _denominator(target, weight, has_weight, ignore_index):
     """The mean's denominator for class indices (``reference.cross_entropy_denominator``): the
     non-ignored tokens' class weights summed in float64 (their count without weight). Indices
@@ -215,6 +226,9 @@ def cross_entropy_fwd(
     else:
         probs = _EMPTY_ROWS[np_acc]
         idx = array(target.reshape(-1).long())  # (rows,)
+        bad = _first_bad_class(idx, C, ignore_index)
+        if bad >= 0:  # before the kernel, which may be about to overwrite the logits
+            raise class_index_error(int(idx[bad]), C, ignore_index)
     denom = 1.0
     if reduction == 1:
         no_weight = _EMPTY_ROWS[np_acc][0]
@@ -235,5 +249,5 @@ def cross_entropy_fwd(
     if reduction == 2:
         loss_t = loss_t.sum()
     elif reduction == 1:
-        loss_t = loss_t.sum() / torch.tensor(denom, dtype=acc)
+        loss_t = loss_t.sum() / denom  # a value of acc: the same division as by a tensor
     return loss_t, torch.from_numpy(lse).view(batch).float()
