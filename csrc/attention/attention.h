@@ -79,10 +79,24 @@ inline int64_t fwd_work_elements(const AttentionParams& p) {
 using fastattn::dropout_keep;
 using fastattn::dropout_threshold;
 
-// Forward: query tiles [begin, end) of (B, Hq, tiles). Backward: key ranges [begin, end) of (B, Hk, chunks), then
-// (when chunks > 1) dq rows [begin, end) of (B, Hq, L).
-FASTATTN_DECLARE_CPU_KERNEL(void, attention_fwd_tiles, const AttentionParams&, int64_t, int64_t)
-FASTATTN_DECLARE_CPU_KERNEL(void, attention_bwd_heads, const AttentionParams&, int64_t, int64_t)
+// Tasks 0 .. n-1, handed out one at a time to whichever thread asks next: tasks are coarse and
+// of unequal cost (causal), and a core shared with another process must not hold up a fixed
+// share of the work. A kernel pops tasks until none is left, so its scratch buffers are
+// allocated once per thread, not once per task (at L = 128 that was 8 x 64 KB zero-filled per
+// forward). Each task writes its own outputs, so the order does not change the result.
+struct TaskQueue {
+  std::atomic<int64_t> next{0};
+  int64_t n = 0;
+  bool pop(int64_t& task) {
+    task = next.fetch_add(1, std::memory_order_relaxed);
+    return task < n;
+  }
+};
+
+// Forward tasks: query tiles of (B, Hq, tiles). Backward tasks: key ranges of (B, Hk, chunks),
+// then (when chunks > 1) dq rows [begin, end) of (B, Hq, L).
+FASTATTN_DECLARE_CPU_KERNEL(void, attention_fwd_tiles, const AttentionParams&, TaskQueue&)
+FASTATTN_DECLARE_CPU_KERNEL(void, attention_bwd_heads, const AttentionParams&, TaskQueue&)
 FASTATTN_DECLARE_CPU_KERNEL(void, attention_bwd_dq_reduce, const AttentionParams&, int64_t,
                             int64_t)
 

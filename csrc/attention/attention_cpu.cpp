@@ -30,17 +30,14 @@ void strides4(const at::Tensor& t, int64_t* s) {
   for (int d = 0; d < 4; ++d) s[d] = t.size(d) == 1 ? 0 : t.stride(d);
 }
 
-// Runs f(i, i + 1) for every task i < n, handed out one at a time to the threads
-// at::parallel_for starts: tasks are coarse (a tile of 64 queries against every key it sees) and
-// of unequal cost (causal), and a core shared with another process must not hold up a fixed
-// half of the work. Each task writes its own outputs, so the order does not change the result.
+// Runs f(tasks) on up to n of at::parallel_for's threads, each popping tasks from one queue
+// (cpu::TaskQueue says why) until all n are done.
 template <typename F>
 void parallel_tasks(int64_t n, const F& f) {
-  std::atomic<int64_t> next{0};
+  cpu::TaskQueue tasks;
+  tasks.n = n;
   const int64_t workers = std::min<int64_t>(n, at::get_num_threads());
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    for (int64_t i = next++; i < n; i = next++) f(i, i + 1);
-  });
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { f(tasks); });
 }
 
 // fastattn.reference.attention_output: (B, Hq, L, Dv), laid out (B, L, Hq, Dv) in memory when q
@@ -136,8 +133,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
   std::unique_ptr<std::atomic<uint8_t>[]> pack_state(new std::atomic<uint8_t>[nblocks]);
   for (int64_t i = 0; i < nblocks; ++i) pack_state[i].store(0);
   p.pack_state = pack_state.get();
-  parallel_tasks(p.B * p.Hq * tiles,
-                 [&](int64_t begin, int64_t end) { tiles_kernel(p, begin, end); });
+  parallel_tasks(p.B * p.Hq * tiles, [&](cpu::TaskQueue& tasks) { tiles_kernel(p, tasks); });
   return {out, lse};
 }
 
@@ -201,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     p.dq_part = dq_part.data_ptr();
   }
   auto kernel = FASTATTN_CPU_KERNEL(attention_bwd_heads);
-  parallel_tasks(heads * p.chunks, [&](int64_t begin, int64_t end) { kernel(p, begin, end); });
+  parallel_tasks(heads * p.chunks, [&](cpu::TaskQueue& tasks) { kernel(p, tasks); });
   if (p.chunks > 1) {
     auto reduce = FASTATTN_CPU_KERNEL(attention_bwd_dq_reduce);
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(p.D * p.chunks, 1));

@@ -282,7 +282,7 @@ void fwd_pack(const AttentionParams& p, int64_t idx, std::vector<A>& row) {
 }
 
 template <typename A>
-void fwd_tiles(const AttentionParams& p, int64_t begin, int64_t end) {
+void fwd_tiles(const AttentionParams& p, TaskQueue& tasks) {
   const int64_t tiles = (p.L + kBlockM - 1) / kBlockM;
   const int64_t blocks = (p.S + kBlockN - 1) / kBlockN;
   const int64_t D = p.D, Dv = p.Dv, Dvp = round_up(Dv, kPad), group = p.Hq / p.Hk;
@@ -291,7 +291,7 @@ void fwd_tiles(const AttentionParams& p, int64_t begin, int64_t end) {
   std::vector<A> qbuf(kBlockM * std::max<int64_t>(D, 1)), obuf(kBlockM * Dvp + 1),
       sbuf(kBlockM * kBlockN), mbuf(kBlockN), mrow(kBlockM), lrow(kBlockM), row;
   A *Q = qbuf.data(), *O = obuf.data(), *Sb = sbuf.data();
-  for (int64_t idx = begin; idx < end; ++idx) {
+  for (int64_t idx; tasks.pop(idx);) {  // the buffers above carry nothing between tasks
     const int64_t tile = idx % tiles, bh = idx / tiles, h = bh % p.Hq, b = bh / p.Hq;
     const int64_t hk = h / group, i0 = tile * kBlockM, m = std::min(kBlockM, p.L - i0);
     for (int64_t r = 0; r < m; ++r) {
@@ -528,9 +528,9 @@ void bwd_head(const AttentionParams& p, int64_t b, int64_t hk, int64_t chunk, Bw
 }
 
 template <typename A>
-void bwd_heads(const AttentionParams& p, int64_t begin, int64_t end) {
+void bwd_heads(const AttentionParams& p, TaskQueue& tasks) {
   BwdBuffers<A> w;
-  for (int64_t idx = begin; idx < end; ++idx) {
+  for (int64_t idx; tasks.pop(idx);) {
     const int64_t bh = idx / p.chunks;
     bwd_head(p, bh / p.Hk, bh % p.Hk, idx % p.chunks, w);
   }
@@ -556,12 +556,12 @@ void dq_reduce(const AttentionParams& p, int64_t begin, int64_t end) {
 
 }  // namespace
 
-void attention_fwd_tiles(const AttentionParams& p, int64_t begin, int64_t end) {
-  p.acc_double ? fwd_tiles<double>(p, begin, end) : fwd_tiles<float>(p, begin, end);
+void attention_fwd_tiles(const AttentionParams& p, TaskQueue& tasks) {
+  p.acc_double ? fwd_tiles<double>(p, tasks) : fwd_tiles<float>(p, tasks);
 }
 
-void attention_bwd_heads(const AttentionParams& p, int64_t begin, int64_t end) {
-  p.acc_double ? bwd_heads<double>(p, begin, end) : bwd_heads<float>(p, begin, end);
+void attention_bwd_heads(const AttentionParams& p, TaskQueue& tasks) {
+  p.acc_double ? bwd_heads<double>(p, tasks) : bwd_heads<float>(p, tasks);
 }
 
 void attention_bwd_dq_reduce(const AttentionParams& p, int64_t begin, int64_t end) {
