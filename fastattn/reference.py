@@ -37,6 +37,8 @@ def row_output(shape, dim: int, dtype: torch.dtype, device: torch.device) -> tor
     so every backend and the fake function agree on strides and kernels write rows densely.
     ``dim`` may be negative."""
     dim = dim % len(shape) if len(shape) else 0
+    if dim == len(shape) - 1 or len(shape) == 0:  # the common case, without movedim's cost
+        return torch.empty(shape, dtype=dtype, device=device)
     moved = list(shape[:dim]) + list(shape[dim + 1 :]) + [shape[dim]]
     return torch.empty(moved, dtype=dtype, device=device).movedim(-1, dim)
 
