@@ -5,7 +5,8 @@ Why a hand-written exp: Numba calls libm's ``exp`` one element at a time (there 
 math library in a pip install of llvmlite), which is several times slower than PyTorch's
 vectorised Sleef exp. ``fexp`` on float32 is Cody-Waite range reduction, a degree-6 polynomial
 and a scale by 2^k built from exponent bits (two factors, so subnormal results and overflow to
-inf come out right): about 1.3 ulp, exact for -inf (0), +inf (inf) and NaN (NaN), and it
+inf come out right): at most 0.99 ulp from float64's exp over 2 million points of [-110, 90]
+(test_numba_fexp_float32_is_within_1_5_ulp), exact for -inf (0), +inf (inf) and NaN, and it
 vectorises because it is straight-line arithmetic and selects. float64 uses libm (exact
 enough for the float64 oracle; float64 is for checking, not for speed).
 
