@@ -35,10 +35,11 @@ one task per (b, hk, chunk of key tiles) -- key tiles dealt out round-robin over
 as threads, so causal work stays balanced -- recomputes each score tile once and accumulates
 dk, dv for its keys over the query tiles of every query head sharing hk (GQA without atomics),
 and dq into that chunk's own (L, D) buffer per head; the chunks' dq are then summed in a fixed
-order. Five tile products per tile, as FlashAttention-2, every result with one writer in a
-fixed order: backward is always deterministic (the ``deterministic`` flag changes nothing
-here), for a given thread count. Extra memory: one dq per chunk (threads x |dq|) and three
-BLOCK_M x BLOCK_N tiles per task, never L x S.
+order (one chunk's buffer is dq itself). delta_i = do_i . o_i comes from a prange pass of
+the backward kernel before its tiles. Five tile products per tile, as FlashAttention-2, every
+result with one writer in a fixed order: backward is always deterministic (the
+``deterministic`` flag changes nothing here), for a given thread count. Extra memory: one dq
+per chunk (threads x |dq|) and three BLOCK_M x BLOCK_N tiles per task, never L x S.
 
 Dropout: a counter hash (``common.dropout_keep``) of the seed and the flat (b, h, i, j) index,
 regenerated in backward; ``dropout_mask`` returns the same mask for tests.
