@@ -292,7 +292,26 @@ def _train(a: argparse.Namespace, env: _Dist) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     train(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _exit_now()
     return 0
+
+
+def _exit_now() -> None:
+    """End a torchrun worker whose run succeeded without the interpreter's finalisation.
+
+    A gloo worker thread of the process group (which ``destroy_process_group`` does not stop:
+    something in torch.distributed keeps the group alive) can still be dropping the last
+    reference to a finished collective when the main thread returns. Its tensors' Python
+    objects then need the GIL, and a thread that asks for it while the interpreter finalises
+    is ended in a way that aborts the process ("terminate called without an active
+    exception"; core dump: ``PyThread_exit_thread`` in ``take_gil`` under
+    ``ProcessGroupGloo::runLoop`` -> ``~AsyncAllreduceWork``). It hit about one torchrun run in
+    60-140 here. Everything this command writes is written and closed by now, so the worker
+    flushes its streams and leaves with ``os._exit(0)``, before finalisation can start."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
