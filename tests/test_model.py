@@ -227,9 +227,9 @@ def test_torchrun_two_processes_match_one(text_file, tmp_path):
                         "--device", "cpu"]
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     train_cli.main(args + ["--log-json", str(one)])
-    # PYTHONFAULTHANDLER: a rank that aborts prints every Python thread's stack (gloo's teardown
-    # aborted rank 1 once in CI, "terminate called without an active exception", after training
-    # finished; 0 of 160 runs here reproduced it, so the next one should say where it was).
+    # PYTHONFAULTHANDLER: a rank that crashes prints every Python thread's stack. (Gloo's
+    # teardown used to abort a rank about one run in 40-60 after training had finished: see
+    # fastattn.models.train._exit_now.)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "fastattn.models.train", *args, "--log-json", str(two)]
