@@ -228,7 +228,7 @@ def test_torchrun_two_processes_match_one(text_file, tmp_path):
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     train_cli.main(args + ["--log-json", str(one)])
     # PYTHONFAULTHANDLER: a rank that crashes prints every Python thread's stack. (Gloo's
-    # teardown used to abort a rank about one run in 40-60 after training had finished: see
+    # teardown used to abort a rank, 3 runs in 120, after training had finished: see
     # fastattn.models.train._exit_now.)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
