@@ -307,8 +307,9 @@ def _exit_now() -> None:
     is ended in a way that aborts the process ("terminate called without an active
     exception"; core dump: ``PyThread_exit_thread`` in ``take_gil`` under
     ``ProcessGroupGloo::runLoop`` -> ``~AsyncAllreduceWork``). It hit 3 torchrun runs in 120
-    here (in CI's environment, 0 in 140 after). Everything this command writes is written and closed by now, so the worker
-    flushes its streams and leaves with ``os._exit(0)``, before finalisation can start."""
+    here (in CI's environment; 0 in 140 after). Everything this command writes is written and
+    closed by now, so the worker flushes its streams and leaves with ``os._exit(0)``, before
+    finalisation can start."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
