@@ -483,7 +483,7 @@ def _contiguous(t: torch.Tensor, acc: torch.dtype) -> np.ndarray:
     checks cost less than the no-op conversions, which matters at small sizes)."""
     if t.dtype != acc or not t.is_contiguous():
         t = t.to(acc).contiguous()
-    return (t.detach() if t.requires_grad else t).numpy()
+    return array(t)
 
 
 # The dmask argument when no mask gradient is asked (never written; writable, like real ones)
