@@ -264,19 +264,24 @@ void fwd_pack(const AttentionParams& p, int64_t idx, std::vector<A>& row) {
     const int64_t blk = idx % blocks, bh = idx / blocks, hk = bh % p.Hk, b = bh / p.Hk;
     A* kt = static_cast<A*>(p.work) + idx * kBlockN * (D + Dvp);  // (D, kBlockN)
     A* vb = kt + D * kBlockN;                                      // (kBlockN, Dvp)
-    for (int64_t c = 0; c < kBlockN; ++c) {
+    // Keys of this block, then zeros up to the vector multiple the products read (`ncols` of
+    // fwd_tiles is at most round_up(S - j0, vector size), and kPad is a multiple of that); the
+    // columns past it are never read. Rows of zeros, not columns: a strided zero per element
+    // was most of a short sequence's forward.
+    const int64_t nkeys = std::min(kBlockN, p.S - blk * kBlockN);
+    const int64_t ncols = std::min(kBlockN, round_up(nkeys, kPad));
+    for (int64_t c = 0; c < nkeys; ++c) {
       const int64_t j = blk * kBlockN + c;
-      if (j < p.S) {
-        load_any(p.k, p.dtype, b * p.sk[0] + hk * p.sk[1] + j * p.sk[2], p.sk[3], D, row.data());
-        for (int64_t d = 0; d < D; ++d) kt[d * kBlockN + c] = row[d];
-        load_any(p.v, p.dtype, b * p.sv[0] + hk * p.sv[1] + j * p.sv[2], p.sv[3], Dv,
-                 vb + c * Dvp);
-        std::fill(vb + c * Dvp + Dv, vb + (c + 1) * Dvp, A(0));
-      } else {
-        for (int64_t d = 0; d < D; ++d) kt[d * kBlockN + c] = A(0);
-        std::fill(vb + c * Dvp, vb + (c + 1) * Dvp, A(0));
-      }
+      load_any(p.k, p.dtype, b * p.sk[0] + hk * p.sk[1] + j * p.sk[2], p.sk[3], D, row.data());
+      for (int64_t d = 0; d < D; ++d) kt[d * kBlockN + c] = row[d];
+      load_any(p.v, p.dtype, b * p.sv[0] + hk * p.sv[1] + j * p.sv[2], p.sv[3], Dv,
+               vb + c * Dvp);
+      std::fill(vb + c * Dvp + Dv, vb + (c + 1) * Dvp, A(0));
     }
+    for (int64_t d = 0; d < D; ++d) {
+      std::fill(kt + d * kBlockN + nkeys, kt + d * kBlockN + ncols, A(0));
+    }
+    std::fill(vb + nkeys * Dvp, vb + ncols * Dvp, A(0));
   }
   state.store(2, std::memory_order_release);
 }
