@@ -47,13 +47,23 @@ import importlib.util
 import os
 import threading
 from collections.abc import Callable, Iterator
+from types import ModuleType
 
 import torch
 
 BACKENDS = ("torch", "triton", "native", "numba")
 ENV_VAR = "FASTATTN_BACKEND"
 
-_state = threading.local()
+
+
+class _State(threading.local):
+    """Per-thread state: the stack of ``use_backend`` requests (innermost last)."""
+
+    def __init__(self) -> None:
+        self.stack: list[str] = []
+
+
+_state = _State()
 
 
 class BackendUnavailableError(RuntimeError):
@@ -94,9 +104,7 @@ def _reason_unavailable(name: str, device_type: str | None, op: str | None = Non
     if name == "triton":
         return _triton_reason(device_type)
     if name == "native":
-        from fastattn import _ext
-
-        return _ext.reason(op, device_type)
+        return _lazy("fastattn._ext").reason(op, device_type)
     if name == "numba":
         from fastattn import numba as numba_backend  # the package only; numba itself on demand
 
@@ -140,7 +148,7 @@ def use_backend(name: str) -> Iterator[None]:
         raise BackendUnavailableError(
             f"backend {name!r} is unavailable: {why}; available: {', '.join(available_backends())}"
         )
-    stack = _stack()
+    stack = _state.stack
     stack.append(name)
     try:
         yield
@@ -148,15 +156,9 @@ def use_backend(name: str) -> Iterator[None]:
         stack.pop()
 
 
-def _stack() -> list[str]:
-    if not hasattr(_state, "stack"):
-        _state.stack = []
-    return _state.stack
-
-
 def requested_backend() -> tuple[str | None, str]:
     """The explicitly requested backend for this thread, and where the request came from."""
-    stack = _stack()
+    stack = _state.stack
     if stack:
         return stack[-1], "use_backend()"
     env = os.environ.get(ENV_VAR, "").strip()
@@ -216,11 +218,8 @@ def select(device: torch.device, op: str | None = None, *, dtype: torch.dtype | 
     (attention); without them the fixed order applies when nothing is requested."""
     name, origin = requested_backend()
     if name is None:
-        # imported on first use: its compiler decorator would make importing fastattn import
-        # torch._dynamo (and Triton with it)
-        from fastattn import _tuned
-
-        return _tuned.choose(device.type, device.index, op, _tuned.shape_class(op, dtype, size))
+        tuned = _lazy("fastattn._tuned")
+        return tuned.choose(device.type, device.index, op, tuned.shape_class(op, dtype, size))
     _check_request(name, origin, device, op)
     return name
 
@@ -255,16 +254,30 @@ def explain(device: torch.device | str, op: str | None = None, *,
     return fixed_order(device.type, op), f"default order for {device.type} ({note})"
 
 
-_modules: dict[tuple[str, str], object] = {}
+_modules: dict[str, ModuleType] = {}
+
+
+def _lazy(name: str) -> ModuleType:
+    """Module ``name``, imported on first use and then remembered: the per-call paths ask for
+    their modules on every call, and an import statement costs a lookup each time. Imported
+    lazily because ``fastattn._tuned`` and ``fastattn._ext`` carry compiler decorators, which
+    would make importing fastattn import torch._dynamo (and Triton with it), and the backends'
+    modules import their kernels."""
+    module = _modules.get(name)
+    if module is None:
+        module = _modules[name] = importlib.import_module(name)
+    return module
+
+
+_op_modules: dict[tuple[str, str], ModuleType] = {}
 
 
 def launcher(backend: str, op: str, fn: str) -> Callable:
     """The launcher ``fn`` of ``op`` in ``backend``: ``fastattn.reference`` for torch, else
-    ``fastattn.<backend>.<op>``. The module is imported on first use, so that importing
-    fastattn stays cheap, and then remembered (every call of an op asks)."""
-    module = _modules.get((backend, op))
+    ``fastattn.<backend>.<op>``, imported on first use (importing fastattn stays cheap)."""
+    module = _op_modules.get((backend, op))
     if module is None:
-        name = ("fastattn.reference" if backend == "torch"
-                else f"fastattn.{_check_known(backend)}.{op}")
-        module = _modules[backend, op] = importlib.import_module(name)
+        module = _op_modules[backend, op] = _lazy(
+            "fastattn.reference" if backend == "torch"
+            else f"fastattn.{_check_known(backend)}.{op}")
     return getattr(module, fn)

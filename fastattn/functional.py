@@ -296,14 +296,28 @@ def _check_bool(name: str, value: object) -> bool:
 
 
 def _check_qkv(names: tuple[str, str, str], q, k, v) -> None:
-    """Types, dtypes, devices and the dims every layout shares: same rank, head dims in
-    [1, 256], query and key head dims equal, key and value lengths equal."""
+    """Types, dtypes, devices and the dims every layout shares: same rank, at least 2 dims,
+    head dims in [1, 256], query and key head dims equal.
+
+    The first test passes every valid call in one expression (it runs on every attention call,
+    where each separate check costs Python time); a call it does not pass goes through the
+    checks one by one, which raise for what is wrong."""
+    T = torch.Tensor
+    if (isinstance(q, T) and isinstance(k, T) and isinstance(v, T)
+            and q.dtype.is_floating_point and q.dtype == k.dtype == v.dtype
+            and 2 <= q.ndim == k.ndim == v.ndim and q.device == k.device == v.device
+            and 1 <= q.shape[-1] <= MAX_HEAD_DIM and 1 <= v.shape[-1] <= MAX_HEAD_DIM
+            and k.shape[-1] == q.shape[-1]):
+        return
     for name, t in zip(names, (q, k, v), strict=True):
         _check_float_tensor(name, t)
     qn, kn, vn = names
     if not q.ndim == k.ndim == v.ndim:
         raise ValueError(f"{qn}, {kn} and {vn} must have the same number of dims, got "
                          f"{q.ndim}, {k.ndim} and {v.ndim}")
+    if q.ndim < 2:
+        raise ValueError(f"{qn}, {kn} and {vn} must have at least 2 dims (..., seqlen, "
+                         f"head_dim), got {q.ndim}-d tensors")
     if not q.dtype == k.dtype == v.dtype:
         raise TypeError(f"{qn}, {kn} and {vn} must have the same dtype, got {q.dtype}, "
                         f"{k.dtype} and {v.dtype}")
@@ -318,9 +332,18 @@ def _check_qkv(names: tuple[str, str, str], q, k, v) -> None:
                          "must match (the value head dim may differ)")
 
 
+# The default window: no bound on either side (also what the fast test below recognises).
+NO_WINDOW = (-1, -1)
+
+
 def _check_attention_extras(dropout_p, scale, window_size, softcap, deterministic, head_dim):
     """The options both attention entry points share; returns (dropout_p, scale, left, right,
-    softcap)."""
+    softcap). As in :func:`_check_qkv`, the first test passes the common calls (no dropout,
+    window or softcap; any valid scale) at once."""
+    if (window_size is NO_WINDOW and type(dropout_p) is float and dropout_p == 0.0
+            and type(softcap) is float and softcap == 0.0 and deterministic is False
+            and (scale is None or (type(scale) is float and math.isfinite(scale)))):
+        return 0.0, head_dim**-0.5 if scale is None else scale, -1, -1, 0.0
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
         raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p < 1.0:
@@ -368,7 +391,7 @@ def scaled_dot_product_attention(
     scale: float | None = None,
     enable_gqa: bool = False,
     *,
-    window_size: tuple[int, int] = (-1, -1),
+    window_size: tuple[int, int] = NO_WINDOW,
     softcap: float = 0.0,
     deterministic: bool = False,
 ) -> torch.Tensor:
@@ -400,17 +423,20 @@ def scaled_dot_product_attention(
     """
     _check_qkv(("query", "key", "value"), query, key, value)
     q, k, v = query, key, value
-    if k.shape[-2] != v.shape[-2]:
-        raise ValueError(f"key has {k.shape[-2]} positions (dim -2) but value has "
-                         f"{v.shape[-2]}; they must match")
-    _check_bool("is_causal", is_causal)
-    _check_bool("enable_gqa", enable_gqa)
+    qs, ks, vs = q.shape, k.shape, v.shape
+    if ks[-2] != vs[-2]:
+        raise ValueError(f"key has {ks[-2]} positions (dim -2) but value has {vs[-2]}; they "
+                         "must match")
+    if is_causal is not True and is_causal is not False:
+        _check_bool("is_causal", is_causal)
+    if enable_gqa is not True and enable_gqa is not False:
+        _check_bool("enable_gqa", enable_gqa)
     dropout_p, scale, left, right, softcap = _check_attention_extras(
-        dropout_p, scale, window_size, softcap, deterministic, q.shape[-1])
+        dropout_p, scale, window_size, softcap, deterministic, qs[-1])
     if is_causal:
         right = 0
-    heads = [t.shape[-3] if t.ndim > 2 else 1 for t in (q, k, v)]
-    hq, hk, hv = heads
+    ndim = len(qs)
+    hq, hk, hv = (qs[-3], ks[-3], vs[-3]) if ndim > 2 else (1, 1, 1)
     if hk != hv:
         raise ValueError(f"key has {hk} heads (dim -3) but value has {hv}; they must match")
     if enable_gqa and hq % hk:
@@ -420,33 +446,37 @@ def scaled_dot_product_attention(
         raise ValueError(f"query has {hq} heads (dim -3) but key/value have {hk}; they must "
                          "match or be 1 (or pass enable_gqa=True with query heads a multiple "
                          "of key/value heads)")
-    try:
-        if q.ndim == 4 and q.shape[0] == k.shape[0] == v.shape[0]:
-            batch = q.shape[:1]  # the common case, without broadcast_shapes' Python
-        else:
-            batch = torch.broadcast_shapes(*(t.shape[:-3] for t in (q, k, v)))
-    except RuntimeError:
-        raise ValueError(f"the batch dims (all but the last 3) of query {tuple(q.shape)}, key "
-                         f"{tuple(k.shape)} and value {tuple(v.shape)} do not broadcast") from None
+    plain = ndim == 4 and qs[0] == ks[0] == vs[0]  # (B, H, N, E) each, the common case
+    if plain:
+        batch = qs[:1]  # without broadcast_shapes' Python
+    else:
+        try:
+            batch = torch.broadcast_shapes(qs[:-3], ks[:-3], vs[:-3])
+        except RuntimeError:
+            raise ValueError(f"the batch dims (all but the last 3) of query {tuple(qs)}, key "
+                             f"{tuple(ks)} and value {tuple(vs)} do not broadcast") from None
     heads_out = max(hq, hk)
-    L, S = q.shape[-2], k.shape[-2]
-    full = (*batch, heads_out, L, S)
+    L, S = qs[-2], ks[-2]
     mask = attn_mask
     if mask is not None:
+        full = (*batch, heads_out, L, S)
         _check_mask("attn_mask", mask, full, "(batch..., heads, L, S) =", q, "query")
         mask = mask.expand(full).reshape(math.prod(batch), heads_out, L, S)  # (B, Hq, L, S)
     backend = _attention_backend(q, S)
-    qn = _to_bhnd(q, batch, heads_out)  # (B, Hq, L, D)
-    kn = _to_bhnd(k, batch, hk)  # (B, Hk, S, D)
-    vn = _to_bhnd(v, batch, hk)  # (B, Hk, S, Dv)
+    if plain and hq >= hk:
+        qn, kn, vn = q, k, v  # (B, Hq, L, D), (B, Hk, S, D), (B, Hk, S, Dv) already
+    else:
+        qn = _to_bhnd(q, batch, heads_out)  # (B, Hq, L, D)
+        kn = _to_bhnd(k, batch, hk)  # (B, Hk, S, D)
+        vn = _to_bhnd(v, batch, hk)  # (B, Hk, S, Dv)
     seed = _attention_ops.dropout_seed(q.device) if dropout_p > 0 else None
     out, _ = _attention_ops.attention(qn, kn, vn, mask, seed, dropout_p, scale, left, right,
                                       False, softcap, deterministic, backend)
-    if q.ndim == 2:
-        return out.reshape(L, v.shape[-1])  # (L, Dv)
-    if q.ndim == 4:
+    if ndim == 4:
         return out  # (B, Hq, L, Dv) already
-    return out.reshape(*batch, heads_out, L, v.shape[-1])  # (..., Hq, L, Dv)
+    if ndim == 2:
+        return out.reshape(L, vs[-1])  # (L, Dv)
+    return out.reshape(*batch, heads_out, L, vs[-1])  # (..., Hq, L, Dv)
 
 
 def flash_attn_func(
@@ -456,7 +486,7 @@ def flash_attn_func(
     dropout_p: float = 0.0,
     softmax_scale: float | None = None,
     causal: bool = False,
-    window_size: tuple[int, int] = (-1, -1),
+    window_size: tuple[int, int] = NO_WINDOW,
     softcap: float = 0.0,
     deterministic: bool = False,
     return_lse: bool = False,

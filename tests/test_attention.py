@@ -434,10 +434,26 @@ BAD_SDPA = [
     (lambda: SDPA(_t(2, 3, 5, 16), _t(2, 3, 7, 16), _t(2, 3, 7, 16), is_causal=1),
      TypeError, "is_causal"),
     (lambda: SDPA(_t(2, 3, 5, 16).int(), _t(2, 3, 7, 16), _t(2, 3, 7, 16)), TypeError, "query"),
+    (lambda: SDPA(_t(2, 3, 5, 16), [[1.0]], _t(2, 3, 7, 16)), TypeError, "key"),
+    (lambda: SDPA(_t(16), _t(16), _t(16)), ValueError, "at least 2 dims"),
+    (lambda: SDPA(_t(), _t(), _t()), ValueError, "at least 2 dims"),
+    (lambda: SDPA(_t(2, 3, 5, 16), _t(2, 3, 7, 16), _t(2, 3, 7, 16), scale=float("inf")),
+     ValueError, "scale"),
+    (lambda: SDPA(_t(2, 3, 5, 16), _t(2, 3, 7, 16), _t(2, 3, 7, 16), scale=True),
+     TypeError, "scale"),
+    (lambda: SDPA(_t(2, 3, 5, 16), _t(2, 3, 7, 16), _t(2, 3, 7, 16), dropout_p=False),
+     TypeError, "dropout_p"),
+    (lambda: SDPA(_t(2, 3, 5, 16), _t(2, 3, 7, 16), _t(2, 3, 7, 16), window_size=(-1.0, -1)),
+     TypeError, "window_size"),
+    (lambda: SDPA(_t(2, 3, 5, 16), _t(2, 3, 7, 16), _t(2, 3, 7, 16), deterministic=0),
+     TypeError, "deterministic"),
+    (lambda: SDPA(_t(2, 3, 5, 16), _t(2, 3, 7, 16), _t(2, 3, 7, 16), enable_gqa=None),
+     TypeError, "enable_gqa"),
     (lambda: fastattn.flash_attn_func(_t(2, 5, 3, 16), _t(2, 7, 2, 16), _t(2, 7, 2, 16)),
      ValueError, "multiple"),
     (lambda: fastattn.flash_attn_func(_t(5, 3, 16), _t(7, 3, 16), _t(7, 3, 16)),
      ValueError, "4-d"),
+    (lambda: fastattn.flash_attn_func(_t(16), _t(16), _t(16)), ValueError, "at least 2 dims"),
     (lambda: fastattn.flash_attn_func(_t(2, 5, 3, 16), _t(1, 7, 3, 16), _t(1, 7, 3, 16)),
      ValueError, "batch"),
 ]
@@ -447,6 +463,17 @@ BAD_SDPA = [
 def test_bad_input(call, error, words):
     with pytest.raises(error, match=words):
         call()
+
+
+def test_option_spellings_agree():
+    # The argument checks pass the common spelling of each option (float 0.0, the default
+    # window) in one test and every other allowed spelling one by one: both give the same call.
+    q, k, v = _t(2, 3, 5, 16), _t(2, 3, 7, 16), _t(2, 3, 7, 16)
+    want = SDPA(q, k, v, scale=1.0)
+    got = SDPA(q, k, v, scale=1, dropout_p=0, window_size=[-1, -1], softcap=0,
+               deterministic=False, is_causal=False)
+    assert torch.equal(got, want)
+    assert not torch.equal(SDPA(q, k, v), want)  # the default scale is 1/sqrt(16), not 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs two devices: CUDA and CPU")

@@ -125,7 +125,7 @@ def attention_forward(
             mask = bias.masked_fill(~mask, float("-inf"))  # (B, H, L, S) additive
         else:
             mask = bias if mask is None else bias + mask
-    window = (-1, -1)
+    window = functional.NO_WINDOW
     if sliding_window is not None and L == S:
         window = (int(sliding_window), int(sliding_window))  # a tile-skipping bound, see above
     scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)

@@ -159,7 +159,8 @@ def serving_backend(backend: str, device_type: str, q: Tensor, k: Tensor, v: Ten
 def attention(q, k, v, mask, seed, dropout_p, scale, window_left, window_right, align_bottom,
               softcap, deterministic, backend):
     """Checked, normalised arguments in, ``(out, lse)`` out."""
-    backend = serving_backend(backend, q.device.type, q, k, v, mask, dropout_p, softcap)
+    if backend == "native" and q.is_cuda:
+        backend = serving_backend(backend, "cuda", q, k, v, mask, dropout_p, softcap)
     if eager.native_autograd(backend, (q, k, v, mask, seed), no_grad=(mask,)):
         return launcher(backend, "attention", "attention")(
             q, k, v, mask, seed, dropout_p, scale, window_left, window_right, align_bottom,

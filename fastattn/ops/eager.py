@@ -45,7 +45,12 @@ def tracing() -> bool:
 def eager(*tensors: torch.Tensor | None) -> bool:
     """True when a call on ``tensors`` (None entries ignored) may skip its custom op: eager mode
     (see :func:`tracing`) and every tensor a plain ``torch.Tensor`` or ``nn.Parameter``."""
-    return not tracing() and all(t is None or type(t) in _PLAIN for t in tensors)
+    if tracing():
+        return False
+    for t in tensors:  # a loop, not all() over a generator: this runs on every call
+        if t is not None and type(t) not in _PLAIN:
+            return False
+    return True
 
 
 def eager_backward(*tensors: torch.Tensor | None) -> bool:
@@ -61,8 +66,12 @@ def native_autograd(backend: str, tensors: tuple[torch.Tensor | None, ...],
     """True when a call may run the ``native`` backend's differentiable C++ op: the backend is
     ``native``, :func:`eager` holds for ``tensors`` (every tensor argument), and none of
     ``no_grad`` (arguments the C++ autograd gives no gradient) requires grad."""
-    return (backend == "native" and eager(*tensors)
-            and not any(t is not None and t.requires_grad for t in no_grad))
+    if backend != "native" or not eager(*tensors):
+        return False
+    for t in no_grad:
+        if t is not None and t.requires_grad:
+            return False
+    return True
 
 
 def function(name: str, impl: Callable, setup_context: Callable,
