@@ -565,6 +565,21 @@ def test_tuned_native_gives_way_where_its_cuda_kernels_cannot_serve():
         assert serving_backend("native", "cuda", q32, q32, q32, None, 0.0, 0.0) == "native"
 
 
+# numba's score products read K^T and V^T (untransposed BLAS operands) while a tile's product
+# stays within OpenBLAS's small-matrix bound (fastattn.numba.attention.SMALL_GEMM: head dims up
+# to 122 with its tiles) and transpose in BLAS past it: both forms, on either side of the bound,
+# forward and backward, with lengths that cross the forward's 128-key and backward's 64-key
+# tiles and leave remainders.
+@pytest.mark.skipif("numba" not in backends("attention"), reason="numba attention cannot run here")
+@pytest.mark.parametrize("D,Dv", [(122, 122), (123, 40), (40, 123)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_numba_score_product_forms(D, Dv, dtype):
+    q, k, v = _qkv(1, 2, 1, 70, 150, D, Dv, dtype)
+    with fastattn.use_backend("numba"):
+        _check(lambda q, k, v: fastattn.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+               q, k, v)
+
+
 # Every padded head dim the CUDA kernels are built for (32, 64, 96, 128, 192, 256), at and below
 # it, and Dv != D both ways (the larger picks the kernel; odd dims take the padded-copy path).
 CUDA_HEAD_DIMS = [(16, 16), (32, 32), (59, 59), (64, 64), (80, 96), (111, 111), (128, 128),

@@ -2,6 +2,7 @@
 the ``backend`` argument of the registered ``fastattn::`` ops, recorded by a dispatch mode."""
 
 import importlib.util
+import itertools
 import json
 import logging
 import os
@@ -272,7 +273,8 @@ def test_numba_attention_launch_holds_blas_to_one_thread():
 
 
 # The tile product numba attention calls BLAS through: row-major, every transpose, alpha and
-# beta, odd sizes, one-row and one-column results, an empty inner dimension.
+# beta, odd sizes, one-row and one-column results, an empty inner dimension, and operands that
+# are column slices of wider arrays (rows contiguous, row stride past the row length).
 @pytest.mark.skipif(not HAS_NUMBA or fastattn.numba.reason("cpu", "attention") is not None,
                     reason="numba attention cannot run here")
 @pytest.mark.parametrize("dtype_name", ["float32", "float64"])
@@ -290,19 +292,30 @@ def test_numba_gemm_matches_numpy(dtype_name):
     rng = np.random.default_rng()
     for trans_a in (False, True):
         for trans_b in (False, True):
-            for m, n, k in [(5, 7, 3), (1, 4, 9), (6, 1, 2), (3, 3, 0), (0, 3, 2), (33, 65, 17)]:
-                a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(dtype)
-                b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(dtype)
-                c = rng.standard_normal((m, n)).astype(dtype)
+            for (m, n, k), pad in itertools.product(
+                    [(5, 7, 3), (1, 4, 9), (6, 1, 2), (3, 3, 0), (0, 3, 2), (33, 65, 17)], (0, 5)):
+                def operand(rows, cols, pad=pad):  # (rows, cols), row stride cols + pad
+                    return rng.standard_normal((rows, cols + pad)).astype(dtype)[:, pad:]
+
+                a = operand(*((k, m) if trans_a else (m, k)))
+                b = operand(*((n, k) if trans_b else (k, n)))
+                c = operand(m, n)
                 a0, b0, c0 = a.copy(), b.copy(), c.copy()
+                c_base = c.base.copy()  # the columns outside the view must stay as they are
                 call(a, b, c, trans_a, trans_b, dtype(0.5), dtype(-2.0), np.empty(2, dtype))
+                assert np.array_equal(c.base[:, :pad], c_base[:, :pad])
                 op_a = (a0.T if trans_a else a0).astype(np.float64)
                 op_b = (b0.T if trans_b else b0).astype(np.float64)
                 expect = 0.5 * op_a @ op_b - 2.0 * c0
                 tol = 1e-5 if dtype == np.float32 else 1e-12
                 np.testing.assert_allclose(c, expect, rtol=tol, atol=tol,
-                                           err_msg=f"{trans_a=} {trans_b=} {m=} {n=} {k=}")
+                                           err_msg=f"{trans_a=} {trans_b=} {m=} {n=} {k=} {pad=}")
                 assert np.array_equal(a, a0) and np.array_equal(b, b0)
+    # rows that are not contiguous cannot be described to BLAS: refused, not misread
+    a = np.ones((4, 6), dtype)[:, ::2]
+    with pytest.raises(ValueError, match="not contiguous"):
+        call(a, np.ones((3, 2), dtype), np.ones((4, 2), dtype), False, False, dtype(1.0),
+             dtype(0.0), np.empty(2, dtype))
 
 
 # The numba kernels' own float32 exp (fastattn.numba.common.fexp: a polynomial, since Numba has
