@@ -55,7 +55,6 @@ BACKENDS = ("torch", "triton", "native", "numba")
 ENV_VAR = "FASTATTN_BACKEND"
 
 
-
 class _State(threading.local):
     """Per-thread state: the stack of ``use_backend`` requests (innermost last)."""
 

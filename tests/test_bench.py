@@ -6,6 +6,7 @@ consistent with the figures derived from them."""
 
 from __future__ import annotations
 
+import collections
 import copy
 import csv
 import importlib
@@ -104,7 +105,7 @@ def test_timing_statistics_keep_and_report_outliers():
         timing.Timing([], "host")
 
 
-def test_time_host_interleaves_providers_in_rotating_order():
+def test_time_host_interleaves_providers_in_balanced_orders():
     order: list[str] = []
     x = torch.randn(64, 256)
     fns = {name: (lambda name=name: (order.append(name), torch.softmax(x, -1)))
@@ -112,8 +113,28 @@ def test_time_host_interleaves_providers_in_rotating_order():
     out = timing.time_host(fns, warmup_ms=1, rep_ms=2, min_reps=6)
     assert set(out) == {"a", "b", "c"}
     assert all(t.clock == "host" and len(t.samples_ms) >= 6 for t in out.values())
-    firsts = {order[i] for i in range(0, len(order), 3)}
-    assert firsts == {"a", "b", "c"}  # every provider leads some rounds
+    rounds = [order[i:i + 3] for i in range(0, len(order), 3)]
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds)  # each round calls each once
+    assert {r[0] for r in rounds} == {"a", "b", "c"}  # every provider leads some rounds
+    # within rounds, each provider directly follows each other one
+    assert {(r[i], r[i + 1]) for r in rounds for i in range(2)} == {
+        (p, q) for p in "abc" for q in "abc" if p != q}
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6, 7])
+def test_balanced_orders(n):
+    orders = timing.balanced_orders(n)
+    assert all(sorted(o) == list(range(n)) for o in orders)
+    firsts = collections.Counter(o[0] for o in orders)
+    assert set(firsts) == set(range(n)) and len(set(firsts.values())) == 1
+    follows = collections.Counter((o[i], o[i + 1]) for o in orders for i in range(n - 1))
+    assert set(follows) == {(i, j) for i in range(n) for j in range(n) if i != j}
+    assert len(set(follows.values())) <= 1  # every ordered pair equally often
+
+
+def test_balanced_orders_rejects_zero():
+    with pytest.raises(ValueError, match="n must be"):
+        timing.balanced_orders(0)
 
 
 @pytest.mark.parametrize("kwargs", [{"warmup_ms": 0}, {"rep_ms": -1}, {"min_reps": 0},

@@ -10,8 +10,14 @@ whose host-side work (Python, dispatch, launches) outlasts the flush is timed wi
 included, which is what an eager user pays. ``cuda_graph`` shows the kernels alone.
 
 CPU (:func:`time_host`): the providers of one case are timed in rounds, each round calling every
-provider once, in an order rotated every round, so slow drift of a shared, noisy machine and
-position effects (caches warmed by the previous provider) spread evenly over all of them.
+provider once, so slow drift of a shared, noisy machine spreads evenly over all of them. The
+orders of the rounds form a balanced Latin square (:func:`balanced_orders`): over a cycle of
+rounds each provider comes first equally often and follows every other provider equally often.
+Which provider ran just before matters on CPU: one that sweeps large buffers leaves the caches
+cold for the next call. (Rotating one fixed order, as this did before, gave every provider the
+same predecessor in every round: at L128 attention, native always followed the torch
+reference, which materialises the scores, and PyTorch's flash attention always followed
+PyTorch's default SDPA, the same kernel.)
 Best and median are both reported: the best is the least disturbed run, the median the
 typical one.
 
@@ -184,6 +190,23 @@ def time_cuda(
     return Timing(run(n), "cuda-graph" if cuda_graph else "cuda-event", notes)
 
 
+def balanced_orders(n: int) -> list[list[int]]:
+    """Orders of ``range(n)`` in which every ``i`` comes first equally often and directly
+    follows every other ``j`` equally often (Williams' balanced Latin square: ``n`` orders for
+    even ``n``; for odd ``n`` those and their reverses, ``2 n``)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    first, lo, hi = [0], 1, n - 1  # 0, 1, n-1, 2, n-2, ...
+    while len(first) < n:
+        first.append(lo)
+        lo += 1
+        if len(first) < n:
+            first.append(hi)
+            hi -= 1
+    orders = [[(x + r) % n for x in first] for r in range(n)]
+    return orders if n % 2 == 0 or n == 1 else orders + [o[::-1] for o in orders]
+
+
 def time_host(
     fns: Mapping[str, Callable[[], object]],
     *,
@@ -192,7 +215,8 @@ def time_host(
     min_reps: int = 5,
     max_reps: int = 10_000,
 ) -> dict[str, Timing]:
-    """Time each of ``fns`` with the host clock, interleaved in rotating order.
+    """Time each of ``fns`` with the host clock, interleaved, round ``r`` in the order
+    ``balanced_orders(len(fns))[r % ...]``.
 
     ``rep_ms`` is the budget per provider: rounds = budget x providers / (sum of their
     per-call estimates), between ``min_reps`` and ``max_reps``. The garbage collector is paused
@@ -209,9 +233,10 @@ def time_host(
     try:
         samples: dict[str, list[float]] = {name: [] for name in names}
 
+        orders = [[names[i] for i in order] for order in balanced_orders(len(names))]
+
         def one_round(r: int, record: dict[str, list[float]]) -> None:
-            k = r % len(names)
-            for name in names[k:] + names[:k]:
+            for name in orders[r % len(orders)]:
                 t0 = time.perf_counter_ns()
                 fns[name]()
                 record[name].append((time.perf_counter_ns() - t0) / 1e6)
