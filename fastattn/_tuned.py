@@ -262,10 +262,16 @@ _tables_lock = threading.Lock()
 _log = logging.getLogger("fastattn")
 
 
+# (device index, op, class) -> the fixed order's backend for CPU tensors, kept for classes the
+# CPU table has no entry for (see choose; forget() clears it with the tables).
+_cpu_fixed: dict[tuple[int | None, str | None, str | None], str] = {}
+
+
 def forget() -> None:
     """Forget the tables read so far: the next lookup reads them again."""
     with _tables_lock:
         _tables.clear()
+        _cpu_fixed.clear()
 
 
 def _table(device_type: str, index: int | None) -> Table:
@@ -294,10 +300,22 @@ def lookup(device_type: str, index: int | None, op: str | None, cls: str | None
 @torch.compiler.assume_constant_result  # fixed per process: dynamo runs it, never traces it
 def choose(device_type: str, index: int | None, op: str | None, cls: str | None) -> str:
     """The backend of a call nobody requested one for: the table's for its class, else the
-    fixed order's. Logged at DEBUG on the ``fastattn`` logger when the table decides."""
+    fixed order's. Logged at DEBUG on the ``fastattn`` logger when the table decides.
+
+    For CPU tensors a class the table has no entry for keeps the fixed order's answer until
+    :func:`forget`: that answer depends only on the native extension's CPU kernels, fixed once
+    it is loaded, and this runs on every such call. (The CUDA order also depends on Triton's
+    environment, so it is asked every time.)"""
+    if device_type == "cpu":
+        name = _cpu_fixed.get((index, op, cls))
+        if name is not None:
+            return name
     name, table = lookup(device_type, index, op, cls)
     if name is None:
-        return backends.fixed_order(device_type, op)
+        name = backends.fixed_order(device_type, op)
+        if device_type == "cpu" and table is not None and _tables.get(("cpu", index)) is table:
+            _cpu_fixed[index, op, cls] = name  # (not if forget() ran meanwhile)
+        return name
     if _log.isEnabledFor(logging.DEBUG):
         _log.debug("%s on %s: %s, from the tuned table %s for class %s", op, device_type, name,
                    table.path, cls)

@@ -510,6 +510,17 @@ def test_missing_table_is_silent_and_the_fixed_order_applies(cache, recwarn):
 
 
 @needs_tuned
+def test_a_table_written_after_calls_is_honoured_after_reload(cache):
+    # choose() keeps the fixed order's CPU answer for a class the table lacks; reload_tuned()
+    # must drop it along with the tables, or a table written later would never be seen.
+    assert softmax_on(torch.randn(3, 7)) == {DEFAULT}
+    assert softmax_on(torch.randn(3, 7)) == {DEFAULT}  # the kept answer
+    write_table()
+    fastattn.backends.reload_tuned()
+    assert softmax_on(torch.randn(3, 7)) == {TUNED}
+
+
+@needs_tuned
 def test_tuned_table_is_honoured_for_its_class(cache, caplog):
     path = write_table()
     with caplog.at_level(logging.DEBUG, logger="fastattn"):
