@@ -262,14 +262,31 @@ def _query_range(n0, n1, L, left, right, offset):
 
 
 @numba.njit(**_JIT)
-def _transpose_heads(x, xt):
-    """xt[b, h] = x[b, h]^T for (B, H, N, E) ``x``, one task per head. The kernels take the
-    score products q k^T (and do v^T) with the key side transposed beforehand, so that both
+def _transpose_heads(x, tile_rows, tile_cols, depth):
+    """x[b, h]^T for every head of (B, H, N, E) ``x``, as (B, H, E, N), one task per head, when
+    a score tile of ``tile_rows`` x ``tile_cols`` x ``depth`` stays within ``SMALL_GEMM``; else
+    an empty (B, H, 0, 0) array, and ``_times_t`` transposes in BLAS instead. The kernels take
+    the score products q k^T (and do v^T) with the key side transposed beforehand, so that both
     operands go to BLAS untransposed: OpenBLAS runs such a tile (64 x 128 x 64 float32) in its
     small-matrix kernel, 9.3 us against 13.1 for the transposed form, which it packs first."""
-    B, H = x.shape[0], x.shape[1]
+    B, H, N, E = x.shape
+    if tile_rows * tile_cols * depth > SMALL_GEMM:
+        return np.empty((B, H, 0, 0), x.dtype)
+    xt = np.empty((B, H, E, N), x.dtype)
     for bh in prange(B * H):
         _transpose(x[bh // H, bh % H], xt[bh // H, bh % H])
+    return xt
+
+
+@numba.njit(cache=True)
+def _times_t(a, x, xt, n0, n1, alpha, out, scalars):
+    """out <- alpha a x[n0:n1]^T for one head's (N, E) ``x``: from ``xt`` (its (E, N)
+    transpose, see ``_transpose_heads``) when it was made, else with BLAS transposing."""
+    zero = cast(0.0, out)
+    if xt.shape[0] > 0:
+        gemm(a, xt[:, n0:n1], out, False, False, alpha, zero, scalars)
+    else:
+        gemm(a, x[n0:n1], out, False, True, alpha, zero, scalars)
 
 
 @numba.njit(**_JIT)
@@ -282,10 +299,7 @@ def _attention_fwd_kernel(q, k, v, kind, mask_b, mask_f, mask_off, mask_stride, 
     ninf = cast(-math.inf, q)
     zero = cast(0.0, q)
     one = cast(1.0, q)
-    use_kt = BLOCK_M * BLOCK_N * D <= SMALL_GEMM
-    kt = np.empty((B, Hk, D if use_kt else 0, S if use_kt else 0), q.dtype)  # K^T
-    if use_kt:
-        _transpose_heads(k, kt)
+    kt = _transpose_heads(k, BLOCK_M, BLOCK_N, D)  # K^T, or empty
     for task in prange(B * H * n_mt):
         b = task // (H * n_mt)
         h = (task // n_mt) % H
@@ -305,10 +319,7 @@ def _attention_fwd_kernel(q, k, v, kind, mask_b, mask_f, mask_off, mask_stride, 
             n1 = min(hi, n0 + BLOCK_N)
             bn = n1 - n0
             s = s_buf[:bm * bn].reshape((bm, bn))
-            if use_kt:  # scale q.k
-                gemm(q_tile, kt[b, hk][:, n0:n1], s, False, False, scale, zero, scalars)
-            else:
-                gemm(q_tile, k[b, hk][n0:n1], s, False, True, scale, zero, scalars)
+            _times_t(q_tile, k[b, hk], kt[b, hk], n0, n1, scale, s, scalars)  # scale q.k
             for i in range(bm):
                 srow = s[i]
                 ii = i0 + i
@@ -455,13 +466,9 @@ def _attention_bwd_kernel(q, k, v, g, out, lse, delta, kind, mask_b, mask_f, mas
     for row in prange(B * H * L):  # delta_i = do_i . o_i (B, Hq, L)
         b, h, i = row // (H * L), (row // L) % H, row % L
         delta[b, h, i] = np.dot(g[b, h, i], out[b, h, i])
-    D, Dv = k.shape[3], v.shape[3]
-    use_kt = BWD_BLOCK_M * BWD_BLOCK_N * max(D, Dv) <= SMALL_GEMM
-    kt = np.empty((B, Hk, D if use_kt else 0, S if use_kt else 0), q.dtype)  # K^T, V^T
-    vt = np.empty((B, Hk, Dv if use_kt else 0, S if use_kt else 0), q.dtype)
-    if use_kt:
-        _transpose_heads(k, kt)
-        _transpose_heads(v, vt)
+    depth = max(k.shape[3], v.shape[3])  # both made, or neither
+    kt = _transpose_heads(k, BWD_BLOCK_M, BWD_BLOCK_N, depth)  # K^T and V^T, or empty
+    vt = _transpose_heads(v, BWD_BLOCK_M, BWD_BLOCK_N, depth)
     for task in prange(B * Hk * n_chunks):
         b = task // (Hk * n_chunks)
         hk = (task // n_chunks) % Hk
@@ -489,12 +496,8 @@ def _attention_bwd_kernel(q, k, v, g, out, lse, delta, kind, mask_b, mask_f, mas
                     s = s_buf[:bm * bn].reshape((bm, bn))
                     dp = dp_buf[:bm * bn].reshape((bm, bn))
                     p = p_buf[:bm * bn].reshape((bm, bn))
-                    if use_kt:  # scaled scores, and do v^T
-                        gemm(q_tile, kt[b, hk][:, n0:n1], s, False, False, scale, zero, scalars)
-                        gemm(g_tile, vt[b, hk][:, n0:n1], dp, False, False, one, zero, scalars)
-                    else:
-                        gemm(q_tile, k_tile, s, False, True, scale, zero, scalars)
-                        gemm(g_tile, v[b, hk][n0:n1], dp, False, True, one, zero, scalars)
+                    _times_t(q_tile, k[b, hk], kt[b, hk], n0, n1, scale, s, scalars)  # scores
+                    _times_t(g_tile, v[b, hk], vt[b, hk], n0, n1, one, dp, scalars)  # do v^T
                     _probs_and_dscores(s, dp, p, b, h, H, L, S, m0, n0, lse, delta, kind,
                                        mask_b, mask_f, mask_off, mask_stride, seed, threshold,
                                        drop_scale, softcap, left, right, offset, dmask,
