@@ -105,9 +105,8 @@ def _reason_unavailable(name: str, device_type: str | None, op: str | None = Non
     if name == "native":
         return _lazy("fastattn._ext").reason(op, device_type)
     if name == "numba":
-        from fastattn import numba as numba_backend  # the package only; numba itself on demand
-
-        return numba_backend.reason(device_type, op)
+        # the package only; numba itself is imported on demand
+        return _lazy("fastattn.numba").reason(device_type, op)
     raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(BACKENDS)}")
 
 
