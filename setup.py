@@ -9,8 +9,9 @@ of several GB). Switches, read at build time:
 
 - ``FASTATTN_SKIP_EXT=1``: build no extension.
 - ``FASTATTN_CUDA_ARCHS``: CUDA architectures, default ``"80;90a"`` (``90a`` enables Hopper-only
-  instructions). The CUDA part builds only where nvcc and a CUDA build of torch are present and
-  ``csrc/`` holds ``.cu`` files.
+  instructions, and with them the Hopper attention kernel on compute capability 9.x). The CUDA
+  part builds only where nvcc and a CUDA build of torch are present and ``csrc/`` holds ``.cu``
+  files.
 - ``MAX_JOBS``: parallel compile jobs (read by torch's ninja builder).
 
 No downloads and no look at the build machine's hardware: the CPU kernels are compiled once per
@@ -53,7 +54,10 @@ def nvcc_flags() -> list[str]:
                if a.strip()]
     # No --use_fast_math: its approximate expf/logf and flush-to-zero would move results past
     # the twice-PyTorch's-error bound and change inf/NaN handling the tests check.
-    return ["-O3", "--expt-relaxed-constexpr", *gencode]
+    # FASTATTN_SM90A: the build holds sm_90a code, so the Hopper kernels may be launched on
+    # compute capability 9.x (csrc/attention/attention_cuda.cu).
+    sm90a = ["-DFASTATTN_SM90A"] if "90a" in archs.replace(",", ";").split(";") else []
+    return ["-O3", "--expt-relaxed-constexpr", *gencode, *sm90a]
 
 
 def _say(message: str) -> None:

@@ -7,11 +7,13 @@
 and misaligned global and shared accesses, racecheck shared-memory hazards (a missing
 ``__syncthreads`` between the cp.async pipeline stages, the staged P/dS tiles, the epilogues).
 The cases cover each kernel family and the paths that index differently: every attention
-kernel template's shared-memory layout at some head dim, the padded-copy path for unaligned
-head dims, sequence lengths that are not multiples of any tile, L = S = 1, rows that see no
-key, GQA, masks, windows, softcap, dropout with a CPU and a CUDA seed, the mask gradient,
-flash-attn's strided layout; softmax and cross-entropy with masks, causal rows and odd lengths,
-on both row layouts (16-byte vectors with a warp or a block per row, and the strided one).
+kernel template's shared-memory layout at some head dim (each attention case twice: with the
+forward kernel the launcher picks, Hopper's on an H100, and with the sm_80 one), the
+padded-copy path for unaligned head dims, sequence lengths that are not multiples of any tile,
+L = S = 1, rows that see no key, GQA, masks, windows, softcap, dropout with a CPU and a CUDA
+seed, the mask gradient, flash-attn's strided layout; softmax and cross-entropy with masks,
+causal rows and odd lengths, on both row layouts (16-byte vectors with a warp or a block per
+row, and the strided one).
 
 Each result is also compared, on the CPU, with the float64 reference under a loose bound, so a
 kernel that computes garbage without touching bad memory fails here too (the tests hold the
@@ -20,6 +22,7 @@ kernels to the real rule). Prints one line per case; exit status 1 if any case f
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 
@@ -147,9 +150,26 @@ def _cross_entropy_case(dtype, N, C, smoothing, softcap):
     _close("grad", grad, ref_grad)
 
 
+def _with_forward(kernel: str, run) -> None:
+    """run() with the forward kernel the launcher picks ("default": Hopper's wgmma kernel on an
+    H100 built with sm_90a) or the sm_80 one (FASTATTN_CUDA_WGMMA=0, read at each launch)."""
+    old = os.environ.pop("FASTATTN_CUDA_WGMMA", None)
+    if kernel == "sm80":
+        os.environ["FASTATTN_CUDA_WGMMA"] = "0"
+    try:
+        run()
+    finally:
+        os.environ.pop("FASTATTN_CUDA_WGMMA", None)
+        if old is not None:
+            os.environ["FASTATTN_CUDA_WGMMA"] = old
+
+
 def cases():
-    for name, *args in ATTENTION:
-        yield f"attention {name}", lambda args=args: _attention_case(*args)
+    for kernel in ("default", "sm80"):
+        for name, *args in ATTENTION:
+            yield (f"attention {name} (forward: {kernel})",
+                   lambda args=args, kernel=kernel: _with_forward(
+                       kernel, lambda: _attention_case(*args)))
     for dtype, shape, dim, mask, causal, log in [
         (torch.float32, (4, 37), -1, None, False, False),
         (torch.bfloat16, (3, 33, 1025), -1, "bool", True, True),

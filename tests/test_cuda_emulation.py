@@ -1,7 +1,8 @@
 """The native CUDA kernels (attention, softmax, cross-entropy), run unchanged on the CPU in an
-emulation of the CUDA model (tests/cuda_emulation/: a thread per CUDA thread, barriers, and the
-warp collectives ldmatrix, mma.sync and shuffles computed from the PTX ISA's fragment layouts),
-through the same launch logic as on a GPU (the *_impl templates of csrc/<op>/<op>_cuda.cuh).
+emulation of the CUDA model (tests/cuda_emulation/: a thread per CUDA thread, barriers, the warp
+collectives ldmatrix, mma.sync and shuffles, and Hopper's warpgroup wgmma, computed from the PTX
+ISA's fragment and shared-memory layouts), through the same launch logic as on a GPU (the *_impl
+templates of csrc/<op>/<op>_cuda.cuh). Both forward kernels run: sm_80's and Hopper's.
 
 What this checks before any GPU sees the code: fragment layouts and every index expression,
 tile loops with remainders, causal/window tile skipping, masks, dropout (the CPU generator's
@@ -106,9 +107,19 @@ CASES = [
 ]
 
 
+# The forward kernel: sm_80's (mma.sync) or Hopper's (wgmma, attention_fwd_kernel_sm90), as the
+# launch logic picks it on an A100 or an H100; the backward kernels are the same.
+FWD_KERNELS = ["sm80", "sm90"]
+
+
+@pytest.mark.parametrize("kernel", FWD_KERNELS)
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_emulated_cuda_attention_matches_reference(emulated, case):
-    _check_case(emulated, case)
+def test_emulated_cuda_attention_matches_reference(emulated, case, kernel):
+    emulated.use_wgmma(kernel == "sm90")
+    try:
+        _check_case(emulated, case)
+    finally:
+        emulated.use_wgmma(False)
 
 
 def _check_case(ext, case) -> None:
@@ -153,7 +164,8 @@ def _check_case(ext, case) -> None:
     torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), atol=1e-4, rtol=1e-4)
 
 
-def test_emulated_cuda_dropout_is_the_cpu_mask(emulated):
+@pytest.mark.parametrize("kernel", FWD_KERNELS)
+def test_emulated_cuda_dropout_is_the_cpu_mask(emulated, kernel):
     # v = identity: the output row is the dropped, rescaled probability row, so its zeros are
     # exactly the drops, which must be native_attention_dropout_mask's.
     B, H, L, S, p = 1, 2, 20, 24, 0.3
@@ -161,7 +173,11 @@ def test_emulated_cuda_dropout_is_the_cpu_mask(emulated):
     k = torch.randn(B, H, S, 16, dtype=torch.bfloat16)
     v = torch.eye(S, dtype=torch.bfloat16).expand(B, H, S, S)
     seed = torch.tensor([987654321])
-    out, _ = emulated.attention_fwd(q, k, v, None, seed, p, 0.2, -1, -1, False, 0.0)
+    emulated.use_wgmma(kernel == "sm90")
+    try:
+        out, _ = emulated.attention_fwd(q, k, v, None, seed, p, 0.2, -1, -1, False, 0.0)
+    finally:
+        emulated.use_wgmma(False)
     assert torch.equal(out != 0, OPS.native_attention_dropout_mask(seed, [B, H, L, S], p))
 
 
@@ -181,6 +197,12 @@ RACE_CASES = [
 ]
 
 
+# The Hopper forward kernel under ThreadSanitizer: a stage refilled (three key tiles), and a
+# query tile that sees no key. wgmma reads shared memory at the wait that covers it (emulation.h),
+# so a stage refilled before that wait is a race.
+RACE_CASES_SM90 = [RACE_CASES[0], RACE_CASES[3]]
+
+
 def _race_child(seed: int) -> None:
     """The ThreadSanitizer process of test_emulated_cuda_kernels_are_race_free (libtsan
     preloaded): RACE_CASES and RACE_ROW_CASES through the emulations built with
@@ -195,6 +217,12 @@ def _race_child(seed: int) -> None:
         print(case[0], flush=True)
         torch.manual_seed(seed)
         _check_case(ext, case)
+    ext.use_wgmma(True)
+    for case in RACE_CASES_SM90:
+        print(f"{case[0]} (sm90 forward)", flush=True)
+        torch.manual_seed(seed)
+        _check_case(ext, case)
+    ext.use_wgmma(False)
     rows = _build("fastattn_cuda_emulation_rows_tsan", "rows.cpp", flags)
     for check, case in RACE_ROW_CASES:
         print(case[0], flush=True)

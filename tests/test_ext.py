@@ -52,10 +52,16 @@ def test_skip_switch_builds_no_extension(monkeypatch):
 
 def test_cuda_arch_switch(monkeypatch):
     setup = _setup_module()
-    assert "-gencode=arch=compute_90a,code=sm_90a" in setup.nvcc_flags()
+    monkeypatch.delenv("FASTATTN_CUDA_ARCHS", raising=False)
+    flags = setup.nvcc_flags()
+    # sm_90a code in the build lets the launcher pick the Hopper attention kernel
+    assert "-gencode=arch=compute_90a,code=sm_90a" in flags and "-DFASTATTN_SM90A" in flags
     monkeypatch.setenv("FASTATTN_CUDA_ARCHS", "80")
-    assert [f for f in setup.nvcc_flags() if "gencode" in f] == [
-        "-gencode=arch=compute_80,code=sm_80"]
+    flags = setup.nvcc_flags()
+    assert [f for f in flags if "gencode" in f] == ["-gencode=arch=compute_80,code=sm_80"]
+    assert "-DFASTATTN_SM90A" not in flags
+    monkeypatch.setenv("FASTATTN_CUDA_ARCHS", "80;90")  # sm_90 without the a: no wgmma
+    assert "-DFASTATTN_SM90A" not in setup.nvcc_flags()
 
 
 def test_unbuilt_extension_gives_its_reason_and_native_is_not_available():

@@ -7,6 +7,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "attention_cuda.cuh"
 
 namespace fastattn::cuda {
@@ -14,7 +17,30 @@ namespace {
 
 using attention::AttnParams;
 
+// Whether the Hopper forward kernel serves this device: compute capability 9.x, sm_90a code in
+// the build (setup.py defines FASTATTN_SM90A when FASTATTN_CUDA_ARCHS lists 90a; the kernel's
+// wgmma is compiled for sm_90a only and traps anywhere else), and FASTATTN_CUDA_WGMMA not "0"
+// (read per call: the switch back to the sm_80 kernel, for comparing the two).
+bool hopper_kernels(int device) {
+#if defined(FASTATTN_SM90A)
+  const char* env = std::getenv("FASTATTN_CUDA_WGMMA");
+  if (env != nullptr && std::string(env) == "0") return false;
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major == 9;
+#else
+  (void)device;
+  return false;
+#endif
+}
+
 struct CudaLauncher {
+  static bool wgmma() {
+    int device = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    return hopper_kernels(device);
+  }
+
   // Raises the kernel's dynamic shared memory limit past the default 48 KB first (per call: the
   // attribute is per device, and cheap to set).
   template <typename Kernel>

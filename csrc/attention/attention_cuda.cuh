@@ -1,8 +1,8 @@
-// Fused attention on CUDA (FlashAttention-2 style, tensor cores through mma.sync), forward and
-// backward: the kernels and the launch logic of fastattn::native_attention_fwd /
-// native_attention_bwd for CUDA tensors (attention_cuda.cu launches them and registers the ops;
-// the CPU kernels are attention_cpu.cpp). Written for sm_80 and newer; compiled for sm_80 and
-// sm_90a.
+// Fused attention on CUDA (FlashAttention-2 style, tensor cores through mma.sync; on Hopper the
+// forward through wgmma), forward and backward: the kernels and the launch logic of
+// fastattn::native_attention_fwd / native_attention_bwd for CUDA tensors (attention_cuda.cu
+// launches them and registers the ops; the CPU kernels are attention_cpu.cpp). Written for sm_80
+// and newer; compiled for sm_80 and sm_90a.
 //
 // What it computes, per batch b and query head h (key/value head hk = h / (Hq / Hk), GQA by
 // index, K/V never repeated), as fastattn.reference.attention_fwd / attention_bwd and the CPU
@@ -46,6 +46,13 @@
 //   Only key tiles some row of the tile can see are visited (causal and window skipping), and
 //   only tiles on the edge of the band pay for position checks. Heavy (late, causal) query
 //   tiles are scheduled first.
+// - Forward on Hopper (attention_fwd_kernel_sm90: compute capability 9.x, a build with sm_90a,
+//   FASTATTN_CUDA_WGMMA not "0"): the same CTA, ring and softmax, the four warps acting as one
+//   warpgroup. S = Q K^T is one wgmma m64nBNk16 chain reading Q and K from shared memory, O += P
+//   V a wgmma chain with P from registers and V read as an MN-major operand, so no ldmatrix is
+//   issued; the tiles sit in wgmma's core-matrix layout (8 x 8 blocks of 128 bytes, no
+//   swizzle). Each chain is waited for before its result is used (no overlap of softmax and
+//   MMA yet).
 // - Backward: a preprocess kernel, delta = rowsum(dO * O) and lse in base 2 (+inf for a fully
 //   masked row, so its probabilities recompute as 0); a dK/dV kernel, one CTA of 8 warps per
 //   key tile (64 keys) looping over the query tiles of every query head of its group (Q, dO,
@@ -60,15 +67,18 @@
 // each score tile is computed once forward, twice backward (dK/dV and dQ kernels). Memory: the
 // backward's delta and base-2 lse (B Hq L floats each), dmask only when asked.
 //
-// Checked without a GPU: tests/test_cuda_emulation.py runs these kernels unchanged, through
-// attention_fwd_impl / attention_bwd_impl below, in a CPU emulation of the CUDA model
-// (tests/cuda_emulation/; the FASTATTN_CUDA_EMULATION guard below lets it supply the PTX
-// pieces), against the float64 reference; nvcc compiles them for sm_80 and sm_90a in CI.
+// Checked without a GPU: tests/test_cuda_emulation.py runs these kernels (both forwards)
+// unchanged, through attention_fwd_impl / attention_bwd_impl below, in a CPU emulation of the
+// CUDA model (tests/cuda_emulation/; the FASTATTN_CUDA_EMULATION guard below lets it supply the
+// PTX pieces), against the float64 reference; nvcc compiles them for sm_80 and sm_90a in CI.
 //
 // Not yet (first version, not yet run on a GPU): float32 / float64 inputs (TypeError: the
-// triton or torch backend serves them), a SIMT fallback, Hopper's wgmma/TMA, split-KV, a
-// persistent scheduler, vectorised mask loads (masks are read one element per score, through
-// their strides), tuning of tile sizes. Performance is to be measured with the harness on a GPU.
+// triton or torch backend serves them), a SIMT fallback; on Hopper, TMA loads, warp
+// specialisation, swizzled layouts, 128-row tiles over two consumer warpgroups, overlapping the
+// softmax with the next S = Q K^T, and a wgmma backward (the backward runs the sm_80 kernels
+// there); split-KV, a persistent scheduler, vectorised mask loads (masks are read one element
+// per score, through their strides), tuning of tile sizes. Performance is to be measured with
+// the harness on a GPU.
 
 #pragma once
 
@@ -161,6 +171,8 @@ struct Tiles {
   // dQ accumulator takes kD / 2 registers per thread)
   static constexpr int kFwdM = 64;
   static constexpr int kFwdN = kD <= 128 ? 64 : 32;
+  // per warp: n-tiles of S and of O, k-steps of Q K^T and of P V
+  static constexpr int kFwdNT = kFwdN / 8, kFwdDT = kD / 8, kFwdKS = kD / 16, kFwdPS = kFwdN / 16;
   // dK/dV: 8 warps, 64 keys, 64 query rows (32 above head dim 128, for shared memory)
   static constexpr int kKvN = 64;
   static constexpr int kKvM = kD <= 128 ? 64 : 32;
@@ -168,6 +180,11 @@ struct Tiles {
 
   static constexpr size_t fwd_smem(int elem) {
     return static_cast<size_t>(kFwdM + 4 * kFwdN) * kLds * elem;
+  }
+  // Hopper forward: Q staged with pitch kLds (the output tile reuses it), K and V stages in
+  // wgmma's core-matrix layout (core_offset), unpadded.
+  static constexpr size_t fwd_smem_sm90(int elem) {
+    return static_cast<size_t>(kFwdM * kLds + 4 * kFwdN * kD) * elem;
   }
   static constexpr size_t dq_smem(int elem) {
     return static_cast<size_t>(2 * kFwdM + 4 * kFwdN) * kLds * elem;
@@ -178,24 +195,52 @@ struct Tiles {
   }
 };
 
+// Where element (r, c) of a ROWS x kD tile lies in wgmma's core-matrix layout (mma.cuh): 8 x 8
+// core matrices of 128 contiguous bytes, row-major over (r / 8, c / 8). As a K-major operand
+// (rows = M or N, columns = K) its byte offsets are LBO = 128 along K and SBO = 16 kD along the
+// rows; as an MN-major one (rows = K, columns = N: V) LBO = 16 kD and SBO = 128.
+template <int kD>
+__device__ __forceinline__ int core_offset(int r, int c) {
+  return ((r / 8) * (kD / 8) + c / 8) * 64 + (r % 8) * 8 + c % 8;
+}
+
+// The wgmma descriptor of a shared-memory operand starting at `start`, without swizzling: start
+// address, leading and stride byte offsets, each encoded as (x & 0x3FFFF) >> 4 (PTX ISA, "Matrix
+// Descriptor Format"; bits 49-51 base offset and 62-63 swizzle mode stay 0).
+__device__ __forceinline__ uint64_t wgmma_desc(const void* start, uint32_t lbo, uint32_t sbo) {
+  auto enc = [](uint32_t x) { return static_cast<uint64_t>((x & 0x3FFFF) >> 4); };
+  return enc(smem_addr(start)) | enc(lbo) << 16 | enc(sbo) << 32;
+}
+
 // Copies rows [row0, row0 + ROWS) of a row-major matrix (`pitch` elements between rows, `rows`
-// rows, `width` readable columns, a multiple of 8) into a ROWS x kD shared tile with row pitch
-// kLds, 16 bytes per cp.async; rows past the end and columns past `width` are zero-filled (the
-// zeros leave dot products unchanged and give padded keys zero weight).
-template <typename T, int ROWS, int kD, int THREADS>
+// rows, `width` readable columns, a multiple of 8) into a ROWS x kD shared tile, 16 bytes per
+// cp.async; rows past the end and columns past `width` are zero-filled (the zeros leave dot
+// products unchanged and give padded keys zero weight). Layout: rows with pitch kLds, or with
+// kCore wgmma's core matrices (core_offset; ROWS a multiple of 8), where consecutive threads
+// take consecutive rows of a core matrix so that their 16-byte writes hit distinct banks.
+template <typename T, int ROWS, int kD, int THREADS, bool kCore = false>
 __device__ __forceinline__ void load_tile(T* tile, const T* base, int64_t pitch, int64_t row0,
                                           int64_t rows, int width) {
   constexpr int kChunks = kD / 8;
   constexpr int kLds = kD + 8;
   constexpr int kSteps = (ROWS * kChunks + THREADS - 1) / THREADS;
+  static_assert(!kCore || ROWS % 8 == 0, "core matrices hold 8 rows");
 #pragma unroll
   for (int step = 0; step < kSteps; ++step) {
     const int idx = step * THREADS + static_cast<int>(threadIdx.x);
     if (ROWS * kChunks % THREADS != 0 && idx >= ROWS * kChunks) break;
-    const int r = idx / kChunks, c = (idx % kChunks) * 8;
+    int r, c;
+    if constexpr (kCore) {
+      r = (idx / 8 / kChunks) * 8 + idx % 8;
+      c = (idx / 8 % kChunks) * 8;
+    } else {
+      r = idx / kChunks;
+      c = (idx % kChunks) * 8;
+    }
     const int64_t row = row0 + r;
     const bool ok = row < rows && c < width;
-    cp_async_16(tile + r * kLds + c, ok ? base + row * pitch + c : base, ok ? 16 : 0);
+    T* dst = tile + (kCore ? core_offset<kD>(r, c) : r * kLds + c);
+    cp_async_16(dst, ok ? base + row * pitch + c : base, ok ? 16 : 0);
   }
 }
 
@@ -281,167 +326,124 @@ __device__ __forceinline__ void store_rows(const T* tile, T* base, int64_t pitch
 
 // The key-tile loop of the forward and dQ kernels (128 threads): waits until key/value tile
 // `nb`, in stage `st` of the two-stage ring sK / sV, has landed, after starting the copy of
-// tile nb + 1 into the other stage (the previous iteration's closing barrier freed it).
-template <typename T, int BN, int kD>
+// tile nb + 1 into the other stage (the previous iteration's closing barrier freed it). kCore:
+// stages in wgmma's core-matrix layout, made visible to its async proxy before the barrier.
+template <typename T, int BN, int kD, bool kCore = false>
 __device__ __forceinline__ void next_kv_tile(T* sK, T* sV, const T* kb, const T* vb,
                                              const AttnParams& p, int64_t nb, int64_t nb_hi,
                                              int st) {
-  constexpr int LDS = Tiles<kD>::kLds;
+  constexpr int kStage = BN * (kCore ? kD : Tiles<kD>::kLds);
   if (nb + 1 < nb_hi) {
-    load_tile<T, BN, kD, 128>(sK + (st ^ 1) * BN * LDS, kb, p.sk[2], (nb + 1) * BN, p.S,
-                              p.d_load);
-    load_tile<T, BN, kD, 128>(sV + (st ^ 1) * BN * LDS, vb, p.sv[2], (nb + 1) * BN, p.S,
-                              p.dv_load);
+    load_tile<T, BN, kD, 128, kCore>(sK + (st ^ 1) * kStage, kb, p.sk[2], (nb + 1) * BN, p.S,
+                                     p.d_load);
+    load_tile<T, BN, kD, 128, kCore>(sV + (st ^ 1) * kStage, vb, p.sv[2], (nb + 1) * BN, p.S,
+                                     p.dv_load);
     cp_async_commit();
     cp_async_wait<1>();
   } else {
     cp_async_wait<0>();
   }
+  if constexpr (kCore) fence_proxy_async();
   __syncthreads();
 }
 
 // --- forward -------------------------------------------------------------------------------
 
-template <typename T, int kD>
-__global__ void __launch_bounds__(128) attention_fwd_kernel(const AttnParams p) {
-  using Cfg = Tiles<kD>;
-  constexpr int BM = Cfg::kFwdM, BN = Cfg::kFwdN, LDS = Cfg::kLds;
-  constexpr int NT = BN / 8;   // n-tiles of S per warp
-  constexpr int DT = kD / 8;   // n-tiles of O per warp
-  constexpr int KS = kD / 16;  // k-steps of Q K^T
-  constexpr int PS = BN / 16;  // k-steps of P V
-  extern __shared__ __align__(16) unsigned char smem[];
-  T* sQ = reinterpret_cast<T*>(smem);  // BM x LDS
-  T* sK = sQ + BM * LDS;               // 2 x BN x LDS
-  T* sV = sK + 2 * BN * LDS;           // 2 x BN x LDS
+// Where a forward CTA works: its query tile (the last, heaviest causal tiles first), head, batch,
+// the K/V head of its group, and the key tiles [nb_lo, nb_hi) some of its rows can see.
+template <typename T, int BM, int BN>
+struct FwdTile {
+  int64_t m0, h, b, nb_lo, nb_hi;
+  const T *qb, *kb, *vb;
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
-  const int64_t tiles = (p.L + BM - 1) / BM;
-  const int64_t m0 = (tiles - 1 - blockIdx.x) * BM;  // the last (heaviest causal) tiles first
-  const int64_t h = blockIdx.y, b = blockIdx.z, hk = h / p.group;
-  const T* qb = static_cast<const T*>(p.q) + b * p.sq[0] + h * p.sq[1];
-  const T* kb = static_cast<const T*>(p.k) + b * p.sk[0] + hk * p.sk[1];
-  const T* vb = static_cast<const T*>(p.v) + b * p.sv[0] + hk * p.sv[1];
-
-  int64_t klo, khi;
-  visible_keys(p, m0, min(m0 + BM, p.L) - 1, klo, khi);
-  const int64_t nb_lo = klo / BN, nb_hi = khi > klo ? (khi + BN - 1) / BN : nb_lo;
-
-  load_tile<T, BM, kD, 128>(sQ, qb, p.sq[2], m0, p.L, p.d_load);
-  if (nb_lo < nb_hi) {
-    load_tile<T, BN, kD, 128>(sK, kb, p.sk[2], nb_lo * BN, p.S, p.d_load);
-    load_tile<T, BN, kD, 128>(sV, vb, p.sv[2], nb_lo * BN, p.S, p.dv_load);
+  __device__ __forceinline__ explicit FwdTile(const AttnParams& p) {
+    const int64_t tiles = (p.L + BM - 1) / BM;
+    m0 = (tiles - 1 - blockIdx.x) * BM;
+    h = blockIdx.y;
+    b = blockIdx.z;
+    const int64_t hk = h / p.group;
+    qb = static_cast<const T*>(p.q) + b * p.sq[0] + h * p.sq[1];
+    kb = static_cast<const T*>(p.k) + b * p.sk[0] + hk * p.sk[1];
+    vb = static_cast<const T*>(p.v) + b * p.sv[0] + hk * p.sv[1];
+    int64_t klo, khi;
+    visible_keys(p, m0, min(m0 + BM, p.L) - 1, klo, khi);
+    nb_lo = klo / BN;
+    nb_hi = khi > klo ? (khi + BN - 1) / BN : nb_lo;
   }
-  cp_async_commit();
+};
 
-  const uint64_t seed = p.dropout ? seed_of(p) : 0;
-  float o[DT][4];
+// One key tile of the forward, after S = Q K^T for this warp's 16 rows (s[nt][e]: row
+// rows[e / 2], key n0 + nt * 8 + 2t + e % 2, the mma accumulator layout): scores in base 2,
+// the online softmax (o rescaled, row_m / row_l updated) and dropout; s then holds P.
+template <int NT, int DT>
+__device__ __forceinline__ void fwd_softmax_tile(const AttnParams& p, float (&s)[NT][4],
+                                                 float (&o)[DT][4], float (&row_m)[2],
+                                                 float (&row_l)[2], const int64_t (&rows)[2],
+                                                 int64_t b, int64_t h, int64_t n0, bool edge,
+                                                 uint64_t seed) {
+  const int t = threadIdx.x % 4;
 #pragma unroll
-  for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  float row_m[2] = {-INFINITY, -INFINITY}, row_l[2] = {0.f, 0.f};  // base-2 max; partial sums
-  const int64_t rows[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};
-  const T* sQw = sQ + warp * 16 * LDS;
-
-  for (int64_t nb = nb_lo; nb < nb_hi; ++nb) {
-    const int st = static_cast<int>((nb - nb_lo) & 1);
-    next_kv_tile<T, BN, kD>(sK, sV, kb, vb, p, nb, nb_hi, st);
-    const T* sKs = sK + st * BN * LDS;
-    const T* sVs = sV + st * BN * LDS;
-    const int64_t n0 = nb * BN;
-
-    // S = Q K^T: this warp's 16 rows x BN keys.
-    float s[NT][4];
+  for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
-    for (int i = 0; i < NT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+    for (int e = 0; e < 4; ++e) {
+      float th;
+      s[nt][e] = score2(p, s[nt][e], b, h, rows[e / 2], n0 + nt * 8 + 2 * t + (e & 1), edge, th);
+    }
+  }
 #pragma unroll
-    for (int ks = 0; ks < KS; ++ks) {
-      uint32_t a[4];
-      ldmatrix_x4(a, sQw + (lane % 16) * LDS + ks * 16 + (lane / 16) * 8);
+  for (int r = 0; r < 2; ++r) {
+    float mx = -INFINITY;
 #pragma unroll
-      for (int np = 0; np < NT / 2; ++np) {
-        uint32_t bb[4];
-        ldmatrix_x4(bb, sKs + (np * 16 + (lane % 8) + (lane / 16) * 8) * LDS + ks * 16 +
-                            ((lane / 8) % 2) * 8);
-        mma_16816<T>(s[2 * np], a, bb[0], bb[1]);
-        mma_16816<T>(s[2 * np + 1], a, bb[2], bb[3]);
+    for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+    // The four threads of a group hold the row between them.
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(row_m[r], mx);
+    // A row with nothing visible yet has max -inf: subtract 0 instead so exp2 gives 0, not
+    // NaN (-inf - -inf).
+    const float m_safe = m_new == -INFINITY ? 0.f : m_new;
+    const float alpha = exp2f(row_m[r] - m_safe);
+    row_m[r] = m_new;
+    row_l[r] *= alpha;
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+      o[dt][2 * r] *= alpha;
+      o[dt][2 * r + 1] *= alpha;
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const float e2 = exp2f(s[nt][2 * r + c] - m_safe);
+        row_l[r] += e2;
+        s[nt][2 * r + c] = e2;
       }
     }
-
-    // Scores, then the online softmax. s[nt][e]: row rows[e / 2], key n0 + nt * 8 + 2t + e % 2.
-    const bool edge = !full_tile<BM, BN>(p, m0, n0);
+  }
+  if (p.dropout) {  // the sum above is before dropout; dropped weights leave the product only
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        float th;
-        s[nt][e] = score2(p, s[nt][e], b, h, rows[e / 2], n0 + nt * 8 + 2 * t + (e & 1), edge, th);
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-      // The four threads of a group hold the row between them.
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(row_m[r], mx);
-      // A row with nothing visible yet has max -inf: subtract 0 instead so exp2 gives 0, not
-      // NaN (-inf - -inf).
-      const float m_safe = m_new == -INFINITY ? 0.f : m_new;
-      const float alpha = exp2f(row_m[r] - m_safe);
-      row_m[r] = m_new;
-      row_l[r] *= alpha;
-#pragma unroll
-      for (int dt = 0; dt < DT; ++dt) {
-        o[dt][2 * r] *= alpha;
-        o[dt][2 * r + 1] *= alpha;
-      }
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const float e2 = exp2f(s[nt][2 * r + c] - m_safe);
-          row_l[r] += e2;
-          s[nt][2 * r + c] = e2;
+        const int64_t i = rows[e / 2], j = n0 + nt * 8 + 2 * t + (e & 1);
+        if (s[nt][e] != 0.f && i < p.L && j < p.S && !keep_at(p, seed, b, h, i, j)) {
+          s[nt][e] = 0.f;
         }
       }
     }
-    if (p.dropout) {  // the sum above is before dropout; dropped weights leave the product only
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int64_t i = rows[e / 2], j = n0 + nt * 8 + 2 * t + (e & 1);
-          if (s[nt][e] != 0.f && i < p.L && j < p.S && !keep_at(p, seed, b, h, i, j)) {
-            s[nt][e] = 0.f;
-          }
-        }
-      }
-    }
-
-    // O += P V: P from the accumulators (see mma.cuh), V^T fragments by ldmatrix.trans.
-#pragma unroll
-    for (int kk = 0; kk < PS; ++kk) {
-      const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]),
-                             pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                             pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                             pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-      for (int dp = 0; dp < DT / 2; ++dp) {
-        uint32_t bb[4];
-        ldmatrix_x4_trans(bb, sVs + (kk * 16 + (lane % 16)) * LDS + dp * 16 + (lane / 16) * 8);
-        mma_16816<T>(o[2 * dp], a, bb[0], bb[1]);
-        mma_16816<T>(o[2 * dp + 1], a, bb[2], bb[3]);
-      }
-    }
-    __syncthreads();  // every warp is done with this stage before it is refilled
   }
-  cp_async_wait<0>();  // with no key tile, the Q copy may still be landing in sQ
-  __syncthreads();
+}
 
-  // Epilogue: normalise, write lse and stage the output tile in this warp's rows of sQ.
-  T* sO = sQ + warp * 16 * LDS;
+// The forward's end, after every key tile: normalise, write lse, stage this warp's 16 output
+// rows in `stage` (pitch kLds; the Q tile's space, free by now) and store them.
+template <typename T, int kD, int DT>
+__device__ __forceinline__ void fwd_epilogue(const AttnParams& p, const float (&o)[DT][4],
+                                             const float (&row_m)[2], const float (&row_l)[2],
+                                             const int64_t (&rows)[2], int64_t m0, int64_t b,
+                                             int64_t h, T* stage) {
+  constexpr int LDS = Tiles<kD>::kLds;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  T* sO = stage + warp * 16 * LDS;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float l = row_l[r];
@@ -463,6 +465,176 @@ __global__ void __launch_bounds__(128) attention_fwd_kernel(const AttnParams p) 
   const int nrows = static_cast<int>(max(int64_t(0), min(int64_t(16), p.L - (m0 + warp * 16))));
   T* ob = static_cast<T*>(p.out) + b * p.so[0] + h * p.so[1] + (m0 + warp * 16) * p.so[2];
   store_rows<T, LDS>(sO, ob, p.so[2], p.so[3], nrows, p.Dv, p.out_vec, lane, 32);
+}
+
+// sm_80 and newer: mma.sync, operands by ldmatrix from row-padded tiles.
+template <typename T, int kD>
+__global__ void __launch_bounds__(128) attention_fwd_kernel(const AttnParams p) {
+  using Cfg = Tiles<kD>;
+  constexpr int BM = Cfg::kFwdM, BN = Cfg::kFwdN, LDS = Cfg::kLds;
+  constexpr int NT = Cfg::kFwdNT, DT = Cfg::kFwdDT, KS = Cfg::kFwdKS, PS = Cfg::kFwdPS;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);  // BM x LDS
+  T* sK = sQ + BM * LDS;               // 2 x BN x LDS
+  T* sV = sK + 2 * BN * LDS;           // 2 x BN x LDS
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2;
+  const FwdTile<T, BM, BN> w(p);
+  const int64_t m0 = w.m0, h = w.h, b = w.b;
+
+  load_tile<T, BM, kD, 128>(sQ, w.qb, p.sq[2], m0, p.L, p.d_load);
+  if (w.nb_lo < w.nb_hi) {
+    load_tile<T, BN, kD, 128>(sK, w.kb, p.sk[2], w.nb_lo * BN, p.S, p.d_load);
+    load_tile<T, BN, kD, 128>(sV, w.vb, p.sv[2], w.nb_lo * BN, p.S, p.dv_load);
+  }
+  cp_async_commit();
+
+  const uint64_t seed = p.dropout ? seed_of(p) : 0;
+  float o[DT][4];
+#pragma unroll
+  for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float row_m[2] = {-INFINITY, -INFINITY}, row_l[2] = {0.f, 0.f};  // base-2 max; partial sums
+  const int64_t rows[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};
+  const T* sQw = sQ + warp * 16 * LDS;
+
+  for (int64_t nb = w.nb_lo; nb < w.nb_hi; ++nb) {
+    const int st = static_cast<int>((nb - w.nb_lo) & 1);
+    next_kv_tile<T, BN, kD>(sK, sV, w.kb, w.vb, p, nb, w.nb_hi, st);
+    const T* sKs = sK + st * BN * LDS;
+    const T* sVs = sV + st * BN * LDS;
+    const int64_t n0 = nb * BN;
+
+    // S = Q K^T: this warp's 16 rows x BN keys.
+    float s[NT][4];
+#pragma unroll
+    for (int i = 0; i < NT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      uint32_t a[4];
+      ldmatrix_x4(a, sQw + (lane % 16) * LDS + ks * 16 + (lane / 16) * 8);
+#pragma unroll
+      for (int np = 0; np < NT / 2; ++np) {
+        uint32_t bb[4];
+        ldmatrix_x4(bb, sKs + (np * 16 + (lane % 8) + (lane / 16) * 8) * LDS + ks * 16 +
+                            ((lane / 8) % 2) * 8);
+        mma_16816<T>(s[2 * np], a, bb[0], bb[1]);
+        mma_16816<T>(s[2 * np + 1], a, bb[2], bb[3]);
+      }
+    }
+    fwd_softmax_tile(p, s, o, row_m, row_l, rows, b, h, n0, !full_tile<BM, BN>(p, m0, n0), seed);
+
+    // O += P V: P from the accumulators (see mma.cuh), V^T fragments by ldmatrix.trans.
+#pragma unroll
+    for (int kk = 0; kk < PS; ++kk) {
+      const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]),
+                             pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                             pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                             pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int dp = 0; dp < DT / 2; ++dp) {
+        uint32_t bb[4];
+        ldmatrix_x4_trans(bb, sVs + (kk * 16 + (lane % 16)) * LDS + dp * 16 + (lane / 16) * 8);
+        mma_16816<T>(o[2 * dp], a, bb[0], bb[1]);
+        mma_16816<T>(o[2 * dp + 1], a, bb[2], bb[3]);
+      }
+    }
+    __syncthreads();  // every warp is done with this stage before it is refilled
+  }
+  cp_async_wait<0>();  // with no key tile, the Q copy may still be landing in sQ
+  __syncthreads();
+  fwd_epilogue<T, kD>(p, o, row_m, row_l, rows, m0, b, h, sQ);
+}
+
+// Hopper (sm_90a): the same CTA (one warpgroup, 64 query rows, the same two-stage cp.async ring
+// and the same softmax), with both products as warpgroup MMAs reading shared memory directly
+// (mma.cuh): S = Q K^T as wgmma m64nBNk16 with Q and K K-major, O += P V as wgmma m64n64k16 /
+// m64n32k16 over the head dim with P from registers and V MN-major. Q, K and V tiles are in
+// the core-matrix layout (core_offset), so no ldmatrix is issued.
+template <typename T, int kD>
+__global__ void __launch_bounds__(128) attention_fwd_kernel_sm90(const AttnParams p) {
+  using Cfg = Tiles<kD>;
+  constexpr int BM = Cfg::kFwdM, BN = Cfg::kFwdN, LDS = Cfg::kLds;
+  constexpr int NT = Cfg::kFwdNT, DT = Cfg::kFwdDT, KS = Cfg::kFwdKS, PS = Cfg::kFwdPS;
+  constexpr int NC = kD % 64 == 0 ? 64 : 32;  // O columns per wgmma
+  constexpr uint32_t kGroup = 16 * kD;        // bytes between core matrices 8 rows apart
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);  // BM x kD core matrices (BM x LDS reserved: the output)
+  T* sK = sQ + BM * LDS;               // 2 x BN x kD core matrices
+  T* sV = sK + 2 * BN * kD;            // 2 x BN x kD core matrices
+
+  const int warp = threadIdx.x / 32, g = (threadIdx.x % 32) >> 2;
+  const FwdTile<T, BM, BN> w(p);
+  const int64_t m0 = w.m0, h = w.h, b = w.b;
+
+  load_tile<T, BM, kD, 128, true>(sQ, w.qb, p.sq[2], m0, p.L, p.d_load);
+  if (w.nb_lo < w.nb_hi) {
+    load_tile<T, BN, kD, 128, true>(sK, w.kb, p.sk[2], w.nb_lo * BN, p.S, p.d_load);
+    load_tile<T, BN, kD, 128, true>(sV, w.vb, p.sv[2], w.nb_lo * BN, p.S, p.dv_load);
+  }
+  cp_async_commit();
+
+  const uint64_t seed = p.dropout ? seed_of(p) : 0;
+  float o[DT][4];
+#pragma unroll
+  for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float row_m[2] = {-INFINITY, -INFINITY}, row_l[2] = {0.f, 0.f};  // base-2 max; partial sums
+  const int64_t rows[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};
+  float(&of)[DT * 4] = reinterpret_cast<float(&)[DT * 4]>(o);
+
+  for (int64_t nb = w.nb_lo; nb < w.nb_hi; ++nb) {
+    const int st = static_cast<int>((nb - w.nb_lo) & 1);
+    next_kv_tile<T, BN, kD, true>(sK, sV, w.kb, w.vb, p, nb, w.nb_hi, st);
+    const T* sKs = sK + st * BN * kD;
+    const T* sVs = sV + st * BN * kD;
+    const int64_t n0 = nb * BN;
+
+    // S = Q K^T for the warpgroup's 64 rows x BN keys; each k-step of 16 is two core matrices
+    // along K (256 bytes on). The first step overwrites s (scale-d 0).
+    float s[NT][4];
+    float(&sf)[NT * 4] = reinterpret_cast<float(&)[NT * 4]>(s);
+    wgmma_fence_operands(sf);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      wgmma_ss<T, BN>(sf, wgmma_desc(sQ + ks * 128, 128, kGroup),
+                      wgmma_desc(sKs + ks * 128, 128, kGroup), ks > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_operands(sf);
+    fwd_softmax_tile(p, s, o, row_m, row_l, rows, b, h, n0, !full_tile<BM, BN>(p, m0, n0), seed);
+
+    // O += P V: P as the register A operand, V (keys x kD) MN-major: a k-step of 16 keys is two
+    // rows of core matrices, an O chunk of NC columns NC / 8 core matrices.
+    // Every A fragment is packed before the fence, so no wgmma of the group waits on a register
+    // written after it.
+    uint32_t pa[PS][4];
+#pragma unroll
+    for (int kk = 0; kk < PS; ++kk) {
+      pa[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+      pa[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+      pa[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+    wgmma_fence_operands(of);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < PS; ++kk) {
+#pragma unroll
+      for (int c = 0; c < kD / NC; ++c) {
+        wgmma_rs<T, NC>(reinterpret_cast<float(&)[NC / 2]>(o[c * NC / 8]), pa[kk],
+                        wgmma_desc(sVs + core_offset<kD>(kk * 16, c * NC), kGroup, 128),
+                        1);
+      }
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_operands(of);
+    __syncthreads();  // the warpgroup is done with this stage before it is refilled
+  }
+  cp_async_wait<0>();  // with no key tile, the Q copy may still be landing in sQ
+  __syncthreads();
+  fwd_epilogue<T, kD>(p, o, row_m, row_l, rows, m0, b, h, sQ);
 }
 
 // --- backward ------------------------------------------------------------------------------
@@ -958,14 +1130,20 @@ inline void check_and_fill(const at::Tensor& q, const at::Tensor& k, const at::T
 inline bool vec_ok(const at::Tensor& t) { return rows_aligned(t); }
 
 // Kernel launches go through a Launcher: `Launcher::launch(kernel, grid, threads, smem, p)`
-// runs `kernel` over `grid` with `smem` bytes of dynamic shared memory (attention_cuda.cu's
-// CudaLauncher on the current stream; a CPU emulation of the CUDA model can stand in, which is
-// why everything above the launch lives in this header).
+// runs `kernel` over `grid` with `smem` bytes of dynamic shared memory, and
+// `Launcher::wgmma()` says whether the Hopper kernels may run (attention_cuda.cu's CudaLauncher
+// on the current stream; a CPU emulation of the CUDA model can stand in, which is why
+// everything above the launch lives in this header).
 template <typename T, int kD, class Launcher>
 void run_fwd(const AttnParams& p) {
   const dim3 grid(static_cast<unsigned>((p.L + Tiles<kD>::kFwdM - 1) / Tiles<kD>::kFwdM),
                   static_cast<unsigned>(p.Hq), static_cast<unsigned>(p.B));
-  Launcher::launch(attention_fwd_kernel<T, kD>, grid, 128, Tiles<kD>::fwd_smem(sizeof(T)), p);
+  if (Launcher::wgmma()) {
+    Launcher::launch(attention_fwd_kernel_sm90<T, kD>, grid, 128,
+                     Tiles<kD>::fwd_smem_sm90(sizeof(T)), p);
+  } else {
+    Launcher::launch(attention_fwd_kernel<T, kD>, grid, 128, Tiles<kD>::fwd_smem(sizeof(T)), p);
+  }
 }
 
 template <typename T, int kD, class Launcher>

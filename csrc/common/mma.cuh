@@ -1,6 +1,7 @@
 // Tensor-core building blocks for sm_80 and newer, as inline PTX: mma.sync m16n8k16 (bf16 or
 // fp16 in, fp32 accumulate), ldmatrix (plain and .trans), cp.async with zero fill, and packing
-// of two floats into one 32-bit register of 16-bit values.
+// of two floats into one 32-bit register of 16-bit values; for Hopper (sm_90a), the warpgroup
+// MMA wgmma.mma_async m64nNk16 with its fences (see the section at the end).
 //
 // Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type").
 // In a warp, lane = 4 * g + t (g = lane >> 2 the "group", t = lane & 3 the thread in group):
@@ -40,6 +41,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace fastattn::cuda {
 
@@ -143,5 +145,127 @@ template <>
 __device__ __forceinline__ __half from_float<__half>(float x) {
   return __float2half_rn(x);
 }
+
+// --- Hopper (sm_90a): warpgroup MMA ------------------------------------------------------
+//
+// wgmma.mma_async.m64nNk16 (PTX ISA, "Asynchronous Warpgroup Level Matrix Multiply-Accumulate"):
+// the four warps of a warpgroup (128 threads) compute D (64 x N, fp32) += A (64 x 16) B (16 x N)
+// together. Warp w of the group holds rows 16w .. 16w + 15 of D, and within a warp the
+// accumulator (d[4 j + e]: row 16w + g + 8 (e / 2), column 8 j + 2t + e % 2) and a register A
+// operand (four registers: rows g / g + 8, columns 2t, 2t + 1 / 2t + 8, 2t + 9) are laid out as
+// mma.sync m16n8k16's C and A above, so S's accumulators become P's A operand as before.
+//
+// Operands in shared memory are read through a 64-bit descriptor (wgmma_desc in
+// attention_cuda.cuh), here always in the canonical layout without swizzling: 8 x 8 "core
+// matrices" of 16-bit values, each eight 16-byte rows stored contiguously (128 bytes); the
+// descriptor gives the start and two byte offsets between core matrices. K-major (imm-trans 0:
+// A = Q, B = K, the reduction dim contiguous): LBO between core matrices along K, SBO between
+// them along M / N. MN-major (imm-trans-b 1: B = V, N contiguous): LBO along K, SBO along N.
+//
+// Asynchrony: wgmma_fence() before the first wgmma that reads registers written by other
+// instructions (the accumulators, a register A operand); wgmma_commit() closes a group;
+// wgmma_wait<N>() waits until at most N groups are in flight, after which the accumulators may
+// be read. Shared memory written by the threads themselves (cp.async included) is made
+// visible to wgmma's async proxy by fence_proxy_async() in the writing thread, then a barrier.
+// wgmma_fence_operands keeps the compiler from moving accumulator accesses across those.
+//
+// Built for anything but sm_90a, these trap: the launcher picks the Hopper kernels only where
+// the sm_90a code is present (attention_cuda.cu).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define FASTATTN_IF_SM90A(...) __VA_ARGS__
+#else
+#define FASTATTN_IF_SM90A(...) __trap();
+#endif
+
+__device__ __forceinline__ void wgmma_fence() {
+  FASTATTN_IF_SM90A(asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");)
+}
+
+__device__ __forceinline__ void wgmma_commit() {
+  FASTATTN_IF_SM90A(asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");)
+}
+
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  FASTATTN_IF_SM90A(asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");)
+}
+
+__device__ __forceinline__ void fence_proxy_async() {
+  FASTATTN_IF_SM90A(asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");)
+}
+
+template <int N>
+__device__ __forceinline__ void wgmma_fence_operands(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+#define FASTATTN_F4(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
+#define FASTATTN_F16 FASTATTN_F4(0), FASTATTN_F4(4), FASTATTN_F4(8), FASTATTN_F4(12)
+#define FASTATTN_F32 FASTATTN_F16, FASTATTN_F4(16), FASTATTN_F4(20), FASTATTN_F4(24), \
+                     FASTATTN_F4(28)
+#define FASTATTN_D16 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
+#define FASTATTN_D32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define FASTATTN_PRED(i) "{\n.reg .pred p;\nsetp.ne.b32 p, %" #i ", 0;\n"
+
+// D (64 x N) = A B + (scale_d ? D : 0), A (64 x 16) and B (N x 16) both K-major in shared
+// memory. N is 32 or 64.
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b,
+                                         int scale_d) {
+  static_assert(N == 32 || N == 64, "wgmma_ss: N is 32 or 64");
+  constexpr bool bf16 = std::is_same_v<T, __nv_bfloat16>;
+#define FASTATTN_WGMMA_SS(n, TY, DL, FL, A, B, S)                                               \
+  asm volatile(FASTATTN_PRED(S) "wgmma.mma_async.sync.aligned.m64n" #n "k16.f32." TY "." TY   \
+               " " DL ", %" #A ", %" #B ", p, 1, 1, 0, 0;\n}\n"                                \
+               : FL                                                                            \
+               : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+  if constexpr (N == 32 && bf16) {
+    FASTATTN_IF_SM90A(FASTATTN_WGMMA_SS(32, "bf16", FASTATTN_D16, FASTATTN_F16, 16, 17, 18))
+  } else if constexpr (N == 32) {
+    FASTATTN_IF_SM90A(FASTATTN_WGMMA_SS(32, "f16", FASTATTN_D16, FASTATTN_F16, 16, 17, 18))
+  } else if constexpr (bf16) {
+    FASTATTN_IF_SM90A(FASTATTN_WGMMA_SS(64, "bf16", FASTATTN_D32, FASTATTN_F32, 32, 33, 34))
+  } else {
+    FASTATTN_IF_SM90A(FASTATTN_WGMMA_SS(64, "f16", FASTATTN_D32, FASTATTN_F32, 32, 33, 34))
+  }
+#undef FASTATTN_WGMMA_SS
+}
+
+// D (64 x N) = A B + (scale_d ? D : 0), A (64 x 16) in registers (the layout above), B (16 x N)
+// MN-major in shared memory (imm-trans-b 1). N is 32 or 64.
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4],
+                                         uint64_t desc_b, int scale_d) {
+  static_assert(N == 32 || N == 64, "wgmma_rs: N is 32 or 64");
+  constexpr bool bf16 = std::is_same_v<T, __nv_bfloat16>;
+#define FASTATTN_WGMMA_RS(n, TY, DL, FL, A0, A1, A2, A3, B, S)                                  \
+  asm volatile(FASTATTN_PRED(S) "wgmma.mma_async.sync.aligned.m64n" #n "k16.f32." TY "." TY   \
+               " " DL ", {%" #A0 ", %" #A1 ", %" #A2 ", %" #A3 "}, %" #B ", p, 1, 1, 1;\n}\n"  \
+               : FL                                                                            \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
+  if constexpr (N == 32 && bf16) {
+    FASTATTN_IF_SM90A(FASTATTN_WGMMA_RS(32, "bf16", FASTATTN_D16, FASTATTN_F16, 16, 17, 18, 19, 20,
+                                     21))
+  } else if constexpr (N == 32) {
+    FASTATTN_IF_SM90A(FASTATTN_WGMMA_RS(32, "f16", FASTATTN_D16, FASTATTN_F16, 16, 17, 18, 19, 20,
+                                     21))
+  } else if constexpr (bf16) {
+    FASTATTN_IF_SM90A(FASTATTN_WGMMA_RS(64, "bf16", FASTATTN_D32, FASTATTN_F32, 32, 33, 34, 35, 36,
+                                     37))
+  } else {
+    FASTATTN_IF_SM90A(FASTATTN_WGMMA_RS(64, "f16", FASTATTN_D32, FASTATTN_F32, 32, 33, 34, 35, 36,
+                                     37))
+  }
+#undef FASTATTN_WGMMA_RS
+}
+
+#undef FASTATTN_PRED
+#undef FASTATTN_D32
+#undef FASTATTN_D16
+#undef FASTATTN_F32
+#undef FASTATTN_F16
+#undef FASTATTN_F4
+#undef FASTATTN_IF_SM90A
 
 }  // namespace fastattn::cuda

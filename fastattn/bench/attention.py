@@ -10,6 +10,7 @@ The oracle is ``fastattn.reference.attention``, the project's specification, run
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -245,12 +246,15 @@ class AttentionBench(OpBench):
             return Provider(name, lambda case: _sdpa(case, backend), unavailable,
                             scratch_bytes=scratch)
 
+        fastattn = list(map(_native_cuda_limits, fastattn_providers(
+            lambda f, case, q, k, v: f.scaled_dot_product_attention(
+                q, k, v, is_causal=case.p["causal"], enable_gqa=_gqa(case),
+                window_size=_window(case)),
+            needs="scaled_dot_product_attention", op="attention")))
+        native = next(p for p in fastattn if p.name == "fastattn-native")
         return [
-            *map(_native_cuda_limits, fastattn_providers(
-                lambda f, case, q, k, v: f.scaled_dot_product_attention(
-                    q, k, v, is_causal=case.p["causal"], enable_gqa=_gqa(case),
-                    window_size=_window(case)),
-                needs="scaled_dot_product_attention", op="attention")),
+            *fastattn,
+            _native_sm80(native),
             sdpa_provider("torch", None),
             *[sdpa_provider(name, backend) for name, backend in SDPA_BACKENDS.items()],
             compile_provider(_composition, scratch_bytes=_materialized_scores),
@@ -289,6 +293,40 @@ def _native_cuda_limits(provider: Provider) -> Provider:
         return why
 
     return dataclasses.replace(provider, unavailable=unavailable_here)
+
+
+WGMMA_VAR = "FASTATTN_CUDA_WGMMA"
+
+
+def _native_sm80(native: Provider) -> Provider:
+    """``fastattn-native`` with its sm_80 (mma.sync) forward kernel forced
+    (``FASTATTN_CUDA_WGMMA=0``, read at each launch), beside the Hopper (wgmma) one the launcher
+    picks on compute capability 9.x; elsewhere the two are the same kernel, so it is skipped."""
+
+    def make(case: Case) -> Callable[..., torch.Tensor]:
+        fn = native.make(case)
+
+        def run(*args: torch.Tensor) -> torch.Tensor:
+            old = os.environ.get(WGMMA_VAR)
+            os.environ[WGMMA_VAR] = "0"
+            try:
+                return fn(*args)
+            finally:
+                if old is None:
+                    del os.environ[WGMMA_VAR]
+                else:
+                    os.environ[WGMMA_VAR] = old
+        return run
+
+    def unavailable(case: Case, device: torch.device) -> str | None:
+        why = native.unavailable(case, device)
+        if why is None and (device.type != "cuda"
+                            or torch.cuda.get_device_capability(device)[0] != 9):
+            why = "the sm_80 forward differs from fastattn-native's only on a Hopper GPU"
+        return why
+
+    return dataclasses.replace(native, name="fastattn-native-sm80", make=make,
+                               unavailable=unavailable)
 
 
 BENCH = AttentionBench()

@@ -18,7 +18,13 @@
 
 namespace attention = fastattn::cuda::attention;
 
+// Whether the launch logic picks the Hopper kernels (attention_fwd_kernel_sm90), as
+// CudaLauncher does on an H100; set by use_wgmma.
+inline bool wgmma_kernels = false;
+
 struct EmulatedLauncher {
+  static bool wgmma() { return wgmma_kernels; }
+
   template <typename Kernel>
   static void launch(Kernel kernel, dim3 grid, int threads, size_t smem,
                      const attention::AttnParams& p) {
@@ -41,4 +47,5 @@ struct EmulatedLauncher {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_fwd", &attention::attention_fwd_impl<EmulatedLauncher>);
   m.def("attention_bwd", &attention::attention_bwd_impl<EmulatedLauncher>);
+  m.def("use_wgmma", [](bool on) { wgmma_kernels = on; });
 }

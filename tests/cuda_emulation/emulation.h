@@ -5,8 +5,11 @@
 // memory one global buffer (filled with 0xFF, a NaN pattern, before each CTA, so a read of
 // shared memory nothing wrote shows up), __syncthreads / __syncwarp as barriers, and the warp
 // collectives -- ldmatrix (plain and .trans), mma.sync m16n8k16 (bf16/fp16 in, fp32 out),
-// shuffles -- computed from the PTX ISA's fragment layouts (see csrc/common/mma.cuh) with every
-// lane's operands exchanged through per-warp slots between two barriers. cp.async is as
+// shuffles, Hopper's wgmma.mma_async -- computed from the PTX ISA's fragment and shared-memory
+// layouts (see csrc/common/mma.cuh) with every lane's operands exchanged through per-warp slots
+// between two barriers. wgmma is as asynchronous as PTX allows: an MMA is computed, from shared
+// memory as it is then, at the wgmma_wait that covers its group (accumulators read before it
+// hold stale values, a stage refilled before it gives wrong numbers). cp.async is as
 // asynchronous as PTX allows (see cp_async_16): its destination holds NaN from the issue until
 // the wait_group that covers it, so a tile read too early gives wrong numbers.
 // Built with -fsanitize=thread it is also a race checker: ThreadSanitizer sees the barriers as
@@ -130,15 +133,43 @@ struct Copy {
   const void* src;
   int bytes;
 };
-struct AsyncCopies {
-  std::vector<Copy> open;
-  std::deque<std::vector<Copy>> committed;
+// Asynchronous operations of one thread: those issued since the last commit, and the
+// committed groups, oldest first.
+template <typename Op>
+struct AsyncGroups {
+  std::vector<Op> open;
+  std::deque<std::vector<Op>> committed;
   bool pending() const {
     return !open.empty() || std::any_of(committed.begin(), committed.end(),
                                         [](const auto& group) { return !group.empty(); });
   }
+  void commit() {
+    committed.push_back(std::move(open));
+    open.clear();
+  }
+  // Performs every committed group but the newest n, oldest first (a wait_group n).
+  template <typename F>
+  void complete_all_but(size_t n, F perform) {
+    while (committed.size() > n) {
+      for (const Op& op : committed.front()) perform(op);
+      committed.pop_front();
+    }
+  }
 };
-inline thread_local AsyncCopies copies;
+inline thread_local AsyncGroups<Copy> copies;
+// This CUDA thread's wgmma.mma_async operations not yet performed (see wgmma_ss), grouped as
+// cp.async's copies are. `d` is the thread's accumulator fragment (n / 2 floats).
+struct Wgmma {
+  float* d;
+  int n;
+  bool scale_d, bf16, a_in_smem, b_mn_major;
+  uint64_t desc_a, desc_b;
+  uint16_t a[2][16];  // a register A operand: this thread's rows g and g + 8, k = 0..15
+};
+inline thread_local AsyncGroups<Wgmma> mmas;
+// Descriptors the emulation cannot read (a swizzle mode, a base offset): counted, and the
+// launch fails, as for a misaligned access.
+inline std::atomic<int64_t> bad_descriptors{0};
 // Declares to ThreadSanitizer an access the emulation makes on a CUDA thread's behalf with
 // memset / memcpy: GCC expands those inline for a known size, out of its interceptors' sight.
 inline void tsan_access([[maybe_unused]] const void* p, [[maybe_unused]] size_t n,
@@ -233,8 +264,9 @@ void run_grid(dim3 grid, int threads, Body body, BeforeCta before_cta) {
       threadIdx = dim3(t);
       for (int64_t i = 0; i < blocks; ++i) {
         body();
-        if (copies.pending() && unwaited[t] < 0) unwaited[t] = i;
+        if ((copies.pending() || mmas.pending()) && unwaited[t] < 0) unwaited[t] = i;
         copies = {};
+        mmas = {};
         next_block.arrive_and_wait();
       }
     });
@@ -242,11 +274,14 @@ void run_grid(dim3 grid, int threads, Body body, BeforeCta before_cta) {
   for (auto& thread : pool) thread.join();
   const int64_t bad = misaligned.exchange(0);
   TORCH_CHECK(bad == 0, bad, " misaligned vector accesses (a misaligned-address fault on a GPU)");
+  const int64_t desc = bad_descriptors.exchange(0);
+  TORCH_CHECK(desc == 0, desc, " wgmma descriptors with a swizzle mode or base offset, which "
+              "this emulation does not read");
   for (int t = 0; t < threads; ++t) {
     if (unwaited[t] >= 0) {
       const dim3 b = block_idx(unwaited[t]);
       TORCH_CHECK(false, "thread ", t, " of block (", b.x, ", ", b.y, ", ", b.z,
-                  ") exited with cp.async copies that no cp_async_wait covered");
+                  ") exited with cp.async copies or wgmma operations that no wait covered");
     }
   }
 }
@@ -337,21 +372,14 @@ inline void cp_async_16(void* dst, const void* src, int bytes) {
   emu::tsan_access(dst, 16, true);
   emu::copies.open.push_back({dst, src, bytes});
 }
-inline void cp_async_commit() {
-  emu::copies.committed.push_back(std::move(emu::copies.open));
-  emu::copies.open.clear();
-}
+inline void cp_async_commit() { emu::copies.commit(); }
 template <int N> inline void cp_async_wait() {
-  auto& groups = emu::copies.committed;
-  while (groups.size() > N) {
-    for (const emu::Copy& c : groups.front()) {
-      if (c.bytes > 0) std::memcpy(c.dst, c.src, c.bytes);
-      std::memset(static_cast<unsigned char*>(c.dst) + c.bytes, 0, 16 - c.bytes);
-      emu::tsan_access(c.src, c.bytes, false);
-      emu::tsan_access(c.dst, 16, true);
-    }
-    groups.pop_front();
-  }
+  emu::copies.complete_all_but(N, [](const emu::Copy& c) {
+    if (c.bytes > 0) std::memcpy(c.dst, c.src, c.bytes);
+    std::memset(static_cast<unsigned char*>(c.dst) + c.bytes, 0, 16 - c.bytes);
+    emu::tsan_access(c.src, c.bytes, false);
+    emu::tsan_access(c.dst, 16, true);
+  });
 }
 
 template <typename T> inline uint32_t pack2(float lo, float hi) {
@@ -363,4 +391,81 @@ template <typename T> inline float to_float(T x) { return emu::bits_to_float(x.x
 namespace attention {
 alignas(16) inline unsigned char smem[256 * 1024];
 }
+
+// Shared memory addresses are offsets into the one emulated buffer (18 bits, as a descriptor's).
+inline uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - attention::smem);
+}
+
+// --- wgmma (mma.cuh's Hopper section) ------------------------------------------------------
+inline void wgmma_fence() {}
+inline void fence_proxy_async() {}
+template <int N> inline void wgmma_fence_operands(float (&)[N]) {}
+
+namespace wgmma_emu {
+// Element (row, k) of a K-major operand, or (k, n) of an MN-major one, read from shared memory
+// through a no-swizzle descriptor (PTX ISA "Shared Memory Matrix Layout", canonical layouts:
+// K-major ((8,m),(T,2k)):((1T,SBO),(1,LBO)), MN-major ((T,1,m),(8,k)):((1,T,SBO),(1T,LBO)),
+// T = 8 16-bit values).
+inline float desc_load(uint64_t desc, int mn, int k, bool mn_major, bool bf16) {
+  if ((desc >> 62) != 0 || ((desc >> 49) & 7) != 0) ++emu::bad_descriptors;
+  const uint32_t start = static_cast<uint32_t>(desc & 0x3FFF) << 4;
+  const uint32_t lbo = static_cast<uint32_t>((desc >> 16) & 0x3FFF) << 4;
+  const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4;
+  const uint32_t off = mn_major ? (mn % 8) * 2 + (k % 8) * 16 + (mn / 8) * sbo + (k / 8) * lbo
+                                : (k % 8) * 2 + (mn % 8) * 16 + (mn / 8) * sbo + (k / 8) * lbo;
+  const unsigned char* p = attention::smem + start + off;
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  emu::tsan_access(p, 2, false);
+  return emu::bits_to_float(v, bf16);
+}
+
+// Performs one wgmma for this thread: its accumulators d[4 j + e] are row 16 w + g + 8 (e / 2),
+// column 8 j + 2t + e % 2 of D (w the warp within the warpgroup).
+inline void wgmma_run(const emu::Wgmma& op) {
+  const int w = static_cast<int>(threadIdx.x / 32 % 4), l = emu::lane(), g = l >> 2, t = l & 3;
+  for (int j = 0; j < op.n / 8; ++j) {
+    for (int e = 0; e < 4; ++e) {
+      const int row = 16 * w + g + 8 * (e / 2), col = 8 * j + 2 * t + (e & 1);
+      float acc = op.scale_d ? op.d[4 * j + e] : 0.f;
+      for (int k = 0; k < 16; ++k) {
+        const float a = op.a_in_smem ? desc_load(op.desc_a, row, k, false, op.bf16)
+                                     : emu::bits_to_float(op.a[e / 2][k], op.bf16);
+        acc += a * desc_load(op.desc_b, col, k, op.b_mn_major, op.bf16);
+      }
+      op.d[4 * j + e] = acc;
+    }
+  }
+}
+}  // namespace wgmma_emu
+
+template <typename T, int N>
+inline void wgmma_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  emu::Wgmma op{d, N, scale_d != 0, is_bf16<T>, true, false, desc_a, desc_b, {}};
+  emu::mmas.open.push_back(op);
+}
+
+// The register A operand: lane 4g + t holds rows g / g + 8 at k = 2t, 2t + 1 (registers 0 / 1)
+// and k = 2t + 8, 2t + 9 (registers 2 / 3), low half first; each thread takes its rows' 16
+// values from its quad through the warp's slots.
+template <typename T, int N>
+inline void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b, int scale_d) {
+  auto& w = emu::warp();
+  const int l = emu::lane(), g = l >> 2;
+  for (int i = 0; i < 4; ++i) w.a[l][i] = a[i];
+  w.bar.arrive_and_wait();
+  emu::Wgmma op{d, N, scale_d != 0, is_bf16<T>, false, true, 0, desc_b, {}};
+  for (int half = 0; half < 2; ++half) {
+    for (int k = 0; k < 16; ++k) {
+      const uint32_t v = w.a[4 * g + (k % 8) / 2][half + 2 * (k / 8)];
+      op.a[half][k] = static_cast<uint16_t>(k % 2 ? v >> 16 : v & 0xFFFF);
+    }
+  }
+  w.bar.arrive_and_wait();
+  emu::mmas.open.push_back(op);
+}
+
+inline void wgmma_commit() { emu::mmas.commit(); }
+template <int N> inline void wgmma_wait() { emu::mmas.complete_all_but(N, wgmma_emu::wgmma_run); }
 }  // namespace fastattn::cuda
