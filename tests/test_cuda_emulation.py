@@ -107,8 +107,8 @@ CASES = [
 ]
 
 
-# The forward kernel: sm_80's (mma.sync) or Hopper's (wgmma, attention_fwd_kernel_sm90), as the
-# launch logic picks it on an A100 or an H100; the backward kernels are the same.
+# The forward kernel: sm_80's (mma.sync) or Hopper's (wgmma: attention_fwd_kernel's kWgmma), as
+# the launch logic picks it on an A100 or an H100; the backward kernels are the same.
 FWD_KERNELS = ["sm80", "sm90"]
 
 

@@ -8,7 +8,7 @@
 #include <torch/library.h>
 
 #include <cstdlib>
-#include <string>
+#include <cstring>
 
 #include "attention_cuda.cuh"
 
@@ -24,7 +24,7 @@ using attention::AttnParams;
 bool hopper_kernels(int device) {
 #if defined(FASTATTN_SM90A)
   const char* env = std::getenv("FASTATTN_CUDA_WGMMA");
-  if (env != nullptr && std::string(env) == "0") return false;
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   return major == 9;

@@ -46,7 +46,7 @@
 //   Only key tiles some row of the tile can see are visited (causal and window skipping), and
 //   only tiles on the edge of the band pay for position checks. Heavy (late, causal) query
 //   tiles are scheduled first.
-// - Forward on Hopper (attention_fwd_kernel_sm90: compute capability 9.x, a build with sm_90a,
+// - Forward on Hopper (attention_fwd_kernel<T, kD, true>: compute capability 9.x, sm_90a,
 //   FASTATTN_CUDA_WGMMA not "0"): the same CTA, ring and softmax, the four warps acting as one
 //   warpgroup. S = Q K^T is one wgmma m64nBNk16 chain reading Q and K from shared memory, O += P
 //   V a wgmma chain with P from registers and V read as an MN-major operand, so no ldmatrix is
@@ -178,13 +178,11 @@ struct Tiles {
   static constexpr int kKvM = kD <= 128 ? 64 : 32;
   static constexpr int kLdp = kKvM + 8;
 
+  // Q staged with pitch kLds (the output tile reuses it); the K and V stages with pitch kLds,
+  // or with kWgmma in wgmma's core-matrix layout (core_offset), unpadded.
+  template <bool kWgmma>
   static constexpr size_t fwd_smem(int elem) {
-    return static_cast<size_t>(kFwdM + 4 * kFwdN) * kLds * elem;
-  }
-  // Hopper forward: Q staged with pitch kLds (the output tile reuses it), K and V stages in
-  // wgmma's core-matrix layout (core_offset), unpadded.
-  static constexpr size_t fwd_smem_sm90(int elem) {
-    return static_cast<size_t>(kFwdM * kLds + 4 * kFwdN * kD) * elem;
+    return static_cast<size_t>(kFwdM * kLds + 4 * kFwdN * (kWgmma ? kD : kLds)) * elem;
   }
   static constexpr size_t dq_smem(int elem) {
     return static_cast<size_t>(2 * kFwdM + 4 * kFwdN) * kLds * elem;
@@ -203,6 +201,9 @@ template <int kD>
 __device__ __forceinline__ int core_offset(int r, int c) {
   return ((r / 8) * (kD / 8) + c / 8) * 64 + (r % 8) * 8 + c % 8;
 }
+// Bytes between core matrices 8 rows apart (the K-major SBO, the MN-major LBO).
+template <int kD>
+constexpr uint32_t kCoreRows8 = 16 * kD;
 
 // The wgmma descriptor of a shared-memory operand starting at `start`, without swizzling: start
 // address, leading and stride byte offsets, each encoded as (x & 0x3FFFF) >> 4 (PTX ISA, "Matrix
@@ -467,25 +468,42 @@ __device__ __forceinline__ void fwd_epilogue(const AttnParams& p, const float (&
   store_rows<T, LDS>(sO, ob, p.so[2], p.so[3], nrows, p.Dv, p.out_vec, lane, 32);
 }
 
-// sm_80 and newer: mma.sync, operands by ldmatrix from row-padded tiles.
-template <typename T, int kD>
+// The accumulators of S's n-tiles 2 kk and 2 kk + 1 (16 columns) as the A operand of the next
+// product, in registers (mma.cuh: FlashAttention-2's register reuse of P).
+template <typename T, int NT>
+__device__ __forceinline__ void a_fragment(const float (&s)[NT][4], int kk, uint32_t (&a)[4]) {
+  a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+  a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+  a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+  a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+}
+
+// The forward kernel, in two versions that differ only in the two products:
+// - kWgmma false (sm_80 and newer): each warp's mma.sync, operands by ldmatrix from row-padded
+//   tiles;
+// - kWgmma true (Hopper, sm_90a): the four warps as one warpgroup, S = Q K^T as wgmma m64nBNk16
+//   with Q and K K-major, O += P V as wgmma m64n64k16 / m64n32k16 over the head dim with P from
+//   registers and V MN-major, all read from shared memory in the core-matrix layout
+//   (core_offset), so no ldmatrix is issued. Each chain is waited for before its result is used.
+template <typename T, int kD, bool kWgmma>
 __global__ void __launch_bounds__(128) attention_fwd_kernel(const AttnParams p) {
   using Cfg = Tiles<kD>;
   constexpr int BM = Cfg::kFwdM, BN = Cfg::kFwdN, LDS = Cfg::kLds;
   constexpr int NT = Cfg::kFwdNT, DT = Cfg::kFwdDT, KS = Cfg::kFwdKS, PS = Cfg::kFwdPS;
+  constexpr int KV = kWgmma ? kD : LDS;  // elements a K / V row takes in its stage
   extern __shared__ __align__(16) unsigned char smem[];
-  T* sQ = reinterpret_cast<T*>(smem);  // BM x LDS
-  T* sK = sQ + BM * LDS;               // 2 x BN x LDS
-  T* sV = sK + 2 * BN * LDS;           // 2 x BN x LDS
+  T* sQ = reinterpret_cast<T*>(smem);  // BM x LDS (kWgmma: BM x kD core matrices in it)
+  T* sK = sQ + BM * LDS;               // 2 x BN x KV
+  T* sV = sK + 2 * BN * KV;            // 2 x BN x KV
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2;
   const FwdTile<T, BM, BN> w(p);
   const int64_t m0 = w.m0, h = w.h, b = w.b;
 
-  load_tile<T, BM, kD, 128>(sQ, w.qb, p.sq[2], m0, p.L, p.d_load);
+  load_tile<T, BM, kD, 128, kWgmma>(sQ, w.qb, p.sq[2], m0, p.L, p.d_load);
   if (w.nb_lo < w.nb_hi) {
-    load_tile<T, BN, kD, 128>(sK, w.kb, p.sk[2], w.nb_lo * BN, p.S, p.d_load);
-    load_tile<T, BN, kD, 128>(sV, w.vb, p.sv[2], w.nb_lo * BN, p.S, p.dv_load);
+    load_tile<T, BN, kD, 128, kWgmma>(sK, w.kb, p.sk[2], w.nb_lo * BN, p.S, p.d_load);
+    load_tile<T, BN, kD, 128, kWgmma>(sV, w.vb, p.sv[2], w.nb_lo * BN, p.S, p.dv_load);
   }
   cp_async_commit();
 
@@ -495,142 +513,92 @@ __global__ void __launch_bounds__(128) attention_fwd_kernel(const AttnParams p) 
   for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
   float row_m[2] = {-INFINITY, -INFINITY}, row_l[2] = {0.f, 0.f};  // base-2 max; partial sums
   const int64_t rows[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};
-  const T* sQw = sQ + warp * 16 * LDS;
 
   for (int64_t nb = w.nb_lo; nb < w.nb_hi; ++nb) {
     const int st = static_cast<int>((nb - w.nb_lo) & 1);
-    next_kv_tile<T, BN, kD>(sK, sV, w.kb, w.vb, p, nb, w.nb_hi, st);
-    const T* sKs = sK + st * BN * LDS;
-    const T* sVs = sV + st * BN * LDS;
+    next_kv_tile<T, BN, kD, kWgmma>(sK, sV, w.kb, w.vb, p, nb, w.nb_hi, st);
+    const T* sKs = sK + st * BN * KV;
+    const T* sVs = sV + st * BN * KV;
     const int64_t n0 = nb * BN;
 
     // S = Q K^T: this warp's 16 rows x BN keys.
     float s[NT][4];
+    if constexpr (kWgmma) {
+      // The warpgroup's 64 rows; a k-step of 16 is two core matrices along K. The first step
+      // overwrites s (scale-d 0).
+      float(&sf)[NT * 4] = reinterpret_cast<float(&)[NT * 4]>(s);
+      wgmma_fence_operands(sf);
+      wgmma_fence();
 #pragma unroll
-    for (int i = 0; i < NT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+      for (int ks = 0; ks < KS; ++ks) {
+        wgmma_ss<T, BN>(sf, wgmma_desc(sQ + core_offset<kD>(0, ks * 16), 128, kCoreRows8<kD>),
+                        wgmma_desc(sKs + core_offset<kD>(0, ks * 16), 128, kCoreRows8<kD>),
+                        ks > 0);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_fence_operands(sf);
+    } else {
+      const T* sQw = sQ + warp * 16 * LDS;
 #pragma unroll
-    for (int ks = 0; ks < KS; ++ks) {
-      uint32_t a[4];
-      ldmatrix_x4(a, sQw + (lane % 16) * LDS + ks * 16 + (lane / 16) * 8);
+      for (int i = 0; i < NT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
 #pragma unroll
-      for (int np = 0; np < NT / 2; ++np) {
-        uint32_t bb[4];
-        ldmatrix_x4(bb, sKs + (np * 16 + (lane % 8) + (lane / 16) * 8) * LDS + ks * 16 +
-                            ((lane / 8) % 2) * 8);
-        mma_16816<T>(s[2 * np], a, bb[0], bb[1]);
-        mma_16816<T>(s[2 * np + 1], a, bb[2], bb[3]);
+      for (int ks = 0; ks < KS; ++ks) {
+        uint32_t a[4];
+        ldmatrix_x4(a, sQw + (lane % 16) * LDS + ks * 16 + (lane / 16) * 8);
+#pragma unroll
+        for (int np = 0; np < NT / 2; ++np) {
+          uint32_t bb[4];
+          ldmatrix_x4(bb, sKs + (np * 16 + (lane % 8) + (lane / 16) * 8) * LDS + ks * 16 +
+                              ((lane / 8) % 2) * 8);
+          mma_16816<T>(s[2 * np], a, bb[0], bb[1]);
+          mma_16816<T>(s[2 * np + 1], a, bb[2], bb[3]);
+        }
       }
     }
     fwd_softmax_tile(p, s, o, row_m, row_l, rows, b, h, n0, !full_tile<BM, BN>(p, m0, n0), seed);
 
-    // O += P V: P from the accumulators (see mma.cuh), V^T fragments by ldmatrix.trans.
+    // O += P V: P from the accumulators (a_fragment).
+    if constexpr (kWgmma) {
+      // V (keys x kD) MN-major: a k-step of 16 keys is two rows of core matrices, an O chunk of
+      // NC columns NC / 8 core matrices. Every A fragment is packed before the fence, so no
+      // wgmma of the group waits on a register written after it.
+      constexpr int NC = kD % 64 == 0 ? 64 : 32;  // O columns per wgmma
+      float(&of)[DT * 4] = reinterpret_cast<float(&)[DT * 4]>(o);
+      uint32_t pa[PS][4];
 #pragma unroll
-    for (int kk = 0; kk < PS; ++kk) {
-      const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]),
-                             pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                             pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                             pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      for (int kk = 0; kk < PS; ++kk) a_fragment<T>(s, kk, pa[kk]);
+      wgmma_fence_operands(of);
+      wgmma_fence();
 #pragma unroll
-      for (int dp = 0; dp < DT / 2; ++dp) {
-        uint32_t bb[4];
-        ldmatrix_x4_trans(bb, sVs + (kk * 16 + (lane % 16)) * LDS + dp * 16 + (lane / 16) * 8);
-        mma_16816<T>(o[2 * dp], a, bb[0], bb[1]);
-        mma_16816<T>(o[2 * dp + 1], a, bb[2], bb[3]);
+      for (int kk = 0; kk < PS; ++kk) {
+#pragma unroll
+        for (int c = 0; c < kD / NC; ++c) {
+          wgmma_rs<T, NC>(reinterpret_cast<float(&)[NC / 2]>(o[c * NC / 8]), pa[kk],
+                          wgmma_desc(sVs + core_offset<kD>(kk * 16, c * NC), kCoreRows8<kD>,
+                                     128),
+                          1);
+        }
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_fence_operands(of);
+    } else {
+      // V^T fragments by ldmatrix.trans.
+#pragma unroll
+      for (int kk = 0; kk < PS; ++kk) {
+        uint32_t a[4];
+        a_fragment<T>(s, kk, a);
+#pragma unroll
+        for (int dp = 0; dp < DT / 2; ++dp) {
+          uint32_t bb[4];
+          ldmatrix_x4_trans(bb, sVs + (kk * 16 + (lane % 16)) * LDS + dp * 16 + (lane / 16) * 8);
+          mma_16816<T>(o[2 * dp], a, bb[0], bb[1]);
+          mma_16816<T>(o[2 * dp + 1], a, bb[2], bb[3]);
+        }
       }
     }
     __syncthreads();  // every warp is done with this stage before it is refilled
-  }
-  cp_async_wait<0>();  // with no key tile, the Q copy may still be landing in sQ
-  __syncthreads();
-  fwd_epilogue<T, kD>(p, o, row_m, row_l, rows, m0, b, h, sQ);
-}
-
-// Hopper (sm_90a): the same CTA (one warpgroup, 64 query rows, the same two-stage cp.async ring
-// and the same softmax), with both products as warpgroup MMAs reading shared memory directly
-// (mma.cuh): S = Q K^T as wgmma m64nBNk16 with Q and K K-major, O += P V as wgmma m64n64k16 /
-// m64n32k16 over the head dim with P from registers and V MN-major. Q, K and V tiles are in
-// the core-matrix layout (core_offset), so no ldmatrix is issued.
-template <typename T, int kD>
-__global__ void __launch_bounds__(128) attention_fwd_kernel_sm90(const AttnParams p) {
-  using Cfg = Tiles<kD>;
-  constexpr int BM = Cfg::kFwdM, BN = Cfg::kFwdN, LDS = Cfg::kLds;
-  constexpr int NT = Cfg::kFwdNT, DT = Cfg::kFwdDT, KS = Cfg::kFwdKS, PS = Cfg::kFwdPS;
-  constexpr int NC = kD % 64 == 0 ? 64 : 32;  // O columns per wgmma
-  constexpr uint32_t kGroup = 16 * kD;        // bytes between core matrices 8 rows apart
-  extern __shared__ __align__(16) unsigned char smem[];
-  T* sQ = reinterpret_cast<T*>(smem);  // BM x kD core matrices (BM x LDS reserved: the output)
-  T* sK = sQ + BM * LDS;               // 2 x BN x kD core matrices
-  T* sV = sK + 2 * BN * kD;            // 2 x BN x kD core matrices
-
-  const int warp = threadIdx.x / 32, g = (threadIdx.x % 32) >> 2;
-  const FwdTile<T, BM, BN> w(p);
-  const int64_t m0 = w.m0, h = w.h, b = w.b;
-
-  load_tile<T, BM, kD, 128, true>(sQ, w.qb, p.sq[2], m0, p.L, p.d_load);
-  if (w.nb_lo < w.nb_hi) {
-    load_tile<T, BN, kD, 128, true>(sK, w.kb, p.sk[2], w.nb_lo * BN, p.S, p.d_load);
-    load_tile<T, BN, kD, 128, true>(sV, w.vb, p.sv[2], w.nb_lo * BN, p.S, p.dv_load);
-  }
-  cp_async_commit();
-
-  const uint64_t seed = p.dropout ? seed_of(p) : 0;
-  float o[DT][4];
-#pragma unroll
-  for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  float row_m[2] = {-INFINITY, -INFINITY}, row_l[2] = {0.f, 0.f};  // base-2 max; partial sums
-  const int64_t rows[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};
-  float(&of)[DT * 4] = reinterpret_cast<float(&)[DT * 4]>(o);
-
-  for (int64_t nb = w.nb_lo; nb < w.nb_hi; ++nb) {
-    const int st = static_cast<int>((nb - w.nb_lo) & 1);
-    next_kv_tile<T, BN, kD, true>(sK, sV, w.kb, w.vb, p, nb, w.nb_hi, st);
-    const T* sKs = sK + st * BN * kD;
-    const T* sVs = sV + st * BN * kD;
-    const int64_t n0 = nb * BN;
-
-    // S = Q K^T for the warpgroup's 64 rows x BN keys; each k-step of 16 is two core matrices
-    // along K (256 bytes on). The first step overwrites s (scale-d 0).
-    float s[NT][4];
-    float(&sf)[NT * 4] = reinterpret_cast<float(&)[NT * 4]>(s);
-    wgmma_fence_operands(sf);
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < KS; ++ks) {
-      wgmma_ss<T, BN>(sf, wgmma_desc(sQ + ks * 128, 128, kGroup),
-                      wgmma_desc(sKs + ks * 128, 128, kGroup), ks > 0);
-    }
-    wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_fence_operands(sf);
-    fwd_softmax_tile(p, s, o, row_m, row_l, rows, b, h, n0, !full_tile<BM, BN>(p, m0, n0), seed);
-
-    // O += P V: P as the register A operand, V (keys x kD) MN-major: a k-step of 16 keys is two
-    // rows of core matrices, an O chunk of NC columns NC / 8 core matrices.
-    // Every A fragment is packed before the fence, so no wgmma of the group waits on a register
-    // written after it.
-    uint32_t pa[PS][4];
-#pragma unroll
-    for (int kk = 0; kk < PS; ++kk) {
-      pa[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-      pa[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-      pa[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      pa[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-    }
-    wgmma_fence_operands(of);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < PS; ++kk) {
-#pragma unroll
-      for (int c = 0; c < kD / NC; ++c) {
-        wgmma_rs<T, NC>(reinterpret_cast<float(&)[NC / 2]>(o[c * NC / 8]), pa[kk],
-                        wgmma_desc(sVs + core_offset<kD>(kk * 16, c * NC), kGroup, 128),
-                        1);
-      }
-    }
-    wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_fence_operands(of);
-    __syncthreads();  // the warpgroup is done with this stage before it is refilled
   }
   cp_async_wait<0>();  // with no key tile, the Q copy may still be landing in sQ
   __syncthreads();
@@ -767,10 +735,8 @@ __global__ void __launch_bounds__(128) attention_bwd_dq_kernel(const AttnParams 
     // dQ += dS K: dS from the accumulators as the A operand, K fragments by ldmatrix.trans.
 #pragma unroll
     for (int kk = 0; kk < PS; ++kk) {
-      const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]),
-                             pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                             pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                             pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      uint32_t a[4];
+      a_fragment<T>(s, kk, a);
 #pragma unroll
       for (int dt2 = 0; dt2 < DT / 2; ++dt2) {
         uint32_t bb[4];
@@ -1139,10 +1105,11 @@ void run_fwd(const AttnParams& p) {
   const dim3 grid(static_cast<unsigned>((p.L + Tiles<kD>::kFwdM - 1) / Tiles<kD>::kFwdM),
                   static_cast<unsigned>(p.Hq), static_cast<unsigned>(p.B));
   if (Launcher::wgmma()) {
-    Launcher::launch(attention_fwd_kernel_sm90<T, kD>, grid, 128,
-                     Tiles<kD>::fwd_smem_sm90(sizeof(T)), p);
+    Launcher::launch(attention_fwd_kernel<T, kD, true>, grid, 128,
+                     Tiles<kD>::template fwd_smem<true>(sizeof(T)), p);
   } else {
-    Launcher::launch(attention_fwd_kernel<T, kD>, grid, 128, Tiles<kD>::fwd_smem(sizeof(T)), p);
+    Launcher::launch(attention_fwd_kernel<T, kD, false>, grid, 128,
+                     Tiles<kD>::template fwd_smem<false>(sizeof(T)), p);
   }
 }
 

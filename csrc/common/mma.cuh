@@ -205,7 +205,9 @@ __device__ __forceinline__ void wgmma_fence_operands(float (&d)[N]) {
 #define FASTATTN_F32 FASTATTN_F16, FASTATTN_F4(16), FASTATTN_F4(20), FASTATTN_F4(24), \
                      FASTATTN_F4(28)
 #define FASTATTN_D16 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
-#define FASTATTN_D32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define FASTATTN_D32                                                                   \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, " \
+  "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
 #define FASTATTN_PRED(i) "{\n.reg .pred p;\nsetp.ne.b32 p, %" #i ", 0;\n"
 
 // D (64 x N) = A B + (scale_d ? D : 0), A (64 x 16) and B (N x 16) both K-major in shared
@@ -245,17 +247,17 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[
                : FL                                                                            \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
   if constexpr (N == 32 && bf16) {
-    FASTATTN_IF_SM90A(FASTATTN_WGMMA_RS(32, "bf16", FASTATTN_D16, FASTATTN_F16, 16, 17, 18, 19, 20,
-                                     21))
+    FASTATTN_IF_SM90A(FASTATTN_WGMMA_RS(32, "bf16", FASTATTN_D16, FASTATTN_F16, 16, 17, 18, 19,
+                                        20, 21))
   } else if constexpr (N == 32) {
-    FASTATTN_IF_SM90A(FASTATTN_WGMMA_RS(32, "f16", FASTATTN_D16, FASTATTN_F16, 16, 17, 18, 19, 20,
-                                     21))
+    FASTATTN_IF_SM90A(FASTATTN_WGMMA_RS(32, "f16", FASTATTN_D16, FASTATTN_F16, 16, 17, 18, 19,
+                                        20, 21))
   } else if constexpr (bf16) {
-    FASTATTN_IF_SM90A(FASTATTN_WGMMA_RS(64, "bf16", FASTATTN_D32, FASTATTN_F32, 32, 33, 34, 35, 36,
-                                     37))
+    FASTATTN_IF_SM90A(FASTATTN_WGMMA_RS(64, "bf16", FASTATTN_D32, FASTATTN_F32, 32, 33, 34, 35,
+                                        36, 37))
   } else {
-    FASTATTN_IF_SM90A(FASTATTN_WGMMA_RS(64, "f16", FASTATTN_D32, FASTATTN_F32, 32, 33, 34, 35, 36,
-                                     37))
+    FASTATTN_IF_SM90A(FASTATTN_WGMMA_RS(64, "f16", FASTATTN_D32, FASTATTN_F32, 32, 33, 34, 35,
+                                        36, 37))
   }
 #undef FASTATTN_WGMMA_RS
 }

@@ -18,7 +18,7 @@
 
 namespace attention = fastattn::cuda::attention;
 
-// Whether the launch logic picks the Hopper kernels (attention_fwd_kernel_sm90), as
+// Whether the launch logic picks the Hopper kernels (attention_fwd_kernel<T, kD, true>), as
 // CudaLauncher does on an H100; set by use_wgmma.
 inline bool wgmma_kernels = false;
 
