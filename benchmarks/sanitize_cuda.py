@@ -22,7 +22,7 @@ kernels to the real rule). Prints one line per case; exit status 1 if any case f
 
 from __future__ import annotations
 
-import os
+import contextlib
 import sys
 import traceback
 
@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from fastattn import _ext, reference
+from fastattn.bench.attention import sm80_forward
 
 OPS = torch.ops.fastattn
 DEV = "cuda"
@@ -150,26 +151,18 @@ def _cross_entropy_case(dtype, N, C, smoothing, softcap):
     _close("grad", grad, ref_grad)
 
 
-def _with_forward(kernel: str, run) -> None:
-    """run() with the forward kernel the launcher picks ("default": Hopper's wgmma kernel on an
-    H100 built with sm_90a) or the sm_80 one (FASTATTN_CUDA_WGMMA=0, read at each launch)."""
-    old = os.environ.pop("FASTATTN_CUDA_WGMMA", None)
-    if kernel == "sm80":
-        os.environ["FASTATTN_CUDA_WGMMA"] = "0"
-    try:
-        run()
-    finally:
-        os.environ.pop("FASTATTN_CUDA_WGMMA", None)
-        if old is not None:
-            os.environ["FASTATTN_CUDA_WGMMA"] = old
+def _attention_with(kernel: str, args) -> None:
+    with sm80_forward() if kernel == "sm80" else contextlib.nullcontext():
+        _attention_case(*args)
 
 
 def cases():
+    # each case with the forward kernel the launcher picks (Hopper's on an H100 built with
+    # sm_90a), and with the sm_80 one
     for kernel in ("default", "sm80"):
         for name, *args in ATTENTION:
             yield (f"attention {name} (forward: {kernel})",
-                   lambda args=args, kernel=kernel: _with_forward(
-                       kernel, lambda: _attention_case(*args)))
+                   lambda args=args, kernel=kernel: _attention_with(kernel, args))
     for dtype, shape, dim, mask, causal, log in [
         (torch.float32, (4, 37), -1, None, False, False),
         (torch.bfloat16, (3, 33, 1025), -1, "bool", True, True),

@@ -9,9 +9,10 @@ The oracle is ``fastattn.reference.attention``, the project's specification, run
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -246,14 +247,14 @@ class AttentionBench(OpBench):
             return Provider(name, lambda case: _sdpa(case, backend), unavailable,
                             scratch_bytes=scratch)
 
-        fastattn = list(map(_native_cuda_limits, fastattn_providers(
+        ours = list(map(_native_cuda_limits, fastattn_providers(
             lambda f, case, q, k, v: f.scaled_dot_product_attention(
                 q, k, v, is_causal=case.p["causal"], enable_gqa=_gqa(case),
                 window_size=_window(case)),
             needs="scaled_dot_product_attention", op="attention")))
-        native = next(p for p in fastattn if p.name == "fastattn-native")
+        native = next(p for p in ours if p.name == "fastattn-native")
         return [
-            *fastattn,
+            *ours,
             _native_sm80(native),
             sdpa_provider("torch", None),
             *[sdpa_provider(name, backend) for name, backend in SDPA_BACKENDS.items()],
@@ -298,24 +299,33 @@ def _native_cuda_limits(provider: Provider) -> Provider:
 WGMMA_VAR = "FASTATTN_CUDA_WGMMA"
 
 
+@contextlib.contextmanager
+def sm80_forward() -> Iterator[None]:
+    """Native CUDA attention runs its sm_80 (mma.sync) forward kernel inside, where the
+    launcher would pick the Hopper (wgmma) one (``FASTATTN_CUDA_WGMMA=0``, read at each
+    launch); the variable is restored on exit."""
+    old = os.environ.get(WGMMA_VAR)
+    os.environ[WGMMA_VAR] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[WGMMA_VAR]
+        else:
+            os.environ[WGMMA_VAR] = old
+
+
 def _native_sm80(native: Provider) -> Provider:
-    """``fastattn-native`` with its sm_80 (mma.sync) forward kernel forced
-    (``FASTATTN_CUDA_WGMMA=0``, read at each launch), beside the Hopper (wgmma) one the launcher
-    picks on compute capability 9.x; elsewhere the two are the same kernel, so it is skipped."""
+    """``fastattn-native`` with its sm_80 forward kernel forced (``sm80_forward``), beside the
+    Hopper one the launcher picks on compute capability 9.x; elsewhere the two are the same
+    kernel, so it is skipped."""
 
     def make(case: Case) -> Callable[..., torch.Tensor]:
         fn = native.make(case)
 
         def run(*args: torch.Tensor) -> torch.Tensor:
-            old = os.environ.get(WGMMA_VAR)
-            os.environ[WGMMA_VAR] = "0"
-            try:
+            with sm80_forward():
                 return fn(*args)
-            finally:
-                if old is None:
-                    del os.environ[WGMMA_VAR]
-                else:
-                    os.environ[WGMMA_VAR] = old
         return run
 
     def unavailable(case: Case, device: torch.device) -> str | None:
