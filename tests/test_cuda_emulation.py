@@ -112,14 +112,17 @@ CASES = [
 FWD_KERNELS = ["sm80", "sm90"]
 
 
-@pytest.mark.parametrize("kernel", FWD_KERNELS)
+@pytest.fixture(params=FWD_KERNELS)
+def emulated_fwd(emulated, request):
+    """The emulation, its launch logic picking the forward kernel of the parameter."""
+    emulated.use_wgmma(request.param == "sm90")
+    yield emulated
+    emulated.use_wgmma(False)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_emulated_cuda_attention_matches_reference(emulated, case, kernel):
-    emulated.use_wgmma(kernel == "sm90")
-    try:
-        _check_case(emulated, case)
-    finally:
-        emulated.use_wgmma(False)
+def test_emulated_cuda_attention_matches_reference(emulated_fwd, case):
+    _check_case(emulated_fwd, case)
 
 
 def _check_case(ext, case) -> None:
@@ -164,8 +167,7 @@ def _check_case(ext, case) -> None:
     torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kernel", FWD_KERNELS)
-def test_emulated_cuda_dropout_is_the_cpu_mask(emulated, kernel):
+def test_emulated_cuda_dropout_is_the_cpu_mask(emulated_fwd):
     # v = identity: the output row is the dropped, rescaled probability row, so its zeros are
     # exactly the drops, which must be native_attention_dropout_mask's.
     B, H, L, S, p = 1, 2, 20, 24, 0.3
@@ -173,11 +175,7 @@ def test_emulated_cuda_dropout_is_the_cpu_mask(emulated, kernel):
     k = torch.randn(B, H, S, 16, dtype=torch.bfloat16)
     v = torch.eye(S, dtype=torch.bfloat16).expand(B, H, S, S)
     seed = torch.tensor([987654321])
-    emulated.use_wgmma(kernel == "sm90")
-    try:
-        out, _ = emulated.attention_fwd(q, k, v, None, seed, p, 0.2, -1, -1, False, 0.0)
-    finally:
-        emulated.use_wgmma(False)
+    out, _ = emulated_fwd.attention_fwd(q, k, v, None, seed, p, 0.2, -1, -1, False, 0.0)
     assert torch.equal(out != 0, OPS.native_attention_dropout_mask(seed, [B, H, L, S], p))
 
 
