@@ -13,11 +13,14 @@ NaN from the issue until the wait that covers it; a thread that exits with copie
 covered fails the launch), so a missing wait shows in the numbers. Races: a few cases run again
 with the emulation built under ThreadSanitizer, which reports a missing __syncthreads or wait,
 or a stage refilled while another warp still reads it, as a data race between CUDA threads.
-What it cannot check: races between CTAs (they run one after another), timing, hardware limits
-and speed; compute-sanitizer covers the first on a GPU. Emulation is slow (one OS thread per
+The emulation's reading of wgmma and the Hopper kernel's operand layouts are held against
+CuTe's description of the instructions (test_wgmma_layouts_match_cute). What it cannot check:
+races between CTAs (they run one after another), timing, hardware limits and speed;
+compute-sanitizer covers the first on a GPU. Emulation is slow (one OS thread per
 CUDA thread, TSan about 20x slower again): sizes are small.
 """
 
+import importlib.util
 import os
 import platform
 import re
@@ -177,6 +180,45 @@ def test_emulated_cuda_dropout_is_the_cpu_mask(emulated_fwd):
     seed = torch.tensor([987654321])
     out, _ = emulated_fwd.attention_fwd(q, k, v, None, seed, p, 0.2, -1, -1, False, 0.0)
     assert torch.equal(out != 0, OPS.native_attention_dropout_mask(seed, [B, H, L, S], p))
+
+
+def _cute_include() -> Path | None:
+    """The CuTe headers of the nvidia-cutlass wheel (the test extra installs it), or None."""
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    include = Path(spec.submodule_search_locations[0]) / "source" / "include"
+    return include if (include / "cute" / "tensor.hpp").is_file() else None
+
+
+def test_wgmma_layouts_match_cute(tmp_path):
+    # The emulation computes wgmma from its own reading of the PTX ISA (wgmma_isa.h), and the
+    # Hopper kernel was written from the same reading: cute_check.cu holds both (fragments,
+    # the kernel's tile layout, descriptors and every element's address) against CuTe's
+    # description of the instructions, so a shared misreading cannot pass here unseen. Host
+    # code only; needs nvcc and CuTe, not a GPU.
+    from torch.utils import cpp_extension
+
+    nvcc = shutil.which("nvcc") or (cpp_extension.CUDA_HOME and
+                                    shutil.which(str(Path(cpp_extension.CUDA_HOME) / "bin/nvcc")))
+    include = _cute_include()
+    if not nvcc:
+        pytest.skip("nvcc not found")
+    if include is None:
+        pytest.skip("CuTe headers not found (pip install nvidia-cutlass)")
+    exe = tmp_path / "cute_check"
+    build = subprocess.run(
+        [nvcc, "-std=c++17", "--expt-relaxed-constexpr", f"-I{include}",
+         f"-I{HERE.parent / 'csrc'}", str(HERE / "cuda_emulation" / "cute_check.cu"), "-o",
+         str(exe)], capture_output=True, text=True, timeout=900)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    # CuTe says once per descriptor that it cannot convert a shared-memory pointer on the host
+    # (cute_check.cu checks the start address another way).
+    report = [line for line in run.stdout.splitlines() if "cast_smem_ptr_to_uint" not in line]
+    assert run.returncode == 0, "\n".join(report[-25:]) + run.stderr[-2000:]
+    done = re.fullmatch(r"(\d+) checks, 0 mismatches", report[-1])
+    assert done is not None and int(done[1]) > 0, report[-5:]
 
 
 # Under ThreadSanitizer (about 20x slower) a few of CASES, shrunk but still taking every

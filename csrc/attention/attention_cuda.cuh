@@ -101,6 +101,7 @@
 #ifndef FASTATTN_CUDA_EMULATION  // a CPU emulation of the CUDA model provides the PTX pieces
 #include "../common/mma.cuh"
 #endif
+#include "../common/wgmma_layout.h"
 #include "attention_args.h"
 
 namespace fastattn::cuda {
@@ -179,7 +180,7 @@ struct Tiles {
   static constexpr int kLdp = kKvM + 8;
 
   // Q staged with pitch kLds (the output tile reuses it); the K and V stages with pitch kLds,
-  // or with kWgmma in wgmma's core-matrix layout (core_offset), unpadded.
+  // or with kWgmma in wgmma's core-matrix layout (core_offset, wgmma_layout.h), unpadded.
   template <bool kWgmma>
   static constexpr size_t fwd_smem(int elem) {
     return static_cast<size_t>(kFwdM * kLds + 4 * kFwdN * (kWgmma ? kD : kLds)) * elem;
@@ -193,24 +194,10 @@ struct Tiles {
   }
 };
 
-// Where element (r, c) of a ROWS x kD tile lies in wgmma's core-matrix layout (mma.cuh): 8 x 8
-// core matrices of 128 contiguous bytes, row-major over (r / 8, c / 8). As a K-major operand
-// (rows = M or N, columns = K) its byte offsets are LBO = 128 along K and SBO = 16 kD along the
-// rows; as an MN-major one (rows = K, columns = N: V) LBO = 16 kD and SBO = 128.
-template <int kD>
-__device__ __forceinline__ int core_offset(int r, int c) {
-  return ((r / 8) * (kD / 8) + c / 8) * 64 + (r % 8) * 8 + c % 8;
-}
-// Bytes between core matrices 8 rows apart (the K-major SBO, the MN-major LBO).
-template <int kD>
-constexpr uint32_t kCoreRows8 = 16 * kD;
-
-// The wgmma descriptor of a shared-memory operand starting at `start`, without swizzling: start
-// address, leading and stride byte offsets, each encoded as (x & 0x3FFFF) >> 4 (PTX ISA, "Matrix
-// Descriptor Format"; bits 49-51 base offset and 62-63 swizzle mode stay 0).
-__device__ __forceinline__ uint64_t wgmma_desc(const void* start, uint32_t lbo, uint32_t sbo) {
-  auto enc = [](uint32_t x) { return static_cast<uint64_t>((x & 0x3FFFF) >> 4); };
-  return enc(smem_addr(start)) | enc(lbo) << 16 | enc(sbo) << 32;
+// The wgmma descriptor of a shared-memory operand starting at `start` whose core matrices lie
+// `strides` apart (wgmma_layout.h).
+__device__ __forceinline__ uint64_t wgmma_desc(const void* start, CoreStrides strides) {
+  return wgmma_desc_bits(smem_addr(start), strides);
 }
 
 // Copies rows [row0, row0 + ROWS) of a row-major matrix (`pitch` elements between rows, `rows`
@@ -531,8 +518,8 @@ __global__ void __launch_bounds__(128) attention_fwd_kernel(const AttnParams p) 
       wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < KS; ++ks) {
-        wgmma_ss<T, BN>(sf, wgmma_desc(sQ + core_offset<kD>(0, ks * 16), 128, kCoreRows8<kD>),
-                        wgmma_desc(sKs + core_offset<kD>(0, ks * 16), 128, kCoreRows8<kD>),
+        wgmma_ss<T, BN>(sf, wgmma_desc(sQ + core_offset<kD>(0, ks * 16), kKMajorTile<kD>),
+                        wgmma_desc(sKs + core_offset<kD>(0, ks * 16), kKMajorTile<kD>),
                         ks > 0);
       }
       wgmma_commit();
@@ -575,8 +562,7 @@ __global__ void __launch_bounds__(128) attention_fwd_kernel(const AttnParams p) 
 #pragma unroll
         for (int c = 0; c < kD / NC; ++c) {
           wgmma_rs<T, NC>(reinterpret_cast<float(&)[NC / 2]>(o[c * NC / 8]), pa[kk],
-                          wgmma_desc(sVs + core_offset<kD>(kk * 16, c * NC), kCoreRows8<kD>,
-                                     128),
+                          wgmma_desc(sVs + core_offset<kD>(kk * 16, c * NC), kMNMajorTile<kD>),
                           1);
         }
       }

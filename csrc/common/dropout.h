@@ -6,11 +6,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define FASTATTN_HOST_DEVICE __host__ __device__
-#else
-#define FASTATTN_HOST_DEVICE
-#endif
+#include "host_device.h"
 
 namespace fastattn {
 

@@ -155,12 +155,12 @@ __device__ __forceinline__ __half from_float<__half>(float x) {
 // operand (four registers: rows g / g + 8, columns 2t, 2t + 1 / 2t + 8, 2t + 9) are laid out as
 // mma.sync m16n8k16's C and A above, so S's accumulators become P's A operand as before.
 //
-// Operands in shared memory are read through a 64-bit descriptor (wgmma_desc in
-// attention_cuda.cuh), here always in the canonical layout without swizzling: 8 x 8 "core
-// matrices" of 16-bit values, each eight 16-byte rows stored contiguously (128 bytes); the
-// descriptor gives the start and two byte offsets between core matrices. K-major (imm-trans 0:
-// A = Q, B = K, the reduction dim contiguous): LBO between core matrices along K, SBO between
-// them along M / N. MN-major (imm-trans-b 1: B = V, N contiguous): LBO along K, SBO along N.
+// Operands in shared memory are read through a 64-bit descriptor (wgmma_layout.h), here always
+// in the canonical layout without swizzling: 8 x 8 "core matrices" of 16-bit values, each eight
+// 16-byte rows stored contiguously (128 bytes); the descriptor gives the start and two byte
+// offsets between core matrices. K-major (imm-trans 0: A = Q, B = K, the reduction dim
+// contiguous): LBO between core matrices along K, SBO between them along M / N. MN-major
+// (imm-trans-b 1: B = V, N contiguous): LBO along K, SBO along N.
 //
 // Asynchrony: wgmma_fence() before the first wgmma that reads registers written by other
 // instructions (the accumulators, a register A operand); wgmma_commit() closes a group;

@@ -6,8 +6,9 @@
 // shared memory nothing wrote shows up), __syncthreads / __syncwarp as barriers, and the warp
 // collectives -- ldmatrix (plain and .trans), mma.sync m16n8k16 (bf16/fp16 in, fp32 out),
 // shuffles, Hopper's wgmma.mma_async -- computed from the PTX ISA's fragment and shared-memory
-// layouts (see csrc/common/mma.cuh) with every lane's operands exchanged through per-warp slots
-// between two barriers. wgmma is as asynchronous as PTX allows: an MMA is computed, from shared
+// layouts (see csrc/common/mma.cuh; wgmma's in wgmma_isa.h, checked against CuTe by
+// cute_check.cu) with every lane's operands exchanged through per-warp slots between two
+// barriers. wgmma is as asynchronous as PTX allows: an MMA is computed, from shared
 // memory as it is then, at the wgmma_wait that covers its group (accumulators read before it
 // hold stale values, a stage refilled before it gives wrong numbers). cp.async is as
 // asynchronous as PTX allows (see cp_async_16): its destination holds NaN from the issue until
@@ -41,6 +42,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <ATen/core/Tensor.h>
+
+#include "wgmma_isa.h"
 
 #define __device__
 #define __global__
@@ -164,7 +167,7 @@ struct Wgmma {
   int n;
   bool scale_d, bf16, a_in_smem, b_mn_major;
   uint64_t desc_a, desc_b;
-  uint16_t a[2][16];  // a register A operand: this thread's rows g and g + 8, k = 0..15
+  uint16_t a[16][16];  // a register A operand: the warp's 16 rows (row % 16), k = 0..15
 };
 inline thread_local AsyncGroups<Wgmma> mmas;
 // Descriptors the emulation cannot read (a swizzle mode, a base offset): counted, and the
@@ -403,39 +406,31 @@ inline void fence_proxy_async() {}
 template <int N> inline void wgmma_fence_operands(float (&)[N]) {}
 
 namespace wgmma_emu {
-// Element (row, k) of a K-major operand, or (k, n) of an MN-major one, read from shared memory
-// through a no-swizzle descriptor (PTX ISA "Shared Memory Matrix Layout", canonical layouts:
-// K-major ((8,m),(T,2k)):((1T,SBO),(1,LBO)), MN-major ((T,1,m),(8,k)):((1,T,SBO),(1T,LBO)),
-// T = 8 16-bit values).
+// Element (mn, k) of an operand in shared memory, read through its descriptor (wgmma_isa.h).
 inline float desc_load(uint64_t desc, int mn, int k, bool mn_major, bool bf16) {
-  if ((desc >> 62) != 0 || ((desc >> 49) & 7) != 0) ++emu::bad_descriptors;
-  const uint32_t start = static_cast<uint32_t>(desc & 0x3FFF) << 4;
-  const uint32_t lbo = static_cast<uint32_t>((desc >> 16) & 0x3FFF) << 4;
-  const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4;
-  const uint32_t off = mn_major ? (mn % 8) * 2 + (k % 8) * 16 + (mn / 8) * sbo + (k / 8) * lbo
-                                : (k % 8) * 2 + (mn % 8) * 16 + (mn / 8) * sbo + (k / 8) * lbo;
-  const unsigned char* p = attention::smem + start + off;
+  const wgmma_isa::Descriptor d = wgmma_isa::decode(desc);
+  if (d.swizzle != 0 || d.base_offset != 0) ++emu::bad_descriptors;
+  const unsigned char* p = attention::smem + d.start + wgmma_isa::smem_offset(d, mn, k, mn_major);
   uint16_t v;
   std::memcpy(&v, p, 2);
   emu::tsan_access(p, 2, false);
   return emu::bits_to_float(v, bf16);
 }
 
-// Performs one wgmma for this thread: its accumulators d[4 j + e] are row 16 w + g + 8 (e / 2),
-// column 8 j + 2t + e % 2 of D (w the warp within the warpgroup).
+// Performs one wgmma for this thread: each of its accumulators (wgmma_isa::accumulator) is a
+// dot product of a row of A (from shared memory, or the warp's registers gathered in op.a) and
+// a column of B.
 inline void wgmma_run(const emu::Wgmma& op) {
-  const int w = static_cast<int>(threadIdx.x / 32 % 4), l = emu::lane(), g = l >> 2, t = l & 3;
-  for (int j = 0; j < op.n / 8; ++j) {
-    for (int e = 0; e < 4; ++e) {
-      const int row = 16 * w + g + 8 * (e / 2), col = 8 * j + 2 * t + (e & 1);
-      float acc = op.scale_d ? op.d[4 * j + e] : 0.f;
-      for (int k = 0; k < 16; ++k) {
-        const float a = op.a_in_smem ? desc_load(op.desc_a, row, k, false, op.bf16)
-                                     : emu::bits_to_float(op.a[e / 2][k], op.bf16);
-        acc += a * desc_load(op.desc_b, col, k, op.b_mn_major, op.bf16);
-      }
-      op.d[4 * j + e] = acc;
+  const int thread = static_cast<int>(threadIdx.x % 128);
+  for (int i = 0; i < op.n / 2; ++i) {
+    const auto [row, col] = wgmma_isa::accumulator(thread, i);
+    float acc = op.scale_d ? op.d[i] : 0.f;
+    for (int k = 0; k < 16; ++k) {
+      const float a = op.a_in_smem ? desc_load(op.desc_a, row, k, false, op.bf16)
+                                   : emu::bits_to_float(op.a[row % 16][k], op.bf16);
+      acc += a * desc_load(op.desc_b, col, k, op.b_mn_major, op.bf16);
     }
+    op.d[i] = acc;
   }
 }
 }  // namespace wgmma_emu
@@ -446,20 +441,20 @@ inline void wgmma_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, int sc
   emu::mmas.open.push_back(op);
 }
 
-// The register A operand: lane 4g + t holds rows g / g + 8 at k = 2t, 2t + 1 (registers 0 / 1)
-// and k = 2t + 8, 2t + 9 (registers 2 / 3), low half first; each thread takes its rows' 16
-// values from its quad through the warp's slots.
+// The register A operand: the warp's lanes publish their four registers, and each thread
+// gathers the warp's 16 rows of A from them (wgmma_isa::a_register says which value is which).
 template <typename T, int N>
 inline void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b, int scale_d) {
   auto& w = emu::warp();
-  const int l = emu::lane(), g = l >> 2;
+  const int l = emu::lane(), first = static_cast<int>(threadIdx.x % 128) - l;
   for (int i = 0; i < 4; ++i) w.a[l][i] = a[i];
   w.bar.arrive_and_wait();
   emu::Wgmma op{d, N, scale_d != 0, is_bf16<T>, false, true, 0, desc_b, {}};
-  for (int half = 0; half < 2; ++half) {
-    for (int k = 0; k < 16; ++k) {
-      const uint32_t v = w.a[4 * g + (k % 8) / 2][half + 2 * (k / 8)];
-      op.a[half][k] = static_cast<uint16_t>(k % 2 ? v >> 16 : v & 0xFFFF);
+  for (int src = 0; src < 32; ++src) {
+    for (int v = 0; v < 8; ++v) {
+      const auto [row, k] = wgmma_isa::a_register(first + src, v);
+      const uint32_t r = w.a[src][v / 2];
+      op.a[row % 16][k] = static_cast<uint16_t>(v % 2 ? r >> 16 : r & 0xFFFF);
     }
   }
   w.bar.arrive_and_wait();

@@ -1,0 +1,171 @@
+// Holds the Hopper attention forward's wgmma operands (csrc/common/wgmma_layout.h) and the CUDA
+// emulation's reading of the PTX ISA (wgmma_isa.h) against CuTe, NVIDIA's own description of
+// the same instructions (the nvidia-cutlass wheel's headers):
+//   - the accumulator and register-A fragments of wgmma m64nNk16 (wgmma_isa::accumulator,
+//     a_register) against CuTe's CLayout_64xN and ALayout_64x16;
+//   - every operand slab the kernel hands to wgmma (Q and K K-major, V MN-major; head dims 32
+//     to 256, 32 or 64 rows or columns per instruction, every k-step): the tile layout
+//     (core_offset) as a CuTe layout, CuTe's make_gmma_desc of each slab against the kernel's
+//     strides (kKMajorTile, kMNMajorTile) and descriptor bits (wgmma_desc_bits), and the
+//     emulation's address of every element (wgmma_isa::smem_offset of the decoded descriptor)
+//     against CuTe's.
+// The emulation computes the kernel's wgmma with these functions, so it cannot share a misreading
+// of the ISA with the kernel unnoticed. Host code only, run on the CPU (no GPU needed): built
+// and run by tests/test_cuda_emulation.py with nvcc. Prints each mismatch (up to 20) and a
+// count; exits 1 on any mismatch. On the host CuTe cannot convert a shared-memory pointer and
+// prints "ERROR: cast_smem_ptr_to_uint not supported but used." for each descriptor: its start
+// address field is then 0, and the slab's start is checked as an element offset instead.
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cute/tensor.hpp>
+
+#include <cstdint>
+#include <cstdio>
+
+#include "common/wgmma_layout.h"
+#include "wgmma_isa.h"
+
+using namespace cute;
+namespace fc = fastattn::cuda;
+namespace gmma = cute::SM90::GMMA;
+
+namespace {
+
+int checks = 0, failures = 0;
+
+template <typename... Args>
+void expect(bool ok, const char* fmt, Args... args) {
+  ++checks;
+  if (ok) return;
+  if (++failures <= 20) {
+    std::printf("MISMATCH: ");
+    std::printf(fmt, args...);
+    std::printf("\n");
+  }
+}
+
+// D (64 x N) of m64nNk16: thread, value -> (m, n), as index m + 64 n.
+template <int N>
+void check_accumulators() {
+  constexpr auto layout = gmma::CLayout_64xN<N>{};
+  static_assert(size<1>(layout) == N / 2, "N / 2 accumulators per thread");
+  for (int thread = 0; thread < 128; ++thread) {
+    for (int i = 0; i < N / 2; ++i) {
+      const int idx = layout(thread, i);
+      const wgmma_isa::Coord c = wgmma_isa::accumulator(thread, i);
+      expect(c.row == idx % 64 && c.col == idx / 64,
+             "m64n%dk16 accumulator %d of thread %d: CuTe (%d, %d), wgmma_isa (%d, %d)", N, i,
+             thread, idx % 64, idx / 64, c.row, c.col);
+    }
+  }
+}
+
+// A (64 x 16) from registers: thread, value -> (m, k), as index m + 64 k; value v is the low
+// (v even) or high half of register v / 2 (CuTe packs a fragment's 16-bit values in order).
+void check_a_registers() {
+  constexpr auto layout = gmma::ALayout_64x16{};
+  static_assert(size<1>(layout) == 8, "eight 16-bit values per thread");
+  for (int thread = 0; thread < 128; ++thread) {
+    for (int v = 0; v < 8; ++v) {
+      const int idx = layout(thread, v);
+      const wgmma_isa::Coord c = wgmma_isa::a_register(thread, v);
+      expect(c.row == idx % 64 && c.col == idx / 64,
+             "register A value %d of thread %d: CuTe (%d, %d), wgmma_isa (%d, %d)", v, thread,
+             idx % 64, idx / 64, c.row, c.col);
+    }
+  }
+}
+
+// The kernel's ROWS x kD tile (core_offset) as a CuTe layout: (row, column) -> element.
+template <int kD, int ROWS>
+constexpr auto tile_layout() {
+  return make_layout(make_shape(make_shape(_8{}, Int<ROWS / 8>{}), make_shape(_8{}, Int<kD / 8>{})),
+                     make_stride(make_stride(_8{}, Int<8 * kD>{}), make_stride(_1{}, _64{})));
+}
+
+// One operand slab (mn x k view of shared memory, k = 16) handed to wgmma with the kernel's
+// strides and start element `start` of its tile.
+template <gmma::Major kMajor, typename Slab>
+void check_slab(const Slab& slab, const half_t* tile, int start, fc::CoreStrides strides,
+                const char* what, int kD, int n, int step) {
+  const bool mn_major = kMajor == gmma::Major::MN;
+  const GmmaDescriptor desc = gmma::make_gmma_desc<kMajor>(slab);
+  const int slab_start = static_cast<int>(raw_pointer_cast(slab.data()) - tile);
+  expect(slab_start == start, "%s kD %d n %d step %d: slab starts at element %d, kernel's %d",
+         what, kD, n, step, slab_start, start);
+  const wgmma_isa::Descriptor cute = wgmma_isa::decode(desc.desc_);
+  expect(cute.lbo == strides.lbo && cute.sbo == strides.sbo && cute.swizzle == 0 &&
+             cute.base_offset == 0,
+         "%s kD %d n %d step %d: CuTe's descriptor has LBO %u SBO %u swizzle %u base %u, the "
+         "kernel's LBO %u SBO %u", what, kD, n, step, cute.lbo, cute.sbo, cute.swizzle,
+         cute.base_offset, strides.lbo, strides.sbo);
+  expect(fc::wgmma_desc_bits(0, strides) == desc.desc_,
+         "%s kD %d n %d step %d: CuTe's descriptor bits %016llx, wgmma_desc_bits %016llx", what,
+         kD, n, step, static_cast<unsigned long long>(desc.desc_),
+         static_cast<unsigned long long>(fc::wgmma_desc_bits(0, strides)));
+  for (int mn = 0; mn < size<0>(slab); ++mn) {
+    for (int k = 0; k < 16; ++k) {
+      const int cute_bytes = 2 * static_cast<int>(slab.layout()(mn, k));
+      const int emu_bytes = static_cast<int>(wgmma_isa::smem_offset(cute, mn, k, mn_major));
+      expect(cute_bytes == emu_bytes,
+             "%s kD %d n %d step %d: element (%d, %d) at byte %d for CuTe, %d for wgmma_isa",
+             what, kD, n, step, mn, k, cute_bytes, emu_bytes);
+    }
+  }
+}
+
+// Q or K (ROWS x kD) as a K-major operand of S = Q K^T, at every k-step of 16 columns; then
+// V (ROWS keys x kD) as the MN-major B operand of O += P V: NC columns by 16 keys at a time.
+template <int kD, int ROWS, int NC>
+void check_tiles() {
+  alignas(128) static half_t tile[ROWS * kD];
+  constexpr auto layout = tile_layout<kD, ROWS>();
+  for (int r = 0; r < ROWS; ++r) {
+    for (int c = 0; c < kD; ++c) {
+      expect(static_cast<int>(layout(r, c)) == fc::core_offset<kD>(r, c),
+             "kD %d: tile element (%d, %d) is %d in the CuTe layout, %d by core_offset", kD, r,
+             c, static_cast<int>(layout(r, c)), fc::core_offset<kD>(r, c));
+    }
+  }
+  const auto qk = make_tensor(make_smem_ptr(static_cast<const half_t*>(tile)), layout);
+  for (int ks = 0; ks < kD / 16; ++ks) {
+    const auto slab = local_tile(qk, Shape<Int<ROWS>, _16>{}, make_coord(0, ks));
+    check_slab<gmma::Major::K>(slab, tile, fc::core_offset<kD>(0, ks * 16), fc::kKMajorTile<kD>,
+                               "K-major Q/K", kD, ROWS, ks);
+  }
+  // B(n, k) = V[k][n]: the tile's two modes swapped.
+  const auto v = make_tensor(make_smem_ptr(static_cast<const half_t*>(tile)),
+                             select<1, 0>(layout));
+  for (int c = 0; c < kD / NC; ++c) {
+    for (int kk = 0; kk < ROWS / 16; ++kk) {
+      const auto slab = local_tile(v, Shape<Int<NC>, _16>{}, make_coord(c, kk));
+      check_slab<gmma::Major::MN>(slab, tile, fc::core_offset<kD>(kk * 16, c * NC),
+                                  fc::kMNMajorTile<kD>, "MN-major V", kD, NC, c * 100 + kk);
+    }
+  }
+}
+
+template <int kD>
+void check_head_dim() {
+  check_tiles<kD, 32, 32>();
+  check_tiles<kD, 64, 32>();
+  if constexpr (kD % 64 == 0) {
+    check_tiles<kD, 32, 64>();
+    check_tiles<kD, 64, 64>();
+  }
+}
+
+}  // namespace
+
+int main() {
+  check_accumulators<32>();
+  check_accumulators<64>();
+  check_a_registers();
+  check_head_dim<32>();
+  check_head_dim<64>();
+  check_head_dim<96>();
+  check_head_dim<128>();
+  check_head_dim<192>();
+  check_head_dim<256>();
+  std::printf("%d checks, %d mismatches\n", checks, failures);
+  return failures == 0 ? 0 : 1;
+}
