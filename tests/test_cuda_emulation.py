@@ -99,6 +99,9 @@ CASES = [
      0.0, (-1, -1), False, 3.0, False),
     ("d128 bool mask, window", torch.float16, (1, 2, 2, 65, 70, 128, 128), "bool", 0.0, (5, 7),
      False, 0.0, False),
+    # Hopper: two 128-row tiles, whose warpgroups see different key ranges
+    ("d128 causal bottom-right, L 150", torch.float16, (1, 1, 1, 150, 160, 128, 128), None, 0.0,
+     (-1, 0), True, 0.0, False),
     ("d160 causal", torch.bfloat16, (1, 2, 1, 40, 75, 160, 160), None, 0.0, (-1, 0), False, 0.0,
      False),
     ("d256/64 flash layout, bottom-right", torch.bfloat16, (1, 2, 2, 17, 65, 256, 64), None, 0.0,
@@ -237,10 +240,11 @@ RACE_CASES = [
 ]
 
 
-# The Hopper forward kernel under ThreadSanitizer: a stage refilled (three key tiles), and a
-# query tile that sees no key. wgmma reads shared memory at the wait that covers it (emulation.h),
-# so a stage refilled before that wait is a race.
-RACE_CASES_SM90 = [RACE_CASES[0], RACE_CASES[3]]
+# The Hopper forward kernel under ThreadSanitizer: a stage refilled (three key tiles) with one
+# warpgroup (d32) and with two sharing it (d96), and a query tile that sees no key. wgmma reads
+# shared memory at the wait that covers it (emulation.h), so a stage refilled before that wait
+# is a race.
+RACE_CASES_SM90 = [RACE_CASES[0], RACE_CASES[1], RACE_CASES[3]]
 
 
 def _race_child(seed: int) -> None:

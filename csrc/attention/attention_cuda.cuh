@@ -47,12 +47,15 @@
 //   only tiles on the edge of the band pay for position checks. Heavy (late, causal) query
 //   tiles are scheduled first.
 // - Forward on Hopper (attention_fwd_kernel<T, kD, true>: compute capability 9.x, sm_90a,
-//   FASTATTN_CUDA_WGMMA not "0"): the same CTA, ring and softmax, the four warps acting as one
-//   warpgroup. S = Q K^T is one wgmma m64nBNk16 chain reading Q and K from shared memory, O += P
-//   V a wgmma chain with P from registers and V read as an MN-major operand, so no ldmatrix is
-//   issued; the tiles sit in wgmma's core-matrix layout (8 x 8 blocks of 128 bytes, no
-//   swizzle). Each chain is waited for before its result is used (no overlap of softmax and
-//   MMA yet).
+//   FASTATTN_CUDA_WGMMA not "0"): the same ring and softmax, each four warps acting as one
+//   warpgroup of 64 query rows; from head dim 96 up a CTA holds two warpgroups (128 rows) that
+//   share each K/V tile, below it one (Tiles::fwd_groups: ptxas's register counts give an SM
+//   two warpgroups either way from 96 up, and three or four one-warpgroup CTAs below). Per
+//   warpgroup, S = Q K^T is one wgmma m64nBNk16 chain reading Q and K from shared memory, O +=
+//   P V a wgmma chain with P from registers and V read as an MN-major operand, so no ldmatrix
+//   is issued; the tiles sit in wgmma's core-matrix layout (8 x 8 blocks of 128 bytes, no
+//   swizzle; csrc/common/wgmma_layout.h). Each chain is waited for before its result is used
+//   (no overlap of softmax and MMA yet).
 // - Backward: a preprocess kernel, delta = rowsum(dO * O) and lse in base 2 (+inf for a fully
 //   masked row, so its probabilities recompute as 0); a dK/dV kernel, one CTA of 8 warps per
 //   key tile (64 keys) looping over the query tiles of every query head of its group (Q, dO,
@@ -74,11 +77,10 @@
 //
 // Not yet (first version, not yet run on a GPU): float32 / float64 inputs (TypeError: the
 // triton or torch backend serves them), a SIMT fallback; on Hopper, TMA loads, warp
-// specialisation, swizzled layouts, 128-row tiles over two consumer warpgroups, overlapping the
-// softmax with the next S = Q K^T, and a wgmma backward (the backward runs the sm_80 kernels
-// there); split-KV, a persistent scheduler, vectorised mask loads (masks are read one element
-// per score, through their strides), tuning of tile sizes. Performance is to be measured with
-// the harness on a GPU.
+// specialisation, swizzled layouts, overlapping the softmax with the next S = Q K^T, and a
+// wgmma backward (the backward runs the sm_80 kernels there); split-KV, a persistent
+// scheduler, vectorised mask loads (masks are read one element per score, through their
+// strides), tuning of tile sizes. Performance is to be measured with the harness on a GPU.
 
 #pragma once
 
@@ -169,8 +171,18 @@ template <int kD>
 struct Tiles {
   static constexpr int kLds = kD + 8;
   // forward and dQ: 4 warps, 64 query rows, 64 keys (32 above head dim 128: the fp32 output or
-  // dQ accumulator takes kD / 2 registers per thread)
+  // dQ accumulator takes kD / 2 registers per thread). 16 rows per warp.
   static constexpr int kFwdM = 64;
+  // The Hopper forward: warpgroups of 64 rows sharing the K/V tiles, two per CTA from head dim
+  // 96 up (half the K/V traffic per row; by ptxas's register counts an SM holds two warpgroups
+  // either way), one below (a two-warpgroup CTA's registers would hold an SM to two warpgroups
+  // where one-warpgroup CTAs fit three or four).
+  template <bool kWgmma>
+  static constexpr int fwd_groups = kWgmma && kD >= 96 ? 2 : 1;
+  template <bool kWgmma>
+  static constexpr int fwd_m = 64 * fwd_groups<kWgmma>;
+  template <bool kWgmma>
+  static constexpr int fwd_threads = 2 * fwd_m<kWgmma>;
   static constexpr int kFwdN = kD <= 128 ? 64 : 32;
   // per warp: n-tiles of S and of O, k-steps of Q K^T and of P V
   static constexpr int kFwdNT = kFwdN / 8, kFwdDT = kD / 8, kFwdKS = kD / 16, kFwdPS = kFwdN / 16;
@@ -183,7 +195,7 @@ struct Tiles {
   // or with kWgmma in wgmma's core-matrix layout (core_offset, wgmma_layout.h), unpadded.
   template <bool kWgmma>
   static constexpr size_t fwd_smem(int elem) {
-    return static_cast<size_t>(kFwdM * kLds + 4 * kFwdN * (kWgmma ? kD : kLds)) * elem;
+    return static_cast<size_t>(fwd_m<kWgmma> * kLds + 4 * kFwdN * (kWgmma ? kD : kLds)) * elem;
   }
   static constexpr size_t dq_smem(int elem) {
     return static_cast<size_t>(2 * kFwdM + 4 * kFwdN) * kLds * elem;
@@ -312,20 +324,21 @@ __device__ __forceinline__ void store_rows(const T* tile, T* base, int64_t pitch
   }
 }
 
-// The key-tile loop of the forward and dQ kernels (128 threads): waits until key/value tile
-// `nb`, in stage `st` of the two-stage ring sK / sV, has landed, after starting the copy of
-// tile nb + 1 into the other stage (the previous iteration's closing barrier freed it). kCore:
-// stages in wgmma's core-matrix layout, made visible to its async proxy before the barrier.
-template <typename T, int BN, int kD, bool kCore = false>
+// The key-tile loop of the forward and dQ kernels (THREADS threads): waits until key/value
+// tile `nb`, in stage `st` of the two-stage ring sK / sV, has landed, after starting the copy
+// of tile nb + 1 into the other stage (the previous iteration's closing barrier freed it).
+// kCore: stages in wgmma's core-matrix layout, made visible to its async proxy before the
+// barrier.
+template <typename T, int BN, int kD, int THREADS, bool kCore = false>
 __device__ __forceinline__ void next_kv_tile(T* sK, T* sV, const T* kb, const T* vb,
                                              const AttnParams& p, int64_t nb, int64_t nb_hi,
                                              int st) {
   constexpr int kStage = BN * (kCore ? kD : Tiles<kD>::kLds);
   if (nb + 1 < nb_hi) {
-    load_tile<T, BN, kD, 128, kCore>(sK + (st ^ 1) * kStage, kb, p.sk[2], (nb + 1) * BN, p.S,
-                                     p.d_load);
-    load_tile<T, BN, kD, 128, kCore>(sV + (st ^ 1) * kStage, vb, p.sv[2], (nb + 1) * BN, p.S,
-                                     p.dv_load);
+    load_tile<T, BN, kD, THREADS, kCore>(sK + (st ^ 1) * kStage, kb, p.sk[2], (nb + 1) * BN,
+                                         p.S, p.d_load);
+    load_tile<T, BN, kD, THREADS, kCore>(sV + (st ^ 1) * kStage, vb, p.sv[2], (nb + 1) * BN,
+                                         p.S, p.dv_load);
     cp_async_commit();
     cp_async_wait<1>();
   } else {
@@ -465,17 +478,22 @@ __device__ __forceinline__ void a_fragment(const float (&s)[NT][4], int kk, uint
   a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 }
 
-// The forward kernel, in two versions that differ only in the two products:
+// The forward kernel, in two versions that differ in the two products and the rows per CTA:
 // - kWgmma false (sm_80 and newer): each warp's mma.sync, operands by ldmatrix from row-padded
 //   tiles;
-// - kWgmma true (Hopper, sm_90a): the four warps as one warpgroup, S = Q K^T as wgmma m64nBNk16
-//   with Q and K K-major, O += P V as wgmma m64n64k16 / m64n32k16 over the head dim with P from
-//   registers and V MN-major, all read from shared memory in the core-matrix layout
-//   (core_offset), so no ldmatrix is issued. Each chain is waited for before its result is used.
+// - kWgmma true (Hopper, sm_90a): warpgroups of four warps and 64 query rows, two per CTA from
+//   head dim 96 up sharing the K/V ring (Tiles::fwd_groups), else one. Per warpgroup, S =
+//   Q K^T as wgmma m64nBNk16 with Q and K K-major, O += P V as wgmma m64n64k16 / m64n32k16 over
+//   the head dim with P from registers and V MN-major, all read from shared memory in the
+//   core-matrix layout (core_offset), so no ldmatrix is issued. Each chain is waited for before
+//   its result is used.
 template <typename T, int kD, bool kWgmma>
-__global__ void __launch_bounds__(128) attention_fwd_kernel(const AttnParams p) {
+__global__ void __launch_bounds__(kWgmma && kD >= 96 ? 256 : 128)
+    attention_fwd_kernel(const AttnParams p) {
   using Cfg = Tiles<kD>;
-  constexpr int BM = Cfg::kFwdM, BN = Cfg::kFwdN, LDS = Cfg::kLds;
+  constexpr int BM = Cfg::template fwd_m<kWgmma>, BN = Cfg::kFwdN, LDS = Cfg::kLds;
+  constexpr int THREADS = Cfg::template fwd_threads<kWgmma>;
+  static_assert(THREADS == (kWgmma && kD >= 96 ? 256 : 128), "__launch_bounds__ above");
   constexpr int NT = Cfg::kFwdNT, DT = Cfg::kFwdDT, KS = Cfg::kFwdKS, PS = Cfg::kFwdPS;
   constexpr int KV = kWgmma ? kD : LDS;  // elements a K / V row takes in its stage
   extern __shared__ __align__(16) unsigned char smem[];
@@ -487,10 +505,10 @@ __global__ void __launch_bounds__(128) attention_fwd_kernel(const AttnParams p) 
   const FwdTile<T, BM, BN> w(p);
   const int64_t m0 = w.m0, h = w.h, b = w.b;
 
-  load_tile<T, BM, kD, 128, kWgmma>(sQ, w.qb, p.sq[2], m0, p.L, p.d_load);
+  load_tile<T, BM, kD, THREADS, kWgmma>(sQ, w.qb, p.sq[2], m0, p.L, p.d_load);
   if (w.nb_lo < w.nb_hi) {
-    load_tile<T, BN, kD, 128, kWgmma>(sK, w.kb, p.sk[2], w.nb_lo * BN, p.S, p.d_load);
-    load_tile<T, BN, kD, 128, kWgmma>(sV, w.vb, p.sv[2], w.nb_lo * BN, p.S, p.dv_load);
+    load_tile<T, BN, kD, THREADS, kWgmma>(sK, w.kb, p.sk[2], w.nb_lo * BN, p.S, p.d_load);
+    load_tile<T, BN, kD, THREADS, kWgmma>(sV, w.vb, p.sv[2], w.nb_lo * BN, p.S, p.dv_load);
   }
   cp_async_commit();
 
@@ -503,7 +521,7 @@ __global__ void __launch_bounds__(128) attention_fwd_kernel(const AttnParams p) 
 
   for (int64_t nb = w.nb_lo; nb < w.nb_hi; ++nb) {
     const int st = static_cast<int>((nb - w.nb_lo) & 1);
-    next_kv_tile<T, BN, kD, kWgmma>(sK, sV, w.kb, w.vb, p, nb, w.nb_hi, st);
+    next_kv_tile<T, BN, kD, THREADS, kWgmma>(sK, sV, w.kb, w.vb, p, nb, w.nb_hi, st);
     const T* sKs = sK + st * BN * KV;
     const T* sVs = sV + st * BN * KV;
     const int64_t n0 = nb * BN;
@@ -511,14 +529,15 @@ __global__ void __launch_bounds__(128) attention_fwd_kernel(const AttnParams p) 
     // S = Q K^T: this warp's 16 rows x BN keys.
     float s[NT][4];
     if constexpr (kWgmma) {
-      // The warpgroup's 64 rows; a k-step of 16 is two core matrices along K. The first step
-      // overwrites s (scale-d 0).
+      // This warpgroup's 64 rows of Q; a k-step of 16 is two core matrices along K. The first
+      // step overwrites s (scale-d 0).
+      const T* sQg = sQ + core_offset<kD>(64 * (threadIdx.x / 128), 0);
       float(&sf)[NT * 4] = reinterpret_cast<float(&)[NT * 4]>(s);
       wgmma_fence_operands(sf);
       wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < KS; ++ks) {
-        wgmma_ss<T, BN>(sf, wgmma_desc(sQ + core_offset<kD>(0, ks * 16), kKMajorTile<kD>),
+        wgmma_ss<T, BN>(sf, wgmma_desc(sQg + core_offset<kD>(0, ks * 16), kKMajorTile<kD>),
                         wgmma_desc(sKs + core_offset<kD>(0, ks * 16), kKMajorTile<kD>),
                         ks > 0);
       }
@@ -665,7 +684,7 @@ __global__ void __launch_bounds__(128) attention_bwd_dq_kernel(const AttnParams 
 
   for (int64_t nb = nb_lo; nb < nb_hi; ++nb) {
     const int st = static_cast<int>((nb - nb_lo) & 1);
-    next_kv_tile<T, BN, kD>(sK, sV, kb, vb, p, nb, nb_hi, st);
+    next_kv_tile<T, BN, kD, 128>(sK, sV, kb, vb, p, nb, nb_hi, st);
     const T* sKs = sK + st * BN * LDS;
     const T* sVs = sV + st * BN * LDS;
     const int64_t n0 = nb * BN;
@@ -1088,14 +1107,19 @@ inline bool vec_ok(const at::Tensor& t) { return rows_aligned(t); }
 // everything above the launch lives in this header).
 template <typename T, int kD, class Launcher>
 void run_fwd(const AttnParams& p) {
-  const dim3 grid(static_cast<unsigned>((p.L + Tiles<kD>::kFwdM - 1) / Tiles<kD>::kFwdM),
-                  static_cast<unsigned>(p.Hq), static_cast<unsigned>(p.B));
+  auto launch = [&](auto wgmma) {
+    constexpr bool kWgmma = decltype(wgmma)::value;
+    constexpr int BM = Tiles<kD>::template fwd_m<kWgmma>;
+    const dim3 grid(static_cast<unsigned>((p.L + BM - 1) / BM), static_cast<unsigned>(p.Hq),
+                    static_cast<unsigned>(p.B));
+    Launcher::launch(attention_fwd_kernel<T, kD, kWgmma>, grid,
+                     Tiles<kD>::template fwd_threads<kWgmma>,
+                     Tiles<kD>::template fwd_smem<kWgmma>(sizeof(T)), p);
+  };
   if (Launcher::wgmma()) {
-    Launcher::launch(attention_fwd_kernel<T, kD, true>, grid, 128,
-                     Tiles<kD>::template fwd_smem<true>(sizeof(T)), p);
+    launch(std::true_type{});
   } else {
-    Launcher::launch(attention_fwd_kernel<T, kD, false>, grid, 128,
-                     Tiles<kD>::template fwd_smem<false>(sizeof(T)), p);
+    launch(std::false_type{});
   }
 }
 
