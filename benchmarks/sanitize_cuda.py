@@ -8,7 +8,7 @@ and misaligned global and shared accesses, racecheck shared-memory hazards (a mi
 ``__syncthreads`` between the cp.async pipeline stages, the staged P/dS tiles, the epilogues).
 The cases cover each kernel family and the paths that index differently: every attention
 kernel template's shared-memory layout at some head dim (each attention case twice: with the
-forward kernel the launcher picks, Hopper's on an H100, and with the sm_80 one), the
+kernels the launcher picks, Hopper's forward and dQ on an H100, and with the sm_80 ones), the
 padded-copy path for unaligned head dims, sequence lengths that are not multiples of any tile,
 L = S = 1, rows that see no key, GQA, masks, windows, softcap, dropout with a CPU and a CUDA
 seed, the mask gradient, flash-attn's strided layout; softmax and cross-entropy with masks,
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from fastattn import _ext, reference
-from fastattn.bench.attention import sm80_forward
+from fastattn.bench.attention import sm80_kernels
 
 OPS = torch.ops.fastattn
 DEV = "cuda"
@@ -155,16 +155,16 @@ def _cross_entropy_case(dtype, N, C, smoothing, softcap):
 
 
 def _attention_with(kernel: str, args) -> None:
-    with sm80_forward() if kernel == "sm80" else contextlib.nullcontext():
+    with sm80_kernels() if kernel == "sm80" else contextlib.nullcontext():
         _attention_case(*args)
 
 
 def cases():
-    # each case with the forward kernel the launcher picks (Hopper's on an H100 built with
-    # sm_90a), and with the sm_80 one
+    # each case with the kernels the launcher picks (Hopper's forward and dQ on an H100 built
+    # with sm_90a), and with the sm_80 ones
     for kernel in ("default", "sm80"):
         for name, *args in ATTENTION:
-            yield (f"attention {name} (forward: {kernel})",
+            yield (f"attention {name} (kernels: {kernel})",
                    lambda args=args, kernel=kernel: _attention_with(kernel, args))
     for dtype, shape, dim, mask, causal, log in [
         (torch.float32, (4, 37), -1, None, False, False),

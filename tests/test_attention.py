@@ -586,13 +586,14 @@ CUDA_HEAD_DIMS = [(16, 16), (32, 32), (59, 59), (64, 64), (80, 96), (111, 111), 
                   (160, 160), (192, 192), (200, 256), (256, 256), (59, 111), (256, 64)]
 
 
-# The forward kernel the launcher picks (on a Hopper GPU built with sm_90a: the wgmma kernel), and
-# the sm_80 kernel forced by FASTATTN_CUDA_WGMMA=0, which on an H100 runs nowhere else.
-CUDA_FWD_KERNELS = ["default", "sm80"]
+# The kernels the launcher picks (on a Hopper GPU built with sm_90a: the wgmma forward and dQ
+# kernels), and the sm_80 ones forced by FASTATTN_CUDA_WGMMA=0, which on an H100 run nowhere
+# else.
+CUDA_KERNELS = ["default", "sm80"]
 
 
-@pytest.fixture(params=CUDA_FWD_KERNELS)
-def cuda_fwd_kernel(request, monkeypatch):
+@pytest.fixture(params=CUDA_KERNELS)
+def cuda_kernels(request, monkeypatch):
     if request.param == "sm80":
         monkeypatch.setenv("FASTATTN_CUDA_WGMMA", "0")
     return request.param
@@ -601,7 +602,7 @@ def cuda_fwd_kernel(request, monkeypatch):
 @needs_native_cuda
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("D,Dv", CUDA_HEAD_DIMS)
-def test_native_cuda_head_dims(D, Dv, dtype, cuda_fwd_kernel):
+def test_native_cuda_head_dims(D, Dv, dtype, cuda_kernels):
     # 113 x 203 crosses every kernel's tiles with remainders; GQA and causal on.
     q, k, v = _qkv(2, 2, 1, 113, 203, D, Dv, dtype)
     with fastattn.use_backend("native"):
@@ -616,7 +617,7 @@ CUDA_SIZES = [(1, 1), (1, 77), (130, 1), (257, 129), (64, 320)]
 @needs_native_cuda
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("L,S", CUDA_SIZES)
-def test_native_cuda_odd_sizes(L, S, causal, cuda_fwd_kernel):
+def test_native_cuda_odd_sizes(L, S, causal, cuda_kernels):
     q, k, v = _qkv(2, 3, 3, L, S, 64, 64, torch.bfloat16)
     with fastattn.use_backend("native"):
         _check(lambda q, k, v: fastattn.scaled_dot_product_attention(q, k, v, is_causal=causal),
@@ -631,7 +632,7 @@ def test_native_cuda_odd_sizes(L, S, causal, cuda_fwd_kernel):
 
 
 @needs_native_cuda
-def test_native_cuda_every_option_at_once(cuda_fwd_kernel):
+def test_native_cuda_every_option_at_once(cuda_kernels):
     # Additive bf16 mask with its gradient, softcap, a two-sided window, GQA, unaligned dims.
     q, k, v = _qkv(2, 4, 2, 100, 150, 72, 56, torch.bfloat16)
     mask = torch.randn(2, 1, 100, 150, device=DEVICE, dtype=torch.bfloat16)

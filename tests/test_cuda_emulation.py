@@ -2,7 +2,8 @@
 emulation of the CUDA model (tests/cuda_emulation/: a thread per CUDA thread, barriers, the warp
 collectives ldmatrix, mma.sync and shuffles, and Hopper's warpgroup wgmma, computed from the PTX
 ISA's fragment and shared-memory layouts), through the same launch logic as on a GPU (the *_impl
-templates of csrc/<op>/<op>_cuda.cuh). Both forward kernels run: sm_80's and Hopper's.
+templates of csrc/<op>/<op>_cuda.cuh). Both sets of forward and dQ kernels run: sm_80's and
+Hopper's.
 
 What this checks before any GPU sees the code: fragment layouts and every index expression,
 tile loops with remainders, causal/window tile skipping, masks, dropout (the CPU generator's
@@ -113,22 +114,22 @@ CASES = [
 ]
 
 
-# The forward kernel: sm_80's (mma.sync) or Hopper's (wgmma: attention_fwd_kernel's kWgmma), as
-# the launch logic picks it on an A100 or an H100; the backward kernels are the same.
-FWD_KERNELS = ["sm80", "sm90"]
+# The kernels: sm_80's (mma.sync) or Hopper's (wgmma: the kWgmma forward and dQ kernels), as the
+# launch logic picks them on an A100 or an H100; the dK/dV kernel is the same.
+KERNELS = ["sm80", "sm90"]
 
 
-@pytest.fixture(params=FWD_KERNELS)
-def emulated_fwd(emulated, request):
-    """The emulation, its launch logic picking the forward kernel of the parameter."""
+@pytest.fixture(params=KERNELS)
+def emulated_kernels(emulated, request):
+    """The emulation, its launch logic picking the kernels of the parameter."""
     emulated.use_wgmma(request.param == "sm90")
     yield emulated
     emulated.use_wgmma(False)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_emulated_cuda_attention_matches_reference(emulated_fwd, case):
-    _check_case(emulated_fwd, case)
+def test_emulated_cuda_attention_matches_reference(emulated_kernels, case):
+    _check_case(emulated_kernels, case)
 
 
 def _check_case(ext, case) -> None:
@@ -173,7 +174,7 @@ def _check_case(ext, case) -> None:
     torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), atol=1e-4, rtol=1e-4)
 
 
-def test_emulated_cuda_dropout_is_the_cpu_mask(emulated_fwd):
+def test_emulated_cuda_dropout_is_the_cpu_mask(emulated_kernels):
     # v = identity: the output row is the dropped, rescaled probability row, so its zeros are
     # exactly the drops, which must be native_attention_dropout_mask's.
     B, H, L, S, p = 1, 2, 20, 24, 0.3
@@ -181,7 +182,7 @@ def test_emulated_cuda_dropout_is_the_cpu_mask(emulated_fwd):
     k = torch.randn(B, H, S, 16, dtype=torch.bfloat16)
     v = torch.eye(S, dtype=torch.bfloat16).expand(B, H, S, S)
     seed = torch.tensor([987654321])
-    out, _ = emulated_fwd.attention_fwd(q, k, v, None, seed, p, 0.2, -1, -1, False, 0.0)
+    out, _ = emulated_kernels.attention_fwd(q, k, v, None, seed, p, 0.2, -1, -1, False, 0.0)
     assert torch.equal(out != 0, OPS.native_attention_dropout_mask(seed, [B, H, L, S], p))
 
 
@@ -240,7 +241,7 @@ RACE_CASES = [
 ]
 
 
-# The Hopper forward kernel under ThreadSanitizer: a stage refilled (three key tiles) with one
+# The Hopper kernels under ThreadSanitizer: a stage refilled (three key tiles) with one
 # warpgroup (d32) and with two sharing it (d96), and a query tile that sees no key. wgmma reads
 # shared memory at the wait that covers it (emulation.h), so a stage refilled before that wait
 # is a race.
@@ -263,7 +264,7 @@ def _race_child(seed: int) -> None:
         _check_case(ext, case)
     ext.use_wgmma(True)
     for case in RACE_CASES_SM90:
-        print(f"{case[0]} (sm90 forward)", flush=True)
+        print(f"{case[0]} (sm90 kernels)", flush=True)
         torch.manual_seed(seed)
         _check_case(ext, case)
     ext.use_wgmma(False)

@@ -63,8 +63,10 @@
 //   query tile), P^T and dS^T staged in shared memory as 16-bit tiles, then dV += P^T dO and
 //   dK += dS^T Q with each warp owning 16 keys x half the head dim (so head dim 256 fits the
 //   register file); and a dQ kernel, one CTA of 4 warps per query tile looping over key tiles:
-//   S, dP = dO V^T, dS in registers, dQ += dS K. Every gradient element has one owner and is
-//   written once: no atomics, bitwise reproducible, as the CPU backward.
+//   S, dP = dO V^T, dS in registers, dQ += dS K (on Hopper as wgmma chains, the forward's
+//   operand patterns: Q, dO, K, V K-major for S and dP, K MN-major for dQ). Every gradient
+//   element has one owner and is written once: no atomics, bitwise reproducible, as the CPU
+//   backward.
 //
 // Work: forward 2 L S (D + Dv) flops per head (halved by causal skipping), backward 2.5x that;
 // each score tile is computed once forward, twice backward (dK/dV and dQ kernels). Memory: the
@@ -78,9 +80,9 @@
 // Not yet (first version, not yet run on a GPU): float32 / float64 inputs (TypeError: the
 // triton or torch backend serves them), a SIMT fallback; on Hopper, TMA loads, warp
 // specialisation, swizzled layouts, overlapping the softmax with the next S = Q K^T, and a
-// wgmma backward (the backward runs the sm_80 kernels there); split-KV, a persistent
-// scheduler, vectorised mask loads (masks are read one element per score, through their
-// strides), tuning of tile sizes. Performance is to be measured with the harness on a GPU.
+// wgmma dK/dV kernel (the sm_80 one runs there); split-KV, a persistent scheduler, vectorised
+// mask loads (masks are read one element per score, through their strides), tuning of tile
+// sizes. Performance is to be measured with the harness on a GPU.
 
 #pragma once
 
@@ -197,8 +199,10 @@ struct Tiles {
   static constexpr size_t fwd_smem(int elem) {
     return static_cast<size_t>(fwd_m<kWgmma> * kLds + 4 * kFwdN * (kWgmma ? kD : kLds)) * elem;
   }
+  // dQ: Q and dO with pitch kLds (the dQ tile reuses Q's); K and V as in the forward.
+  template <bool kWgmma>
   static constexpr size_t dq_smem(int elem) {
-    return static_cast<size_t>(2 * kFwdM + 4 * kFwdN) * kLds * elem;
+    return static_cast<size_t>(2 * kFwdM * kLds + 4 * kFwdN * (kWgmma ? kD : kLds)) * elem;
   }
   static constexpr size_t dkdv_smem(int elem) {
     return static_cast<size_t>(2 * kKvN + 4 * kKvM) * kLds * elem +
@@ -478,6 +482,40 @@ __device__ __forceinline__ void a_fragment(const float (&s)[NT][4], int kk, uint
   a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 }
 
+// Issues S (the warpgroup's 64 rows x N) = A B^T as one wgmma chain (Hopper kernels): A (64
+// rows) and B (N rows) are K-major tiles of kD columns in the core-matrix layout; a k-step of
+// 16 is two core matrices along K. The first step overwrites s (scale-d 0). The caller fences
+// before and commits and waits after.
+template <typename T, int kD, int NT>
+__device__ __forceinline__ void wgmma_abt(float (&s)[NT][4], const T* sA, const T* sB) {
+#pragma unroll
+  for (int ks = 0; ks < kD / 16; ++ks) {
+    wgmma_ss<T, NT * 8>(reinterpret_cast<float(&)[NT * 4]>(s),
+                        wgmma_desc(sA + core_offset<kD>(0, ks * 16), kKMajorTile<kD>),
+                        wgmma_desc(sB + core_offset<kD>(0, ks * 16), kKMajorTile<kD>), ks > 0);
+  }
+}
+
+// Issues C (the warpgroup's 64 rows x kD) += P B as wgmma chains (Hopper kernels): P's
+// k-steps already packed as A operands (pa, a_fragment: 16 columns each), B (16 PS rows x kD)
+// an MN-major tile in the core-matrix layout: a k-step of 16 rows is two rows of core
+// matrices, a chunk of NC columns of C NC / 8 core matrices. The caller packs every A fragment
+// before its fence, so no wgmma of the group waits on a register written after it, and
+// commits and waits after.
+template <typename T, int kD, int PS, int DT>
+__device__ __forceinline__ void wgmma_pb(float (&c)[DT][4], const uint32_t (&pa)[PS][4],
+                                         const T* sB) {
+  constexpr int NC = kD % 64 == 0 ? 64 : 32;  // columns of C per wgmma
+#pragma unroll
+  for (int kk = 0; kk < PS; ++kk) {
+#pragma unroll
+    for (int ch = 0; ch < kD / NC; ++ch) {
+      wgmma_rs<T, NC>(reinterpret_cast<float(&)[NC / 2]>(c[ch * NC / 8]), pa[kk],
+                      wgmma_desc(sB + core_offset<kD>(kk * 16, ch * NC), kMNMajorTile<kD>), 1);
+    }
+  }
+}
+
 // The forward kernel, in two versions that differ in the two products and the rows per CTA:
 // - kWgmma false (sm_80 and newer): each warp's mma.sync, operands by ldmatrix from row-padded
 //   tiles;
@@ -528,22 +566,13 @@ __global__ void __launch_bounds__(kWgmma && kD >= 96 ? 256 : 128)
 
     // S = Q K^T: this warp's 16 rows x BN keys.
     float s[NT][4];
-    if constexpr (kWgmma) {
-      // This warpgroup's 64 rows of Q; a k-step of 16 is two core matrices along K. The first
-      // step overwrites s (scale-d 0).
-      const T* sQg = sQ + core_offset<kD>(64 * (threadIdx.x / 128), 0);
-      float(&sf)[NT * 4] = reinterpret_cast<float(&)[NT * 4]>(s);
-      wgmma_fence_operands(sf);
+    if constexpr (kWgmma) {  // this warpgroup's 64 rows of Q
+      wgmma_fence_operands(s);
       wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < KS; ++ks) {
-        wgmma_ss<T, BN>(sf, wgmma_desc(sQg + core_offset<kD>(0, ks * 16), kKMajorTile<kD>),
-                        wgmma_desc(sKs + core_offset<kD>(0, ks * 16), kKMajorTile<kD>),
-                        ks > 0);
-      }
+      wgmma_abt<T, kD>(s, sQ + core_offset<kD>(64 * (threadIdx.x / 128), 0), sKs);
       wgmma_commit();
       wgmma_wait<0>();
-      wgmma_fence_operands(sf);
+      wgmma_fence_operands(s);
     } else {
       const T* sQw = sQ + warp * 16 * LDS;
 #pragma unroll
@@ -565,29 +594,16 @@ __global__ void __launch_bounds__(kWgmma && kD >= 96 ? 256 : 128)
     fwd_softmax_tile(p, s, o, row_m, row_l, rows, b, h, n0, !full_tile<BM, BN>(p, m0, n0), seed);
 
     // O += P V: P from the accumulators (a_fragment).
-    if constexpr (kWgmma) {
-      // V (keys x kD) MN-major: a k-step of 16 keys is two rows of core matrices, an O chunk of
-      // NC columns NC / 8 core matrices. Every A fragment is packed before the fence, so no
-      // wgmma of the group waits on a register written after it.
-      constexpr int NC = kD % 64 == 0 ? 64 : 32;  // O columns per wgmma
-      float(&of)[DT * 4] = reinterpret_cast<float(&)[DT * 4]>(o);
+    if constexpr (kWgmma) {  // V (keys x kD) MN-major
       uint32_t pa[PS][4];
 #pragma unroll
       for (int kk = 0; kk < PS; ++kk) a_fragment<T>(s, kk, pa[kk]);
-      wgmma_fence_operands(of);
+      wgmma_fence_operands(o);
       wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < PS; ++kk) {
-#pragma unroll
-        for (int c = 0; c < kD / NC; ++c) {
-          wgmma_rs<T, NC>(reinterpret_cast<float(&)[NC / 2]>(o[c * NC / 8]), pa[kk],
-                          wgmma_desc(sVs + core_offset<kD>(kk * 16, c * NC), kMNMajorTile<kD>),
-                          1);
-        }
-      }
+      wgmma_pb<T, kD>(o, pa, sVs);
       wgmma_commit();
       wgmma_wait<0>();
-      wgmma_fence_operands(of);
+      wgmma_fence_operands(o);
     } else {
       // V^T fragments by ldmatrix.trans.
 #pragma unroll
@@ -634,17 +650,22 @@ __global__ void __launch_bounds__(256) attention_bwd_prep_kernel(const AttnParam
   }
 }
 
-// dQ: one CTA of 4 warps per (query tile, head, batch); 16 query rows per warp.
-template <typename T, int kD>
+// dQ: one CTA of 4 warps per (query tile, head, batch); 16 query rows per warp. Its three
+// products, like the forward's, come in two versions: kWgmma false, each warp's mma.sync with
+// ldmatrix operands; kWgmma true (Hopper, sm_90a), the four warps as one warpgroup: S = Q K^T
+// and dP = dO V^T as one group of wgmma chains (Q, dO, K, V K-major), dQ += dS K with dS from
+// registers and K MN-major, all tiles in the core-matrix layout.
+template <typename T, int kD, bool kWgmma>
 __global__ void __launch_bounds__(128) attention_bwd_dq_kernel(const AttnParams p) {
   using Cfg = Tiles<kD>;
   constexpr int BM = Cfg::kFwdM, BN = Cfg::kFwdN, LDS = Cfg::kLds;
   constexpr int NT = BN / 8, DT = kD / 8, KS = kD / 16, PS = BN / 16;
+  constexpr int KV = kWgmma ? kD : LDS;  // elements a K / V row takes in its stage
   extern __shared__ __align__(16) unsigned char smem[];
-  T* sQ = reinterpret_cast<T*>(smem);  // BM x LDS
-  T* sdO = sQ + BM * LDS;              // BM x LDS
-  T* sK = sdO + BM * LDS;              // 2 x BN x LDS
-  T* sV = sK + 2 * BN * LDS;           // 2 x BN x LDS
+  T* sQ = reinterpret_cast<T*>(smem);  // BM x LDS (kWgmma: BM x kD core matrices in it)
+  T* sdO = sQ + BM * LDS;              // BM x LDS (likewise)
+  T* sK = sdO + BM * LDS;              // 2 x BN x KV
+  T* sV = sK + 2 * BN * KV;            // 2 x BN x KV
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
   const int64_t tiles = (p.L + BM - 1) / BM;
@@ -659,11 +680,11 @@ __global__ void __launch_bounds__(128) attention_bwd_dq_kernel(const AttnParams 
   visible_keys(p, m0, min(m0 + BM, p.L) - 1, klo, khi);
   const int64_t nb_lo = klo / BN, nb_hi = khi > klo ? (khi + BN - 1) / BN : nb_lo;
 
-  load_tile<T, BM, kD, 128>(sQ, qb, p.sq[2], m0, p.L, p.d_load);
-  load_tile<T, BM, kD, 128>(sdO, dob, p.sdo[2], m0, p.L, p.dv_load);
+  load_tile<T, BM, kD, 128, kWgmma>(sQ, qb, p.sq[2], m0, p.L, p.d_load);
+  load_tile<T, BM, kD, 128, kWgmma>(sdO, dob, p.sdo[2], m0, p.L, p.dv_load);
   if (nb_lo < nb_hi) {
-    load_tile<T, BN, kD, 128>(sK, kb, p.sk[2], nb_lo * BN, p.S, p.d_load);
-    load_tile<T, BN, kD, 128>(sV, vb, p.sv[2], nb_lo * BN, p.S, p.dv_load);
+    load_tile<T, BN, kD, 128, kWgmma>(sK, kb, p.sk[2], nb_lo * BN, p.S, p.d_load);
+    load_tile<T, BN, kD, 128, kWgmma>(sV, vb, p.sv[2], nb_lo * BN, p.S, p.dv_load);
   }
   cp_async_commit();
 
@@ -679,39 +700,51 @@ __global__ void __launch_bounds__(128) attention_bwd_dq_kernel(const AttnParams 
   float dq[DT][4];
 #pragma unroll
   for (int i = 0; i < DT; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
-  const T* sQw = sQ + warp * 16 * LDS;
-  const T* sdOw = sdO + warp * 16 * LDS;
 
   for (int64_t nb = nb_lo; nb < nb_hi; ++nb) {
     const int st = static_cast<int>((nb - nb_lo) & 1);
-    next_kv_tile<T, BN, kD, 128>(sK, sV, kb, vb, p, nb, nb_hi, st);
-    const T* sKs = sK + st * BN * LDS;
-    const T* sVs = sV + st * BN * LDS;
+    next_kv_tile<T, BN, kD, 128, kWgmma>(sK, sV, kb, vb, p, nb, nb_hi, st);
+    const T* sKs = sK + st * BN * KV;
+    const T* sVs = sV + st * BN * KV;
     const int64_t n0 = nb * BN;
 
     // S = Q K^T and dP = dO V^T (both: B operand rows are keys, as K in the forward).
     float s[NT][4], dp[NT][4];
+    if constexpr (kWgmma) {
+      wgmma_fence_operands(s);
+      wgmma_fence_operands(dp);
+      wgmma_fence();
+      wgmma_abt<T, kD>(s, sQ, sKs);
+      wgmma_abt<T, kD>(dp, sdO, sVs);
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_fence_operands(s);
+      wgmma_fence_operands(dp);
+    } else {
+      const T* sQw = sQ + warp * 16 * LDS;
+      const T* sdOw = sdO + warp * 16 * LDS;
 #pragma unroll
-    for (int i = 0; i < NT; ++i) {
-      s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-      dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.f;
-    }
+      for (int i = 0; i < NT; ++i) {
+        s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+        dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.f;
+      }
 #pragma unroll
-    for (int ks = 0; ks < KS; ++ks) {
-      uint32_t a[4], ad[4];
-      ldmatrix_x4(a, sQw + (lane % 16) * LDS + ks * 16 + (lane / 16) * 8);
-      ldmatrix_x4(ad, sdOw + (lane % 16) * LDS + ks * 16 + (lane / 16) * 8);
+      for (int ks = 0; ks < KS; ++ks) {
+        uint32_t a[4], ad[4];
+        ldmatrix_x4(a, sQw + (lane % 16) * LDS + ks * 16 + (lane / 16) * 8);
+        ldmatrix_x4(ad, sdOw + (lane % 16) * LDS + ks * 16 + (lane / 16) * 8);
 #pragma unroll
-      for (int np = 0; np < NT / 2; ++np) {
-        const int off = (np * 16 + (lane % 8) + (lane / 16) * 8) * LDS + ks * 16 +
-                        ((lane / 8) % 2) * 8;
-        uint32_t bb[4];
-        ldmatrix_x4(bb, sKs + off);
-        mma_16816<T>(s[2 * np], a, bb[0], bb[1]);
-        mma_16816<T>(s[2 * np + 1], a, bb[2], bb[3]);
-        ldmatrix_x4(bb, sVs + off);
-        mma_16816<T>(dp[2 * np], ad, bb[0], bb[1]);
-        mma_16816<T>(dp[2 * np + 1], ad, bb[2], bb[3]);
+        for (int np = 0; np < NT / 2; ++np) {
+          const int off = (np * 16 + (lane % 8) + (lane / 16) * 8) * LDS + ks * 16 +
+                          ((lane / 8) % 2) * 8;
+          uint32_t bb[4];
+          ldmatrix_x4(bb, sKs + off);
+          mma_16816<T>(s[2 * np], a, bb[0], bb[1]);
+          mma_16816<T>(s[2 * np + 1], a, bb[2], bb[3]);
+          ldmatrix_x4(bb, sVs + off);
+          mma_16816<T>(dp[2 * np], ad, bb[0], bb[1]);
+          mma_16816<T>(dp[2 * np + 1], ad, bb[2], bb[3]);
+        }
       }
     }
 
@@ -737,17 +770,31 @@ __global__ void __launch_bounds__(128) attention_bwd_dq_kernel(const AttnParams 
       }
     }
 
-    // dQ += dS K: dS from the accumulators as the A operand, K fragments by ldmatrix.trans.
+    // dQ += dS K: dS from the accumulators as the A operand; K MN-major (wgmma) or its
+    // fragments by ldmatrix.trans.
+    if constexpr (kWgmma) {
+      uint32_t da[PS][4];
 #pragma unroll
-    for (int kk = 0; kk < PS; ++kk) {
-      uint32_t a[4];
-      a_fragment<T>(s, kk, a);
+      for (int kk = 0; kk < PS; ++kk) a_fragment<T>(s, kk, da[kk]);
+      wgmma_fence_operands(dq);
+      wgmma_fence();
+      wgmma_pb<T, kD>(dq, da, sKs);
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_fence_operands(dq);
+    } else {
 #pragma unroll
-      for (int dt2 = 0; dt2 < DT / 2; ++dt2) {
-        uint32_t bb[4];
-        ldmatrix_x4_trans(bb, sKs + (kk * 16 + (lane % 16)) * LDS + dt2 * 16 + (lane / 16) * 8);
-        mma_16816<T>(dq[2 * dt2], a, bb[0], bb[1]);
-        mma_16816<T>(dq[2 * dt2 + 1], a, bb[2], bb[3]);
+      for (int kk = 0; kk < PS; ++kk) {
+        uint32_t a[4];
+        a_fragment<T>(s, kk, a);
+#pragma unroll
+        for (int dt2 = 0; dt2 < DT / 2; ++dt2) {
+          uint32_t bb[4];
+          ldmatrix_x4_trans(bb,
+                            sKs + (kk * 16 + (lane % 16)) * LDS + dt2 * 16 + (lane / 16) * 8);
+          mma_16816<T>(dq[2 * dt2], a, bb[0], bb[1]);
+          mma_16816<T>(dq[2 * dt2 + 1], a, bb[2], bb[3]);
+        }
       }
     }
     __syncthreads();
@@ -1130,8 +1177,13 @@ void run_bwd(const AttnParams& p) {
                    256, 0, p);
   const dim3 grid_q(static_cast<unsigned>((p.L + Tiles<kD>::kFwdM - 1) / Tiles<kD>::kFwdM),
                     static_cast<unsigned>(p.Hq), static_cast<unsigned>(p.B));
-  Launcher::launch(attention_bwd_dq_kernel<T, kD>, grid_q, 128, Tiles<kD>::dq_smem(sizeof(T)),
-                   p);
+  if (Launcher::wgmma()) {
+    Launcher::launch(attention_bwd_dq_kernel<T, kD, true>, grid_q, 128,
+                     Tiles<kD>::template dq_smem<true>(sizeof(T)), p);
+  } else {
+    Launcher::launch(attention_bwd_dq_kernel<T, kD, false>, grid_q, 128,
+                     Tiles<kD>::template dq_smem<false>(sizeof(T)), p);
+  }
   if (p.S > 0) {
     const dim3 grid_kv(static_cast<unsigned>((p.S + Tiles<kD>::kKvN - 1) / Tiles<kD>::kKvN),
                        static_cast<unsigned>(p.Hk), static_cast<unsigned>(p.B));

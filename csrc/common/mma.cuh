@@ -200,6 +200,12 @@ __device__ __forceinline__ void wgmma_fence_operands(float (&d)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
+// The same for accumulators kept as n-tiles of four (float[M][4], the mma.sync layout).
+template <int M>
+__device__ __forceinline__ void wgmma_fence_operands(float (&d)[M][4]) {
+  wgmma_fence_operands(reinterpret_cast<float(&)[M * 4]>(d));
+}
+
 #define FASTATTN_F4(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
 #define FASTATTN_F16 FASTATTN_F4(0), FASTATTN_F4(4), FASTATTN_F4(8), FASTATTN_F4(12)
 #define FASTATTN_F32 FASTATTN_F16, FASTATTN_F4(16), FASTATTN_F4(20), FASTATTN_F4(24), \

@@ -300,9 +300,9 @@ WGMMA_VAR = "FASTATTN_CUDA_WGMMA"
 
 
 @contextlib.contextmanager
-def sm80_forward() -> Iterator[None]:
-    """Native CUDA attention runs its sm_80 (mma.sync) forward kernel inside, where the
-    launcher would pick the Hopper (wgmma) one (``FASTATTN_CUDA_WGMMA=0``, read at each
+def sm80_kernels() -> Iterator[None]:
+    """Native CUDA attention runs its sm_80 (mma.sync) forward and dQ kernels inside, where
+    the launcher would pick the Hopper (wgmma) ones (``FASTATTN_CUDA_WGMMA=0``, read at each
     launch); the variable is restored on exit."""
     old = os.environ.get(WGMMA_VAR)
     os.environ[WGMMA_VAR] = "0"
@@ -316,15 +316,15 @@ def sm80_forward() -> Iterator[None]:
 
 
 def _native_sm80(native: Provider) -> Provider:
-    """``fastattn-native`` with its sm_80 forward kernel forced (``sm80_forward``), beside the
-    Hopper one the launcher picks on compute capability 9.x; elsewhere the two are the same
-    kernel, so it is skipped."""
+    """``fastattn-native`` with its sm_80 kernels forced (``sm80_kernels``), beside the Hopper
+    ones the launcher picks on compute capability 9.x; elsewhere the two are the same kernels,
+    so it is skipped."""
 
     def make(case: Case) -> Callable[..., torch.Tensor]:
         fn = native.make(case)
 
         def run(*args: torch.Tensor) -> torch.Tensor:
-            with sm80_forward():
+            with sm80_kernels():
                 return fn(*args)
         return run
 
@@ -332,7 +332,7 @@ def _native_sm80(native: Provider) -> Provider:
         why = native.unavailable(case, device)
         if why is None and (device.type != "cuda"
                             or torch.cuda.get_device_capability(device)[0] != 9):
-            why = "the sm_80 forward differs from fastattn-native's only on a Hopper GPU"
+            why = "the sm_80 kernels differ from fastattn-native's only on a Hopper GPU"
         return why
 
     return dataclasses.replace(native, name="fastattn-native-sm80", make=make,

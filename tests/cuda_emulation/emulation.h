@@ -404,6 +404,7 @@ inline uint32_t smem_addr(const void* p) {
 inline void wgmma_fence() {}
 inline void fence_proxy_async() {}
 template <int N> inline void wgmma_fence_operands(float (&)[N]) {}
+template <int M> inline void wgmma_fence_operands(float (&)[M][4]) {}
 
 namespace wgmma_emu {
 // Element (mn, k) of an operand in shared memory, read through its descriptor (wgmma_isa.h).
