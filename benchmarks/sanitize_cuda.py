@@ -8,7 +8,7 @@ and misaligned global and shared accesses, racecheck shared-memory hazards (a mi
 ``__syncthreads`` between the cp.async pipeline stages, the staged P/dS tiles, the epilogues).
 The cases cover each kernel family and the paths that index differently: every attention
 kernel template's shared-memory layout at some head dim (each attention case twice: with the
-kernels the launcher picks, Hopper's forward and dQ on an H100, and with the sm_80 ones), the
+kernels the launcher picks, Hopper's wgmma ones on an H100, and with the sm_80 ones), the
 padded-copy path for unaligned head dims, sequence lengths that are not multiples of any tile,
 L = S = 1, rows that see no key, GQA, masks, windows, softcap, dropout with a CPU and a CUDA
 seed, the mask gradient, flash-attn's strided layout; softmax and cross-entropy with masks,
@@ -160,7 +160,7 @@ def _attention_with(kernel: str, args) -> None:
 
 
 def cases():
-    # each case with the kernels the launcher picks (Hopper's forward and dQ on an H100 built
+    # each case with the kernels the launcher picks (Hopper's wgmma kernels on an H100 built
     # with sm_90a), and with the sm_80 ones
     for kernel in ("default", "sm80"):
         for name, *args in ATTENTION:

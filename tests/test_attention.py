@@ -586,8 +586,8 @@ CUDA_HEAD_DIMS = [(16, 16), (32, 32), (59, 59), (64, 64), (80, 96), (111, 111), 
                   (160, 160), (192, 192), (200, 256), (256, 256), (59, 111), (256, 64)]
 
 
-# The kernels the launcher picks (on a Hopper GPU built with sm_90a: the wgmma forward and dQ
-# kernels), and the sm_80 ones forced by FASTATTN_CUDA_WGMMA=0, which on an H100 run nowhere
+# The kernels the launcher picks (on a Hopper GPU built with sm_90a: the wgmma forward, dQ and
+# dK/dV kernels), and the sm_80 ones forced by FASTATTN_CUDA_WGMMA=0, which on an H100 run nowhere
 # else.
 CUDA_KERNELS = ["default", "sm80"]
 

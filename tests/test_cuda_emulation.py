@@ -2,8 +2,8 @@
 emulation of the CUDA model (tests/cuda_emulation/: a thread per CUDA thread, barriers, the warp
 collectives ldmatrix, mma.sync and shuffles, and Hopper's warpgroup wgmma, computed from the PTX
 ISA's fragment and shared-memory layouts), through the same launch logic as on a GPU (the *_impl
-templates of csrc/<op>/<op>_cuda.cuh). Both sets of forward and dQ kernels run: sm_80's and
-Hopper's.
+templates of csrc/<op>/<op>_cuda.cuh). Both sets of attention kernels (forward, dQ, dK/dV)
+run: sm_80's and Hopper's.
 
 What this checks before any GPU sees the code: fragment layouts and every index expression,
 tile loops with remainders, causal/window tile skipping, masks, dropout (the CPU generator's
@@ -114,8 +114,8 @@ CASES = [
 ]
 
 
-# The kernels: sm_80's (mma.sync) or Hopper's (wgmma: the kWgmma forward and dQ kernels), as the
-# launch logic picks them on an A100 or an H100; the dK/dV kernel is the same.
+# The kernels: sm_80's (mma.sync) or Hopper's (wgmma: the kWgmma forward, dQ and dK/dV kernels),
+# as the launch logic picks them on an A100 or an H100.
 KERNELS = ["sm80", "sm90"]
 
 
@@ -241,8 +241,9 @@ RACE_CASES = [
 ]
 
 
-# The Hopper kernels under ThreadSanitizer: a stage refilled (three key tiles) with one
-# warpgroup (d32) and with two sharing it (d96), and a query tile that sees no key. wgmma reads
+# The Hopper kernels under ThreadSanitizer: a forward stage refilled (three key tiles) with one
+# warpgroup (d32) and with two sharing it (d96), a dK/dV Q/dO stage refilled (d32: three query
+# heads) and P handed between its two warpgroups, and a query tile that sees no key. wgmma reads
 # shared memory at the wait that covers it (emulation.h), so a stage refilled before that wait
 # is a race.
 RACE_CASES_SM90 = [RACE_CASES[0], RACE_CASES[1], RACE_CASES[3]]

@@ -67,22 +67,28 @@
 //   operand patterns: Q, dO, K, V K-major for S and dP, K MN-major for dQ). Every gradient
 //   element has one owner and is written once: no atomics, bitwise reproducible, as the CPU
 //   backward.
+// - dK/dV on Hopper (attention_bwd_dkdv_kernel<T, kD, true>, picked with the Hopper forward):
+//   the same CTA (64 keys, 8 warps) as two warpgroups, the key tile being wgmma's M of 64, split
+//   by product rather than by head dim: warpgroup 0 computes S^T = K Q^T, P^T and dV += P^T dO,
+//   warpgroup 1 dP^T = V dO^T, dS'^T and dK += dS'^T Q, with P handed from one to the other
+//   through shared memory as fp32. P^T and dS'^T stay in registers as A operands (no 16-bit
+//   staging); each thread holds one 64 x kD accumulator, kD / 2 floats, so head dim 256 fits.
 //
 // Work: forward 2 L S (D + Dv) flops per head (halved by causal skipping), backward 2.5x that;
 // each score tile is computed once forward, twice backward (dK/dV and dQ kernels). Memory: the
 // backward's delta and base-2 lse (B Hq L floats each), dmask only when asked.
 //
-// Checked without a GPU: tests/test_cuda_emulation.py runs these kernels (both forwards)
+// Checked without a GPU: tests/test_cuda_emulation.py runs these kernels (both sets)
 // unchanged, through attention_fwd_impl / attention_bwd_impl below, in a CPU emulation of the
 // CUDA model (tests/cuda_emulation/; the FASTATTN_CUDA_EMULATION guard below lets it supply the
 // PTX pieces), against the float64 reference; nvcc compiles them for sm_80 and sm_90a in CI.
 //
 // Not yet (first version, not yet run on a GPU): float32 / float64 inputs (TypeError: the
 // triton or torch backend serves them), a SIMT fallback; on Hopper, TMA loads, warp
-// specialisation, swizzled layouts, overlapping the softmax with the next S = Q K^T, and a
-// wgmma dK/dV kernel (the sm_80 one runs there); split-KV, a persistent scheduler, vectorised
-// mask loads (masks are read one element per score, through their strides), tuning of tile
-// sizes. Performance is to be measured with the harness on a GPU.
+// specialisation, swizzled layouts, overlapping the softmax with the next S = Q K^T (and, in
+// dK/dV, one warpgroup's elementwise work with the other's products); split-KV, a persistent
+// scheduler, vectorised mask loads (masks are read one element per score, through their
+// strides), tuning of tile sizes. Performance is to be measured with the harness on a GPU.
 
 #pragma once
 
@@ -188,7 +194,8 @@ struct Tiles {
   static constexpr int kFwdN = kD <= 128 ? 64 : 32;
   // per warp: n-tiles of S and of O, k-steps of Q K^T and of P V
   static constexpr int kFwdNT = kFwdN / 8, kFwdDT = kD / 8, kFwdKS = kD / 16, kFwdPS = kFwdN / 16;
-  // dK/dV: 8 warps, 64 keys, 64 query rows (32 above head dim 128, for shared memory)
+  // dK/dV: 8 warps (two warpgroups on Hopper), 64 keys, 64 query rows (32 above head dim 128,
+  // for shared memory and, on Hopper, the fp32 hand-over of P).
   static constexpr int kKvN = 64;
   static constexpr int kKvM = kD <= 128 ? 64 : 32;
   static constexpr int kLdp = kKvM + 8;
@@ -204,7 +211,16 @@ struct Tiles {
   static constexpr size_t dq_smem(int elem) {
     return static_cast<size_t>(2 * kFwdM * kLds + 4 * kFwdN * (kWgmma ? kD : kLds)) * elem;
   }
+  // dK/dV: K, V and the two-stage Q / dO ring with pitch kLds, P^T and dS'^T staged with pitch
+  // kLdp; with kWgmma the tiles in core-matrix layout, unpadded, and instead of the staged
+  // 16-bit tiles P and 1 - tanh^2 (64 x kKvM floats each) handed from one warpgroup to the
+  // other. Both: lse2 and delta per stage.
+  template <bool kWgmma>
   static constexpr size_t dkdv_smem(int elem) {
+    if constexpr (kWgmma) {
+      return static_cast<size_t>(2 * kKvN + 4 * kKvM) * kD * elem +
+             static_cast<size_t>(2 * kKvN * kKvM + 4 * kKvM) * sizeof(float);
+    }
     return static_cast<size_t>(2 * kKvN + 4 * kKvM) * kLds * elem +
            static_cast<size_t>(2 * kKvN) * kLdp * elem + 4 * kKvM * sizeof(float);
   }
@@ -324,6 +340,22 @@ __device__ __forceinline__ void store_rows(const T* tile, T* base, int64_t pitch
     for (int idx = lane; idx < nrows * width; idx += lanes) {
       const int r = idx / width, c = idx % width;
       base[r * pitch_r + c * pitch_c] = tile[r * kLds + c];
+    }
+  }
+}
+
+// Writes a warp's accumulators (acc[n][e]: row `row` + 8 (e / 2), column `col` + 8 n + 2t + e % 2,
+// the mma.sync and wgmma layout) times `scale` into a 16-bit shared tile of pitch LDS.
+template <typename T, int LDS, int NT>
+__device__ __forceinline__ void stage_fragment(T* tile, const float (&acc)[NT][4], int row,
+                                               int col, float scale) {
+  const int t = threadIdx.x & 3;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      *reinterpret_cast<uint32_t*>(tile + (row + 8 * r) * LDS + col + n * 8 + 2 * t) =
+          pack2<T>(acc[n][2 * r] * scale, acc[n][2 * r + 1] * scale);
     }
   }
 }
@@ -803,27 +835,66 @@ __global__ void __launch_bounds__(128) attention_bwd_dq_kernel(const AttnParams 
   __syncthreads();
 
   T* sO = sQ + warp * 16 * LDS;  // this warp's rows of sQ, read only by this warp
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-#pragma unroll
-    for (int dt = 0; dt < DT; ++dt) {
-      *reinterpret_cast<uint32_t*>(sO + (g + 8 * r) * LDS + dt * 8 + 2 * t) =
-          pack2<T>(dq[dt][2 * r] * p.scale, dq[dt][2 * r + 1] * p.scale);
-    }
-  }
+  stage_fragment<T, LDS>(sO, dq, g, 0, p.scale);
   __syncwarp();
   const int nrows = static_cast<int>(max(int64_t(0), min(int64_t(16), p.L - (m0 + warp * 16))));
   T* out = static_cast<T*>(p.dq) + b * p.sdq[0] + h * p.sdq[1] + (m0 + warp * 16) * p.sdq[2];
   store_rows<T, LDS>(sO, out, p.sdq[2], p.sdq[3], nrows, p.D, p.dq_vec, lane, 32);
 }
 
-// dK, dV: one CTA of 8 warps per (key tile, key/value head, batch), looping over the query
-// tiles of each query head of the group. Phase A: warp w computes S^T and dP^T for keys
-// 16 (w % 4) .. + 16 and query columns (w / 4) BM/2 .. + BM/2 and stages P^T, dS'^T in shared
-// memory; phase B: warp w accumulates dV, dK for the same 16 keys and head-dim columns
+// Where a dK/dV CTA works: its key tile [n0, n0 + BN), K/V head and batch, and the query tiles
+// (BM rows) whose rows see some of its keys, in every query head of the group: iteration `it`
+// covers head head(it), rows row0(it) .. row0(it) + BM.
+template <typename T, int BN, int BM>
+struct KvTile {
+  int64_t n0, hk, b, group, mb_lo, nmb, iters;
+  const T *kb, *vb;
+
+  __device__ __forceinline__ explicit KvTile(const AttnParams& p) {
+    n0 = static_cast<int64_t>(blockIdx.x) * BN;
+    hk = blockIdx.y;
+    b = blockIdx.z;
+    group = p.group;
+    kb = static_cast<const T*>(p.k) + b * p.sk[0] + hk * p.sk[1];
+    vb = static_cast<const T*>(p.v) + b * p.sv[0] + hk * p.sv[1];
+    // Query rows that see some key of [n0, n_last]: j - offset - right <= i <= j - offset + left.
+    const int64_t n_last = min(n0 + BN, p.S) - 1;
+    const int64_t qlo = p.has_right ? max(int64_t(0), n0 - p.offset - p.right) : 0;
+    const int64_t qhi = p.has_left ? min(p.L, n_last - p.offset + p.left + 1) : p.L;
+    mb_lo = qlo / BM;
+    nmb = qhi > qlo ? (qhi + BM - 1) / BM - mb_lo : 0;
+    iters = group * nmb;
+  }
+  __device__ __forceinline__ int64_t head(int64_t it) const { return hk * group + it / nmb; }
+  __device__ __forceinline__ int64_t row0(int64_t it) const { return (mb_lo + it % nmb) * BM; }
+};
+
+// Starts the copies of iteration `it`'s Q and dO tiles (BM rows, the layout of load_tile's
+// kCore) into sQ / sdO, and stores its rows' lse2 and delta in sL / sDl (rows past L get lse2
+// +inf, so their probabilities recompute as 0). THREADS threads; the caller commits.
+template <typename T, int BN, int BM, int kD, int THREADS, bool kCore>
+__device__ __forceinline__ void load_q_stage(const AttnParams& p, const KvTile<T, BN, BM>& w,
+                                             int64_t it, T* sQ, T* sdO, float* sL, float* sDl) {
+  const int64_t h = w.head(it), m0 = w.row0(it);
+  load_tile<T, BM, kD, THREADS, kCore>(
+      sQ, static_cast<const T*>(p.q) + w.b * p.sq[0] + h * p.sq[1], p.sq[2], m0, p.L, p.d_load);
+  load_tile<T, BM, kD, THREADS, kCore>(
+      sdO, static_cast<const T*>(p.dout) + w.b * p.sdo[0] + h * p.sdo[1], p.sdo[2], m0, p.L,
+      p.dv_load);
+  for (int idx = threadIdx.x; idx < BM; idx += THREADS) {
+    const int64_t i = m0 + idx, at = (w.b * p.Hq + h) * p.L + i;
+    sL[idx] = i < p.L ? p.lse2[at] : INFINITY;
+    sDl[idx] = i < p.L ? p.delta[at] : 0.f;
+  }
+}
+
+// dK, dV (sm_80 and newer): one CTA of 8 warps per (key tile, key/value head, batch), looping
+// over the query tiles of each query head of the group. Phase A: warp w computes S^T and dP^T
+// for keys 16 (w % 4) .. + 16 and query columns (w / 4) BM/2 .. + BM/2 and stages P^T, dS'^T in
+// shared memory; phase B: warp w accumulates dV, dK for the same 16 keys and head-dim columns
 // (w / 4) kD/2 .. + kD/2 over the whole query tile.
 template <typename T, int kD>
-__global__ void __launch_bounds__(256) attention_bwd_dkdv_kernel(const AttnParams p) {
+__device__ __forceinline__ void dkdv_mma(const AttnParams& p) {
   using Cfg = Tiles<kD>;
   constexpr int BN = Cfg::kKvN, BM = Cfg::kKvM, LDS = Cfg::kLds, LDP = Cfg::kLdp;
   constexpr int KS = kD / 16;       // k-steps of K Q^T and V dO^T
@@ -842,36 +913,15 @@ __global__ void __launch_bounds__(256) attention_bwd_dkdv_kernel(const AttnParam
   float* sDl = sL + 2 * BM;                              // 2 x BM: delta
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * BN;
-  const int64_t hk = blockIdx.y, b = blockIdx.z;
-  const T* kb = static_cast<const T*>(p.k) + b * p.sk[0] + hk * p.sk[1];
-  const T* vb = static_cast<const T*>(p.v) + b * p.sv[0] + hk * p.sv[1];
-
-  // Query rows that see some key of [n0, n_last]: j - offset - right <= i <= j - offset + left.
-  const int64_t n_last = min(n0 + BN, p.S) - 1;
-  const int64_t qlo = p.has_right ? max(int64_t(0), n0 - p.offset - p.right) : 0;
-  const int64_t qhi = p.has_left ? min(p.L, n_last - p.offset + p.left + 1) : p.L;
-  const int64_t mb_lo = qlo / BM;
-  const int64_t nmb = qhi > qlo ? (qhi + BM - 1) / BM - mb_lo : 0;
-  const int64_t iters = p.group * nmb;
-
+  const KvTile<T, BN, BM> w(p);
+  const int64_t n0 = w.n0, hk = w.hk, b = w.b, iters = w.iters;
   auto load_stage = [&](int st, int64_t it) {
-    const int64_t h = hk * p.group + it / nmb, m0 = (mb_lo + it % nmb) * BM;
-    load_tile<T, BM, kD, 256>(sQ + st * BM * LDS,
-                              static_cast<const T*>(p.q) + b * p.sq[0] + h * p.sq[1], p.sq[2],
-                              m0, p.L, p.d_load);
-    load_tile<T, BM, kD, 256>(sdO + st * BM * LDS,
-                              static_cast<const T*>(p.dout) + b * p.sdo[0] + h * p.sdo[1],
-                              p.sdo[2], m0, p.L, p.dv_load);
-    for (int idx = threadIdx.x; idx < BM; idx += 256) {
-      const int64_t i = m0 + idx, at = (b * p.Hq + h) * p.L + i;
-      sL[st * BM + idx] = i < p.L ? p.lse2[at] : INFINITY;  // rows past L: probability 0
-      sDl[st * BM + idx] = i < p.L ? p.delta[at] : 0.f;
-    }
+    load_q_stage<T, BN, BM, kD, 256, false>(p, w, it, sQ + st * BM * LDS, sdO + st * BM * LDS,
+                                            sL + st * BM, sDl + st * BM);
   };
 
-  load_tile<T, BN, kD, 256>(sK, kb, p.sk[2], n0, p.S, p.d_load);
-  load_tile<T, BN, kD, 256>(sV, vb, p.sv[2], n0, p.S, p.dv_load);
+  load_tile<T, BN, kD, 256>(sK, w.kb, p.sk[2], n0, p.S, p.d_load);
+  load_tile<T, BN, kD, 256>(sV, w.vb, p.sv[2], n0, p.S, p.dv_load);
   if (iters > 0) load_stage(0, 0);
   cp_async_commit();
 
@@ -896,7 +946,7 @@ __global__ void __launch_bounds__(256) attention_bwd_dkdv_kernel(const AttnParam
       cp_async_wait<0>();
     }
     __syncthreads();
-    const int64_t h = hk * p.group + it / nmb, m0 = (mb_lo + it % nmb) * BM;
+    const int64_t h = w.head(it), m0 = w.row0(it);
     const T* sQs = sQ + st * BM * LDS;
     const T* sdOs = sdO + st * BM * LDS;
     const float* sLs = sL + st * BM;
@@ -987,22 +1037,172 @@ __global__ void __launch_bounds__(256) attention_bwd_dkdv_kernel(const AttnParam
   __syncthreads();
 
   // Stage dK (scaled) and dV in sK / sV, then store the keys < S.
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-#pragma unroll
-    for (int ht = 0; ht < HT; ++ht) {
-      const int at = (kw + g + 8 * r) * LDS + dh + ht * 8 + 2 * t;
-      *reinterpret_cast<uint32_t*>(sK + at) =
-          pack2<T>(dk[ht][2 * r] * p.scale, dk[ht][2 * r + 1] * p.scale);
-      *reinterpret_cast<uint32_t*>(sV + at) = pack2<T>(dv[ht][2 * r], dv[ht][2 * r + 1]);
-    }
-  }
+  stage_fragment<T, LDS>(sK, dk, kw + g, dh, p.scale);
+  stage_fragment<T, LDS>(sV, dv, kw + g, dh, 1.f);
   __syncthreads();
   const int nrows = static_cast<int>(min(int64_t(BN), p.S - n0));
   store_rows<T, LDS>(sK, static_cast<T*>(p.dk) + b * p.sdk[0] + hk * p.sdk[1] + n0 * p.sdk[2],
                      p.sdk[2], p.sdk[3], nrows, p.D, p.dk_vec, threadIdx.x, 256);
   store_rows<T, LDS>(sV, static_cast<T*>(p.dv) + b * p.sdv[0] + hk * p.sdv[1] + n0 * p.sdv[2],
                      p.sdv[2], p.sdv[3], nrows, p.Dv, p.dv_vec, threadIdx.x, 256);
+}
+
+// dK, dV on Hopper (sm_90a): one CTA of two warpgroups per (key tile of 64, key/value head,
+// batch), looping over the query tiles as dkdv_mma. The wgmma M of 64 is the key tile, and the
+// two warpgroups split the work by product: warpgroup 0 computes S^T = K Q^T, turns it into
+// P^T (softmax, softcap, masks, dropout) and accumulates dV += P^T dO; warpgroup 1 computes
+// dP^T = V dO^T, takes P from warpgroup 0 through shared memory (fp32, in accumulator order),
+// forms dS'^T and accumulates dK += dS'^T Q. Each thread thus holds one 64 x kD accumulator
+// (kD / 2 floats: head dim 256 fits), and P^T / dS'^T go from accumulators to A operands in
+// registers (a_fragment). K and V (K-major) and the Q / dO ring sit in the core-matrix layout;
+// a Q or dO tile is read K-major as B of the first product (rows = queries = N) and MN-major
+// as B of the second (rows = queries = K). Two barriers per query tile: the stage has landed
+// (the next stage's copies start after it), P is handed over.
+template <typename T, int kD>
+__device__ __forceinline__ void dkdv_wgmma(const AttnParams& p) {
+  using Cfg = Tiles<kD>;
+  constexpr int BN = Cfg::kKvN, BM = Cfg::kKvM, LDS = Cfg::kLds;
+  constexpr int QT = BM / 8;   // n-tiles (query columns) of S^T and dP^T
+  constexpr int MS = BM / 16;  // k-steps (queries) of dV += P^T dO and dK += dS'^T Q
+  constexpr int DT = kD / 8;
+  static_assert(BN == 64, "a key tile is one wgmma M");
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sK = reinterpret_cast<T*>(smem);  // BN x kD core matrices
+  T* sV = sK + BN * kD;                // BN x kD
+  T* sQ = sV + BN * kD;                // 2 x BM x kD
+  T* sdO = sQ + 2 * BM * kD;           // 2 x BM x kD
+  // P (sign bit set where dropout dropped it) and 1 - tanh^2 (softcap), element e of a
+  // thread's accumulators at [e][thread]: the threads of warpgroup 1 read what the threads of
+  // the same rank in warpgroup 0 wrote, 32 consecutive floats a warp (no bank conflicts).
+  float* sP = reinterpret_cast<float*>(sdO + 2 * BM * kD);  // 4 QT x 128
+  float* sCap = sP + BN * BM;                                // 4 QT x 128
+  float* sL = sCap + BN * BM;                                // 2 x BM: lse2
+  float* sDl = sL + 2 * BM;                                  // 2 x BM: delta
+  static_assert(BN * BM == 4 * QT * 128, "one float per accumulator of a warpgroup");
+
+  const int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
+  const int g = (tid % 32) >> 2, t = tid & 3;
+  const int kw = (tid / 32) * 16;  // this warp's keys (rows of the wgmma M)
+  const KvTile<T, BN, BM> w(p);
+  const int64_t n0 = w.n0, hk = w.hk, b = w.b, iters = w.iters;
+  auto load_stage = [&](int st, int64_t it) {
+    load_q_stage<T, BN, BM, kD, 256, true>(p, w, it, sQ + st * BM * kD, sdO + st * BM * kD,
+                                           sL + st * BM, sDl + st * BM);
+  };
+
+  load_tile<T, BN, kD, 256, true>(sK, w.kb, p.sk[2], n0, p.S, p.d_load);
+  load_tile<T, BN, kD, 256, true>(sV, w.vb, p.sv[2], n0, p.S, p.dv_load);
+  if (iters > 0) load_stage(0, 0);
+  cp_async_commit();
+
+  const uint64_t seed = p.dropout ? seed_of(p) : 0;
+  float acc[DT][4];  // warpgroup 0: dV; warpgroup 1: dK (unscaled)
+#pragma unroll
+  for (int i = 0; i < DT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+
+  for (int64_t it = 0; it < iters; ++it) {
+    const int st = static_cast<int>(it & 1);
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();  // stage st landed; every thread is done with the other stage and with sP
+    if (it + 1 < iters) {
+      load_stage(st ^ 1, it + 1);
+      cp_async_commit();
+    }
+    const int64_t h = w.head(it), m0 = w.row0(it);
+    const T* sQs = sQ + st * BM * kD;
+    const T* sdOs = sdO + st * BM * kD;
+    const float* sLs = sL + st * BM;
+    const float* sDls = sDl + st * BM;
+
+    // S^T = K Q^T (warpgroup 0) or dP^T = V dO^T (warpgroup 1): 64 keys x BM queries. The
+    // operands are chosen by address, so both warpgroups issue the same instructions.
+    float s[QT][4];
+    wgmma_fence_operands(s);
+    wgmma_fence();
+    wgmma_abt<T, kD>(s, wg == 0 ? sK : sV, wg == 0 ? sQs : sdOs);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_operands(s);
+
+    // s[qt][e]: key n0 + kw + g + 8 (e / 2), query column qt * 8 + 2t + e % 2.
+    const bool edge = !full_tile<BM, BN>(p, m0, n0);
+    if (wg == 0) {  // P^T (dropped, rescaled) into s; P and 1 - tanh^2 handed over
+#pragma unroll
+      for (int qt = 0; qt < QT; ++qt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = qt * 8 + 2 * t + (e & 1);
+          const int64_t i = m0 + col, j = n0 + kw + g + 8 * (e / 2);
+          float th;
+          const float pr = exp2f(score2(p, s[qt][e], b, h, i, j, edge, th) - sLs[col]);
+          const bool keep =
+              !p.dropout || (pr != 0.f && i < p.L && j < p.S && keep_at(p, seed, b, h, i, j));
+          sP[(qt * 4 + e) * 128 + tid] = keep ? pr : -pr;
+          if (p.softcap) sCap[(qt * 4 + e) * 128 + tid] = 1.f - th * th;
+          s[qt][e] = keep ? (p.dropout ? pr * p.drop_scale : pr) : 0.f;
+        }
+      }
+    }
+    __syncthreads();  // P handed over
+    if (wg == 1) {  // dS'^T = P^T (dP^T z / (1 - dropout_p) - delta) (1 - tanh^2) into s
+#pragma unroll
+      for (int qt = 0; qt < QT; ++qt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = qt * 8 + 2 * t + (e & 1);
+          const int64_t i = m0 + col, j = n0 + kw + g + 8 * (e / 2);
+          const float x = sP[(qt * 4 + e) * 128 + tid];
+          const float pr = fabsf(x);
+          float dpv = s[qt][e];
+          if (p.dropout) dpv = signbit(x) ? 0.f : dpv * p.drop_scale;
+          float ds = pr * (dpv - sDls[col]);
+          if (p.dmask != nullptr && i < p.L && j < p.S) {
+            p.dmask[((b * p.Hq + h) * p.L + i) * p.S + j] = ds;
+          }
+          if (p.softcap) ds *= sCap[(qt * 4 + e) * 128 + tid];
+          s[qt][e] = ds;
+        }
+      }
+    }
+
+    // dV += P^T dO (warpgroup 0) or dK += dS'^T Q (warpgroup 1): the A operand from the
+    // accumulators, dO or Q MN-major.
+    uint32_t fa[MS][4];
+#pragma unroll
+    for (int kk = 0; kk < MS; ++kk) a_fragment<T>(s, kk, fa[kk]);
+    wgmma_fence_operands(acc);
+    wgmma_fence();
+    wgmma_pb<T, kD>(acc, fa, wg == 0 ? sdOs : sQs);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_operands(acc);
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // every wgmma has read its tiles: sK and the ring take the outputs
+
+  // dK (scaled) staged where K and V were, dV where the ring was; then the keys < S stored.
+  T* stage = wg == 0 ? sQ : sK;
+  stage_fragment<T, LDS>(stage, acc, kw + g, 0, wg == 0 ? 1.f : p.scale);
+  __syncthreads();
+  const int nrows = static_cast<int>(min(int64_t(BN), p.S - n0));
+  if (wg == 0) {
+    store_rows<T, LDS>(sQ, static_cast<T*>(p.dv) + b * p.sdv[0] + hk * p.sdv[1] + n0 * p.sdv[2],
+                       p.sdv[2], p.sdv[3], nrows, p.Dv, p.dv_vec, tid, 128);
+  } else {
+    store_rows<T, LDS>(sK, static_cast<T*>(p.dk) + b * p.sdk[0] + hk * p.sdk[1] + n0 * p.sdk[2],
+                       p.sdk[2], p.sdk[3], nrows, p.D, p.dk_vec, tid, 128);
+  }
+}
+
+// dK, dV: dkdv_mma (sm_80 and newer) or, kWgmma, dkdv_wgmma (Hopper, sm_90a); 256 threads.
+template <typename T, int kD, bool kWgmma>
+__global__ void __launch_bounds__(256) attention_bwd_dkdv_kernel(const AttnParams p) {
+  if constexpr (kWgmma) {
+    dkdv_wgmma<T, kD>(p);
+  } else {
+    dkdv_mma<T, kD>(p);
+  }
 }
 
 // --- launchers -----------------------------------------------------------------------------
@@ -1187,8 +1387,13 @@ void run_bwd(const AttnParams& p) {
   if (p.S > 0) {
     const dim3 grid_kv(static_cast<unsigned>((p.S + Tiles<kD>::kKvN - 1) / Tiles<kD>::kKvN),
                        static_cast<unsigned>(p.Hk), static_cast<unsigned>(p.B));
-    Launcher::launch(attention_bwd_dkdv_kernel<T, kD>, grid_kv, 256,
-                     Tiles<kD>::dkdv_smem(sizeof(T)), p);
+    if (Launcher::wgmma()) {
+      Launcher::launch(attention_bwd_dkdv_kernel<T, kD, true>, grid_kv, 256,
+                       Tiles<kD>::template dkdv_smem<true>(sizeof(T)), p);
+    } else {
+      Launcher::launch(attention_bwd_dkdv_kernel<T, kD, false>, grid_kv, 256,
+                       Tiles<kD>::template dkdv_smem<false>(sizeof(T)), p);
+    }
   }
 }
 

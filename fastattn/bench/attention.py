@@ -301,9 +301,9 @@ WGMMA_VAR = "FASTATTN_CUDA_WGMMA"
 
 @contextlib.contextmanager
 def sm80_kernels() -> Iterator[None]:
-    """Native CUDA attention runs its sm_80 (mma.sync) forward and dQ kernels inside, where
-    the launcher would pick the Hopper (wgmma) ones (``FASTATTN_CUDA_WGMMA=0``, read at each
-    launch); the variable is restored on exit."""
+    """Native CUDA attention runs its sm_80 (mma.sync) kernels inside, where the launcher
+    would pick the Hopper (wgmma) ones (``FASTATTN_CUDA_WGMMA=0``, read at each launch); the
+    variable is restored on exit."""
     old = os.environ.get(WGMMA_VAR)
     os.environ[WGMMA_VAR] = "0"
     try:
