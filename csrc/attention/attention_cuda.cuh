@@ -47,15 +47,17 @@
 //   only tiles on the edge of the band pay for position checks. Heavy (late, causal) query
 //   tiles are scheduled first.
 // - Forward on Hopper (attention_fwd_kernel<T, kD, true>: compute capability 9.x, sm_90a,
-//   FASTATTN_CUDA_WGMMA not "0"): the same ring and softmax, each four warps acting as one
-//   warpgroup of 64 query rows; from head dim 96 up a CTA holds two warpgroups (128 rows) that
+//   FASTATTN_CUDA_WGMMA not "0"): the same softmax, each four warps acting as one warpgroup of
+//   64 query rows; from head dim 96 up a CTA holds two warpgroups (128 rows) that
 //   share each K/V tile, below it one (Tiles::fwd_groups: ptxas's register counts give an SM
 //   two warpgroups either way from 96 up, and three or four one-warpgroup CTAs below). Per
 //   warpgroup, S = Q K^T is one wgmma m64nBNk16 chain reading Q and K from shared memory, O +=
 //   P V a wgmma chain with P from registers and V read as an MN-major operand, so no ldmatrix
 //   is issued; the tiles sit in wgmma's core-matrix layout (8 x 8 blocks of 128 bytes, no
-//   swizzle; csrc/common/wgmma_layout.h). Each chain is waited for before its result is used
-//   (no overlap of softmax and MMA yet).
+//   swizzle; csrc/common/wgmma_layout.h). With two warpgroups the softmax of key tile j runs
+//   while the tensor cores compute O += P_{j-1} V_{j-1} (FA3's intra-warpgroup overlap), K and
+//   V then having rings of their own (tile j needs K_j and V_{j-1} at once); with one, each
+//   product is waited for before its result is used (fwd_wgmma says why).
 // - Backward: a preprocess kernel, delta = rowsum(dO * O) and lse in base 2 (+inf for a fully
 //   masked row, so its probabilities recompute as 0); a dK/dV kernel, one CTA of 8 warps per
 //   key tile (64 keys) looping over the query tiles of every query head of its group (Q, dO,
@@ -85,10 +87,11 @@
 //
 // Not yet (first version, not yet run on a GPU): float32 / float64 inputs (TypeError: the
 // triton or torch backend serves them), a SIMT fallback; on Hopper, TMA loads, warp
-// specialisation, swizzled layouts, overlapping the softmax with the next S = Q K^T (and, in
-// dK/dV, one warpgroup's elementwise work with the other's products); split-KV, a persistent
-// scheduler, vectorised mask loads (masks are read one element per score, through their
-// strides), tuning of tile sizes. Performance is to be measured with the harness on a GPU.
+// specialisation, swizzled layouts, scheduling one warpgroup's softmax against the other's
+// products (FA3's ping-pong; in dK/dV, one warpgroup's elementwise work against the other's
+// products); split-KV, a persistent scheduler, vectorised mask loads (masks are read one
+// element per score, through their strides), tuning of tile sizes. Performance is to be
+// measured with the harness on a GPU.
 
 #pragma once
 
@@ -200,8 +203,9 @@ struct Tiles {
   static constexpr int kKvM = kD <= 128 ? 64 : 32;
   static constexpr int kLdp = kKvM + 8;
 
-  // Q staged with pitch kLds (the output tile reuses it); the K and V stages with pitch kLds,
-  // or with kWgmma in wgmma's core-matrix layout (core_offset, wgmma_layout.h), unpadded.
+  // Q staged with pitch kLds (the output tile reuses it); two K and two V stages with pitch
+  // kLds, or with kWgmma in wgmma's core-matrix layout (core_offset, wgmma_layout.h), unpadded
+  // (with two warpgroups the V ring runs one key tile behind the K ring: fwd_wgmma).
   template <bool kWgmma>
   static constexpr size_t fwd_smem(int elem) {
     return static_cast<size_t>(fwd_m<kWgmma> * kLds + 4 * kFwdN * (kWgmma ? kD : kLds)) * elem;
@@ -411,10 +415,11 @@ struct FwdTile {
 
 // One key tile of the forward, after S = Q K^T for this warp's 16 rows (s[nt][e]: row
 // rows[e / 2], key n0 + nt * 8 + 2t + e % 2, the mma accumulator layout): scores in base 2,
-// the online softmax (o rescaled, row_m / row_l updated) and dropout; s then holds P.
-template <int NT, int DT>
+// the online softmax (row_m / row_l updated; alpha, the factor the output accumulated so far
+// takes, returned for rescale_rows) and dropout; s then holds P.
+template <int NT>
 __device__ __forceinline__ void fwd_softmax_tile(const AttnParams& p, float (&s)[NT][4],
-                                                 float (&o)[DT][4], float (&row_m)[2],
+                                                 float (&alpha)[2], float (&row_m)[2],
                                                  float (&row_l)[2], const int64_t (&rows)[2],
                                                  int64_t b, int64_t h, int64_t n0, bool edge,
                                                  uint64_t seed) {
@@ -439,14 +444,9 @@ __device__ __forceinline__ void fwd_softmax_tile(const AttnParams& p, float (&s)
     // A row with nothing visible yet has max -inf: subtract 0 instead so exp2 gives 0, not
     // NaN (-inf - -inf).
     const float m_safe = m_new == -INFINITY ? 0.f : m_new;
-    const float alpha = exp2f(row_m[r] - m_safe);
+    alpha[r] = exp2f(row_m[r] - m_safe);
     row_m[r] = m_new;
-    row_l[r] *= alpha;
-#pragma unroll
-    for (int dt = 0; dt < DT; ++dt) {
-      o[dt][2 * r] *= alpha;
-      o[dt][2 * r + 1] *= alpha;
-    }
+    row_l[r] *= alpha[r];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
@@ -468,6 +468,18 @@ __device__ __forceinline__ void fwd_softmax_tile(const AttnParams& p, float (&s)
         }
       }
     }
+  }
+}
+
+// o's two rows (accumulator layout) times alpha[0] and alpha[1].
+template <int DT>
+__device__ __forceinline__ void rescale_rows(float (&o)[DT][4], const float (&alpha)[2]) {
+#pragma unroll
+  for (int dt = 0; dt < DT; ++dt) {
+    o[dt][0] *= alpha[0];
+    o[dt][1] *= alpha[0];
+    o[dt][2] *= alpha[1];
+    o[dt][3] *= alpha[1];
   }
 }
 
@@ -548,37 +560,27 @@ __device__ __forceinline__ void wgmma_pb(float (&c)[DT][4], const uint32_t (&pa)
   }
 }
 
-// The forward kernel, in two versions that differ in the two products and the rows per CTA:
-// - kWgmma false (sm_80 and newer): each warp's mma.sync, operands by ldmatrix from row-padded
-//   tiles;
-// - kWgmma true (Hopper, sm_90a): warpgroups of four warps and 64 query rows, two per CTA from
-//   head dim 96 up sharing the K/V ring (Tiles::fwd_groups), else one. Per warpgroup, S =
-//   Q K^T as wgmma m64nBNk16 with Q and K K-major, O += P V as wgmma m64n64k16 / m64n32k16 over
-//   the head dim with P from registers and V MN-major, all read from shared memory in the
-//   core-matrix layout (core_offset), so no ldmatrix is issued. Each chain is waited for before
-//   its result is used.
-template <typename T, int kD, bool kWgmma>
-__global__ void __launch_bounds__(kWgmma && kD >= 96 ? 256 : 128)
-    attention_fwd_kernel(const AttnParams p) {
+// The forward on sm_80 and newer: each warp's mma.sync, operands by ldmatrix from row-padded
+// tiles; 64 query rows, 4 warps.
+template <typename T, int kD>
+__device__ __forceinline__ void fwd_mma(const AttnParams& p) {
   using Cfg = Tiles<kD>;
-  constexpr int BM = Cfg::template fwd_m<kWgmma>, BN = Cfg::kFwdN, LDS = Cfg::kLds;
-  constexpr int THREADS = Cfg::template fwd_threads<kWgmma>;
-  static_assert(THREADS == (kWgmma && kD >= 96 ? 256 : 128), "__launch_bounds__ above");
+  constexpr int BM = Cfg::template fwd_m<false>, BN = Cfg::kFwdN, LDS = Cfg::kLds;
+  constexpr int THREADS = Cfg::template fwd_threads<false>;
   constexpr int NT = Cfg::kFwdNT, DT = Cfg::kFwdDT, KS = Cfg::kFwdKS, PS = Cfg::kFwdPS;
-  constexpr int KV = kWgmma ? kD : LDS;  // elements a K / V row takes in its stage
   extern __shared__ __align__(16) unsigned char smem[];
-  T* sQ = reinterpret_cast<T*>(smem);  // BM x LDS (kWgmma: BM x kD core matrices in it)
-  T* sK = sQ + BM * LDS;               // 2 x BN x KV
-  T* sV = sK + 2 * BN * KV;            // 2 x BN x KV
+  T* sQ = reinterpret_cast<T*>(smem);  // BM x LDS
+  T* sK = sQ + BM * LDS;               // 2 x BN x LDS
+  T* sV = sK + 2 * BN * LDS;           // 2 x BN x LDS
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2;
   const FwdTile<T, BM, BN> w(p);
   const int64_t m0 = w.m0, h = w.h, b = w.b;
 
-  load_tile<T, BM, kD, THREADS, kWgmma>(sQ, w.qb, p.sq[2], m0, p.L, p.d_load);
+  load_tile<T, BM, kD, THREADS>(sQ, w.qb, p.sq[2], m0, p.L, p.d_load);
   if (w.nb_lo < w.nb_hi) {
-    load_tile<T, BN, kD, THREADS, kWgmma>(sK, w.kb, p.sk[2], w.nb_lo * BN, p.S, p.d_load);
-    load_tile<T, BN, kD, THREADS, kWgmma>(sV, w.vb, p.sv[2], w.nb_lo * BN, p.S, p.dv_load);
+    load_tile<T, BN, kD, THREADS>(sK, w.kb, p.sk[2], w.nb_lo * BN, p.S, p.d_load);
+    load_tile<T, BN, kD, THREADS>(sV, w.vb, p.sv[2], w.nb_lo * BN, p.S, p.dv_load);
   }
   cp_async_commit();
 
@@ -588,67 +590,48 @@ __global__ void __launch_bounds__(kWgmma && kD >= 96 ? 256 : 128)
   for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
   float row_m[2] = {-INFINITY, -INFINITY}, row_l[2] = {0.f, 0.f};  // base-2 max; partial sums
   const int64_t rows[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};
+  const T* sQw = sQ + warp * 16 * LDS;
 
   for (int64_t nb = w.nb_lo; nb < w.nb_hi; ++nb) {
     const int st = static_cast<int>((nb - w.nb_lo) & 1);
-    next_kv_tile<T, BN, kD, THREADS, kWgmma>(sK, sV, w.kb, w.vb, p, nb, w.nb_hi, st);
-    const T* sKs = sK + st * BN * KV;
-    const T* sVs = sV + st * BN * KV;
+    next_kv_tile<T, BN, kD, THREADS>(sK, sV, w.kb, w.vb, p, nb, w.nb_hi, st);
+    const T* sKs = sK + st * BN * LDS;
+    const T* sVs = sV + st * BN * LDS;
     const int64_t n0 = nb * BN;
 
     // S = Q K^T: this warp's 16 rows x BN keys.
     float s[NT][4];
-    if constexpr (kWgmma) {  // this warpgroup's 64 rows of Q
-      wgmma_fence_operands(s);
-      wgmma_fence();
-      wgmma_abt<T, kD>(s, sQ + core_offset<kD>(64 * (threadIdx.x / 128), 0), sKs);
-      wgmma_commit();
-      wgmma_wait<0>();
-      wgmma_fence_operands(s);
-    } else {
-      const T* sQw = sQ + warp * 16 * LDS;
 #pragma unroll
-      for (int i = 0; i < NT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+    for (int i = 0; i < NT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
 #pragma unroll
-      for (int ks = 0; ks < KS; ++ks) {
-        uint32_t a[4];
-        ldmatrix_x4(a, sQw + (lane % 16) * LDS + ks * 16 + (lane / 16) * 8);
+    for (int ks = 0; ks < KS; ++ks) {
+      uint32_t a[4];
+      ldmatrix_x4(a, sQw + (lane % 16) * LDS + ks * 16 + (lane / 16) * 8);
 #pragma unroll
-        for (int np = 0; np < NT / 2; ++np) {
-          uint32_t bb[4];
-          ldmatrix_x4(bb, sKs + (np * 16 + (lane % 8) + (lane / 16) * 8) * LDS + ks * 16 +
-                              ((lane / 8) % 2) * 8);
-          mma_16816<T>(s[2 * np], a, bb[0], bb[1]);
-          mma_16816<T>(s[2 * np + 1], a, bb[2], bb[3]);
-        }
+      for (int np = 0; np < NT / 2; ++np) {
+        uint32_t bb[4];
+        ldmatrix_x4(bb, sKs + (np * 16 + (lane % 8) + (lane / 16) * 8) * LDS + ks * 16 +
+                            ((lane / 8) % 2) * 8);
+        mma_16816<T>(s[2 * np], a, bb[0], bb[1]);
+        mma_16816<T>(s[2 * np + 1], a, bb[2], bb[3]);
       }
     }
-    fwd_softmax_tile(p, s, o, row_m, row_l, rows, b, h, n0, !full_tile<BM, BN>(p, m0, n0), seed);
+    float alpha[2];
+    fwd_softmax_tile(p, s, alpha, row_m, row_l, rows, b, h, n0, !full_tile<BM, BN>(p, m0, n0),
+                     seed);
+    rescale_rows(o, alpha);
 
-    // O += P V: P from the accumulators (a_fragment).
-    if constexpr (kWgmma) {  // V (keys x kD) MN-major
-      uint32_t pa[PS][4];
+    // O += P V: P from the accumulators (a_fragment), V^T fragments by ldmatrix.trans.
 #pragma unroll
-      for (int kk = 0; kk < PS; ++kk) a_fragment<T>(s, kk, pa[kk]);
-      wgmma_fence_operands(o);
-      wgmma_fence();
-      wgmma_pb<T, kD>(o, pa, sVs);
-      wgmma_commit();
-      wgmma_wait<0>();
-      wgmma_fence_operands(o);
-    } else {
-      // V^T fragments by ldmatrix.trans.
+    for (int kk = 0; kk < PS; ++kk) {
+      uint32_t a[4];
+      a_fragment<T>(s, kk, a);
 #pragma unroll
-      for (int kk = 0; kk < PS; ++kk) {
-        uint32_t a[4];
-        a_fragment<T>(s, kk, a);
-#pragma unroll
-        for (int dp = 0; dp < DT / 2; ++dp) {
-          uint32_t bb[4];
-          ldmatrix_x4_trans(bb, sVs + (kk * 16 + (lane % 16)) * LDS + dp * 16 + (lane / 16) * 8);
-          mma_16816<T>(o[2 * dp], a, bb[0], bb[1]);
-          mma_16816<T>(o[2 * dp + 1], a, bb[2], bb[3]);
-        }
+      for (int dp = 0; dp < DT / 2; ++dp) {
+        uint32_t bb[4];
+        ldmatrix_x4_trans(bb, sVs + (kk * 16 + (lane % 16)) * LDS + dp * 16 + (lane / 16) * 8);
+        mma_16816<T>(o[2 * dp], a, bb[0], bb[1]);
+        mma_16816<T>(o[2 * dp + 1], a, bb[2], bb[3]);
       }
     }
     __syncthreads();  // every warp is done with this stage before it is refilled
@@ -656,6 +639,140 @@ __global__ void __launch_bounds__(kWgmma && kD >= 96 ? 256 : 128)
   cp_async_wait<0>();  // with no key tile, the Q copy may still be landing in sQ
   __syncthreads();
   fwd_epilogue<T, kD>(p, o, row_m, row_l, rows, m0, b, h, sQ);
+}
+
+// The forward on Hopper (sm_90a): warpgroups of four warps and 64 query rows, two per CTA from
+// head dim 96 up sharing the K/V stages (Tiles::fwd_groups), else one. Per warpgroup, S = Q K^T
+// as wgmma m64nBNk16 with Q and K K-major, O += P V as wgmma m64n64k16 / m64n32k16 over the
+// head dim with P from registers and V MN-major, all read from shared memory in the
+// core-matrix layout (core_offset), so no ldmatrix is issued.
+//
+// With two warpgroups (kOverlap) the softmax of key tile j runs while the tensor cores compute
+// O += P_{j-1} V_{j-1} (FA3's intra-warpgroup overlap): iteration j issues S_j = Q K_j^T and
+// then O += P_{j-1} V_{j-1}, waits for S_j only, forms P_j and the rescale factor alpha_j, and
+// applies alpha_j to O once the second product is done (O then holds the sum up to tile j - 1
+// relative to tile j's max; the last tile's product follows the loop). K and V then have rings
+// of their own, because tile j needs K_j and V_{j-1} at once: iteration j starts the copies of
+// K_{j+1} and V_j into the stages that K_{j-1} and V_{j-2} left, and the next iteration waits
+// for them. Why only there: the two warpgroups of a CTA meet at a barrier every key tile and an
+// SM holds one such CTA, so nothing else fills the tensor cores during their softmax; with one
+// warpgroup a CTA, an SM holds three or four CTAs whose softmax and products interleave anyway,
+// and the overlap's live registers (P_{j-1} beside S_j: 154 / 184 registers at head dims 32 /
+// 64 against 122 / 158, by ptxas) would cost it one of them. Without kOverlap each product is
+// waited for before its result is used, K and V sharing the stages of next_kv_tile.
+template <typename T, int kD>
+__device__ __forceinline__ void fwd_wgmma(const AttnParams& p) {
+  using Cfg = Tiles<kD>;
+  constexpr int BM = Cfg::template fwd_m<true>, BN = Cfg::kFwdN;
+  constexpr int THREADS = Cfg::template fwd_threads<true>;
+  constexpr int NT = Cfg::kFwdNT, DT = Cfg::kFwdDT, PS = Cfg::kFwdPS;
+  constexpr bool kOverlap = Cfg::template fwd_groups<true> == 2;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);  // BM x kD core matrices (the epilogue: rows of kLds)
+  T* sK = sQ + BM * Cfg::kLds;         // 2 x BN x kD: K_j in stage (j - nb_lo) % 2
+  T* sV = sK + 2 * BN * kD;            // 2 x BN x kD: V_j likewise
+
+  const int warp = threadIdx.x / 32, g = (threadIdx.x % 32) >> 2;
+  const FwdTile<T, BM, BN> w(p);
+  const int64_t m0 = w.m0, h = w.h, b = w.b;
+  const T* sQw = sQ + core_offset<kD>(64 * (threadIdx.x / 128), 0);  // this warpgroup's rows
+
+  load_tile<T, BM, kD, THREADS, true>(sQ, w.qb, p.sq[2], m0, p.L, p.d_load);
+  if (w.nb_lo < w.nb_hi) {
+    load_tile<T, BN, kD, THREADS, true>(sK, w.kb, p.sk[2], w.nb_lo * BN, p.S, p.d_load);
+    if constexpr (!kOverlap) {
+      load_tile<T, BN, kD, THREADS, true>(sV, w.vb, p.sv[2], w.nb_lo * BN, p.S, p.dv_load);
+    }
+  }
+  cp_async_commit();
+
+  const uint64_t seed = p.dropout ? seed_of(p) : 0;
+  float o[DT][4];
+#pragma unroll
+  for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float row_m[2] = {-INFINITY, -INFINITY}, row_l[2] = {0.f, 0.f};  // base-2 max; partial sums
+  const int64_t rows[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};
+  uint32_t pa[PS][4];  // P as A operands (kOverlap: the previous key tile's, in flight)
+  // Issues O += P V (pa, the V stage at sVs) as one wgmma group; o and pa were last written by
+  // the threads, so the fence orders them before the MMA.
+  auto issue_pv = [&](const T* sVs) {
+    wgmma_fence_operands(o);
+    wgmma_fence();
+    wgmma_pb<T, kD>(o, pa, sVs);
+    wgmma_commit();
+  };
+
+  for (int64_t nb = w.nb_lo; nb < w.nb_hi; ++nb) {
+    const int st = static_cast<int>((nb - w.nb_lo) & 1);
+    if constexpr (kOverlap) {
+      cp_async_wait<0>();  // K_nb and V_{nb-1}
+      fence_proxy_async();
+      __syncthreads();  // and every warpgroup is done with K_{nb-1} and V_{nb-2}
+      if (nb + 1 < w.nb_hi) {
+        load_tile<T, BN, kD, THREADS, true>(sK + (st ^ 1) * BN * kD, w.kb, p.sk[2],
+                                            (nb + 1) * BN, p.S, p.d_load);
+      }
+      load_tile<T, BN, kD, THREADS, true>(sV + st * BN * kD, w.vb, p.sv[2], nb * BN, p.S,
+                                          p.dv_load);
+      cp_async_commit();
+    } else {
+      next_kv_tile<T, BN, kD, THREADS, true>(sK, sV, w.kb, w.vb, p, nb, w.nb_hi, st);
+    }
+    const int64_t n0 = nb * BN;
+
+    // S = Q K^T: this warpgroup's 64 rows x BN keys (kOverlap: then O += P_{nb-1} V_{nb-1}).
+    float s[NT][4];
+    wgmma_fence_operands(s);
+    wgmma_fence();
+    wgmma_abt<T, kD>(s, sQw, sK + st * BN * kD);
+    wgmma_commit();
+    if (kOverlap && nb > w.nb_lo) {
+      issue_pv(sV + (st ^ 1) * BN * kD);
+      wgmma_wait<1>();  // S only: the softmax runs while O += P V does
+    } else {
+      wgmma_wait<0>();
+    }
+    wgmma_fence_operands(s);
+    float alpha[2];
+    fwd_softmax_tile(p, s, alpha, row_m, row_l, rows, b, h, n0, !full_tile<BM, BN>(p, m0, n0),
+                     seed);
+    if constexpr (kOverlap) {
+      wgmma_wait<0>();  // O and the previous P's registers are free
+      wgmma_fence_operands(o);
+    }
+    rescale_rows(o, alpha);
+#pragma unroll
+    for (int kk = 0; kk < PS; ++kk) a_fragment<T>(s, kk, pa[kk]);
+    if constexpr (!kOverlap) {
+      issue_pv(sV + st * BN * kD);
+      wgmma_wait<0>();
+      wgmma_fence_operands(o);
+      __syncthreads();  // every warp is done with this stage before it is refilled
+    }
+  }
+  cp_async_wait<0>();  // kOverlap: the last V; with no key tile, the Q copy
+  fence_proxy_async();
+  __syncthreads();
+  if (kOverlap && w.nb_lo < w.nb_hi) {  // O += P V of the last key tile
+    issue_pv(sV + ((w.nb_hi - 1 - w.nb_lo) & 1) * BN * kD);
+    wgmma_wait<0>();
+    wgmma_fence_operands(o);
+  }
+  // Every S = Q K^T has completed before the barrier above, so sQ is free for the output rows.
+  fwd_epilogue<T, kD>(p, o, row_m, row_l, rows, m0, b, h, sQ);
+}
+
+// The forward kernel: fwd_mma (sm_80 and newer) or, kWgmma, fwd_wgmma (Hopper, sm_90a).
+template <typename T, int kD, bool kWgmma>
+__global__ void __launch_bounds__(kWgmma && kD >= 96 ? 256 : 128)
+    attention_fwd_kernel(const AttnParams p) {
+  static_assert(Tiles<kD>::template fwd_threads<kWgmma> == (kWgmma && kD >= 96 ? 256 : 128),
+                "__launch_bounds__ above");
+  if constexpr (kWgmma) {
+    fwd_wgmma<T, kD>(p);
+  } else {
+    fwd_mma<T, kD>(p);
+  }
 }
 
 // --- backward ------------------------------------------------------------------------------
