@@ -413,17 +413,48 @@ struct FwdTile {
   }
 };
 
+// A warp's 16 query rows in the forward (rows g and g + 8 of the warp's 16 from m0 on): their
+// indices, the output accumulators (o[dt][e]: row rows[e / 2], column 8 dt + 2t + e % 2, the
+// mma.sync and wgmma layout), and the online softmax's running base-2 max and partial sum.
+template <int DT>
+struct FwdRows {
+  int64_t rows[2];
+  float o[DT][4];
+  float row_m[2] = {-INFINITY, -INFINITY};
+  float row_l[2] = {0.f, 0.f};
+
+  __device__ __forceinline__ explicit FwdRows(int64_t m0) {
+    rows[0] = m0 + (threadIdx.x / 32) * 16 + (threadIdx.x % 32) / 4;
+    rows[1] = rows[0] + 8;
+#pragma unroll
+    for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  }
+
+  // o's two rows times alpha[0] and alpha[1].
+  __device__ __forceinline__ void rescale(const float (&alpha)[2]) {
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+      o[dt][0] *= alpha[0];
+      o[dt][1] *= alpha[0];
+      o[dt][2] *= alpha[1];
+      o[dt][3] *= alpha[1];
+    }
+  }
+};
+
 // One key tile of the forward, after S = Q K^T for this warp's 16 rows (s[nt][e]: row
 // rows[e / 2], key n0 + nt * 8 + 2t + e % 2, the mma accumulator layout): scores in base 2,
 // the online softmax (row_m / row_l updated; alpha, the factor the output accumulated so far
-// takes, returned for rescale_rows) and dropout; s then holds P.
-template <int NT>
+// takes, returned for FwdRows::rescale) and dropout; s then holds P.
+template <int NT, int DT>
 __device__ __forceinline__ void fwd_softmax_tile(const AttnParams& p, float (&s)[NT][4],
-                                                 float (&alpha)[2], float (&row_m)[2],
-                                                 float (&row_l)[2], const int64_t (&rows)[2],
-                                                 int64_t b, int64_t h, int64_t n0, bool edge,
+                                                 float (&alpha)[2], FwdRows<DT>& fr, int64_t b,
+                                                 int64_t h, int64_t n0, bool edge,
                                                  uint64_t seed) {
   const int t = threadIdx.x % 4;
+  const int64_t (&rows)[2] = fr.rows;
+  float (&row_m)[2] = fr.row_m;
+  float (&row_l)[2] = fr.row_l;
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
@@ -471,26 +502,16 @@ __device__ __forceinline__ void fwd_softmax_tile(const AttnParams& p, float (&s)
   }
 }
 
-// o's two rows (accumulator layout) times alpha[0] and alpha[1].
-template <int DT>
-__device__ __forceinline__ void rescale_rows(float (&o)[DT][4], const float (&alpha)[2]) {
-#pragma unroll
-  for (int dt = 0; dt < DT; ++dt) {
-    o[dt][0] *= alpha[0];
-    o[dt][1] *= alpha[0];
-    o[dt][2] *= alpha[1];
-    o[dt][3] *= alpha[1];
-  }
-}
-
 // The forward's end, after every key tile: normalise, write lse, stage this warp's 16 output
 // rows in `stage` (pitch kLds; the Q tile's space, free by now) and store them.
 template <typename T, int kD, int DT>
-__device__ __forceinline__ void fwd_epilogue(const AttnParams& p, const float (&o)[DT][4],
-                                             const float (&row_m)[2], const float (&row_l)[2],
-                                             const int64_t (&rows)[2], int64_t m0, int64_t b,
-                                             int64_t h, T* stage) {
+__device__ __forceinline__ void fwd_epilogue(const AttnParams& p, const FwdRows<DT>& fr,
+                                             int64_t m0, int64_t b, int64_t h, T* stage) {
   constexpr int LDS = Tiles<kD>::kLds;
+  const float (&o)[DT][4] = fr.o;
+  const float (&row_m)[2] = fr.row_m;
+  const float (&row_l)[2] = fr.row_l;
+  const int64_t (&rows)[2] = fr.rows;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
   T* sO = stage + warp * 16 * LDS;
 #pragma unroll
@@ -573,7 +594,7 @@ __device__ __forceinline__ void fwd_mma(const AttnParams& p) {
   T* sK = sQ + BM * LDS;               // 2 x BN x LDS
   T* sV = sK + 2 * BN * LDS;           // 2 x BN x LDS
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const FwdTile<T, BM, BN> w(p);
   const int64_t m0 = w.m0, h = w.h, b = w.b;
 
@@ -585,11 +606,7 @@ __device__ __forceinline__ void fwd_mma(const AttnParams& p) {
   cp_async_commit();
 
   const uint64_t seed = p.dropout ? seed_of(p) : 0;
-  float o[DT][4];
-#pragma unroll
-  for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  float row_m[2] = {-INFINITY, -INFINITY}, row_l[2] = {0.f, 0.f};  // base-2 max; partial sums
-  const int64_t rows[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};
+  FwdRows<DT> fr(m0);
   const T* sQw = sQ + warp * 16 * LDS;
 
   for (int64_t nb = w.nb_lo; nb < w.nb_hi; ++nb) {
@@ -617,9 +634,8 @@ __device__ __forceinline__ void fwd_mma(const AttnParams& p) {
       }
     }
     float alpha[2];
-    fwd_softmax_tile(p, s, alpha, row_m, row_l, rows, b, h, n0, !full_tile<BM, BN>(p, m0, n0),
-                     seed);
-    rescale_rows(o, alpha);
+    fwd_softmax_tile(p, s, alpha, fr, b, h, n0, !full_tile<BM, BN>(p, m0, n0), seed);
+    fr.rescale(alpha);
 
     // O += P V: P from the accumulators (a_fragment), V^T fragments by ldmatrix.trans.
 #pragma unroll
@@ -630,15 +646,15 @@ __device__ __forceinline__ void fwd_mma(const AttnParams& p) {
       for (int dp = 0; dp < DT / 2; ++dp) {
         uint32_t bb[4];
         ldmatrix_x4_trans(bb, sVs + (kk * 16 + (lane % 16)) * LDS + dp * 16 + (lane / 16) * 8);
-        mma_16816<T>(o[2 * dp], a, bb[0], bb[1]);
-        mma_16816<T>(o[2 * dp + 1], a, bb[2], bb[3]);
+        mma_16816<T>(fr.o[2 * dp], a, bb[0], bb[1]);
+        mma_16816<T>(fr.o[2 * dp + 1], a, bb[2], bb[3]);
       }
     }
     __syncthreads();  // every warp is done with this stage before it is refilled
   }
   cp_async_wait<0>();  // with no key tile, the Q copy may still be landing in sQ
   __syncthreads();
-  fwd_epilogue<T, kD>(p, o, row_m, row_l, rows, m0, b, h, sQ);
+  fwd_epilogue<T, kD>(p, fr, m0, b, h, sQ);
 }
 
 // The forward on Hopper (sm_90a): warpgroups of four warps and 64 query rows, two per CTA from
@@ -672,7 +688,6 @@ __device__ __forceinline__ void fwd_wgmma(const AttnParams& p) {
   T* sK = sQ + BM * Cfg::kLds;         // 2 x BN x kD: K_j in stage (j - nb_lo) % 2
   T* sV = sK + 2 * BN * kD;            // 2 x BN x kD: V_j likewise
 
-  const int warp = threadIdx.x / 32, g = (threadIdx.x % 32) >> 2;
   const FwdTile<T, BM, BN> w(p);
   const int64_t m0 = w.m0, h = w.h, b = w.b;
   const T* sQw = sQ + core_offset<kD>(64 * (threadIdx.x / 128), 0);  // this warpgroup's rows
@@ -687,18 +702,14 @@ __device__ __forceinline__ void fwd_wgmma(const AttnParams& p) {
   cp_async_commit();
 
   const uint64_t seed = p.dropout ? seed_of(p) : 0;
-  float o[DT][4];
-#pragma unroll
-  for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  float row_m[2] = {-INFINITY, -INFINITY}, row_l[2] = {0.f, 0.f};  // base-2 max; partial sums
-  const int64_t rows[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};
+  FwdRows<DT> fr(m0);
   uint32_t pa[PS][4];  // P as A operands (kOverlap: the previous key tile's, in flight)
   // Issues O += P V (pa, the V stage at sVs) as one wgmma group; o and pa were last written by
   // the threads, so the fence orders them before the MMA.
   auto issue_pv = [&](const T* sVs) {
-    wgmma_fence_operands(o);
+    wgmma_fence_operands(fr.o);
     wgmma_fence();
-    wgmma_pb<T, kD>(o, pa, sVs);
+    wgmma_pb<T, kD>(fr.o, pa, sVs);
     wgmma_commit();
   };
 
@@ -734,19 +745,18 @@ __device__ __forceinline__ void fwd_wgmma(const AttnParams& p) {
     }
     wgmma_fence_operands(s);
     float alpha[2];
-    fwd_softmax_tile(p, s, alpha, row_m, row_l, rows, b, h, n0, !full_tile<BM, BN>(p, m0, n0),
-                     seed);
+    fwd_softmax_tile(p, s, alpha, fr, b, h, n0, !full_tile<BM, BN>(p, m0, n0), seed);
     if constexpr (kOverlap) {
       wgmma_wait<0>();  // O and the previous P's registers are free
-      wgmma_fence_operands(o);
+      wgmma_fence_operands(fr.o);
     }
-    rescale_rows(o, alpha);
+    fr.rescale(alpha);
 #pragma unroll
     for (int kk = 0; kk < PS; ++kk) a_fragment<T>(s, kk, pa[kk]);
     if constexpr (!kOverlap) {
       issue_pv(sV + st * BN * kD);
       wgmma_wait<0>();
-      wgmma_fence_operands(o);
+      wgmma_fence_operands(fr.o);
       __syncthreads();  // every warp is done with this stage before it is refilled
     }
   }
@@ -756,10 +766,10 @@ __device__ __forceinline__ void fwd_wgmma(const AttnParams& p) {
   if (kOverlap && w.nb_lo < w.nb_hi) {  // O += P V of the last key tile
     issue_pv(sV + ((w.nb_hi - 1 - w.nb_lo) & 1) * BN * kD);
     wgmma_wait<0>();
-    wgmma_fence_operands(o);
+    wgmma_fence_operands(fr.o);
   }
   // Every S = Q K^T has completed before the barrier above, so sQ is free for the output rows.
-  fwd_epilogue<T, kD>(p, o, row_m, row_l, rows, m0, b, h, sQ);
+  fwd_epilogue<T, kD>(p, fr, m0, b, h, sQ);
 }
 
 // The forward kernel: fwd_mma (sm_80 and newer) or, kWgmma, fwd_wgmma (Hopper, sm_90a).
