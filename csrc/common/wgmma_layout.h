@@ -35,6 +35,29 @@ constexpr CoreStrides kKMajorTile{128, 16 * kD};
 template <int kD>
 constexpr CoreStrides kMNMajorTile{16 * kD, 128};
 
+// The same core matrices with the column blocks outermost, ROWS rows each: element (r, c) of a
+// ROWS x kD tile at ((c / 8) ROWS + r) 8 + c % 8. This is what one TMA box of {8 columns, ROWS
+// rows, kD / 8 column blocks} writes (the Hopper forward with TMA: attention_cuda.cuh), a row
+// range then being a box coordinate with its own bound, so rows past the end land as zeros.
+template <int ROWS>
+FASTATTN_HOST_DEVICE constexpr int slab_offset(int r, int c) {
+  return ((c / 8) * ROWS + r) * 8 + c % 8;
+}
+
+// A tile layout as the Hopper kernels use it: where element (r, c) lies, and the core-matrix
+// strides of the tile as a K-major operand (rows = M or N) and as an MN-major one (rows = K).
+template <int kD>
+struct CoreLayout {
+  static FASTATTN_HOST_DEVICE constexpr int offset(int r, int c) { return core_offset<kD>(r, c); }
+  static constexpr CoreStrides k_major = kKMajorTile<kD>, mn_major = kMNMajorTile<kD>;
+};
+// slab_offset's: core matrices 16 ROWS bytes apart along the columns, 128 along the rows.
+template <int ROWS>
+struct SlabLayout {
+  static FASTATTN_HOST_DEVICE constexpr int offset(int r, int c) { return slab_offset<ROWS>(r, c); }
+  static constexpr CoreStrides k_major{16 * ROWS, 128}, mn_major{128, 16 * ROWS};
+};
+
 // The 64-bit wgmma descriptor without swizzling of an operand at shared-memory byte address
 // `addr` (PTX ISA, "Matrix Descriptor Format"): bits 0-13 the start address, 16-29 the LBO,
 // 32-45 the SBO, each as (x & 0x3FFFF) >> 4; the base offset (bits 49-51) and the swizzle mode

@@ -3,10 +3,11 @@
 // the same instructions (the nvidia-cutlass wheel's headers):
 //   - the accumulator and register-A fragments of wgmma m64nNk16 (wgmma_isa::accumulator,
 //     a_register) against CuTe's CLayout_64xN and ALayout_64x16;
-//   - every operand slab the kernel hands to wgmma (Q and K K-major, V MN-major; head dims 32
-//     to 256, 32 or 64 rows or columns per instruction, every k-step): the tile layout
-//     (core_offset) as a CuTe layout, CuTe's make_gmma_desc of each slab against the kernel's
-//     strides (kKMajorTile, kMNMajorTile) and descriptor bits (wgmma_desc_bits), and the
+//   - every operand slab the kernels hand to wgmma (Q and K K-major, V MN-major; head dims 32
+//     to 256, 32 or 64 rows or columns per instruction, every k-step): the tile layouts
+//     (core_offset, and the TMA forward's slab_offset) as CuTe layouts, CuTe's make_gmma_desc
+//     of each slab against the kernel's strides (CoreLayout, SlabLayout) and descriptor bits
+//     (wgmma_desc_bits), and the
 //     emulation's address of every element (wgmma_isa::smem_offset of the decoded descriptor)
 //     against CuTe's.
 // The emulation computes the kernel's wgmma with these functions, so it cannot share a misreading
@@ -20,6 +21,7 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <type_traits>
 
 #include "common/wgmma_layout.h"
 #include "wgmma_isa.h"
@@ -75,11 +77,20 @@ void check_a_registers() {
   }
 }
 
-// The kernel's ROWS x kD tile (core_offset) as a CuTe layout: (row, column) -> element.
-template <int kD, int ROWS>
+// A kernel's ROWS x kD tile as a CuTe layout, (row, column) -> element: core_offset's
+// (CoreLayout: core matrices row-major) or slab_offset's (SlabLayout, the TMA forward's: column
+// blocks outermost).
+template <int kD, int ROWS, bool kSlab>
 constexpr auto tile_layout() {
-  return make_layout(make_shape(make_shape(_8{}, Int<ROWS / 8>{}), make_shape(_8{}, Int<kD / 8>{})),
-                     make_stride(make_stride(_8{}, Int<8 * kD>{}), make_stride(_1{}, _64{})));
+  if constexpr (kSlab) {
+    return make_layout(
+        make_shape(make_shape(_8{}, Int<ROWS / 8>{}), make_shape(_8{}, Int<kD / 8>{})),
+        make_stride(make_stride(_8{}, _64{}), make_stride(_1{}, Int<8 * ROWS>{})));
+  } else {
+    return make_layout(
+        make_shape(make_shape(_8{}, Int<ROWS / 8>{}), make_shape(_8{}, Int<kD / 8>{})),
+        make_stride(make_stride(_8{}, Int<8 * kD>{}), make_stride(_1{}, _64{})));
+  }
 }
 
 // One operand slab (mn x k view of shared memory, k = 16) handed to wgmma with the kernel's
@@ -115,22 +126,25 @@ void check_slab(const Slab& slab, const half_t* tile, int start, fc::CoreStrides
 
 // Q or K (ROWS x kD) as a K-major operand of S = Q K^T, at every k-step of 16 columns; then
 // V (ROWS keys x kD) as the MN-major B operand of O += P V: NC columns by 16 keys at a time.
-template <int kD, int ROWS, int NC>
+// Layout: the kernels' CoreLayout<kD> or SlabLayout<ROWS> (wgmma_layout.h).
+template <int kD, int ROWS, int NC, bool kSlab>
 void check_tiles() {
+  using Kernel = std::conditional_t<kSlab, fc::SlabLayout<ROWS>, fc::CoreLayout<kD>>;
+  const char* name = kSlab ? "slab" : "core";
   alignas(128) static half_t tile[ROWS * kD];
-  constexpr auto layout = tile_layout<kD, ROWS>();
+  constexpr auto layout = tile_layout<kD, ROWS, kSlab>();
   for (int r = 0; r < ROWS; ++r) {
     for (int c = 0; c < kD; ++c) {
-      expect(static_cast<int>(layout(r, c)) == fc::core_offset<kD>(r, c),
-             "kD %d: tile element (%d, %d) is %d in the CuTe layout, %d by core_offset", kD, r,
-             c, static_cast<int>(layout(r, c)), fc::core_offset<kD>(r, c));
+      expect(static_cast<int>(layout(r, c)) == Kernel::offset(r, c),
+             "%s kD %d: tile element (%d, %d) is %d in the CuTe layout, %d by the kernel's", name,
+             kD, r, c, static_cast<int>(layout(r, c)), Kernel::offset(r, c));
     }
   }
   const auto qk = make_tensor(make_smem_ptr(static_cast<const half_t*>(tile)), layout);
   for (int ks = 0; ks < kD / 16; ++ks) {
     const auto slab = local_tile(qk, Shape<Int<ROWS>, _16>{}, make_coord(0, ks));
-    check_slab<gmma::Major::K>(slab, tile, fc::core_offset<kD>(0, ks * 16), fc::kKMajorTile<kD>,
-                               "K-major Q/K", kD, ROWS, ks);
+    check_slab<gmma::Major::K>(slab, tile, Kernel::offset(0, ks * 16), Kernel::k_major,
+                               kSlab ? "K-major Q/K (slab)" : "K-major Q/K", kD, ROWS, ks);
   }
   // B(n, k) = V[k][n]: the tile's two modes swapped.
   const auto v = make_tensor(make_smem_ptr(static_cast<const half_t*>(tile)),
@@ -138,19 +152,40 @@ void check_tiles() {
   for (int c = 0; c < kD / NC; ++c) {
     for (int kk = 0; kk < ROWS / 16; ++kk) {
       const auto slab = local_tile(v, Shape<Int<NC>, _16>{}, make_coord(c, kk));
-      check_slab<gmma::Major::MN>(slab, tile, fc::core_offset<kD>(kk * 16, c * NC),
-                                  fc::kMNMajorTile<kD>, "MN-major V", kD, NC, c * 100 + kk);
+      check_slab<gmma::Major::MN>(slab, tile, Kernel::offset(kk * 16, c * NC), Kernel::mn_major,
+                                  kSlab ? "MN-major V (slab)" : "MN-major V", kD, NC,
+                                  c * 100 + kk);
     }
+  }
+}
+
+// The TMA forward's Q tile: 128 rows, of which the second warpgroup's operand starts at row 64
+// with the whole tile's strides.
+template <int kD>
+void check_slab_q_rows() {
+  alignas(128) static half_t tile[128 * kD];
+  constexpr auto layout = tile_layout<kD, 128, true>();
+  const auto q = make_tensor(make_smem_ptr(static_cast<const half_t*>(tile)), layout);
+  for (int ks = 0; ks < kD / 16; ++ks) {
+    const auto slab = local_tile(q, Shape<_64, _16>{}, make_coord(1, ks));
+    check_slab<gmma::Major::K>(slab, tile, fc::SlabLayout<128>::offset(64, ks * 16),
+                               fc::SlabLayout<128>::k_major, "K-major Q rows 64-127 (slab)", kD,
+                               64, ks);
   }
 }
 
 template <int kD>
 void check_head_dim() {
-  check_tiles<kD, 32, 32>();
-  check_tiles<kD, 64, 32>();
+  check_tiles<kD, 32, 32, false>();
+  check_tiles<kD, 64, 32, false>();
   if constexpr (kD % 64 == 0) {
-    check_tiles<kD, 32, 64>();
-    check_tiles<kD, 64, 64>();
+    check_tiles<kD, 32, 64, false>();
+    check_tiles<kD, 64, 64, false>();
+  }
+  if constexpr (kD >= 96) {  // the TMA forward: K / V stages of 64 (32 above 128) rows, Q of 128
+    constexpr int BN = kD <= 128 ? 64 : 32, NC = kD % 64 == 0 ? 64 : 32;
+    check_tiles<kD, BN, NC, true>();
+    check_slab_q_rows<kD>();
   }
 }
 
