@@ -114,8 +114,8 @@ CASES = [
 ]
 
 
-# The kernels: sm_80's (mma.sync) or Hopper's (wgmma: the kWgmma forward, dQ and dK/dV kernels),
-# as the launch logic picks them on an A100 or an H100.
+# The kernels: sm_80's (mma.sync) or Hopper's (wgmma: the kWgmma forward, from head dim 96 up
+# its TMA version, dQ and dK/dV kernels), as the launch logic picks them on an A100 or an H100.
 KERNELS = ["sm80", "sm90"]
 
 
@@ -172,6 +172,41 @@ def _check_case(ext, case) -> None:
     s = reference.attention_scores(q.double(), k.double(), None if mask is None else (
         mask if mask.dtype == torch.bool else mask.double()), scale, window, bottom, softcap)
     torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), atol=1e-4, rtol=1e-4)
+
+
+# The Hopper forward without TMA (FASTATTN_CUDA_TMA=0, or inputs no tensor map can describe:
+# fwd_wgmma's cp.async loads) where the TMA forward would serve, head dims 96 up: two-warpgroup
+# CTAs with softcap and an additive mask, two query tiles, dropout at head dim 256.
+CPASYNC_CASES = [CASES[2], CASES[4], CASES[7]]
+
+
+@pytest.mark.parametrize("case", CPASYNC_CASES, ids=[c[0] for c in CPASYNC_CASES])
+def test_emulated_cuda_hopper_cpasync_forward_matches_reference(emulated, case):
+    emulated.use_wgmma(True)
+    emulated.use_tma(False)
+    try:
+        _check_case(emulated, case)
+    finally:
+        emulated.use_tma(True)
+        emulated.use_wgmma(False)
+
+
+def test_emulated_cuda_forward_takes_pitched_and_broadcast_inputs(emulated_kernels):
+    # q with a row pitch past its head dim (a tensor map's row stride), then K and V broadcast
+    # over the batch (stride 0: no tensor map can step by it, so the launch logic must take the
+    # cp.async forward). Forward against the float64 reference, every kernel set; head dim 96
+    # (two-warpgroup Hopper CTAs).
+    B, H, L, S, D = 2, 2, 70, 80, 96
+    scale = D**-0.5
+    q = torch.randn(B, H, L, D + 8, dtype=torch.bfloat16)[..., :D]  # (B, H, L, D), pitch D + 8
+    k1 = torch.randn(1, H, S, D, dtype=torch.bfloat16)
+    v1 = torch.randn(1, H, S, D, dtype=torch.bfloat16)
+    for k, v in ((k1.repeat(B, 1, 1, 1), v1.repeat(B, 1, 1, 1)),
+                 (k1.expand(B, H, S, D), v1.expand(B, H, S, D))):  # (B, H, S, D)
+        out, _ = emulated_kernels.attention_fwd(q, k, v, None, None, 0.0, scale, -1, -1, False,
+                                                0.0)
+        ref = reference.attention(q.double(), k.double(), v.double(), scale=scale)
+        assert_twice_error(out, ref, reference.attention(q, k, v, scale=scale), "out")
 
 
 def test_emulated_cuda_dropout_is_the_cpu_mask(emulated_kernels):

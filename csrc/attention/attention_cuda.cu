@@ -34,6 +34,32 @@ bool hopper_kernels(int device) {
 #endif
 }
 
+// cuTensorMapEncodeTiled, from the driver through the runtime's entry-point query (no link
+// against libcuda), looked up once.
+using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
+                                 const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
+                                 const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                 CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+EncodeTiled encode_tiled() {
+  static const EncodeTiled fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+#if CUDART_VERSION >= 12050
+    C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000,
+                                                    cudaEnableDefault, &found));
+#else
+    C10_CUDA_CHECK(cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &f, cudaEnableDefault,
+                                           &found));
+#endif
+    TORCH_CHECK(found == cudaDriverEntryPointSuccess && f != nullptr,
+                "native CUDA attention: the driver has no cuTensorMapEncodeTiled (CUDA 12 or "
+                "newer is needed for the Hopper TMA forward; FASTATTN_CUDA_TMA=0 avoids it)");
+    return reinterpret_cast<EncodeTiled>(f);
+  }();
+  return fn;
+}
+
 struct CudaLauncher {
   static bool wgmma() {
     int device = 0;
@@ -41,10 +67,35 @@ struct CudaLauncher {
     return hopper_kernels(device);
   }
 
+  // Whether the Hopper forward loads its tiles by TMA (attention_fwd_tma_kernel, head dims 96
+  // up) rather than cp.async: FASTATTN_CUDA_TMA not "0" (read per call, for comparing the two).
+  static bool tma() {
+    const char* env = std::getenv("FASTATTN_CUDA_TMA");
+    return env == nullptr || std::strcmp(env, "0") != 0;
+  }
+
+  static void encode(CUtensorMap* map, const attention::TmaBox& t) {
+    cuuint64_t dims[5], strides[4];
+    cuuint32_t box[5], element_strides[5];
+    for (int d = 0; d < 5; ++d) {
+      dims[d] = t.dims[d];
+      box[d] = t.box[d];
+      element_strides[d] = 1;
+      if (d < 4) strides[d] = t.strides[d];
+    }
+    const CUresult r = encode_tiled()(
+        map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 5, const_cast<void*>(t.base), dims, strides, box,
+        element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
+        CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    TORCH_CHECK(r == CUDA_SUCCESS, "native CUDA attention: cuTensorMapEncodeTiled failed (error ",
+                static_cast<int>(r), ") for a tensor of dims [", t.dims[0], ", ", t.dims[1], ", ",
+                t.dims[2], ", ", t.dims[3], ", ", t.dims[4], "]; FASTATTN_CUDA_TMA=0 avoids TMA");
+  }
+
   // Raises the kernel's dynamic shared memory limit past the default 48 KB first (per call: the
   // attribute is per device, and cheap to set).
-  template <typename Kernel>
-  static void launch(Kernel kernel, dim3 grid, int threads, size_t smem, const AttnParams& p) {
+  template <typename Kernel, typename Params>
+  static void launch(Kernel kernel, dim3 grid, int threads, size_t smem, const Params& p) {
     int device = 0, optin = 0;
     C10_CUDA_CHECK(cudaGetDevice(&device));
     C10_CUDA_CHECK(

@@ -58,6 +58,12 @@
 //   while the tensor cores compute O += P_{j-1} V_{j-1} (FA3's intra-warpgroup overlap), K and
 //   V then having rings of their own (tile j needs K_j and V_{j-1} at once); with one, each
 //   product is waited for before its result is used (fwd_wgmma says why).
+// - Forward on Hopper with TMA (attention_fwd_tma_kernel, head dims 96 up, FASTATTN_CUDA_TMA
+//   not "0", and inputs a tensor map can describe: no stride 0): the two-warpgroup schedule
+//   above with warp specialisation, as FA3: a third, producer warpgroup (its registers given
+//   to the consumers by setmaxnreg) issues every tile load as one TMA box, and mbarriers (full
+//   and empty per stage) replace the per-tile __syncthreads, so each consumer warpgroup waits
+//   only for the tile it needs (fwd_tma).
 // - Backward: a preprocess kernel, delta = rowsum(dO * O) and lse in base 2 (+inf for a fully
 //   masked row, so its probabilities recompute as 0); a dK/dV kernel, one CTA of 8 warps per
 //   key tile (64 keys) looping over the query tiles of every query head of its group (Q, dO,
@@ -86,12 +92,13 @@
 // PTX pieces), against the float64 reference; nvcc compiles them for sm_80 and sm_90a in CI.
 //
 // Not yet (first version, not yet run on a GPU): float32 / float64 inputs (TypeError: the
-// triton or torch backend serves them), a SIMT fallback; on Hopper, TMA loads, warp
-// specialisation, swizzled layouts, scheduling one warpgroup's softmax against the other's
-// products (FA3's ping-pong; in dK/dV, one warpgroup's elementwise work against the other's
-// products); split-KV, a persistent scheduler, vectorised mask loads (masks are read one
-// element per score, through their strides), tuning of tile sizes. Performance is to be
-// measured with the harness on a GPU.
+// triton or torch backend serves them), a SIMT fallback; on Hopper, TMA and warp
+// specialisation in the one-warpgroup forward (head dims 32 / 64) and the backward kernels,
+// TMA stores, swizzled layouts (the TMA boxes' inner dimension is 16 bytes without them),
+// scheduling one warpgroup's softmax against the other's products (FA3's ping-pong; in dK/dV,
+// one warpgroup's elementwise work against the other's products); split-KV, a persistent
+// scheduler, vectorised mask loads (masks are read one element per score, through their
+// strides), tuning of tile sizes. Performance is to be measured with the harness on a GPU.
 
 #pragma once
 
@@ -175,6 +182,16 @@ struct AttnParams {
   float* dmask;  // (B, Hq, L, S) contiguous, or null
 };
 
+// The Hopper TMA forward's parameters (fwd_tma): q, k and v also as 5-d tensor maps whose boxes
+// land in the slab layout (encoded by the launch logic: slab_box). The kernel takes them as
+// __grid_constant__, so the maps have addresses TMA can read. Not in AttnParams: a map's 64-byte
+// alignment there costs the other kernels registers (ptxas: 118 -> 144 for the Hopper forward
+// at head dim 32).
+struct TmaFwdParams {
+  AttnParams p;
+  CUtensorMap q, k, v;
+};
+
 // Tile shapes per kernel and padded head dim. Rows of every 16-bit shared tile are padded by 8
 // elements (16 bytes): a row pitch of an odd number of 16-byte units puts the 8 rows one
 // ldmatrix phase reads in 8 different 16-byte bank groups (no conflicts), for every kD.
@@ -194,6 +211,13 @@ struct Tiles {
   static constexpr int fwd_m = 64 * fwd_groups<kWgmma>;
   template <bool kWgmma>
   static constexpr int fwd_threads = 2 * fwd_m<kWgmma>;
+  // The Hopper forward with TMA (fwd_tma) serves the two-warpgroup CTAs: those two consumer
+  // warpgroups and a producer warpgroup; the tiles in the slab layout, then the mbarriers.
+  static constexpr bool kFwdTma = kD >= 96;
+  static constexpr int kTmaThreads = 3 * 128;
+  // Registers a thread after the split (setmaxnreg): 128 x 24 + 256 x 240 fit the 64K of an SM.
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  static constexpr int kTmaBarriers = 9;  // Q; K full and empty, V full and empty, two stages
   static constexpr int kFwdN = kD <= 128 ? 64 : 32;
   // per warp: n-tiles of S and of O, k-steps of Q K^T and of P V
   static constexpr int kFwdNT = kFwdN / 8, kFwdDT = kD / 8, kFwdKS = kD / 16, kFwdPS = kFwdN / 16;
@@ -209,6 +233,9 @@ struct Tiles {
   template <bool kWgmma>
   static constexpr size_t fwd_smem(int elem) {
     return static_cast<size_t>(fwd_m<kWgmma> * kLds + 4 * kFwdN * (kWgmma ? kD : kLds)) * elem;
+  }
+  static constexpr size_t fwd_tma_smem(int elem) {
+    return fwd_smem<true>(elem) + kTmaBarriers * sizeof(uint64_t);
   }
   // dQ: Q and dO with pitch kLds (the dQ tile reuses Q's); K and V as in the forward.
   template <bool kWgmma>
@@ -548,26 +575,27 @@ __device__ __forceinline__ void a_fragment(const float (&s)[NT][4], int kk, uint
 }
 
 // Issues S (the warpgroup's 64 rows x N) = A B^T as one wgmma chain (Hopper kernels): A (64
-// rows) and B (N rows) are K-major tiles of kD columns in the core-matrix layout; a k-step of
-// 16 is two core matrices along K. The first step overwrites s (scale-d 0). The caller fences
+// rows) and B (N rows) are K-major tiles of kD columns in the core-matrix layout LA / LB
+// (wgmma_layout.h: CoreLayout, or the TMA forward's SlabLayout); a k-step of 16 is two core
+// matrices along K. The first step overwrites s (scale-d 0). The caller fences
 // before and commits and waits after.
-template <typename T, int kD, int NT>
+template <typename T, int kD, class LA = CoreLayout<kD>, class LB = LA, int NT>
 __device__ __forceinline__ void wgmma_abt(float (&s)[NT][4], const T* sA, const T* sB) {
 #pragma unroll
   for (int ks = 0; ks < kD / 16; ++ks) {
     wgmma_ss<T, NT * 8>(reinterpret_cast<float(&)[NT * 4]>(s),
-                        wgmma_desc(sA + core_offset<kD>(0, ks * 16), kKMajorTile<kD>),
-                        wgmma_desc(sB + core_offset<kD>(0, ks * 16), kKMajorTile<kD>), ks > 0);
+                        wgmma_desc(sA + LA::offset(0, ks * 16), LA::k_major),
+                        wgmma_desc(sB + LB::offset(0, ks * 16), LB::k_major), ks > 0);
   }
 }
 
 // Issues C (the warpgroup's 64 rows x kD) += P B as wgmma chains (Hopper kernels): P's
 // k-steps already packed as A operands (pa, a_fragment: 16 columns each), B (16 PS rows x kD)
-// an MN-major tile in the core-matrix layout: a k-step of 16 rows is two rows of core
+// an MN-major tile in the core-matrix layout LB: a k-step of 16 rows is two rows of core
 // matrices, a chunk of NC columns of C NC / 8 core matrices. The caller packs every A fragment
 // before its fence, so no wgmma of the group waits on a register written after it, and
 // commits and waits after.
-template <typename T, int kD, int PS, int DT>
+template <typename T, int kD, class LB = CoreLayout<kD>, int PS, int DT>
 __device__ __forceinline__ void wgmma_pb(float (&c)[DT][4], const uint32_t (&pa)[PS][4],
                                          const T* sB) {
   constexpr int NC = kD % 64 == 0 ? 64 : 32;  // columns of C per wgmma
@@ -576,7 +604,7 @@ __device__ __forceinline__ void wgmma_pb(float (&c)[DT][4], const uint32_t (&pa)
 #pragma unroll
     for (int ch = 0; ch < kD / NC; ++ch) {
       wgmma_rs<T, NC>(reinterpret_cast<float(&)[NC / 2]>(c[ch * NC / 8]), pa[kk],
-                      wgmma_desc(sB + core_offset<kD>(kk * 16, ch * NC), kMNMajorTile<kD>), 1);
+                      wgmma_desc(sB + LB::offset(kk * 16, ch * NC), LB::mn_major), 1);
     }
   }
 }
@@ -589,7 +617,7 @@ __device__ __forceinline__ void fwd_mma(const AttnParams& p) {
   constexpr int BM = Cfg::template fwd_m<false>, BN = Cfg::kFwdN, LDS = Cfg::kLds;
   constexpr int THREADS = Cfg::template fwd_threads<false>;
   constexpr int NT = Cfg::kFwdNT, DT = Cfg::kFwdDT, KS = Cfg::kFwdKS, PS = Cfg::kFwdPS;
-  extern __shared__ __align__(16) unsigned char smem[];
+  extern __shared__ __align__(128) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);  // BM x LDS
   T* sK = sQ + BM * LDS;               // 2 x BN x LDS
   T* sV = sK + 2 * BN * LDS;           // 2 x BN x LDS
@@ -683,7 +711,7 @@ __device__ __forceinline__ void fwd_wgmma(const AttnParams& p) {
   constexpr int THREADS = Cfg::template fwd_threads<true>;
   constexpr int NT = Cfg::kFwdNT, DT = Cfg::kFwdDT, PS = Cfg::kFwdPS;
   constexpr bool kOverlap = Cfg::template fwd_groups<true> == 2;
-  extern __shared__ __align__(16) unsigned char smem[];
+  extern __shared__ __align__(128) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);  // BM x kD core matrices (the epilogue: rows of kLds)
   T* sK = sQ + BM * Cfg::kLds;         // 2 x BN x kD: K_j in stage (j - nb_lo) % 2
   T* sV = sK + 2 * BN * kD;            // 2 x BN x kD: V_j likewise
@@ -785,6 +813,141 @@ __global__ void __launch_bounds__(kWgmma && kD >= 96 ? 256 : 128)
   }
 }
 
+// The Hopper forward with TMA and warp specialisation (head dims 96 up, Tiles::kFwdTma; picked
+// by the launch logic where the inputs suit a tensor map, slab_box): fwd_wgmma's two consumer
+// warpgroups (128 query rows, the softmax of key tile j beside O += P_{j-1} V_{j-1}) and a
+// producer warpgroup, whose first thread issues every load as a TMA box (the Q tile, then K_j
+// and V_j into stage j % 2 of their rings) and goes. Each stage has a "full" mbarrier (the
+// producer's arrival with the box's bytes; complete when they have landed) and an "empty" one
+// (one arrival per consumer warp once its wgmma has read the stage), so no thread of the CTA waits
+// at a __syncthreads per key tile: a warpgroup waits only for the tile it needs, and K_{j+2}
+// loads as soon as both warpgroups' S_j has read K_j. The tiles are in the slab layout
+// (wgmma_layout.h), which a box of {8 columns, rows, column blocks} writes: rows past L or S
+// and columns past the loaded width land as zeros, as load_tile's zero fill. Why a whole
+// warpgroup to issue loads from one thread: registers are allocated per SM sub-partition, each
+// holding a quarter of the CTA's warps, so one extra warp caps every thread at 168 registers
+// (ptxas then spills at head dims 128 and 256); a warpgroup can give its registers to the
+// consumers (setmaxnreg: 24 and 240 a thread), as FA3 does.
+template <typename T, int kD>
+__device__ __forceinline__ void fwd_tma(const TmaFwdParams& tp) {
+  const AttnParams& p = tp.p;
+  using Cfg = Tiles<kD>;
+  constexpr int BM = Cfg::template fwd_m<true>, BN = Cfg::kFwdN;
+  constexpr int CONSUMERS = Cfg::kTmaThreads - 128;
+  constexpr int NT = Cfg::kFwdNT, DT = Cfg::kFwdDT, PS = Cfg::kFwdPS;
+  static_assert(Cfg::kFwdTma && BM == 128 && CONSUMERS == 256, "two consumer warpgroups");
+  using QL = SlabLayout<BM>;
+  using KL = SlabLayout<BN>;
+  constexpr uint32_t kQBytes = BM * kD * sizeof(T), kKvBytes = BN * kD * sizeof(T);
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);  // BM x kD, slab layout (the epilogue: rows of kLds)
+  T* sK = sQ + BM * Cfg::kLds;         // 2 x BN x kD: K_j in stage (j - nb_lo) % 2
+  T* sV = sK + 2 * BN * kD;            // 2 x BN x kD: V_j likewise
+  uint64_t* full_q = reinterpret_cast<uint64_t*>(sV + 2 * BN * kD);
+  uint64_t* full_k = full_q + 1;   // [2]
+  uint64_t* full_v = full_q + 3;   // [2]
+  uint64_t* empty_k = full_q + 5;  // [2]
+  uint64_t* empty_v = full_q + 7;  // [2]
+
+  const FwdTile<T, BM, BN> w(p);
+  const int64_t m0 = w.m0, h = w.h, b = w.b;
+  if (threadIdx.x == 0) {
+    mbar_init(full_q, 1);
+    for (int st = 0; st < 2; ++st) {
+      mbar_init(full_k + st, 1);
+      mbar_init(full_v + st, 1);
+      mbar_init(empty_k + st, CONSUMERS / 32);
+      mbar_init(empty_v + st, CONSUMERS / 32);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();  // the last barrier of the whole CTA: the producer warpgroup leaves below
+
+  if (threadIdx.x >= CONSUMERS) {
+    setmaxnreg_dec<Cfg::kProducerRegs>();
+    if (threadIdx.x == CONSUMERS) {
+      const int hk = static_cast<int>(h / p.group), bi = static_cast<int>(b);
+      mbar_arrive_expect_tx(full_q, kQBytes);
+      tma_load(sQ, &tp.q, full_q, 0, static_cast<int>(m0), 0, static_cast<int>(h), bi);
+      for (int64_t nb = w.nb_lo; nb < w.nb_hi; ++nb) {
+        const int i = static_cast<int>(nb - w.nb_lo), st = i & 1, phase = (i >> 1) & 1;
+        const int row = static_cast<int>(nb * BN);
+        // A fresh barrier is in phase 0: the first use of a stage waits for "phase 1" and
+        // passes; the next waits until every consumer warp released the previous tile.
+        mbar_wait(empty_k + st, phase ^ 1);
+        mbar_arrive_expect_tx(full_k + st, kKvBytes);
+        tma_load(sK + st * BN * kD, &tp.k, full_k + st, 0, row, 0, hk, bi);
+        mbar_wait(empty_v + st, phase ^ 1);
+        mbar_arrive_expect_tx(full_v + st, kKvBytes);
+        tma_load(sV + st * BN * kD, &tp.v, full_v + st, 0, row, 0, hk, bi);
+      }
+    }
+    return;
+  }
+
+  setmaxnreg_inc<Cfg::kConsumerRegs>();
+  const T* sQw = sQ + QL::offset(64 * (threadIdx.x / 128), 0);  // this warpgroup's rows
+  const uint64_t seed = p.dropout ? seed_of(p) : 0;
+  FwdRows<DT> fr(m0);
+  uint32_t pa[PS][4];  // P as A operands: the previous key tile's, in flight
+  // A warp's wgmma_wait has completed its reads of a stage; its first lane tells the producer.
+  auto release = [](uint64_t* bar) {
+    __syncwarp();
+    if (threadIdx.x % 32 == 0) mbar_arrive(bar);
+  };
+  // O += P V of key tile nb (pa) as one wgmma group, once V_nb has landed.
+  auto issue_pv = [&](int64_t nb) {
+    const int i = static_cast<int>(nb - w.nb_lo);
+    mbar_wait(full_v + (i & 1), (i >> 1) & 1);
+    wgmma_fence_operands(fr.o);
+    wgmma_fence();
+    wgmma_pb<T, kD, KL>(fr.o, pa, sV + (i & 1) * BN * kD);
+    wgmma_commit();
+  };
+
+  mbar_wait(full_q, 0);
+  for (int64_t nb = w.nb_lo; nb < w.nb_hi; ++nb) {
+    const int i = static_cast<int>(nb - w.nb_lo), st = i & 1;
+    const int64_t n0 = nb * BN;
+    mbar_wait(full_k + st, (i >> 1) & 1);
+    float s[NT][4];
+    wgmma_fence_operands(s);
+    wgmma_fence();
+    wgmma_abt<T, kD, QL, KL>(s, sQw, sK + st * BN * kD);
+    wgmma_commit();
+    if (nb > w.nb_lo) {
+      issue_pv(nb - 1);
+      wgmma_wait<1>();  // S only: the softmax runs while O += P V does
+    } else {
+      wgmma_wait<0>();
+    }
+    release(empty_k + st);
+    wgmma_fence_operands(s);
+    float alpha[2];
+    fwd_softmax_tile(p, s, alpha, fr, b, h, n0, !full_tile<BM, BN>(p, m0, n0), seed);
+    wgmma_wait<0>();  // O and the previous P's registers are free, V_{nb-1} read
+    wgmma_fence_operands(fr.o);
+    if (nb > w.nb_lo) release(empty_v + (st ^ 1));
+    fr.rescale(alpha);
+#pragma unroll
+    for (int kk = 0; kk < PS; ++kk) a_fragment<T>(s, kk, pa[kk]);
+  }
+  if (w.nb_lo < w.nb_hi) {  // O += P V of the last key tile
+    issue_pv(w.nb_hi - 1);
+    wgmma_wait<0>();
+    wgmma_fence_operands(fr.o);
+  }
+  // Both warpgroups' S = Q K^T have completed, so sQ is free for the output rows.
+  named_barrier_sync(1, CONSUMERS);
+  fwd_epilogue<T, kD>(p, fr, m0, b, h, sQ);
+}
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(Tiles<kD>::kTmaThreads, 1)
+    attention_fwd_tma_kernel(const __grid_constant__ TmaFwdParams tp) {
+  fwd_tma<T, kD>(tp);
+}
+
 // --- backward ------------------------------------------------------------------------------
 
 // delta = rowsum(dO * O) and lse in base 2 (+inf where the row saw no key), one warp per row.
@@ -820,7 +983,7 @@ __global__ void __launch_bounds__(128) attention_bwd_dq_kernel(const AttnParams 
   constexpr int BM = Cfg::kFwdM, BN = Cfg::kFwdN, LDS = Cfg::kLds;
   constexpr int NT = BN / 8, DT = kD / 8, KS = kD / 16, PS = BN / 16;
   constexpr int KV = kWgmma ? kD : LDS;  // elements a K / V row takes in its stage
-  extern __shared__ __align__(16) unsigned char smem[];
+  extern __shared__ __align__(128) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);  // BM x LDS (kWgmma: BM x kD core matrices in it)
   T* sdO = sQ + BM * LDS;              // BM x LDS (likewise)
   T* sK = sdO + BM * LDS;              // 2 x BN x KV
@@ -1029,7 +1192,7 @@ __device__ __forceinline__ void dkdv_mma(const AttnParams& p) {
   constexpr int HT = kD / 2 / 8;    // n-tiles (head-dim columns) per warp in phase B
   constexpr int MS = BM / 16;       // k-steps (queries) of phase B
   static_assert(QT % 2 == 0 && HT % 2 == 0, "ldmatrix.x4 loads n-tiles in pairs");
-  extern __shared__ __align__(16) unsigned char smem[];
+  extern __shared__ __align__(128) unsigned char smem[];
   T* sK = reinterpret_cast<T*>(smem);  // BN x LDS
   T* sV = sK + BN * LDS;               // BN x LDS
   T* sQ = sV + BN * LDS;               // 2 x BM x LDS
@@ -1193,7 +1356,7 @@ __device__ __forceinline__ void dkdv_wgmma(const AttnParams& p) {
   constexpr int MS = BM / 16;  // k-steps (queries) of dV += P^T dO and dK += dS'^T Q
   constexpr int DT = kD / 8;
   static_assert(BN == 64, "a key tile is one wgmma M");
-  extern __shared__ __align__(16) unsigned char smem[];
+  extern __shared__ __align__(128) unsigned char smem[];
   T* sK = reinterpret_cast<T*>(smem);  // BN x kD core matrices
   T* sV = sK + BN * kD;                // BN x kD
   T* sQ = sV + BN * kD;                // 2 x BM x kD
@@ -1479,8 +1642,65 @@ inline bool vec_ok(const at::Tensor& t) { return rows_aligned(t); }
 // `Launcher::wgmma()` says whether the Hopper kernels may run (attention_cuda.cu's CudaLauncher
 // on the current stream; a CPU emulation of the CUDA model can stand in, which is why
 // everything above the launch lives in this header).
+// A 5-d tensor map of 16-bit elements, as cuTensorMapEncodeTiled takes it (innermost dim first,
+// strides in bytes for dims 1-4, no swizzle or interleave, out-of-bound elements read as zero):
+// one of q, k, v viewed as (8 columns, rows, width / 8 column blocks, heads, batch), so that a
+// box of {8, box_rows, kD / 8, 1, 1} lands as a box_rows x kD tile in the slab layout.
+struct TmaBox {
+  const void* base;
+  uint64_t dims[5];
+  uint64_t strides[4];
+  uint32_t box[5];
+};
+
+// The box of `base` (strides s: batch, head, row, in elements; `width` readable columns, a
+// multiple of 8) for tiles of box_rows rows; none where a stride a dimension of more than one
+// element steps by is not a positive multiple of 16 bytes (a tensor map's rule: such inputs take
+// the cp.async forward).
+template <int kD>
+std::optional<TmaBox> slab_box(const void* base, const int64_t (&s)[3], int64_t B, int64_t H,
+                               int64_t rows, int width, int box_rows) {
+  TmaBox t{base, {8, static_cast<uint64_t>(max(rows, int64_t(1))),
+                  static_cast<uint64_t>(width / 8), static_cast<uint64_t>(H),
+                  static_cast<uint64_t>(B)},
+           {}, {8, static_cast<uint32_t>(box_rows), kD / 8, 1, 1}};
+  // The byte stride of a dimension of `size` elements (any multiple of 16 where it never steps).
+  auto stride = [](int64_t elems, int64_t size, uint64_t& out) {
+    const int64_t bytes = elems * 2;
+    out = size > 1 ? static_cast<uint64_t>(bytes) : 16;
+    return size <= 1 || (bytes > 0 && bytes % 16 == 0 && bytes < (int64_t(1) << 40));
+  };
+  t.strides[1] = 16;  // the next 8 columns
+  if (!stride(s[2], rows, t.strides[0]) || !stride(s[1], H, t.strides[2]) ||
+      !stride(s[0], B, t.strides[3])) {
+    return std::nullopt;
+  }
+  if (reinterpret_cast<uintptr_t>(base) % 16 != 0) return std::nullopt;
+  return t;
+}
+
 template <typename T, int kD, class Launcher>
 void run_fwd(const AttnParams& p) {
+  if constexpr (Tiles<kD>::kFwdTma) {
+    if (Launcher::wgmma() && Launcher::tma()) {
+      constexpr int BM = Tiles<kD>::template fwd_m<true>, BN = Tiles<kD>::kFwdN;
+      const auto q = slab_box<kD>(p.q, p.sq, p.B, p.Hq, p.L, p.d_load, BM);
+      const auto k = slab_box<kD>(p.k, p.sk, p.B, p.Hk, p.S, p.d_load, BN);
+      const auto v = slab_box<kD>(p.v, p.sv, p.B, p.Hk, p.S, p.dv_load, BN);
+      if (q && k && v) {
+        TmaFwdParams pt;
+        pt.p = p;
+        Launcher::encode(&pt.q, *q);
+        Launcher::encode(&pt.k, *k);
+        Launcher::encode(&pt.v, *v);
+        const dim3 grid(static_cast<unsigned>((p.L + BM - 1) / BM),
+                        static_cast<unsigned>(p.Hq), static_cast<unsigned>(p.B));
+        Launcher::launch(attention_fwd_tma_kernel<T, kD>, grid, Tiles<kD>::kTmaThreads,
+                         Tiles<kD>::fwd_tma_smem(sizeof(T)), pt);
+        return;
+      }
+    }
+  }
   auto launch = [&](auto wgmma) {
     constexpr bool kWgmma = decltype(wgmma)::value;
     constexpr int BM = Tiles<kD>::template fwd_m<kWgmma>;

@@ -1,7 +1,8 @@
 // Tensor-core building blocks for sm_80 and newer, as inline PTX: mma.sync m16n8k16 (bf16 or
 // fp16 in, fp32 accumulate), ldmatrix (plain and .trans), cp.async with zero fill, and packing
 // of two floats into one 32-bit register of 16-bit values; for Hopper (sm_90a), the warpgroup
-// MMA wgmma.mma_async m64nNk16 with its fences (see the section at the end).
+// MMA wgmma.mma_async m64nNk16 with its fences, mbarriers, TMA tensor loads and register
+// reallocation (see the sections at the end).
 //
 // Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type").
 // In a warp, lane = 4 * g + t (g = lane >> 2 the "group", t = lane & 3 the thread in group):
@@ -38,6 +39,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda.h>  // CUtensorMap (the type only: nothing links the driver)
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -266,6 +268,80 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[
                                         36, 37))
   }
 #undef FASTATTN_WGMMA_RS
+}
+
+// --- Hopper (sm_90a): mbarriers and TMA ---------------------------------------------------
+//
+// An mbarrier (PTX ISA, "Parallel Synchronization and Communication Instructions: mbarrier") is
+// a 64-bit object in shared memory that completes a phase when its pending arrivals reach zero
+// and every byte a transaction announced (expect-tx) has landed (complete-tx, done by TMA);
+// mbar_wait(bar, parity) returns once the phase of that parity has completed (a fresh barrier
+// is in phase 0, so waiting for parity 1 passes at once: a producer's first wait on an empty
+// ring). tma_load copies a box of a tensor map (cp.async.bulk.tensor, "tiled" mode) into shared
+// memory and completes its bytes on the barrier; out-of-bound elements land as zeros. The
+// tensor map is a kernel parameter (__grid_constant__), its address generic.
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+  FASTATTN_IF_SM90A(asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(
+                                     smem_addr(bar)),
+                                 "r"(count)
+                                 : "memory");)
+}
+
+// Makes initialised mbarriers visible to the async proxy (TMA); a barrier follows.
+__device__ __forceinline__ void mbar_init_fence() {
+  FASTATTN_IF_SM90A(asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");)
+}
+
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  FASTATTN_IF_SM90A(asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(
+                                     smem_addr(bar))
+                                 : "memory");)
+}
+
+// One arrival that also announces `bytes` of transactions (the TMA copies of this phase).
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  FASTATTN_IF_SM90A(asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(
+                                     smem_addr(bar)),
+                                 "r"(bytes)
+                                 : "memory");)
+}
+
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, int parity) {
+  FASTATTN_IF_SM90A(asm volatile("{\n.reg .pred done;\nLAB_WAIT:\n"
+                                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+                                 "@!done bra LAB_WAIT;\n}\n" ::"r"(smem_addr(bar)),
+                                 "r"(parity)
+                                 : "memory");)
+}
+
+// The box at coordinates (c0 .. c4) of the 5-d tensor map `map` into `dst` (128-byte aligned),
+// its bytes completed on `bar`.
+__device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, uint64_t* bar, int c0,
+                                         int c1, int c2, int c3, int c4) {
+  FASTATTN_IF_SM90A(asm volatile(
+      "cp.async.bulk.tensor.5d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3, %4, %5, %6}], [%7];\n" ::"r"(smem_addr(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4),
+      "r"(smem_addr(bar))
+      : "memory");)
+}
+
+// The registers a thread of this warpgroup may hold from here on (every thread of the warpgroup
+// executes it): a producer warpgroup gives registers back, the consumers take them.
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  FASTATTN_IF_SM90A(asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));)
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  FASTATTN_IF_SM90A(asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));)
+}
+
+// bar.sync on named barrier `id` (1..15; 0 is __syncthreads) of `threads` threads (a multiple
+// of 32): a barrier for part of a CTA, here the consumer warpgroups without the producer warp.
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
 #undef FASTATTN_PRED

@@ -19,15 +19,21 @@
 namespace attention = fastattn::cuda::attention;
 
 // Whether the launch logic picks the Hopper kernels (attention_fwd_kernel<T, kD, true>), as
-// CudaLauncher does on an H100; set by use_wgmma.
+// CudaLauncher does on an H100, set by use_wgmma; and among them the TMA forward from head dim
+// 96 up (attention_fwd_tma_kernel), as CudaLauncher does unless FASTATTN_CUDA_TMA=0, set by
+// use_tma.
 inline bool wgmma_kernels = false;
+inline bool tma_forward = true;
 
 struct EmulatedLauncher {
   static bool wgmma() { return wgmma_kernels; }
+  static bool tma() { return tma_forward; }
+  static void encode(CUtensorMap* map, const attention::TmaBox& t) {
+    emu::encode_tensor_map(map, t.base, t.dims, t.strides, t.box);
+  }
 
-  template <typename Kernel>
-  static void launch(Kernel kernel, dim3 grid, int threads, size_t smem,
-                     const attention::AttnParams& p) {
+  template <typename Kernel, typename Params>
+  static void launch(Kernel kernel, dim3 grid, int threads, size_t smem, const Params& p) {
     TORCH_CHECK(smem <= sizeof(attention::smem), "emulated shared memory is too small");
     TORCH_CHECK(smem <= 227 * 1024, smem, " bytes of shared memory exceed an H100's 227 KB");
     emu::run_grid(grid, threads, [&] { kernel(p); }, [&]() noexcept {
@@ -48,4 +54,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_fwd", &attention::attention_fwd_impl<EmulatedLauncher>);
   m.def("attention_bwd", &attention::attention_bwd_impl<EmulatedLauncher>);
   m.def("use_wgmma", [](bool on) { wgmma_kernels = on; });
+  m.def("use_tma", [](bool on) { tma_forward = on; });
 }

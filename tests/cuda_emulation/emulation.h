@@ -30,9 +30,12 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <deque>
+#include <chrono>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 #include <algorithm>
@@ -49,9 +52,10 @@
 #define __global__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 #define __shared__
 #define __align__(x)
+#define __grid_constant__
 // The emulation's own exchanges between lanes (through barriers) are not the kernels' memory
 // accesses: ThreadSanitizer neither checks them nor slows down on them.
 #define EMU_UNCHECKED __attribute__((no_sanitize("thread")))
@@ -83,6 +87,10 @@ inline std::atomic<int64_t> misaligned{0};
 #if defined(__SANITIZE_THREAD__)  // ThreadSanitizer's runtime (-fsanitize=thread)
 extern "C" void __tsan_read_range(void* addr, unsigned long size);
 extern "C" void __tsan_write_range(void* addr, unsigned long size);
+extern "C" void* __tsan_get_current_fiber();
+extern "C" void* __tsan_create_fiber(unsigned flags);
+extern "C" void __tsan_destroy_fiber(void* fiber);
+extern "C" void __tsan_switch_to_fiber(void* fiber, unsigned flags);
 #endif
 
 namespace emu {
@@ -215,6 +223,45 @@ inline uint16_t float_to_bits(float f, bool bf16) {
 }
 }  // namespace emu
 
+// A TMA tensor map as cuTensorMapEncodeTiled would encode it (emu::encode_tensor_map): 16-bit
+// elements, five dims, innermost first, strides in bytes for dims 1-4.
+struct alignas(64) CUtensorMap {
+  const void* base;
+  uint64_t dims[5];
+  uint64_t strides[4];
+  uint32_t box[5];
+};
+
+namespace emu {
+// An mbarrier: one 64-bit word holding the arrivals still pending in this phase (bits 0-15),
+// the phase count (16-31) and the transaction bytes still pending (32-63, two's complement);
+// `count` arrivals a phase. Arrivals and complete-tx update it with release read-modify-writes and
+// waits read it with acquire loads, so ThreadSanitizer sees what the PTX memory model gives: a
+// thread whose wait saw a phase complete is ordered after every arrival of that phase and after
+// the writes of the copies it counted, and arrivals are not ordered with one another.
+struct Mbar {
+  std::atomic<uint64_t> state{0};
+  uint32_t count = 0;
+};
+// A CTA's mbarriers by shared-memory offset (set up by mbar_init, cleared between CTAs), its
+// named barriers (bar.sync id, count) made at their first use, and the launch's faults that a
+// GPU would report (the launch fails on any).
+inline Mbar mbars[16];
+inline uint32_t mbar_offsets[16];
+inline int mbar_count = 0;
+inline std::unique_ptr<Barrier> named[16];
+inline std::mutex named_mutex;
+inline std::atomic<int64_t> tma_faults{0};
+inline void reset_cta_barriers() {
+  for (auto& m : mbars) {
+    m.state.store(0, std::memory_order_relaxed);
+    m.count = 0;
+  }
+  mbar_count = 0;
+  for (auto& b : named) b.reset();
+}
+}  // namespace emu
+
 inline void __syncthreads() { emu::cta->arrive_and_wait(); }
 inline void __syncwarp() { emu::warp().bar.arrive_and_wait(); }
 template <typename T>
@@ -251,6 +298,7 @@ void run_grid(dim3 grid, int threads, Body body, BeforeCta before_cta) {
     warps.clear();
     for (int w = 0; w < threads / 32; ++w) warps.push_back(std::make_unique<Warp>());
     cta = std::make_unique<Barrier>(threads);
+    reset_cta_barriers();
     before_cta();
   };
   start_block();
@@ -277,6 +325,9 @@ void run_grid(dim3 grid, int threads, Body body, BeforeCta before_cta) {
   for (auto& thread : pool) thread.join();
   const int64_t bad = misaligned.exchange(0);
   TORCH_CHECK(bad == 0, bad, " misaligned vector accesses (a misaligned-address fault on a GPU)");
+  const int64_t tma = tma_faults.exchange(0);
+  TORCH_CHECK(tma == 0, tma, " faults of mbarriers or TMA copies (an uninitialised or overfull "
+              "mbarrier, a box destination not 128-byte aligned)");
   const int64_t desc = bad_descriptors.exchange(0);
   TORCH_CHECK(desc == 0, desc, " wgmma descriptors with a swizzle mode or base offset, which "
               "this emulation does not read");
@@ -462,6 +513,164 @@ inline void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b,
   emu::mmas.open.push_back(op);
 }
 
+// --- mbarriers and TMA (mma.cuh's Hopper section) -------------------------------------------
+namespace mbar_emu {
+inline emu::Mbar* find(const void* bar) {
+  const uint32_t offset = smem_addr(bar);
+  for (int i = 0; i < emu::mbar_count; ++i) {
+    if (emu::mbar_offsets[i] == offset) return &emu::mbars[i];
+  }
+  ++emu::tma_faults;  // an mbarrier no mbar_init set up
+  return nullptr;
+}
+// One arrival (or none) and a change of the pending bytes, as one atomic add (a compare-exchange
+// would write its expected value to the stack, which ThreadSanitizer's fibers of tma_load share
+// with the issuing thread); the update that leaves neither pending completes the phase with a
+// second add (arrivals back to the count, the phase count one up; nothing of the next phase can
+// arrive before a waiter has seen this one complete). The phase count stays below 2^16: a CTA
+// runs far fewer phases.
+inline void update(emu::Mbar& m, uint32_t arrivals, int64_t tx) {
+  const uint64_t delta = (static_cast<uint64_t>(tx) << 32) - arrivals;
+  const uint64_t old = m.state.fetch_add(delta, std::memory_order_release);
+  if ((old & 0xFFFF) < arrivals) {  // more arrivals than the barrier's count in one phase
+    ++emu::tma_faults;
+    return;
+  }
+  const uint64_t now = old + delta;
+  if ((now & 0xFFFF) == 0 && (now >> 32) == 0) {
+    m.state.fetch_add(m.count + (uint64_t(1) << 16), std::memory_order_release);
+  }
+}
+}  // namespace mbar_emu
+
+inline void mbar_init(uint64_t* bar, int count) {
+  const int i = emu::mbar_count++;
+  if (i >= 16 || count < 1 || count > 0xFFFF) {
+    ++emu::tma_faults;
+    return;
+  }
+  emu::mbar_offsets[i] = smem_addr(bar);
+  emu::mbars[i].count = static_cast<uint32_t>(count);
+  emu::mbars[i].state.store(static_cast<uint64_t>(count), std::memory_order_relaxed);
+}
+inline void mbar_init_fence() {}
+inline void mbar_arrive(uint64_t* bar) {
+  if (emu::Mbar* m = mbar_emu::find(bar)) mbar_emu::update(*m, 1, 0);
+}
+inline void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  if (emu::Mbar* m = mbar_emu::find(bar)) mbar_emu::update(*m, 1, bytes);
+}
+// Returns once the phase of this parity has completed (the current phase's parity differs). A
+// wait that lasts two minutes is a deadlock: the process stops rather than hang the tests.
+inline void mbar_wait(uint64_t* bar, int parity) {
+  emu::Mbar* m = mbar_emu::find(bar);
+  if (m == nullptr) return;
+  const auto start = std::chrono::steady_clock::now();
+  for (int spins = 0;; ++spins) {
+    const uint64_t s = m->state.load(std::memory_order_acquire);
+    if (((s >> 16) & 1) != static_cast<uint64_t>(parity & 1)) return;
+    if (spins < 64) {
+      std::this_thread::yield();
+    } else {
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+      if (std::chrono::steady_clock::now() - start > std::chrono::minutes(2)) {
+        std::fprintf(stderr, "emulation: mbarrier wait (parity %d) deadlocked\n", parity);
+        std::abort();
+      }
+    }
+  }
+}
+
+// A TMA box load, done at issue, its bytes then completed on the mbarrier. Under
+// ThreadSanitizer the copy runs as a fiber of its own, as the TMA unit would: ordered after what
+// the issuing thread did before (its wait for the stage to be free), but the issuing thread is
+// not ordered after the copy, so a later barrier the same thread arrives on does not cover it.
+// Only the wait on this copy's mbarrier orders a reader after it: a thread that reads the tile
+// without that wait races with the copy's write, and a stage refilled while a wgmma still reads
+// it (at the wgmma's wait) races with that read. Elements outside the tensor's dims land as
+// zeros; box order is dim 0 fastest.
+EMU_UNCHECKED inline void tma_load(void* dst, const CUtensorMap* map, uint64_t* bar, int c0,
+                                   int c1, int c2, int c3, int c4) {
+#if defined(__SANITIZE_THREAD__)
+  void* issuer = __tsan_get_current_fiber();
+  void* engine = __tsan_create_fiber(0);
+  __tsan_switch_to_fiber(engine, 0);  // synchronising: the issuer's past happens before
+#endif
+  if (smem_addr(dst) % 128 != 0) ++emu::tma_faults;
+  const int c[5] = {c0, c1, c2, c3, c4};
+  const auto* base = static_cast<const unsigned char*>(map->base);
+  auto* out = static_cast<uint16_t*>(dst);
+  int64_t n = 0;
+  int64_t i[5];
+  for (i[4] = 0; i[4] < map->box[4]; ++i[4]) {
+    for (i[3] = 0; i[3] < map->box[3]; ++i[3]) {
+      for (i[2] = 0; i[2] < map->box[2]; ++i[2]) {
+        for (i[1] = 0; i[1] < map->box[1]; ++i[1]) {
+          for (i[0] = 0; i[0] < map->box[0]; ++i[0]) {
+            bool inside = true;
+            int64_t offset = 0;
+            for (int d = 0; d < 5; ++d) {
+              const int64_t g = c[d] + i[d];
+              inside = inside && g >= 0 && g < static_cast<int64_t>(map->dims[d]);
+              offset += g * (d == 0 ? 2 : static_cast<int64_t>(map->strides[d - 1]));
+            }
+            uint16_t v = 0;
+            if (inside) {
+              std::memcpy(&v, base + offset, 2);
+              emu::tsan_access(base + offset, 2, false);
+            }
+            out[n++] = v;
+          }
+        }
+      }
+    }
+  }
+  emu::tsan_access(dst, static_cast<size_t>(n) * 2, true);
+  if (emu::Mbar* m = mbar_emu::find(bar)) mbar_emu::update(*m, 0, -2 * n);
+#if defined(__SANITIZE_THREAD__)
+  __tsan_switch_to_fiber(issuer, 1);  // __tsan_switch_to_fiber_no_sync
+  __tsan_destroy_fiber(engine);
+#endif
+}
+
+inline void named_barrier_sync(int id, int threads) {
+  emu::Barrier* b;
+  {
+    std::lock_guard<std::mutex> lock(emu::named_mutex);
+    auto& slot = emu::named[id];
+    if (!slot) slot = std::make_unique<emu::Barrier>(threads);
+    b = slot.get();
+  }
+  b->arrive_and_wait();
+}
+template <int N> inline void setmaxnreg_dec() {}
+template <int N> inline void setmaxnreg_inc() {}
+
 inline void wgmma_commit() { emu::mmas.commit(); }
 template <int N> inline void wgmma_wait() { emu::mmas.complete_all_but(N, wgmma_emu::wgmma_run); }
 }  // namespace fastattn::cuda
+
+namespace emu {
+// cuTensorMapEncodeTiled's checks for a 16-bit tiled map without interleave or swizzle (CUDA
+// driver API, "Tensor Map Object Management"), then the map: a launch logic that hands the
+// driver arguments it rejects fails here too.
+inline void encode_tensor_map(CUtensorMap* map, const void* base, const uint64_t (&dims)[5],
+                              const uint64_t (&strides)[4], const uint32_t (&box)[5]) {
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(base) % 16 == 0,
+              "tensor map: address not 16-byte aligned");
+  for (int d = 0; d < 5; ++d) {
+    TORCH_CHECK(dims[d] >= 1 && dims[d] <= (uint64_t(1) << 32), "tensor map: dim ", d, " is ",
+                dims[d]);
+    TORCH_CHECK(box[d] >= 1 && box[d] <= 256, "tensor map: box dim ", d, " is ", box[d]);
+    if (d < 4) {
+      TORCH_CHECK(strides[d] % 16 == 0 && strides[d] < (uint64_t(1) << 40),
+                  "tensor map: stride ", d + 1, " is ", strides[d], " bytes");
+    }
+  }
+  TORCH_CHECK(box[0] * 2 % 16 == 0, "tensor map: the inner box dim is not a multiple of 16 bytes");
+  map->base = base;
+  std::memcpy(map->dims, dims, sizeof(dims));
+  std::memcpy(map->strides, strides, sizeof(strides));
+  std::memcpy(map->box, box, sizeof(box));
+}
+}  // namespace emu
