@@ -7,8 +7,9 @@
 and misaligned global and shared accesses, racecheck shared-memory hazards (a missing
 ``__syncthreads`` between the cp.async pipeline stages, the staged P/dS tiles, the epilogues).
 The cases cover each kernel family and the paths that index differently: every attention
-kernel template's shared-memory layout at some head dim (each attention case twice: with the
-kernels the launcher picks, Hopper's wgmma ones on an H100, and with the sm_80 ones), the
+kernel template's shared-memory layout at some head dim (each attention case three times:
+with the kernels the launcher picks, Hopper's wgmma ones and TMA forward on an H100, with the
+sm_80 ones, and with Hopper's cp.async forward), the
 padded-copy path for unaligned head dims, sequence lengths that are not multiples of any tile,
 L = S = 1, rows that see no key, GQA, masks, windows, softcap, dropout with a CPU and a CUDA
 seed, the mask gradient, flash-attn's strided layout; softmax and cross-entropy with masks,
@@ -22,7 +23,6 @@ kernels to the real rule). Prints one line per case; exit status 1 if any case f
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import traceback
 
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from fastattn import _ext, reference
-from fastattn.bench.attention import sm80_kernels
+from fastattn.bench.attention import native_kernels
 
 OPS = torch.ops.fastattn
 DEV = "cuda"
@@ -155,14 +155,15 @@ def _cross_entropy_case(dtype, N, C, smoothing, softcap):
 
 
 def _attention_with(kernel: str, args) -> None:
-    with sm80_kernels() if kernel == "sm80" else contextlib.nullcontext():
+    with native_kernels(kernel):
         _attention_case(*args)
 
 
 def cases():
     # each case with the kernels the launcher picks (Hopper's wgmma kernels on an H100 built
-    # with sm_90a), and with the sm_80 ones
-    for kernel in ("default", "sm80"):
+    # with sm_90a, the forward from head dim 96 up by TMA), with the sm_80 ones, and with
+    # Hopper's cp.async forward (the same as the default below compute capability 9)
+    for kernel in ("default", "sm80", "no-tma"):
         for name, *args in ATTENTION:
             yield (f"attention {name} (kernels: {kernel})",
                    lambda args=args, kernel=kernel: _attention_with(kernel, args))

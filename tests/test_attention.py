@@ -14,6 +14,7 @@ from check import DEVICE, assert_twice_error, backends, skip_unsupported_attenti
 import fastattn
 from fastattn import reference
 from fastattn.backends import launcher
+from fastattn.bench.attention import KERNEL_VARS
 from fastattn.native import attention as native_attention
 from fastattn.ops.attention import dropout_seed, serving_backend
 
@@ -586,16 +587,20 @@ CUDA_HEAD_DIMS = [(16, 16), (32, 32), (59, 59), (64, 64), (80, 96), (111, 111), 
                   (160, 160), (192, 192), (200, 256), (256, 256), (59, 111), (256, 64)]
 
 
-# The kernels the launcher picks (on a Hopper GPU built with sm_90a: the wgmma forward, dQ and
-# dK/dV kernels), and the sm_80 ones forced by FASTATTN_CUDA_WGMMA=0, which on an H100 run nowhere
-# else.
-CUDA_KERNELS = ["default", "sm80"]
+# The kernels the launcher picks (on a Hopper GPU built with sm_90a: the wgmma forward, from head
+# dim 96 up by TMA, dQ and dK/dV kernels), the sm_80 ones forced by FASTATTN_CUDA_WGMMA=0, and
+# Hopper's cp.async forward forced by FASTATTN_CUDA_TMA=0, which on an H100 run nowhere else
+# (elsewhere "no-tma" is the default again, and skipped).
+CUDA_KERNELS = ["default", "sm80", "no-tma"]
 
 
 @pytest.fixture(params=CUDA_KERNELS)
 def cuda_kernels(request, monkeypatch):
-    if request.param == "sm80":
-        monkeypatch.setenv("FASTATTN_CUDA_WGMMA", "0")
+    if request.param == "no-tma" and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("FASTATTN_CUDA_TMA changes the kernels on a Hopper GPU only")
+    if request.param != "default":
+        var, value = KERNEL_VARS[request.param]
+        monkeypatch.setenv(var, value)
     return request.param
 
 

@@ -255,7 +255,8 @@ class AttentionBench(OpBench):
         native = next(p for p in ours if p.name == "fastattn-native")
         return [
             *ours,
-            _native_sm80(native),
+            _native_variant(native, "sm80"),
+            _native_variant(native, "no-tma"),
             sdpa_provider("torch", None),
             *[sdpa_provider(name, backend) for name, backend in SDPA_BACKENDS.items()],
             compile_provider(_composition, scratch_bytes=_materialized_scores),
@@ -296,35 +297,44 @@ def _native_cuda_limits(provider: Provider) -> Provider:
     return dataclasses.replace(provider, unavailable=unavailable_here)
 
 
-WGMMA_VAR = "FASTATTN_CUDA_WGMMA"
+# The native CUDA attention kernels a variable forces, read at each launch: the sm_80 ones
+# (mma.sync) where the launcher would pick Hopper's (wgmma), and Hopper's forward with cp.async
+# loads where it would pick the TMA one (head dims 96 up).
+KERNEL_VARS = {"sm80": ("FASTATTN_CUDA_WGMMA", "0"), "no-tma": ("FASTATTN_CUDA_TMA", "0")}
 
 
 @contextlib.contextmanager
-def sm80_kernels() -> Iterator[None]:
-    """Native CUDA attention runs its sm_80 (mma.sync) kernels inside, where the launcher
-    would pick the Hopper (wgmma) ones (``FASTATTN_CUDA_WGMMA=0``, read at each launch); the
-    variable is restored on exit."""
-    old = os.environ.get(WGMMA_VAR)
-    os.environ[WGMMA_VAR] = "0"
+def native_kernels(kind: str) -> Iterator[None]:
+    """Native CUDA attention runs the kernels ``kind`` names inside: ``"default"`` (what the
+    launcher picks), ``"sm80"`` (``FASTATTN_CUDA_WGMMA=0``) or ``"no-tma"``
+    (``FASTATTN_CUDA_TMA=0``); the variable is restored on exit."""
+    if kind == "default":
+        yield
+        return
+    if kind not in KERNEL_VARS:
+        raise ValueError(f"kind must be 'default' or one of {sorted(KERNEL_VARS)}, got {kind!r}")
+    var, value = KERNEL_VARS[kind]
+    old = os.environ.get(var)
+    os.environ[var] = value
     try:
         yield
     finally:
         if old is None:
-            del os.environ[WGMMA_VAR]
+            del os.environ[var]
         else:
-            os.environ[WGMMA_VAR] = old
+            os.environ[var] = old
 
 
-def _native_sm80(native: Provider) -> Provider:
-    """``fastattn-native`` with its sm_80 kernels forced (``sm80_kernels``), beside the Hopper
-    ones the launcher picks on compute capability 9.x; elsewhere the two are the same kernels,
-    so it is skipped."""
+def _native_variant(native: Provider, kind: str) -> Provider:
+    """``fastattn-native`` with the kernels ``kind`` forces (``native_kernels``), beside those
+    the launcher picks; only on a Hopper GPU do they differ (for ``"no-tma"``, only from head
+    dim 96 up), so elsewhere it is skipped."""
 
     def make(case: Case) -> Callable[..., torch.Tensor]:
         fn = native.make(case)
 
         def run(*args: torch.Tensor) -> torch.Tensor:
-            with sm80_kernels():
+            with native_kernels(kind):
                 return fn(*args)
         return run
 
@@ -332,10 +342,12 @@ def _native_sm80(native: Provider) -> Provider:
         why = native.unavailable(case, device)
         if why is None and (device.type != "cuda"
                             or torch.cuda.get_device_capability(device)[0] != 9):
-            why = "the sm_80 kernels differ from fastattn-native's only on a Hopper GPU"
+            why = f"the {kind} kernels differ from fastattn-native's only on a Hopper GPU"
+        if why is None and kind == "no-tma" and case.p["head_dim"] <= 64:
+            why = "the TMA forward serves head dims 96 up"
         return why
 
-    return dataclasses.replace(native, name="fastattn-native-sm80", make=make,
+    return dataclasses.replace(native, name=f"fastattn-native-{kind}", make=make,
                                unavailable=unavailable)
 
 
