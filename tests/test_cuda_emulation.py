@@ -13,7 +13,9 @@ against the float64 reference). cp.async is asynchronous in the emulation (its d
 NaN from the issue until the wait that covers it; a thread that exits with copies no wait
 covered fails the launch), so a missing wait shows in the numbers. Races: a few cases run again
 with the emulation built under ThreadSanitizer, which reports a missing __syncthreads or wait,
-or a stage refilled while another warp still reads it, as a data race between CUDA threads.
+or a stage refilled while another warp still reads it, as a data race between CUDA threads;
+there each TMA copy of the Hopper TMA forward is a fiber of its own, ordered only before the
+waits on its mbarrier, so a missing or wrong mbarrier wait or an early release is one too.
 The emulation's reading of wgmma and the Hopper kernel's operand layouts are held against
 CuTe's description of the instructions (test_wgmma_layouts_match_cute). What it cannot check:
 races between CTAs (they run one after another), timing, hardware limits and speed;

@@ -15,12 +15,11 @@
 namespace fastattn::cuda {
 namespace {
 
-using attention::AttnParams;
-
-// Whether the Hopper forward, dQ and dK/dV kernels serve this device: compute capability 9.x, sm_90a
-// code in the build (setup.py defines FASTATTN_SM90A when FASTATTN_CUDA_ARCHS lists 90a; the
-// kernels' wgmma is compiled for sm_90a only and traps anywhere else), and FASTATTN_CUDA_WGMMA
-// not "0" (read per call: the switch back to the sm_80 kernels, for comparing the two).
+// Whether the Hopper forward, dQ and dK/dV kernels serve this device: compute capability 9.x,
+// sm_90a code in the build (setup.py defines FASTATTN_SM90A when FASTATTN_CUDA_ARCHS lists
+// 90a; the kernels' wgmma is compiled for sm_90a only and traps anywhere else), and
+// FASTATTN_CUDA_WGMMA not "0" (read per call: the switch back to the sm_80 kernels, for
+// comparing the two).
 bool hopper_kernels(int device) {
 #if defined(FASTATTN_SM90A)
   const char* env = std::getenv("FASTATTN_CUDA_WGMMA");

@@ -851,6 +851,11 @@ __device__ __forceinline__ void fwd_tma(const TmaFwdParams& tp) {
 
   const FwdTile<T, BM, BN> w(p);
   const int64_t m0 = w.m0, h = w.h, b = w.b;
+  if (threadIdx.x == CONSUMERS) {  // the producer's maps, fetched while the barriers are set up
+    tma_prefetch_map(&tp.q);
+    tma_prefetch_map(&tp.k);
+    tma_prefetch_map(&tp.v);
+  }
   if (threadIdx.x == 0) {
     mbar_init(full_q, 1);
     for (int st = 0; st < 2; ++st) {
@@ -1637,11 +1642,6 @@ inline void check_and_fill(const at::Tensor& q, const at::Tensor& k, const at::T
 // Whether an output tensor's rows of `E` elements take 16-byte stores.
 inline bool vec_ok(const at::Tensor& t) { return rows_aligned(t); }
 
-// Kernel launches go through a Launcher: `Launcher::launch(kernel, grid, threads, smem, p)`
-// runs `kernel` over `grid` with `smem` bytes of dynamic shared memory, and
-// `Launcher::wgmma()` says whether the Hopper kernels may run (attention_cuda.cu's CudaLauncher
-// on the current stream; a CPU emulation of the CUDA model can stand in, which is why
-// everything above the launch lives in this header).
 // A 5-d tensor map of 16-bit elements, as cuTensorMapEncodeTiled takes it (innermost dim first,
 // strides in bytes for dims 1-4, no swizzle or interleave, out-of-bound elements read as zero):
 // one of q, k, v viewed as (8 columns, rows, width / 8 column blocks, heads, batch), so that a
@@ -1679,6 +1679,12 @@ std::optional<TmaBox> slab_box(const void* base, const int64_t (&s)[3], int64_t 
   return t;
 }
 
+// Kernel launches go through a Launcher (attention_cuda.cu's CudaLauncher on the current
+// stream; a CPU emulation of the CUDA model can stand in, which is why everything above the
+// launch lives in this header): `Launcher::launch(kernel, grid, threads, smem, params)` runs
+// `kernel` over `grid` with `smem` bytes of dynamic shared memory, `Launcher::wgmma()` says
+// whether the Hopper kernels may run, `Launcher::tma()` whether the Hopper forward may load by
+// TMA, and `Launcher::encode(map, box)` makes a TmaBox's tensor map.
 template <typename T, int kD, class Launcher>
 void run_fwd(const AttnParams& p) {
   if constexpr (Tiles<kD>::kFwdTma) {

@@ -315,6 +315,13 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, int parity) {
                                  : "memory");)
 }
 
+// Fetches a tensor map into the TMA unit's cache ahead of its first load.
+__device__ __forceinline__ void tma_prefetch_map(const CUtensorMap* map) {
+  FASTATTN_IF_SM90A(asm volatile("prefetch.tensormap [%0];\n" ::"l"(
+                                     reinterpret_cast<uint64_t>(map))
+                                 : "memory");)
+}
+
 // The box at coordinates (c0 .. c4) of the 5-d tensor map `map` into `dst` (128-byte aligned),
 // its bytes completed on `bar`.
 __device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, uint64_t* bar, int c0,

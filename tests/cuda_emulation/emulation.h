@@ -12,7 +12,9 @@
 // memory as it is then, at the wgmma_wait that covers its group (accumulators read before it
 // hold stale values, a stage refilled before it gives wrong numbers). cp.async is as
 // asynchronous as PTX allows (see cp_async_16): its destination holds NaN from the issue until
-// the wait_group that covers it, so a tile read too early gives wrong numbers.
+// the wait_group that covers it, so a tile read too early gives wrong numbers. For the Hopper
+// TMA forward: mbarriers (arrivals, transaction bytes, phases), TMA box loads of a tensor map
+// (cp.async.bulk.tensor, with the driver's encode checks), named barriers (see tma_load).
 // Built with -fsanitize=thread it is also a race checker: ThreadSanitizer sees the barriers as
 // happens-before edges and checks every shared and global memory access of the kernels, so a
 // missing __syncthreads, __syncwarp or cp_async_wait, or a stage refilled while another warp
@@ -643,6 +645,7 @@ inline void named_barrier_sync(int id, int threads) {
   }
   b->arrive_and_wait();
 }
+inline void tma_prefetch_map(const CUtensorMap*) {}
 template <int N> inline void setmaxnreg_dec() {}
 template <int N> inline void setmaxnreg_inc() {}
 
