@@ -9,9 +9,10 @@ What this checks before any GPU sees the code: fragment layouts and every index 
 tile loops with remainders, causal/window tile skipping, masks, dropout (the CPU generator's
 mask, bit for bit), softcap, GQA, padded and copied head dims, rows that see no key, the mask
 gradient. Outputs and every gradient must meet test_attention's rule (twice PyTorch's error
-against the float64 reference). cp.async is asynchronous in the emulation (its destination is
-NaN from the issue until the wait that covers it; a thread that exits with copies no wait
-covered fails the launch), so a missing wait shows in the numbers. Races: a few cases run again
+against the float64 reference). cp.async and TMA box loads are asynchronous in the emulation
+(the destination is NaN from the issue until the wait that covers it, a cp.async wait_group or
+a wait on the load's mbarrier; a thread or CTA that leaves copies no wait covered fails the
+launch), so a missing wait shows in the numbers. Races: a few cases run again
 with the emulation built under ThreadSanitizer, which reports a missing __syncthreads or wait,
 or a stage refilled while another warp still reads it, as a data race between CUDA threads;
 there each TMA copy of the Hopper TMA forward is a fiber of its own, ordered only before the

@@ -241,9 +241,17 @@ namespace emu {
 // waits read it with acquire loads, so ThreadSanitizer sees what the PTX memory model gives: a
 // thread whose wait saw a phase complete is ordered after every arrival of that phase and after
 // the writes of the copies it counted, and arrivals are not ordered with one another.
+// A TMA box load not yet performed (the non-TSan emulation's, see tma_load).
+struct TmaCopy {
+  void* dst;
+  CUtensorMap map;  // by value: the issuing thread's parameters may be gone when it lands
+  int c[5];
+};
 struct Mbar {
   std::atomic<uint64_t> state{0};
   uint32_t count = 0;
+  std::mutex lock;               // guards `copies`
+  std::vector<TmaCopy> copies;   // issued on this barrier, not yet landed
 };
 // A CTA's mbarriers by shared-memory offset (set up by mbar_init, cleared between CTAs), its
 // named barriers (bar.sync id, count) made at their first use, and the launch's faults that a
@@ -254,10 +262,18 @@ inline int mbar_count = 0;
 inline std::unique_ptr<Barrier> named[16];
 inline std::mutex named_mutex;
 inline std::atomic<int64_t> tma_faults{0};
+// TMA copies a CTA left without a wait that made them land: on a GPU they would land in a CTA
+// that has exited (or in the next one's shared memory); the launch fails.
+inline void check_unwaited_copies() {
+  for (auto& m : mbars) {
+    if (!m.copies.empty()) ++tma_faults;
+  }
+}
 inline void reset_cta_barriers() {
   for (auto& m : mbars) {
     m.state.store(0, std::memory_order_relaxed);
     m.count = 0;
+    m.copies.clear();
   }
   mbar_count = 0;
   for (auto& b : named) b.reset();
@@ -305,6 +321,7 @@ void run_grid(dim3 grid, int threads, Body body, BeforeCta before_cta) {
   };
   start_block();
   std::barrier next_block(threads, [&]() noexcept {
+    check_unwaited_copies();
     ++block;
     start_block();
   });
@@ -329,7 +346,7 @@ void run_grid(dim3 grid, int threads, Body body, BeforeCta before_cta) {
   TORCH_CHECK(bad == 0, bad, " misaligned vector accesses (a misaligned-address fault on a GPU)");
   const int64_t tma = tma_faults.exchange(0);
   TORCH_CHECK(tma == 0, tma, " faults of mbarriers or TMA copies (an uninitialised or overfull "
-              "mbarrier, a box destination not 128-byte aligned)");
+              "mbarrier, a box destination not 128-byte aligned, a copy no wait made land)");
   const int64_t desc = bad_descriptors.exchange(0);
   TORCH_CHECK(desc == 0, desc, " wgmma descriptors with a swizzle mode or base offset, which "
               "this emulation does not read");
@@ -543,6 +560,52 @@ inline void update(emu::Mbar& m, uint32_t arrivals, int64_t tx) {
     m.state.fetch_add(m.count + (uint64_t(1) << 16), std::memory_order_release);
   }
 }
+
+// Performs a TMA box load (elements outside the tensor's dims land as zeros; box order is dim 0
+// fastest), the destination written and the source read in the performing thread's name for
+// ThreadSanitizer, and completes its bytes on `m`.
+EMU_UNCHECKED inline void perform(emu::Mbar& m, const emu::TmaCopy& copy) {
+  const CUtensorMap& map = copy.map;
+  const auto* base = static_cast<const unsigned char*>(map.base);
+  auto* out = static_cast<uint16_t*>(copy.dst);
+  int64_t n = 0;
+  int64_t i[5];
+  for (i[4] = 0; i[4] < map.box[4]; ++i[4]) {
+    for (i[3] = 0; i[3] < map.box[3]; ++i[3]) {
+      for (i[2] = 0; i[2] < map.box[2]; ++i[2]) {
+        for (i[1] = 0; i[1] < map.box[1]; ++i[1]) {
+          for (i[0] = 0; i[0] < map.box[0]; ++i[0]) {
+            bool inside = true;
+            int64_t offset = 0;
+            for (int d = 0; d < 5; ++d) {
+              const int64_t g = copy.c[d] + i[d];
+              inside = inside && g >= 0 && g < static_cast<int64_t>(map.dims[d]);
+              offset += g * (d == 0 ? 2 : static_cast<int64_t>(map.strides[d - 1]));
+            }
+            uint16_t v = 0;
+            if (inside) {
+              std::memcpy(&v, base + offset, 2);
+              emu::tsan_access(base + offset, 2, false);
+            }
+            out[n++] = v;
+          }
+        }
+      }
+    }
+  }
+  emu::tsan_access(copy.dst, static_cast<size_t>(n) * 2, true);
+  update(m, 0, -2 * n);
+}
+
+// Lands the copies issued on `m` so far (the non-TSan emulation: by the first thread that waits).
+inline void land(emu::Mbar& m) {
+  std::vector<emu::TmaCopy> copies;
+  {
+    std::lock_guard<std::mutex> guard(m.lock);
+    copies.swap(m.copies);
+  }
+  for (const emu::TmaCopy& copy : copies) perform(m, copy);
+}
 }  // namespace mbar_emu
 
 inline void mbar_init(uint64_t* bar, int count) {
@@ -569,6 +632,9 @@ inline void mbar_wait(uint64_t* bar, int parity) {
   if (m == nullptr) return;
   const auto start = std::chrono::steady_clock::now();
   for (int spins = 0;; ++spins) {
+#if !defined(__SANITIZE_THREAD__)
+    mbar_emu::land(*m);  // TMA copies issued on it land now, if not yet
+#endif
     const uint64_t s = m->state.load(std::memory_order_acquire);
     if (((s >> 16) & 1) != static_cast<uint64_t>(parity & 1)) return;
     if (spins < 64) {
@@ -583,55 +649,34 @@ inline void mbar_wait(uint64_t* bar, int parity) {
   }
 }
 
-// A TMA box load, done at issue, its bytes then completed on the mbarrier. Under
-// ThreadSanitizer the copy runs as a fiber of its own, as the TMA unit would: ordered after what
-// the issuing thread did before (its wait for the stage to be free), but the issuing thread is
-// not ordered after the copy, so a later barrier the same thread arrives on does not cover it.
-// Only the wait on this copy's mbarrier orders a reader after it: a thread that reads the tile
-// without that wait races with the copy's write, and a stage refilled while a wgmma still reads
-// it (at the wgmma's wait) races with that read. Elements outside the tensor's dims land as
-// zeros; box order is dim 0 fastest.
+// A TMA box load on mbarrier `bar`. As asynchronous as PTX allows: the box lands at some point
+// between the issue and the wait that sees its bytes complete, so the emulation writes both
+// ends of that window. Without ThreadSanitizer the destination holds NaN (0xFF) from the issue
+// and the copy is performed by the first thread that waits on `bar`: a tile read before its
+// wait reads NaN. Under ThreadSanitizer the copy is performed at issue as a fiber of its own,
+// as the TMA unit would: ordered after what the issuing thread did before (its wait for the
+// stage to be free), but the issuing thread is not ordered after the copy, so a later barrier
+// the same thread arrives on does not cover it; only a wait on `bar` orders a reader after the
+// copy, and a stage refilled while a wgmma still reads it (at the wgmma's wait) is a race.
 EMU_UNCHECKED inline void tma_load(void* dst, const CUtensorMap* map, uint64_t* bar, int c0,
                                    int c1, int c2, int c3, int c4) {
+  if (smem_addr(dst) % 128 != 0) ++emu::tma_faults;
+  emu::Mbar* m = mbar_emu::find(bar);
+  if (m == nullptr) return;
+  const emu::TmaCopy copy{dst, *map, {c0, c1, c2, c3, c4}};
 #if defined(__SANITIZE_THREAD__)
   void* issuer = __tsan_get_current_fiber();
   void* engine = __tsan_create_fiber(0);
   __tsan_switch_to_fiber(engine, 0);  // synchronising: the issuer's past happens before
-#endif
-  if (smem_addr(dst) % 128 != 0) ++emu::tma_faults;
-  const int c[5] = {c0, c1, c2, c3, c4};
-  const auto* base = static_cast<const unsigned char*>(map->base);
-  auto* out = static_cast<uint16_t*>(dst);
-  int64_t n = 0;
-  int64_t i[5];
-  for (i[4] = 0; i[4] < map->box[4]; ++i[4]) {
-    for (i[3] = 0; i[3] < map->box[3]; ++i[3]) {
-      for (i[2] = 0; i[2] < map->box[2]; ++i[2]) {
-        for (i[1] = 0; i[1] < map->box[1]; ++i[1]) {
-          for (i[0] = 0; i[0] < map->box[0]; ++i[0]) {
-            bool inside = true;
-            int64_t offset = 0;
-            for (int d = 0; d < 5; ++d) {
-              const int64_t g = c[d] + i[d];
-              inside = inside && g >= 0 && g < static_cast<int64_t>(map->dims[d]);
-              offset += g * (d == 0 ? 2 : static_cast<int64_t>(map->strides[d - 1]));
-            }
-            uint16_t v = 0;
-            if (inside) {
-              std::memcpy(&v, base + offset, 2);
-              emu::tsan_access(base + offset, 2, false);
-            }
-            out[n++] = v;
-          }
-        }
-      }
-    }
-  }
-  emu::tsan_access(dst, static_cast<size_t>(n) * 2, true);
-  if (emu::Mbar* m = mbar_emu::find(bar)) mbar_emu::update(*m, 0, -2 * n);
-#if defined(__SANITIZE_THREAD__)
+  mbar_emu::perform(*m, copy);
   __tsan_switch_to_fiber(issuer, 1);  // __tsan_switch_to_fiber_no_sync
   __tsan_destroy_fiber(engine);
+#else
+  size_t bytes = 2;
+  for (int d = 0; d < 5; ++d) bytes *= map->box[d];
+  std::memset(dst, 0xFF, bytes);
+  std::lock_guard<std::mutex> guard(m->lock);
+  m->copies.push_back(copy);
 #endif
 }
 
