@@ -587,10 +587,10 @@ CUDA_HEAD_DIMS = [(16, 16), (32, 32), (59, 59), (64, 64), (80, 96), (111, 111), 
                   (160, 160), (192, 192), (200, 256), (256, 256), (59, 111), (256, 64)]
 
 
-# The kernels the launcher picks (on a Hopper GPU built with sm_90a: the wgmma forward, from head
-# dim 96 up by TMA, dQ and dK/dV kernels), the sm_80 ones forced by FASTATTN_CUDA_WGMMA=0, and
-# Hopper's cp.async forward forced by FASTATTN_CUDA_TMA=0, which on an H100 run nowhere else
-# (elsewhere "no-tma" is the default again, and skipped).
+# The kernels the launcher picks (on a Hopper GPU built with sm_90a: the wgmma forward, dQ and
+# dK/dV kernels, the forward and dK/dV from head dim 96 up by TMA), the sm_80 ones forced by
+# FASTATTN_CUDA_WGMMA=0, and Hopper's cp.async forward and dK/dV forced by FASTATTN_CUDA_TMA=0,
+# which on an H100 run nowhere else (elsewhere "no-tma" is the default again, and skipped).
 CUDA_KERNELS = ["default", "sm80", "no-tma"]
 
 

@@ -15,7 +15,7 @@ a wait on the load's mbarrier; a thread or CTA that leaves copies no wait covere
 launch), so a missing wait shows in the numbers. Races: a few cases run again
 with the emulation built under ThreadSanitizer, which reports a missing __syncthreads or wait,
 or a stage refilled while another warp still reads it, as a data race between CUDA threads;
-there each TMA copy of the Hopper TMA forward is a fiber of its own, ordered only before the
+there each TMA copy of the Hopper TMA kernels is a fiber of its own, ordered only before the
 waits on its mbarrier, so a missing or wrong mbarrier wait or an early release is one too.
 The emulation's reading of wgmma and the Hopper kernel's operand layouts are held against
 CuTe's description of the instructions (test_wgmma_layouts_match_cute). What it cannot check:
@@ -135,10 +135,15 @@ def test_emulated_cuda_attention_matches_reference(emulated_kernels, case):
     _check_case(emulated_kernels, case)
 
 
-def _check_case(ext, case) -> None:
+def _check_case(ext, case, tensors=None) -> None:
+    """Forward and backward of `case` against the float64 reference; `tensors` (q, k, v and
+    the output's gradient) replace its random inputs when given."""
     _, dtype, shape, mask_kind, p, window, bottom, softcap, flash = case
     B, Hq, Hk, L, S, D, Dv = shape
-    q, k, v = _inputs(dtype, B, Hq, Hk, L, S, D, Dv, flash)
+    if tensors is None:
+        q, k, v = _inputs(dtype, B, Hq, Hk, L, S, D, Dv, flash)
+    else:
+        q, k, v, _ = tensors
     mask = None
     if mask_kind == "bool":
         mask = torch.rand(B, 1, L, S) > 0.2
@@ -149,7 +154,7 @@ def _check_case(ext, case) -> None:
     scale = D**-0.5
     args = (mask, seed, p, scale, window[0], window[1], bottom, softcap)
     out, lse = ext.attention_fwd(q, k, v, *args)
-    grad = torch.randn_like(out)
+    grad = torch.randn_like(out) if tensors is None else tensors[3]
     mask_grad = mask_kind == "additive"
     grads = ext.attention_bwd(grad, q, k, v, out, lse, *args, mask_grad)
 
@@ -177,14 +182,15 @@ def _check_case(ext, case) -> None:
     torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), atol=1e-4, rtol=1e-4)
 
 
-# The Hopper forward without TMA (FASTATTN_CUDA_TMA=0, or inputs no tensor map can describe:
-# fwd_wgmma's cp.async loads) where the TMA forward would serve, head dims 96 up: two-warpgroup
-# CTAs with softcap and an additive mask, two query tiles, dropout at head dim 256.
+# The Hopper forward and dK/dV without TMA (FASTATTN_CUDA_TMA=0, or inputs no tensor map can
+# describe: fwd_wgmma's and dkdv_wgmma's cp.async loads) where the TMA kernels would serve, head
+# dims 96 up: two-warpgroup CTAs with softcap and an additive mask, two query tiles, dropout at
+# head dim 256.
 CPASYNC_CASES = [CASES[2], CASES[4], CASES[7]]
 
 
 @pytest.mark.parametrize("case", CPASYNC_CASES, ids=[c[0] for c in CPASYNC_CASES])
-def test_emulated_cuda_hopper_cpasync_forward_matches_reference(emulated, case):
+def test_emulated_cuda_hopper_cpasync_kernels_match_reference(emulated, case):
     emulated.use_wgmma(True)
     emulated.use_tma(False)
     try:
@@ -194,22 +200,22 @@ def test_emulated_cuda_hopper_cpasync_forward_matches_reference(emulated, case):
         emulated.use_wgmma(False)
 
 
-def test_emulated_cuda_forward_takes_pitched_and_broadcast_inputs(emulated_kernels):
-    # q with a row pitch past its head dim (a tensor map's row stride), then K and V broadcast
-    # over the batch (stride 0: no tensor map can step by it, so the launch logic must take the
-    # cp.async forward). Forward against the float64 reference, every kernel set; head dim 96
-    # (two-warpgroup Hopper CTAs).
+def test_emulated_cuda_attention_takes_pitched_and_broadcast_inputs(emulated_kernels):
+    # q and the output's gradient with a row pitch past their head dim (a tensor map's row
+    # stride), then K and V broadcast over the batch (stride 0: no tensor map can step by it, so
+    # the launch logic must take the cp.async forward and dK/dV). Forward and every gradient
+    # against the float64 reference, every kernel set; head dim 96 (two-warpgroup Hopper CTAs,
+    # by TMA where the strides allow).
     B, H, L, S, D = 2, 2, 70, 80, 96
-    scale = D**-0.5
+    case = ("pitched", torch.bfloat16, (B, H, H, L, S, D, D), None, 0.0, (-1, -1), False, 0.0,
+            False)
     q = torch.randn(B, H, L, D + 8, dtype=torch.bfloat16)[..., :D]  # (B, H, L, D), pitch D + 8
+    grad = torch.randn(B, H, L, D + 16, dtype=torch.bfloat16)[..., 8:D + 8]
     k1 = torch.randn(1, H, S, D, dtype=torch.bfloat16)
     v1 = torch.randn(1, H, S, D, dtype=torch.bfloat16)
     for k, v in ((k1.repeat(B, 1, 1, 1), v1.repeat(B, 1, 1, 1)),
                  (k1.expand(B, H, S, D), v1.expand(B, H, S, D))):  # (B, H, S, D)
-        out, _ = emulated_kernels.attention_fwd(q, k, v, None, None, 0.0, scale, -1, -1, False,
-                                                0.0)
-        ref = reference.attention(q.double(), k.double(), v.double(), scale=scale)
-        assert_twice_error(out, ref, reference.attention(q, k, v, scale=scale), "out")
+        _check_case(emulated_kernels, case, (q, k, v, grad))
 
 
 def test_emulated_cuda_dropout_is_the_cpu_mask(emulated_kernels):
@@ -280,11 +286,16 @@ RACE_CASES = [
 
 
 # The Hopper kernels under ThreadSanitizer: a forward stage refilled (three key tiles) with one
-# warpgroup (d32) and with two sharing it (d96), a dK/dV Q/dO stage refilled (d32: three query
-# heads) and P handed between its two warpgroups, and a query tile that sees no key. wgmma reads
-# shared memory at the wait that covers it (emulation.h), so a stage refilled before that wait
-# is a race.
-RACE_CASES_SM90 = [RACE_CASES[0], RACE_CASES[1], RACE_CASES[3]]
+# warpgroup (d32) and with two sharing it (d96, by TMA), a dK/dV Q/dO stage refilled (three
+# query heads: d32 by cp.async, d96 by TMA, where P's two buffers are each used again) and P
+# handed between its two warpgroups, and a query tile that sees no key. wgmma reads shared
+# memory at the wait that covers it (emulation.h), so a stage refilled before that wait is a
+# race.
+RACE_CASES_SM90 = [
+    RACE_CASES[0], RACE_CASES[1], RACE_CASES[3],
+    ("d96 gqa, three query heads a K/V tile", torch.float16, (1, 3, 1, 24, 40, 96, 96), None,
+     0.0, (-1, -1), False, 0.0, False),
+]
 
 
 def _race_child(seed: int) -> None:

@@ -53,7 +53,7 @@ EncodeTiled encode_tiled() {
 #endif
     TORCH_CHECK(found == cudaDriverEntryPointSuccess && f != nullptr,
                 "native CUDA attention: the driver has no cuTensorMapEncodeTiled (CUDA 12 or "
-                "newer is needed for the Hopper TMA forward; FASTATTN_CUDA_TMA=0 avoids it)");
+                "newer is needed for the Hopper TMA kernels; FASTATTN_CUDA_TMA=0 avoids it)");
     return reinterpret_cast<EncodeTiled>(f);
   }();
   return fn;
@@ -66,8 +66,9 @@ struct CudaLauncher {
     return hopper_kernels(device);
   }
 
-  // Whether the Hopper forward loads its tiles by TMA (attention_fwd_tma_kernel, head dims 96
-  // up) rather than cp.async: FASTATTN_CUDA_TMA not "0" (read per call, for comparing the two).
+  // Whether the Hopper forward and dK/dV load their tiles by TMA (attention_fwd_tma_kernel,
+  // attention_bwd_dkdv_tma_kernel, head dims 96 up) rather than cp.async: FASTATTN_CUDA_TMA not
+  // "0" (read per call, for comparing the two).
   static bool tma() {
     const char* env = std::getenv("FASTATTN_CUDA_TMA");
     return env == nullptr || std::strcmp(env, "0") != 0;

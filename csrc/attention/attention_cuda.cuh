@@ -81,6 +81,11 @@
 //   warpgroup 1 dP^T = V dO^T, dS'^T and dK += dS'^T Q, with P handed from one to the other
 //   through shared memory as fp32. P^T and dS'^T stay in registers as A operands (no 16-bit
 //   staging); each thread holds one 64 x kD accumulator, kD / 2 floats, so head dim 256 fits.
+// - dK/dV on Hopper with TMA (attention_bwd_dkdv_tma_kernel, head dims 96 up, picked as the
+//   TMA forward): those two warpgroups as consumers of a producer warpgroup that loads K and V
+//   once and each query tile's Q and dO as TMA boxes (lse2 and delta by its first warp), with
+//   full / empty mbarriers per stage, and P double-buffered, so the hand-over of P is the one
+//   barrier per query tile (dkdv_tma).
 //
 // Work: forward 2 L S (D + Dv) flops per head (halved by causal skipping), backward 2.5x that;
 // each score tile is computed once forward, twice backward (dK/dV and dQ kernels). Memory: the
@@ -93,7 +98,7 @@
 //
 // Not yet (first version, not yet run on a GPU): float32 / float64 inputs (TypeError: the
 // triton or torch backend serves them), a SIMT fallback; on Hopper, TMA and warp
-// specialisation in the one-warpgroup forward (head dims 32 / 64) and the backward kernels,
+// specialisation below head dim 96 (the one-warpgroup forward, dK/dV) and in the dQ kernel,
 // TMA stores, swizzled layouts (the TMA boxes' inner dimension is 16 bytes without them),
 // scheduling one warpgroup's softmax against the other's products (FA3's ping-pong; in dK/dV,
 // one warpgroup's elementwise work against the other's products); split-KV, a persistent
@@ -191,6 +196,11 @@ struct TmaFwdParams {
   AttnParams p;
   CUtensorMap q, k, v;
 };
+// The Hopper TMA dK/dV kernel's (dkdv_tma): q, k, v and dout as tensor maps, as TmaFwdParams.
+struct TmaBwdParams {
+  AttnParams p;
+  CUtensorMap q, k, v, dout;
+};
 
 // Tile shapes per kernel and padded head dim. Rows of every 16-bit shared tile are padded by 8
 // elements (16 bytes): a row pitch of an odd number of 16-byte units puts the 8 rows one
@@ -211,13 +221,17 @@ struct Tiles {
   static constexpr int fwd_m = 64 * fwd_groups<kWgmma>;
   template <bool kWgmma>
   static constexpr int fwd_threads = 2 * fwd_m<kWgmma>;
-  // The Hopper forward with TMA (fwd_tma) serves the two-warpgroup CTAs: those two consumer
-  // warpgroups and a producer warpgroup; the tiles in the slab layout, then the mbarriers.
-  static constexpr bool kFwdTma = kD >= 96;
+  // The Hopper kernels with TMA (fwd_tma, dkdv_tma) serve the head dims whose two-warpgroup
+  // CTAs hold an SM alone anyway (by their register counts): those two consumer warpgroups and
+  // a producer warpgroup; the tiles in the slab layout, then the mbarriers. Below head dim 96
+  // the forward has one-warpgroup CTAs and dK/dV fits two CTAs an SM, which a producer
+  // warpgroup's register split (one CTA an SM) would cost.
+  static constexpr bool kTma = kD >= 96;
   static constexpr int kTmaThreads = 3 * 128;
   // Registers a thread after the split (setmaxnreg): 128 x 24 + 256 x 240 fit the 64K of an SM.
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
   static constexpr int kTmaBarriers = 9;  // Q; K full and empty, V full and empty, two stages
+  static constexpr int kDkdvTmaBarriers = 5;  // K and V; Q / dO full and empty, two stages
   static constexpr int kFwdN = kD <= 128 ? 64 : 32;
   // per warp: n-tiles of S and of O, k-steps of Q K^T and of P V
   static constexpr int kFwdNT = kFwdN / 8, kFwdDT = kD / 8, kFwdKS = kD / 16, kFwdPS = kFwdN / 16;
@@ -254,6 +268,13 @@ struct Tiles {
     }
     return static_cast<size_t>(2 * kKvN + 4 * kKvM) * kLds * elem +
            static_cast<size_t>(2 * kKvN) * kLdp * elem + 4 * kKvM * sizeof(float);
+  }
+  // dK/dV with TMA: dkdv_wgmma's tiles in the slab layout, P and 1 - tanh^2 double-buffered,
+  // then the mbarriers.
+  static constexpr size_t dkdv_tma_smem(int elem) {
+    return static_cast<size_t>(2 * kKvN + 4 * kKvM) * kD * elem +
+           static_cast<size_t>(4 * kKvN * kKvM + 4 * kKvM) * sizeof(float) +
+           kDkdvTmaBarriers * sizeof(uint64_t);
   }
 };
 
@@ -685,6 +706,48 @@ __device__ __forceinline__ void fwd_mma(const AttnParams& p) {
   fwd_epilogue<T, kD>(p, fr, m0, b, h, sQ);
 }
 
+// One key tile nb of the Hopper forward's softmax step for one warpgroup (fwd_wgmma, fwd_tma):
+// issues S = Q K_nb^T (Q at sQw in layout QL, K_nb's stage at sKs in KL); with kOverlap and past
+// the first tile, then O += P_{nb-1} V_{nb-1} through issue_prev_pv() (pa, fr.o), and waits for
+// S only, so the softmax runs while that product does; calls k_read() once S is complete (K_nb's
+// stage is read), forms P_nb and the rescale factor, waits for the previous product and calls
+// pv_read() (kOverlap past the first tile: V_{nb-1}'s stage and the old pa are read), rescales O
+// and packs P_nb into pa. Without kOverlap the caller issues O += P_nb V_nb after it.
+template <typename T, int kD, bool kOverlap, class QL, class KL, int BM, int BN, int DT, int PS,
+          class IssuePv, class KRead, class PvRead>
+__device__ __forceinline__ void fwd_wgmma_step(const AttnParams& p, const FwdTile<T, BM, BN>& w,
+                                               FwdRows<DT>& fr, uint32_t (&pa)[PS][4],
+                                               const T* sQw, const T* sKs, int64_t nb,
+                                               uint64_t seed, IssuePv issue_prev_pv,
+                                               KRead k_read, PvRead pv_read) {
+  constexpr int NT = Tiles<kD>::kFwdNT;
+  const int64_t n0 = nb * BN;
+  float s[NT][4];
+  wgmma_fence_operands(s);
+  wgmma_fence();
+  wgmma_abt<T, kD, QL, KL>(s, sQw, sKs);
+  wgmma_commit();
+  const bool prev = kOverlap && nb > w.nb_lo;
+  if (prev) {
+    issue_prev_pv();
+    wgmma_wait<1>();  // S only: the softmax runs while O += P V does
+  } else {
+    wgmma_wait<0>();
+  }
+  k_read();
+  wgmma_fence_operands(s);
+  float alpha[2];
+  fwd_softmax_tile(p, s, alpha, fr, w.b, w.h, n0, !full_tile<BM, BN>(p, w.m0, n0), seed);
+  if constexpr (kOverlap) {
+    wgmma_wait<0>();  // O and the previous P's registers are free, V_{nb-1} read
+    wgmma_fence_operands(fr.o);
+    if (prev) pv_read();
+  }
+  fr.rescale(alpha);
+#pragma unroll
+  for (int kk = 0; kk < PS; ++kk) a_fragment<T>(s, kk, pa[kk]);
+}
+
 // The forward on Hopper (sm_90a): warpgroups of four warps and 64 query rows, two per CTA from
 // head dim 96 up sharing the K/V stages (Tiles::fwd_groups), else one. Per warpgroup, S = Q K^T
 // as wgmma m64nBNk16 with Q and K K-major, O += P V as wgmma m64n64k16 / m64n32k16 over the
@@ -709,7 +772,7 @@ __device__ __forceinline__ void fwd_wgmma(const AttnParams& p) {
   using Cfg = Tiles<kD>;
   constexpr int BM = Cfg::template fwd_m<true>, BN = Cfg::kFwdN;
   constexpr int THREADS = Cfg::template fwd_threads<true>;
-  constexpr int NT = Cfg::kFwdNT, DT = Cfg::kFwdDT, PS = Cfg::kFwdPS;
+  constexpr int DT = Cfg::kFwdDT, PS = Cfg::kFwdPS;
   constexpr bool kOverlap = Cfg::template fwd_groups<true> == 2;
   extern __shared__ __align__(128) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);  // BM x kD core matrices (the epilogue: rows of kLds)
@@ -757,30 +820,11 @@ __device__ __forceinline__ void fwd_wgmma(const AttnParams& p) {
     } else {
       next_kv_tile<T, BN, kD, THREADS, true>(sK, sV, w.kb, w.vb, p, nb, w.nb_hi, st);
     }
-    const int64_t n0 = nb * BN;
-
     // S = Q K^T: this warpgroup's 64 rows x BN keys (kOverlap: then O += P_{nb-1} V_{nb-1}).
-    float s[NT][4];
-    wgmma_fence_operands(s);
-    wgmma_fence();
-    wgmma_abt<T, kD>(s, sQw, sK + st * BN * kD);
-    wgmma_commit();
-    if (kOverlap && nb > w.nb_lo) {
-      issue_pv(sV + (st ^ 1) * BN * kD);
-      wgmma_wait<1>();  // S only: the softmax runs while O += P V does
-    } else {
-      wgmma_wait<0>();
-    }
-    wgmma_fence_operands(s);
-    float alpha[2];
-    fwd_softmax_tile(p, s, alpha, fr, b, h, n0, !full_tile<BM, BN>(p, m0, n0), seed);
-    if constexpr (kOverlap) {
-      wgmma_wait<0>();  // O and the previous P's registers are free
-      wgmma_fence_operands(fr.o);
-    }
-    fr.rescale(alpha);
-#pragma unroll
-    for (int kk = 0; kk < PS; ++kk) a_fragment<T>(s, kk, pa[kk]);
+    // The stages are released by the __syncthreads of the next iteration, or below.
+    fwd_wgmma_step<T, kD, kOverlap, CoreLayout<kD>, CoreLayout<kD>>(
+        p, w, fr, pa, sQw, sK + st * BN * kD, nb, seed,
+        [&] { issue_pv(sV + (st ^ 1) * BN * kD); }, [] {}, [] {});
     if constexpr (!kOverlap) {
       issue_pv(sV + st * BN * kD);
       wgmma_wait<0>();
@@ -813,7 +857,27 @@ __global__ void __launch_bounds__(kWgmma && kD >= 96 ? 256 : 128)
   }
 }
 
-// The Hopper forward with TMA and warp specialisation (head dims 96 up, Tiles::kFwdTma; picked
+// The start of a warp-specialised Hopper kernel (fwd_tma, dkdv_tma): the producer warpgroup's
+// first thread (`producer`) fetches the tensor maps while thread 0 sets up the mbarriers (init),
+// then the one barrier of the whole CTA: the producer warpgroup leaves after it.
+template <class Init, class... Maps>
+__device__ __forceinline__ void tma_cta_start(int producer, Init init, const Maps*... maps) {
+  if (threadIdx.x == producer) (tma_prefetch_map(maps), ...);
+  if (threadIdx.x == 0) {
+    init();
+    mbar_init_fence();
+  }
+  __syncthreads();
+}
+
+// A consumer warp's arrival on an "empty" mbarrier once its wgmma_wait has completed its reads
+// of the stage: its first lane tells the producer, after the whole warp.
+__device__ __forceinline__ void warp_release(uint64_t* bar) {
+  __syncwarp();
+  if (threadIdx.x % 32 == 0) mbar_arrive(bar);
+}
+
+// The Hopper forward with TMA and warp specialisation (head dims 96 up, Tiles::kTma; picked
 // by the launch logic where the inputs suit a tensor map, slab_box): fwd_wgmma's two consumer
 // warpgroups (128 query rows, the softmax of key tile j beside O += P_{j-1} V_{j-1}) and a
 // producer warpgroup, whose first thread issues every load as a TMA box (the Q tile, then K_j
@@ -834,8 +898,8 @@ __device__ __forceinline__ void fwd_tma(const TmaFwdParams& tp) {
   using Cfg = Tiles<kD>;
   constexpr int BM = Cfg::template fwd_m<true>, BN = Cfg::kFwdN;
   constexpr int CONSUMERS = Cfg::kTmaThreads - 128;
-  constexpr int NT = Cfg::kFwdNT, DT = Cfg::kFwdDT, PS = Cfg::kFwdPS;
-  static_assert(Cfg::kFwdTma && BM == 128 && CONSUMERS == 256, "two consumer warpgroups");
+  constexpr int DT = Cfg::kFwdDT, PS = Cfg::kFwdPS;
+  static_assert(Cfg::kTma && BM == 128 && CONSUMERS == 256, "two consumer warpgroups");
   using QL = SlabLayout<BM>;
   using KL = SlabLayout<BN>;
   constexpr uint32_t kQBytes = BM * kD * sizeof(T), kKvBytes = BN * kD * sizeof(T);
@@ -851,22 +915,18 @@ __device__ __forceinline__ void fwd_tma(const TmaFwdParams& tp) {
 
   const FwdTile<T, BM, BN> w(p);
   const int64_t m0 = w.m0, h = w.h, b = w.b;
-  if (threadIdx.x == CONSUMERS) {  // the producer's maps, fetched while the barriers are set up
-    tma_prefetch_map(&tp.q);
-    tma_prefetch_map(&tp.k);
-    tma_prefetch_map(&tp.v);
-  }
-  if (threadIdx.x == 0) {
-    mbar_init(full_q, 1);
-    for (int st = 0; st < 2; ++st) {
-      mbar_init(full_k + st, 1);
-      mbar_init(full_v + st, 1);
-      mbar_init(empty_k + st, CONSUMERS / 32);
-      mbar_init(empty_v + st, CONSUMERS / 32);
-    }
-    mbar_init_fence();
-  }
-  __syncthreads();  // the last barrier of the whole CTA: the producer warpgroup leaves below
+  tma_cta_start(
+      CONSUMERS,
+      [&] {
+        mbar_init(full_q, 1);
+        for (int st = 0; st < 2; ++st) {
+          mbar_init(full_k + st, 1);
+          mbar_init(full_v + st, 1);
+          mbar_init(empty_k + st, CONSUMERS / 32);
+          mbar_init(empty_v + st, CONSUMERS / 32);
+        }
+      },
+      &tp.q, &tp.k, &tp.v);
 
   if (threadIdx.x >= CONSUMERS) {
     setmaxnreg_dec<Cfg::kProducerRegs>();
@@ -895,11 +955,6 @@ __device__ __forceinline__ void fwd_tma(const TmaFwdParams& tp) {
   const uint64_t seed = p.dropout ? seed_of(p) : 0;
   FwdRows<DT> fr(m0);
   uint32_t pa[PS][4];  // P as A operands: the previous key tile's, in flight
-  // A warp's wgmma_wait has completed its reads of a stage; its first lane tells the producer.
-  auto release = [](uint64_t* bar) {
-    __syncwarp();
-    if (threadIdx.x % 32 == 0) mbar_arrive(bar);
-  };
   // O += P V of key tile nb (pa) as one wgmma group, once V_nb has landed.
   auto issue_pv = [&](int64_t nb) {
     const int i = static_cast<int>(nb - w.nb_lo);
@@ -913,29 +968,10 @@ __device__ __forceinline__ void fwd_tma(const TmaFwdParams& tp) {
   mbar_wait(full_q, 0);
   for (int64_t nb = w.nb_lo; nb < w.nb_hi; ++nb) {
     const int i = static_cast<int>(nb - w.nb_lo), st = i & 1;
-    const int64_t n0 = nb * BN;
     mbar_wait(full_k + st, (i >> 1) & 1);
-    float s[NT][4];
-    wgmma_fence_operands(s);
-    wgmma_fence();
-    wgmma_abt<T, kD, QL, KL>(s, sQw, sK + st * BN * kD);
-    wgmma_commit();
-    if (nb > w.nb_lo) {
-      issue_pv(nb - 1);
-      wgmma_wait<1>();  // S only: the softmax runs while O += P V does
-    } else {
-      wgmma_wait<0>();
-    }
-    release(empty_k + st);
-    wgmma_fence_operands(s);
-    float alpha[2];
-    fwd_softmax_tile(p, s, alpha, fr, b, h, n0, !full_tile<BM, BN>(p, m0, n0), seed);
-    wgmma_wait<0>();  // O and the previous P's registers are free, V_{nb-1} read
-    wgmma_fence_operands(fr.o);
-    if (nb > w.nb_lo) release(empty_v + (st ^ 1));
-    fr.rescale(alpha);
-#pragma unroll
-    for (int kk = 0; kk < PS; ++kk) a_fragment<T>(s, kk, pa[kk]);
+    fwd_wgmma_step<T, kD, true, QL, KL>(
+        p, w, fr, pa, sQw, sK + st * BN * kD, nb, seed, [&] { issue_pv(nb - 1); },
+        [&] { warp_release(empty_k + st); }, [&] { warp_release(empty_v + (st ^ 1)); });
   }
   if (w.nb_lo < w.nb_hi) {  // O += P V of the last key tile
     issue_pv(w.nb_hi - 1);
@@ -1164,6 +1200,19 @@ struct KvTile {
   __device__ __forceinline__ int64_t row0(int64_t it) const { return (mb_lo + it % nmb) * BM; }
 };
 
+// Rows [m0, m0 + BM) of (b, h)'s lse2 and delta into sL / sDl, rows past L as lse2 +inf and delta
+// 0 (their probabilities recompute as 0); row `first` and every `step`-th after it by this
+// thread.
+template <int BM>
+__device__ __forceinline__ void q_stage_rows(const AttnParams& p, int64_t b, int64_t h, int64_t m0,
+                                             float* sL, float* sDl, int first, int step) {
+  for (int idx = first; idx < BM; idx += step) {
+    const int64_t i = m0 + idx, at = (b * p.Hq + h) * p.L + i;
+    sL[idx] = i < p.L ? p.lse2[at] : INFINITY;
+    sDl[idx] = i < p.L ? p.delta[at] : 0.f;
+  }
+}
+
 // Starts the copies of iteration `it`'s Q and dO tiles (BM rows, the layout of load_tile's
 // kCore) into sQ / sdO, and stores its rows' lse2 and delta in sL / sDl (rows past L get lse2
 // +inf, so their probabilities recompute as 0). THREADS threads; the caller commits.
@@ -1176,11 +1225,7 @@ __device__ __forceinline__ void load_q_stage(const AttnParams& p, const KvTile<T
   load_tile<T, BM, kD, THREADS, kCore>(
       sdO, static_cast<const T*>(p.dout) + w.b * p.sdo[0] + h * p.sdo[1], p.sdo[2], m0, p.L,
       p.dv_load);
-  for (int idx = threadIdx.x; idx < BM; idx += THREADS) {
-    const int64_t i = m0 + idx, at = (w.b * p.Hq + h) * p.L + i;
-    sL[idx] = i < p.L ? p.lse2[at] : INFINITY;
-    sDl[idx] = i < p.L ? p.delta[at] : 0.f;
-  }
+  q_stage_rows<BM>(p, w.b, h, m0, sL, sDl, threadIdx.x, THREADS);
 }
 
 // dK, dV (sm_80 and newer): one CTA of 8 warps per (key tile, key/value head, batch), looping
@@ -1342,23 +1387,134 @@ __device__ __forceinline__ void dkdv_mma(const AttnParams& p) {
                      p.sdv[2], p.sdv[3], nrows, p.Dv, p.dv_vec, threadIdx.x, 256);
 }
 
+// One query tile `it` of the Hopper dK/dV kernels (dkdv_wgmma, dkdv_tma), for this thread's
+// warpgroup: S^T = K Q^T (warpgroup 0) or dP^T = V dO^T (warpgroup 1), then warpgroup 0 forms
+// P^T and hands P (and 1 - tanh^2) to warpgroup 1 through sP / sCap, handover() being the
+// barrier of both warpgroups between the two, warpgroup 1 forms dS'^T, and each accumulates its
+// product: dV += P^T dO or dK += dS'^T Q. K and V (64 rows, layout KL) and the stage's Q and dO
+// (BM rows, layout QL) are read K-major by the first product, Q and dO MN-major by the second;
+// sLs / sDls hold the stage's lse2 and delta. Returns once this warpgroup's products are complete
+// (the stage's tiles read).
+template <typename T, int kD, class KL, class QL, int BN, int BM, int DT, class Handover>
+__device__ __forceinline__ void dkdv_wgmma_step(const AttnParams& p, const KvTile<T, BN, BM>& w,
+                                                float (&acc)[DT][4], int64_t it, const T* sK,
+                                                const T* sV, const T* sQs, const T* sdOs,
+                                                const float* sLs, const float* sDls, float* sP,
+                                                float* sCap, uint64_t seed, Handover handover) {
+  constexpr int QT = BM / 8;   // n-tiles (query columns) of S^T and dP^T
+  constexpr int MS = BM / 16;  // k-steps (queries) of dV += P^T dO and dK += dS'^T Q
+  const int wg = (threadIdx.x / 128) & 1, tid = threadIdx.x % 128;
+  const int g = (tid % 32) >> 2, t = tid & 3;
+  const int kw = (tid / 32) * 16;  // this warp's keys (rows of the wgmma M)
+  const int64_t n0 = w.n0, b = w.b, h = w.head(it), m0 = w.row0(it);
+
+  // S^T = K Q^T (warpgroup 0) or dP^T = V dO^T (warpgroup 1): 64 keys x BM queries. The
+  // operands are chosen by address, so both warpgroups issue the same instructions.
+  float s[QT][4];
+  wgmma_fence_operands(s);
+  wgmma_fence();
+  wgmma_abt<T, kD, KL, QL>(s, wg == 0 ? sK : sV, wg == 0 ? sQs : sdOs);
+  wgmma_commit();
+  wgmma_wait<0>();
+  wgmma_fence_operands(s);
+
+  // s[qt][e]: key n0 + kw + g + 8 (e / 2), query column qt * 8 + 2t + e % 2.
+  const bool edge = !full_tile<BM, BN>(p, m0, n0);
+  if (wg == 0) {  // P^T (dropped, rescaled) into s; P and 1 - tanh^2 handed over
+#pragma unroll
+    for (int qt = 0; qt < QT; ++qt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = qt * 8 + 2 * t + (e & 1);
+        const int64_t i = m0 + col, j = n0 + kw + g + 8 * (e / 2);
+        float th;
+        const float pr = exp2f(score2(p, s[qt][e], b, h, i, j, edge, th) - sLs[col]);
+        const bool keep =
+            !p.dropout || (pr != 0.f && i < p.L && j < p.S && keep_at(p, seed, b, h, i, j));
+        sP[(qt * 4 + e) * 128 + tid] = keep ? pr : -pr;
+        if (p.softcap) sCap[(qt * 4 + e) * 128 + tid] = 1.f - th * th;
+        s[qt][e] = keep ? (p.dropout ? pr * p.drop_scale : pr) : 0.f;
+      }
+    }
+  }
+  handover();
+  if (wg == 1) {  // dS'^T = P^T (dP^T z / (1 - dropout_p) - delta) (1 - tanh^2) into s
+#pragma unroll
+    for (int qt = 0; qt < QT; ++qt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = qt * 8 + 2 * t + (e & 1);
+        const int64_t i = m0 + col, j = n0 + kw + g + 8 * (e / 2);
+        const float x = sP[(qt * 4 + e) * 128 + tid];
+        const float pr = fabsf(x);
+        float dpv = s[qt][e];
+        if (p.dropout) dpv = signbit(x) ? 0.f : dpv * p.drop_scale;
+        float ds = pr * (dpv - sDls[col]);
+        if (p.dmask != nullptr && i < p.L && j < p.S) {
+          p.dmask[((b * p.Hq + h) * p.L + i) * p.S + j] = ds;
+        }
+        if (p.softcap) ds *= sCap[(qt * 4 + e) * 128 + tid];
+        s[qt][e] = ds;
+      }
+    }
+  }
+
+  // dV += P^T dO (warpgroup 0) or dK += dS'^T Q (warpgroup 1): the A operand from the
+  // accumulators, dO or Q MN-major.
+  uint32_t fa[MS][4];
+#pragma unroll
+  for (int kk = 0; kk < MS; ++kk) a_fragment<T>(s, kk, fa[kk]);
+  wgmma_fence_operands(acc);
+  wgmma_fence();
+  wgmma_pb<T, kD, QL>(acc, fa, wg == 0 ? sdOs : sQs);
+  wgmma_commit();
+  wgmma_wait<0>();
+  wgmma_fence_operands(acc);
+}
+
+// The Hopper dK/dV kernels' end: warpgroup 0's dV and warpgroup 1's dK (scaled), staged as
+// 16-bit rows in sVStage / sKStage (free once sync(), a barrier of both warpgroups, has seen
+// every product complete), then the keys < S stored.
+template <typename T, int kD, int BN, int BM, int DT, class Sync>
+__device__ __forceinline__ void dkdv_wgmma_store(const AttnParams& p, const KvTile<T, BN, BM>& w,
+                                                 const float (&acc)[DT][4], T* sVStage,
+                                                 T* sKStage, Sync sync) {
+  constexpr int LDS = Tiles<kD>::kLds;
+  const int wg = (threadIdx.x / 128) & 1, tid = threadIdx.x % 128;
+  const int64_t n0 = w.n0, hk = w.hk, b = w.b;
+  sync();
+  T* stage = wg == 0 ? sVStage : sKStage;
+  stage_fragment<T, LDS>(stage, acc, (tid / 32) * 16 + ((tid % 32) >> 2), 0,
+                         wg == 0 ? 1.f : p.scale);
+  sync();
+  const int nrows = static_cast<int>(min(int64_t(BN), p.S - n0));
+  if (wg == 0) {
+    store_rows<T, LDS>(sVStage,
+                       static_cast<T*>(p.dv) + b * p.sdv[0] + hk * p.sdv[1] + n0 * p.sdv[2],
+                       p.sdv[2], p.sdv[3], nrows, p.Dv, p.dv_vec, tid, 128);
+  } else {
+    store_rows<T, LDS>(sKStage,
+                       static_cast<T*>(p.dk) + b * p.sdk[0] + hk * p.sdk[1] + n0 * p.sdk[2],
+                       p.sdk[2], p.sdk[3], nrows, p.D, p.dk_vec, tid, 128);
+  }
+}
+
 // dK, dV on Hopper (sm_90a): one CTA of two warpgroups per (key tile of 64, key/value head,
 // batch), looping over the query tiles as dkdv_mma. The wgmma M of 64 is the key tile, and the
 // two warpgroups split the work by product: warpgroup 0 computes S^T = K Q^T, turns it into
 // P^T (softmax, softcap, masks, dropout) and accumulates dV += P^T dO; warpgroup 1 computes
 // dP^T = V dO^T, takes P from warpgroup 0 through shared memory (fp32, in accumulator order),
-// forms dS'^T and accumulates dK += dS'^T Q. Each thread thus holds one 64 x kD accumulator
-// (kD / 2 floats: head dim 256 fits), and P^T / dS'^T go from accumulators to A operands in
-// registers (a_fragment). K and V (K-major) and the Q / dO ring sit in the core-matrix layout;
-// a Q or dO tile is read K-major as B of the first product (rows = queries = N) and MN-major
-// as B of the second (rows = queries = K). Two barriers per query tile: the stage has landed
-// (the next stage's copies start after it), P is handed over.
+// forms dS'^T and accumulates dK += dS'^T Q (dkdv_wgmma_step). Each thread thus holds one 64 x kD
+// accumulator (kD / 2 floats: head dim 256 fits), and P^T / dS'^T go from accumulators to A
+// operands in registers (a_fragment). K and V (K-major) and the Q / dO ring sit in the
+// core-matrix layout; a Q or dO tile is read K-major as B of the first product (rows = queries
+// = N) and MN-major as B of the second (rows = queries = K). Two barriers per query tile: the
+// stage has landed (the next stage's copies start after it), P is handed over.
 template <typename T, int kD>
 __device__ __forceinline__ void dkdv_wgmma(const AttnParams& p) {
   using Cfg = Tiles<kD>;
-  constexpr int BN = Cfg::kKvN, BM = Cfg::kKvM, LDS = Cfg::kLds;
-  constexpr int QT = BM / 8;   // n-tiles (query columns) of S^T and dP^T
-  constexpr int MS = BM / 16;  // k-steps (queries) of dV += P^T dO and dK += dS'^T Q
+  constexpr int BN = Cfg::kKvN, BM = Cfg::kKvM;
+  constexpr int QT = BM / 8;
   constexpr int DT = kD / 8;
   static_assert(BN == 64, "a key tile is one wgmma M");
   extern __shared__ __align__(128) unsigned char smem[];
@@ -1375,19 +1531,15 @@ __device__ __forceinline__ void dkdv_wgmma(const AttnParams& p) {
   float* sDl = sL + 2 * BM;                                  // 2 x BM: delta
   static_assert(BN * BM == 4 * QT * 128, "one float per accumulator of a warpgroup");
 
-  const int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
-  const int g = (tid % 32) >> 2, t = tid & 3;
-  const int kw = (tid / 32) * 16;  // this warp's keys (rows of the wgmma M)
   const KvTile<T, BN, BM> w(p);
-  const int64_t n0 = w.n0, hk = w.hk, b = w.b, iters = w.iters;
   auto load_stage = [&](int st, int64_t it) {
     load_q_stage<T, BN, BM, kD, 256, true>(p, w, it, sQ + st * BM * kD, sdO + st * BM * kD,
                                            sL + st * BM, sDl + st * BM);
   };
 
-  load_tile<T, BN, kD, 256, true>(sK, w.kb, p.sk[2], n0, p.S, p.d_load);
-  load_tile<T, BN, kD, 256, true>(sV, w.vb, p.sv[2], n0, p.S, p.dv_load);
-  if (iters > 0) load_stage(0, 0);
+  load_tile<T, BN, kD, 256, true>(sK, w.kb, p.sk[2], w.n0, p.S, p.d_load);
+  load_tile<T, BN, kD, 256, true>(sV, w.vb, p.sv[2], w.n0, p.S, p.dv_load);
+  if (w.iters > 0) load_stage(0, 0);
   cp_async_commit();
 
   const uint64_t seed = p.dropout ? seed_of(p) : 0;
@@ -1395,99 +1547,123 @@ __device__ __forceinline__ void dkdv_wgmma(const AttnParams& p) {
 #pragma unroll
   for (int i = 0; i < DT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
 
-  for (int64_t it = 0; it < iters; ++it) {
+  for (int64_t it = 0; it < w.iters; ++it) {
     const int st = static_cast<int>(it & 1);
     cp_async_wait<0>();
     fence_proxy_async();
     __syncthreads();  // stage st landed; every thread is done with the other stage and with sP
-    if (it + 1 < iters) {
+    if (it + 1 < w.iters) {
       load_stage(st ^ 1, it + 1);
       cp_async_commit();
     }
-    const int64_t h = w.head(it), m0 = w.row0(it);
-    const T* sQs = sQ + st * BM * kD;
-    const T* sdOs = sdO + st * BM * kD;
-    const float* sLs = sL + st * BM;
-    const float* sDls = sDl + st * BM;
-
-    // S^T = K Q^T (warpgroup 0) or dP^T = V dO^T (warpgroup 1): 64 keys x BM queries. The
-    // operands are chosen by address, so both warpgroups issue the same instructions.
-    float s[QT][4];
-    wgmma_fence_operands(s);
-    wgmma_fence();
-    wgmma_abt<T, kD>(s, wg == 0 ? sK : sV, wg == 0 ? sQs : sdOs);
-    wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_fence_operands(s);
-
-    // s[qt][e]: key n0 + kw + g + 8 (e / 2), query column qt * 8 + 2t + e % 2.
-    const bool edge = !full_tile<BM, BN>(p, m0, n0);
-    if (wg == 0) {  // P^T (dropped, rescaled) into s; P and 1 - tanh^2 handed over
-#pragma unroll
-      for (int qt = 0; qt < QT; ++qt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = qt * 8 + 2 * t + (e & 1);
-          const int64_t i = m0 + col, j = n0 + kw + g + 8 * (e / 2);
-          float th;
-          const float pr = exp2f(score2(p, s[qt][e], b, h, i, j, edge, th) - sLs[col]);
-          const bool keep =
-              !p.dropout || (pr != 0.f && i < p.L && j < p.S && keep_at(p, seed, b, h, i, j));
-          sP[(qt * 4 + e) * 128 + tid] = keep ? pr : -pr;
-          if (p.softcap) sCap[(qt * 4 + e) * 128 + tid] = 1.f - th * th;
-          s[qt][e] = keep ? (p.dropout ? pr * p.drop_scale : pr) : 0.f;
-        }
-      }
-    }
-    __syncthreads();  // P handed over
-    if (wg == 1) {  // dS'^T = P^T (dP^T z / (1 - dropout_p) - delta) (1 - tanh^2) into s
-#pragma unroll
-      for (int qt = 0; qt < QT; ++qt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = qt * 8 + 2 * t + (e & 1);
-          const int64_t i = m0 + col, j = n0 + kw + g + 8 * (e / 2);
-          const float x = sP[(qt * 4 + e) * 128 + tid];
-          const float pr = fabsf(x);
-          float dpv = s[qt][e];
-          if (p.dropout) dpv = signbit(x) ? 0.f : dpv * p.drop_scale;
-          float ds = pr * (dpv - sDls[col]);
-          if (p.dmask != nullptr && i < p.L && j < p.S) {
-            p.dmask[((b * p.Hq + h) * p.L + i) * p.S + j] = ds;
-          }
-          if (p.softcap) ds *= sCap[(qt * 4 + e) * 128 + tid];
-          s[qt][e] = ds;
-        }
-      }
-    }
-
-    // dV += P^T dO (warpgroup 0) or dK += dS'^T Q (warpgroup 1): the A operand from the
-    // accumulators, dO or Q MN-major.
-    uint32_t fa[MS][4];
-#pragma unroll
-    for (int kk = 0; kk < MS; ++kk) a_fragment<T>(s, kk, fa[kk]);
-    wgmma_fence_operands(acc);
-    wgmma_fence();
-    wgmma_pb<T, kD>(acc, fa, wg == 0 ? sdOs : sQs);
-    wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_fence_operands(acc);
+    dkdv_wgmma_step<T, kD, CoreLayout<kD>, CoreLayout<kD>>(
+        p, w, acc, it, sK, sV, sQ + st * BM * kD, sdO + st * BM * kD, sL + st * BM,
+        sDl + st * BM, sP, sCap, seed, [] { __syncthreads(); });
   }
   cp_async_wait<0>();
-  __syncthreads();  // every wgmma has read its tiles: sK and the ring take the outputs
+  // Once every wgmma has read its tiles, dV is staged where the ring was, dK where K and V were.
+  dkdv_wgmma_store<T, kD>(p, w, acc, sQ, sK, [] { __syncthreads(); });
+}
 
-  // dK (scaled) staged where K and V were, dV where the ring was; then the keys < S stored.
-  T* stage = wg == 0 ? sQ : sK;
-  stage_fragment<T, LDS>(stage, acc, kw + g, 0, wg == 0 ? 1.f : p.scale);
-  __syncthreads();
-  const int nrows = static_cast<int>(min(int64_t(BN), p.S - n0));
-  if (wg == 0) {
-    store_rows<T, LDS>(sQ, static_cast<T*>(p.dv) + b * p.sdv[0] + hk * p.sdv[1] + n0 * p.sdv[2],
-                       p.sdv[2], p.sdv[3], nrows, p.Dv, p.dv_vec, tid, 128);
-  } else {
-    store_rows<T, LDS>(sK, static_cast<T*>(p.dk) + b * p.sdk[0] + hk * p.sdk[1] + n0 * p.sdk[2],
-                       p.sdk[2], p.sdk[3], nrows, p.D, p.dk_vec, tid, 128);
+// dK, dV on Hopper with TMA and warp specialisation (head dims 96 up, Tiles::kTma; picked by the
+// launch logic where the inputs suit tensor maps): dkdv_wgmma's two warpgroups as consumers and
+// a producer warpgroup, as fwd_tma. The producer's first thread loads K and V once and each
+// query tile's Q and dO into stage it % 2 of a two-stage ring, as TMA boxes in the slab layout;
+// its first warp writes the stage's lse2 and delta (rows past L: +inf and 0, as load_q_stage)
+// before that thread's arrival on the stage's "full" mbarrier. A consumer warp releases a stage
+// ("empty", one arrival per warp) once its last product of the tile has read it. P and 1 - tanh^2
+// are double-buffered, so the hand-over is the one barrier of the two consumer warpgroups per
+// query tile: warpgroup 0 writes tile it + 1's P only after warpgroup 1 has met it at tile it's
+// hand-over, which it does after its reads of tile it - 1's.
+template <typename T, int kD>
+__device__ __forceinline__ void dkdv_tma(const TmaBwdParams& tp) {
+  const AttnParams& p = tp.p;
+  using Cfg = Tiles<kD>;
+  constexpr int BN = Cfg::kKvN, BM = Cfg::kKvM;
+  constexpr int CONSUMERS = Cfg::kTmaThreads - 128;
+  constexpr int DT = kD / 8;
+  static_assert(Cfg::kTma && BN == 64 && CONSUMERS == 256, "two consumer warpgroups");
+  using KL = SlabLayout<BN>;
+  using QL = SlabLayout<BM>;
+  constexpr uint32_t kKvBytes = BN * kD * sizeof(T), kQBytes = BM * kD * sizeof(T);
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sK = reinterpret_cast<T*>(smem);  // BN x kD, slab layout (the end: dK rows of kLds)
+  T* sV = sK + BN * kD;                // BN x kD
+  T* sQ = sV + BN * kD;                // 2 x BM x kD (the end: dV rows of kLds)
+  T* sdO = sQ + 2 * BM * kD;           // 2 x BM x kD
+  float* sP = reinterpret_cast<float*>(sdO + 2 * BM * kD);  // 2 x BN x BM, as dkdv_wgmma's
+  float* sCap = sP + 2 * BN * BM;                            // 2 x BN x BM
+  float* sL = sCap + 2 * BN * BM;                            // 2 x BM: lse2
+  float* sDl = sL + 2 * BM;                                  // 2 x BM: delta
+  uint64_t* full_kv = reinterpret_cast<uint64_t*>(sDl + 2 * BM);
+  uint64_t* full = full_kv + 1;   // [2]
+  uint64_t* empty = full_kv + 3;  // [2]
+
+  const KvTile<T, BN, BM> w(p);
+  tma_cta_start(
+      CONSUMERS,
+      [&] {
+        mbar_init(full_kv, 1);
+        for (int st = 0; st < 2; ++st) {
+          mbar_init(full + st, 1);
+          mbar_init(empty + st, CONSUMERS / 32);
+        }
+      },
+      &tp.k, &tp.v, &tp.q, &tp.dout);
+
+  if (threadIdx.x >= CONSUMERS) {
+    setmaxnreg_dec<Cfg::kProducerRegs>();
+    if (threadIdx.x < CONSUMERS + 32) {
+      const int lane = threadIdx.x % 32, hk = static_cast<int>(w.hk), bi = static_cast<int>(w.b);
+      if (lane == 0 && w.iters > 0) {
+        const int row = static_cast<int>(w.n0);
+        mbar_arrive_expect_tx(full_kv, 2 * kKvBytes);
+        tma_load(sK, &tp.k, full_kv, 0, row, 0, hk, bi);
+        tma_load(sV, &tp.v, full_kv, 0, row, 0, hk, bi);
+      }
+      for (int64_t it = 0; it < w.iters; ++it) {
+        const int st = static_cast<int>(it & 1), phase = static_cast<int>((it >> 1) & 1);
+        const int64_t h = w.head(it), m0 = w.row0(it);
+        // A fresh barrier is in phase 0: the first use of a stage passes (fwd_tma).
+        mbar_wait(empty + st, phase ^ 1);
+        q_stage_rows<BM>(p, w.b, h, m0, sL + st * BM, sDl + st * BM, lane, 32);
+        __syncwarp();  // the warp's lse2 and delta before the arrival that publishes them
+        if (lane == 0) {
+          const int r = static_cast<int>(m0), hi = static_cast<int>(h);
+          mbar_arrive_expect_tx(full + st, 2 * kQBytes);
+          tma_load(sQ + st * BM * kD, &tp.q, full + st, 0, r, 0, hi, bi);
+          tma_load(sdO + st * BM * kD, &tp.dout, full + st, 0, r, 0, hi, bi);
+        }
+      }
+    }
+    return;
   }
+
+  setmaxnreg_inc<Cfg::kConsumerRegs>();
+  const uint64_t seed = p.dropout ? seed_of(p) : 0;
+  float acc[DT][4];  // warpgroup 0: dV; warpgroup 1: dK (unscaled)
+#pragma unroll
+  for (int i = 0; i < DT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  auto consumers_sync = [] { named_barrier_sync(1, CONSUMERS); };
+
+  if (w.iters > 0) mbar_wait(full_kv, 0);
+  for (int64_t it = 0; it < w.iters; ++it) {
+    const int st = static_cast<int>(it & 1);
+    mbar_wait(full + st, static_cast<int>((it >> 1) & 1));
+    dkdv_wgmma_step<T, kD, KL, QL>(p, w, acc, it, sK, sV, sQ + st * BM * kD,
+                                   sdO + st * BM * kD, sL + st * BM, sDl + st * BM,
+                                   sP + st * BN * BM, sCap + st * BN * BM, seed, consumers_sync);
+    warp_release(empty + st);  // this warp's products have read the stage (the step's wait)
+  }
+  // Every load has landed (each was waited for), so the tiles take the outputs once both
+  // warpgroups' products are complete.
+  dkdv_wgmma_store<T, kD>(p, w, acc, sQ, sK, consumers_sync);
+}
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(Tiles<kD>::kTmaThreads, 1)
+    attention_bwd_dkdv_tma_kernel(const __grid_constant__ TmaBwdParams tp) {
+  dkdv_tma<T, kD>(tp);
 }
 
 // dK, dV: dkdv_mma (sm_80 and newer) or, kWgmma, dkdv_wgmma (Hopper, sm_90a); 256 threads.
@@ -1687,7 +1863,12 @@ std::optional<TmaBox> slab_box(const void* base, const int64_t (&s)[3], int64_t 
 // TMA, and `Launcher::encode(map, box)` makes a TmaBox's tensor map.
 template <typename T, int kD, class Launcher>
 void run_fwd(const AttnParams& p) {
-  if constexpr (Tiles<kD>::kFwdTma) {
+  // One CTA per (query tile of BM rows, head, batch), heavy tiles first (FwdTile).
+  auto grid = [&](int BM) {
+    return dim3(static_cast<unsigned>((p.L + BM - 1) / BM), static_cast<unsigned>(p.Hq),
+                static_cast<unsigned>(p.B));
+  };
+  if constexpr (Tiles<kD>::kTma) {
     if (Launcher::wgmma() && Launcher::tma()) {
       constexpr int BM = Tiles<kD>::template fwd_m<true>, BN = Tiles<kD>::kFwdN;
       const auto q = slab_box<kD>(p.q, p.sq, p.B, p.Hq, p.L, p.d_load, BM);
@@ -1699,9 +1880,7 @@ void run_fwd(const AttnParams& p) {
         Launcher::encode(&pt.q, *q);
         Launcher::encode(&pt.k, *k);
         Launcher::encode(&pt.v, *v);
-        const dim3 grid(static_cast<unsigned>((p.L + BM - 1) / BM),
-                        static_cast<unsigned>(p.Hq), static_cast<unsigned>(p.B));
-        Launcher::launch(attention_fwd_tma_kernel<T, kD>, grid, Tiles<kD>::kTmaThreads,
+        Launcher::launch(attention_fwd_tma_kernel<T, kD>, grid(BM), Tiles<kD>::kTmaThreads,
                          Tiles<kD>::fwd_tma_smem(sizeof(T)), pt);
         return;
       }
@@ -1709,10 +1888,7 @@ void run_fwd(const AttnParams& p) {
   }
   auto launch = [&](auto wgmma) {
     constexpr bool kWgmma = decltype(wgmma)::value;
-    constexpr int BM = Tiles<kD>::template fwd_m<kWgmma>;
-    const dim3 grid(static_cast<unsigned>((p.L + BM - 1) / BM), static_cast<unsigned>(p.Hq),
-                    static_cast<unsigned>(p.B));
-    Launcher::launch(attention_fwd_kernel<T, kD, kWgmma>, grid,
+    Launcher::launch(attention_fwd_kernel<T, kD, kWgmma>, grid(Tiles<kD>::template fwd_m<kWgmma>),
                      Tiles<kD>::template fwd_threads<kWgmma>,
                      Tiles<kD>::template fwd_smem<kWgmma>(sizeof(T)), p);
   };
@@ -1741,6 +1917,26 @@ void run_bwd(const AttnParams& p) {
     const dim3 grid_kv(static_cast<unsigned>((p.S + Tiles<kD>::kKvN - 1) / Tiles<kD>::kKvN),
                        static_cast<unsigned>(p.Hk), static_cast<unsigned>(p.B));
     if (Launcher::wgmma()) {
+      if constexpr (Tiles<kD>::kTma) {
+        if (Launcher::tma()) {
+          constexpr int BN = Tiles<kD>::kKvN, BM = Tiles<kD>::kKvM;
+          const auto q = slab_box<kD>(p.q, p.sq, p.B, p.Hq, p.L, p.d_load, BM);
+          const auto k = slab_box<kD>(p.k, p.sk, p.B, p.Hk, p.S, p.d_load, BN);
+          const auto v = slab_box<kD>(p.v, p.sv, p.B, p.Hk, p.S, p.dv_load, BN);
+          const auto dout = slab_box<kD>(p.dout, p.sdo, p.B, p.Hq, p.L, p.dv_load, BM);
+          if (q && k && v && dout) {
+            TmaBwdParams pt;
+            pt.p = p;
+            Launcher::encode(&pt.q, *q);
+            Launcher::encode(&pt.k, *k);
+            Launcher::encode(&pt.v, *v);
+            Launcher::encode(&pt.dout, *dout);
+            Launcher::launch(attention_bwd_dkdv_tma_kernel<T, kD>, grid_kv,
+                             Tiles<kD>::kTmaThreads, Tiles<kD>::dkdv_tma_smem(sizeof(T)), pt);
+            return;
+          }
+        }
+      }
       Launcher::launch(attention_bwd_dkdv_kernel<T, kD, true>, grid_kv, 256,
                        Tiles<kD>::template dkdv_smem<true>(sizeof(T)), p);
     } else {

@@ -298,8 +298,8 @@ def _native_cuda_limits(provider: Provider) -> Provider:
 
 
 # The native CUDA attention kernels a variable forces, read at each launch: the sm_80 ones
-# (mma.sync) where the launcher would pick Hopper's (wgmma), and Hopper's forward with cp.async
-# loads where it would pick the TMA one (head dims 96 up).
+# (mma.sync) where the launcher would pick Hopper's (wgmma), and Hopper's forward and dK/dV with
+# cp.async loads where it would pick the TMA ones (head dims 96 up).
 KERNEL_VARS = {"sm80": ("FASTATTN_CUDA_WGMMA", "0"), "no-tma": ("FASTATTN_CUDA_TMA", "0")}
 
 
@@ -344,7 +344,7 @@ def _native_variant(native: Provider, kind: str) -> Provider:
                             or torch.cuda.get_device_capability(device)[0] != 9):
             why = f"the {kind} kernels differ from fastattn-native's only on a Hopper GPU"
         if why is None and kind == "no-tma" and case.p["head_dim"] <= 64:
-            why = "the TMA forward serves head dims 96 up"
+            why = "the TMA kernels serve head dims 96 up"
         return why
 
     return dataclasses.replace(native, name=f"fastattn-native-{kind}", make=make,

@@ -13,7 +13,7 @@
 // hold stale values, a stage refilled before it gives wrong numbers). cp.async is as
 // asynchronous as PTX allows (see cp_async_16): its destination holds NaN from the issue until
 // the wait_group that covers it, so a tile read too early gives wrong numbers. For the Hopper
-// TMA forward: mbarriers (arrivals, transaction bytes, phases), TMA box loads of a tensor map
+// TMA kernels: mbarriers (arrivals, transaction bytes, phases), TMA box loads of a tensor map
 // (cp.async.bulk.tensor, with the driver's encode checks), named barriers (see tma_load).
 // Built with -fsanitize=thread it is also a race checker: ThreadSanitizer sees the barriers as
 // happens-before edges and checks every shared and global memory access of the kernels, so a
@@ -252,6 +252,7 @@ struct Mbar {
   uint32_t count = 0;
   std::mutex lock;               // guards `copies`
   std::vector<TmaCopy> copies;   // issued on this barrier, not yet landed
+  std::atomic<size_t> queued{0};  // copies.size(), read without the lock by a polling wait
 };
 // A CTA's mbarriers by shared-memory offset (set up by mbar_init, cleared between CTAs), its
 // named barriers (bar.sync id, count) made at their first use, and the launch's faults that a
@@ -274,6 +275,7 @@ inline void reset_cta_barriers() {
     m.state.store(0, std::memory_order_relaxed);
     m.count = 0;
     m.copies.clear();
+    m.queued.store(0, std::memory_order_relaxed);
   }
   mbar_count = 0;
   for (auto& b : named) b.reset();
@@ -598,11 +600,15 @@ EMU_UNCHECKED inline void perform(emu::Mbar& m, const emu::TmaCopy& copy) {
 }
 
 // Lands the copies issued on `m` so far (the non-TSan emulation: by the first thread that waits).
+// A poll that finds none queued takes no lock: a copy queued after it is seen by the next poll,
+// and the phase cannot complete before the copy's bytes are performed.
 inline void land(emu::Mbar& m) {
+  if (m.queued.load(std::memory_order_acquire) == 0) return;
   std::vector<emu::TmaCopy> copies;
   {
     std::lock_guard<std::mutex> guard(m.lock);
     copies.swap(m.copies);
+    m.queued.store(0, std::memory_order_relaxed);
   }
   for (const emu::TmaCopy& copy : copies) perform(m, copy);
 }
@@ -677,6 +683,7 @@ EMU_UNCHECKED inline void tma_load(void* dst, const CUtensorMap* map, uint64_t* 
   std::memset(dst, 0xFF, bytes);
   std::lock_guard<std::mutex> guard(m->lock);
   m->copies.push_back(copy);
+  m->queued.fetch_add(1, std::memory_order_release);
 #endif
 }
 
