@@ -28,6 +28,10 @@
 # and racecheck tools into memcheck.log and racecheck.log, within SANITIZE_S seconds each
 # (45 + 2 x 140 s at most: with a cold build, 30+240+45+280 s in all); a call of its own, best before the first "tests" of a new kernel:
 #   STEPS="sanitize" bash benchmarks/gpu_session.sh OUT_DIR4
+# "smoke" is sanitize's plain run alone (45 s: which kernel, if any, faults or is wrong), for a
+# lease that has room for one call only (15 minutes of device time, the machine's start
+# included):
+#   STEPS="smoke tests bench" TESTS_S=140 BENCH_S=140 bash benchmarks/gpu_session.sh OUT_DIR
 # OUT_DIR gets at most 7 files (the device tool brings back at most 8): session.log, junit.xml,
 # bench.json, bench.csv, plots.tar.gz (one PNG per op), pytest-benchmark.json, train.json,
 # tune.json, memcheck.log, racecheck.log (never all in one call).
@@ -124,8 +128,10 @@ for op in (\"softmax\", \"cross_entropy\", \"attention\"):
 
 # Sanitize first: a kernel that faults leaves the CUDA context unusable for the rest of a
 # process, so each run here is its own process, and the plain run's per-case lines come first.
-if wants sanitize; then
+if wants smoke || wants sanitize; then
     step cuda-smoke 45 python benchmarks/sanitize_cuda.py
+fi
+if wants sanitize; then
     # compute-sanitizer ships with the CUDA toolkit; PATH may not have it
     SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer \
         2>/dev/null | head -n 1)
