@@ -8,8 +8,8 @@ and misaligned global and shared accesses, racecheck shared-memory hazards (a mi
 ``__syncthreads`` between the cp.async pipeline stages, the staged P/dS tiles, the epilogues).
 The cases cover each kernel family and the paths that index differently: every attention
 kernel template's shared-memory layout at some head dim (each attention case three times:
-with the kernels the launcher picks, Hopper's wgmma ones and TMA forward and dK/dV on an H100,
-with the sm_80 ones, and with Hopper's cp.async forward and dK/dV), the
+with the kernels the launcher picks, Hopper's wgmma ones, by TMA from head dim 96 up, on an
+H100, with the sm_80 ones, and with Hopper's cp.async ones), the
 padded-copy path for unaligned head dims, sequence lengths that are not multiples of any tile,
 L = S = 1, rows that see no key, GQA, masks, windows, softcap, dropout with a CPU and a CUDA
 seed, the mask gradient, flash-attn's strided layout; softmax and cross-entropy with masks,
@@ -161,8 +161,8 @@ def _attention_with(kernel: str, args) -> None:
 
 def cases():
     # each case with the kernels the launcher picks (Hopper's wgmma kernels on an H100 built
-    # with sm_90a, the forward and dK/dV from head dim 96 up by TMA), with the sm_80 ones, and
-    # with Hopper's cp.async forward and dK/dV (the same as the default below compute
+    # with sm_90a, from head dim 96 up by TMA), with the sm_80 ones, and with Hopper's
+    # cp.async ones (the same as the default below compute
     # capability 9)
     for kernel in ("default", "sm80", "no-tma"):
         for name, *args in ATTENTION:

@@ -588,8 +588,8 @@ CUDA_HEAD_DIMS = [(16, 16), (32, 32), (59, 59), (64, 64), (80, 96), (111, 111), 
 
 
 # The kernels the launcher picks (on a Hopper GPU built with sm_90a: the wgmma forward, dQ and
-# dK/dV kernels, the forward and dK/dV from head dim 96 up by TMA), the sm_80 ones forced by
-# FASTATTN_CUDA_WGMMA=0, and Hopper's cp.async forward and dK/dV forced by FASTATTN_CUDA_TMA=0,
+# dK/dV kernels, all three from head dim 96 up by TMA), the sm_80 ones forced by
+# FASTATTN_CUDA_WGMMA=0, and Hopper's cp.async kernels forced by FASTATTN_CUDA_TMA=0,
 # which on an H100 run nowhere else (elsewhere "no-tma" is the default again, and skipped).
 CUDA_KERNELS = ["default", "sm80", "no-tma"]
 
@@ -685,13 +685,14 @@ def test_native_cuda_backward_is_bitwise_reproducible():
 
 
 @needs_native_cuda
-def test_native_cuda_empty_inputs():
+@pytest.mark.parametrize("D", [16, 128])  # 128: where Hopper's kernels would load by TMA
+def test_native_cuda_empty_inputs(D):
     with fastattn.use_backend("native"):
-        q = torch.randn(2, 3, 0, 16, device=DEVICE, dtype=torch.bfloat16)
-        kv = torch.randn(2, 3, 7, 16, device=DEVICE, dtype=torch.bfloat16)
-        assert fastattn.scaled_dot_product_attention(q, kv, kv).shape == (2, 3, 0, 16)
-        q = torch.randn(2, 3, 5, 16, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
-        kv = torch.randn(2, 3, 0, 16, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+        q = torch.randn(2, 3, 0, D, device=DEVICE, dtype=torch.bfloat16)
+        kv = torch.randn(2, 3, 7, D, device=DEVICE, dtype=torch.bfloat16)
+        assert fastattn.scaled_dot_product_attention(q, kv, kv).shape == (2, 3, 0, D)
+        q = torch.randn(2, 3, 5, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+        kv = torch.randn(2, 3, 0, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
         out, lse = fastattn.flash_attn_func(q.transpose(1, 2), kv.transpose(1, 2),
                                             kv.transpose(1, 2), return_lse=True)
         out.sum().backward()

@@ -182,8 +182,8 @@ def _check_case(ext, case, tensors=None) -> None:
     torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), atol=1e-4, rtol=1e-4)
 
 
-# The Hopper forward and dK/dV without TMA (FASTATTN_CUDA_TMA=0, or inputs no tensor map can
-# describe: fwd_wgmma's and dkdv_wgmma's cp.async loads) where the TMA kernels would serve, head
+# The Hopper forward, dQ and dK/dV without TMA (FASTATTN_CUDA_TMA=0, or inputs no tensor map can
+# describe: their cp.async loads) where the TMA kernels would serve, head
 # dims 96 up: two-warpgroup CTAs with softcap and an additive mask, two query tiles, dropout at
 # head dim 256.
 CPASYNC_CASES = [CASES[2], CASES[4], CASES[7]]
@@ -203,7 +203,7 @@ def test_emulated_cuda_hopper_cpasync_kernels_match_reference(emulated, case):
 def test_emulated_cuda_attention_takes_pitched_and_broadcast_inputs(emulated_kernels):
     # q and the output's gradient with a row pitch past their head dim (a tensor map's row
     # stride), then K and V broadcast over the batch (stride 0: no tensor map can step by it, so
-    # the launch logic must take the cp.async forward and dK/dV). Forward and every gradient
+    # the launch logic must take the cp.async kernels). Forward and every gradient
     # against the float64 reference, every kernel set; head dim 96 (two-warpgroup Hopper CTAs,
     # by TMA where the strides allow).
     B, H, L, S, D = 2, 2, 70, 80, 96
@@ -216,6 +216,22 @@ def test_emulated_cuda_attention_takes_pitched_and_broadcast_inputs(emulated_ker
     for k, v in ((k1.repeat(B, 1, 1, 1), v1.repeat(B, 1, 1, 1)),
                  (k1.expand(B, H, S, D), v1.expand(B, H, S, D))):  # (B, H, S, D)
         _check_case(emulated_kernels, case, (q, k, v, grad))
+
+
+def test_emulated_cuda_attention_without_keys(emulated_kernels):
+    # S = 0 at head dim 128, where the Hopper kernels load by TMA: an empty tensor's data pointer
+    # is null, which the emulated tensor map encoding refuses (the driver does not promise to
+    # take one), so the launch logic must take the cp.async kernels. Every row sees no key: the
+    # output and dq are zeros, lse is -inf, dk and dv are empty.
+    q = torch.randn(1, 2, 70, 128, dtype=torch.bfloat16)
+    k = torch.randn(1, 2, 0, 128, dtype=torch.bfloat16)
+    assert k.data_ptr() == 0
+    args = (None, None, 0.0, 128**-0.5, -1, -1, False, 0.0)
+    out, lse = emulated_kernels.attention_fwd(q, k, k, *args)
+    assert torch.equal(out, torch.zeros_like(q)) and torch.all(lse == float("-inf"))
+    dq, dk, dv, _ = emulated_kernels.attention_bwd(torch.randn_like(q), q, k, k, out, lse, *args,
+                                                   False)
+    assert torch.equal(dq, torch.zeros_like(q)) and dk.shape == dv.shape == k.shape
 
 
 def test_emulated_cuda_dropout_is_the_cpu_mask(emulated_kernels):
@@ -285,12 +301,12 @@ RACE_CASES = [
 ]
 
 
-# The Hopper kernels under ThreadSanitizer: a forward stage refilled (three key tiles) with one
-# warpgroup (d32) and with two sharing it (d96, by TMA), a dK/dV Q/dO stage refilled (three
-# query heads: d32 by cp.async, d96 by TMA, where P's two buffers are each used again) and P
-# handed between its two warpgroups, and a query tile that sees no key. wgmma reads shared
-# memory at the wait that covers it (emulation.h), so a stage refilled before that wait is a
-# race.
+# The Hopper kernels under ThreadSanitizer: a forward and a dQ K/V stage refilled (three key
+# tiles) with one warpgroup (d32) and with two sharing it (d96, by TMA), a dK/dV Q/dO stage
+# refilled (three query heads: d32 by cp.async, d96 by TMA, where P's two buffers are each used
+# again) and P handed between its two warpgroups, and a query tile that sees no key. wgmma reads
+# shared memory at the wait that covers it (emulation.h), so a stage refilled before that wait
+# is a race.
 RACE_CASES_SM90 = [
     RACE_CASES[0], RACE_CASES[1], RACE_CASES[3],
     ("d96 gqa, three query heads a K/V tile", torch.float16, (1, 3, 1, 24, 40, 96, 96), None,

@@ -66,9 +66,9 @@ struct CudaLauncher {
     return hopper_kernels(device);
   }
 
-  // Whether the Hopper forward and dK/dV load their tiles by TMA (attention_fwd_tma_kernel,
-  // attention_bwd_dkdv_tma_kernel, head dims 96 up) rather than cp.async: FASTATTN_CUDA_TMA not
-  // "0" (read per call, for comparing the two).
+  // Whether the Hopper kernels load their tiles by TMA (attention_fwd_tma_kernel,
+  // attention_bwd_dq_tma_kernel, attention_bwd_dkdv_tma_kernel, head dims 96 up) rather than
+  // cp.async: FASTATTN_CUDA_TMA not "0" (read per call, for comparing the two).
   static bool tma() {
     const char* env = std::getenv("FASTATTN_CUDA_TMA");
     return env == nullptr || std::strcmp(env, "0") != 0;

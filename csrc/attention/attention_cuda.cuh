@@ -86,6 +86,9 @@
 //   once and each query tile's Q and dO as TMA boxes (lse2 and delta by its first warp), with
 //   full / empty mbarriers per stage, and P double-buffered, so the hand-over of P is the one
 //   barrier per query tile (dkdv_tma).
+// - dQ on Hopper with TMA (attention_bwd_dq_tma_kernel, picked likewise): two consumer
+//   warpgroups (128 query rows sharing each K/V tile) of the dQ kernel's wgmma products and a
+//   producer warpgroup loading Q and dO once and K_j, V_j into a two-stage ring (dq_tma).
 //
 // Work: forward 2 L S (D + Dv) flops per head (halved by causal skipping), backward 2.5x that;
 // each score tile is computed once forward, twice backward (dK/dV and dQ kernels). Memory: the
@@ -94,14 +97,15 @@
 // Checked without a GPU: tests/test_cuda_emulation.py runs these kernels (both sets)
 // unchanged, through attention_fwd_impl / attention_bwd_impl below, in a CPU emulation of the
 // CUDA model (tests/cuda_emulation/; the FASTATTN_CUDA_EMULATION guard below lets it supply the
-// PTX pieces), against the float64 reference; nvcc compiles them for sm_80 and sm_90a in CI.
+// PTX pieces), against the float64 reference; nvcc compiles them for sm_80 and sm_90a in CI,
+// where smem_fits holds every CTA's shared memory to an A100's and an H100's opt-in limits.
 //
 // Not yet (first version, not yet run on a GPU): float32 / float64 inputs (TypeError: the
 // triton or torch backend serves them), a SIMT fallback; on Hopper, TMA and warp
-// specialisation below head dim 96 (the one-warpgroup forward, dK/dV) and in the dQ kernel,
-// TMA stores, swizzled layouts (the TMA boxes' inner dimension is 16 bytes without them),
-// scheduling one warpgroup's softmax against the other's products (FA3's ping-pong; in dK/dV,
-// one warpgroup's elementwise work against the other's products); split-KV, a persistent
+// specialisation below head dim 96 (the one-warpgroup forward, dQ, dK/dV), TMA stores,
+// swizzled layouts (the TMA boxes' inner dimension is 16 bytes without them), scheduling one
+// warpgroup's softmax against the other's products (FA3's ping-pong; in dK/dV, one
+// warpgroup's elementwise work against the other's products); split-KV, a persistent
 // scheduler, vectorised mask loads (masks are read one element per score, through their
 // strides), tuning of tile sizes. Performance is to be measured with the harness on a GPU.
 
@@ -196,10 +200,33 @@ struct TmaFwdParams {
   AttnParams p;
   CUtensorMap q, k, v;
 };
-// The Hopper TMA dK/dV kernel's (dkdv_tma): q, k, v and dout as tensor maps, as TmaFwdParams.
+// The Hopper TMA backward kernels' (dq_tma, dkdv_tma): q, k, v and dout as tensor maps, as
+// TmaFwdParams.
 struct TmaBwdParams {
   AttnParams p;
   CUtensorMap q, k, v, dout;
+};
+
+// The mbarriers of the TMA backward kernels (dq_tma, dkdv_tma) at `at`: `once` for the pair of
+// tiles the producer loads once (its arrival with their bytes; complete when they have landed),
+// then a two-stage ring for the pair it loads per step: full[st] likewise, empty[st] one
+// arrival per consumer warp once its products have read the stage (warp_release).
+struct TmaRing {
+  static constexpr int kBarriers = 5;
+  uint64_t* once;
+  uint64_t* full;   // [2]
+  uint64_t* empty;  // [2]
+
+  __device__ __forceinline__ explicit TmaRing(void* at)
+      : once(static_cast<uint64_t*>(at)), full(once + 1), empty(once + 3) {}
+  // By thread 0, as tma_cta_start's init.
+  __device__ __forceinline__ void init(int consumer_warps) const {
+    mbar_init(once, 1);
+    for (int st = 0; st < 2; ++st) {
+      mbar_init(full + st, 1);
+      mbar_init(empty + st, consumer_warps);
+    }
+  }
 };
 
 // Tile shapes per kernel and padded head dim. Rows of every 16-bit shared tile are padded by 8
@@ -221,7 +248,7 @@ struct Tiles {
   static constexpr int fwd_m = 64 * fwd_groups<kWgmma>;
   template <bool kWgmma>
   static constexpr int fwd_threads = 2 * fwd_m<kWgmma>;
-  // The Hopper kernels with TMA (fwd_tma, dkdv_tma) serve the head dims whose two-warpgroup
+  // The Hopper kernels with TMA (fwd_tma, dq_tma, dkdv_tma) serve the head dims whose two-warpgroup
   // CTAs hold an SM alone anyway (by their register counts): those two consumer warpgroups and
   // a producer warpgroup; the tiles in the slab layout, then the mbarriers. Below head dim 96
   // the forward has one-warpgroup CTAs and dK/dV fits two CTAs an SM, which a producer
@@ -231,7 +258,7 @@ struct Tiles {
   // Registers a thread after the split (setmaxnreg): 128 x 24 + 256 x 240 fit the 64K of an SM.
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
   static constexpr int kTmaBarriers = 9;  // Q; K full and empty, V full and empty, two stages
-  static constexpr int kDkdvTmaBarriers = 5;  // K and V; Q / dO full and empty, two stages
+  static constexpr int kDqTmaM = 128;  // dQ with TMA: two warpgroups' query rows
   static constexpr int kFwdN = kD <= 128 ? 64 : 32;
   // per warp: n-tiles of S and of O, k-steps of Q K^T and of P V
   static constexpr int kFwdNT = kFwdN / 8, kFwdDT = kD / 8, kFwdKS = kD / 16, kFwdPS = kFwdN / 16;
@@ -269,14 +296,35 @@ struct Tiles {
     return static_cast<size_t>(2 * kKvN + 4 * kKvM) * kLds * elem +
            static_cast<size_t>(2 * kKvN) * kLdp * elem + 4 * kKvM * sizeof(float);
   }
+  // dQ with TMA: Q and dO (kDqTmaM rows), two K and two V stages, in the slab layout; then the
+  // mbarriers (dq_tma).
+  static constexpr size_t dq_tma_smem(int elem) {
+    return static_cast<size_t>(2 * kDqTmaM + 4 * kFwdN) * kD * elem +
+           TmaRing::kBarriers * sizeof(uint64_t);
+  }
   // dK/dV with TMA: dkdv_wgmma's tiles in the slab layout, P and 1 - tanh^2 double-buffered,
   // then the mbarriers.
   static constexpr size_t dkdv_tma_smem(int elem) {
     return static_cast<size_t>(2 * kKvN + 4 * kKvM) * kD * elem +
            static_cast<size_t>(4 * kKvN * kKvM + 4 * kKvM) * sizeof(float) +
-           kDkdvTmaBarriers * sizeof(uint64_t);
+           TmaRing::kBarriers * sizeof(uint64_t);
   }
 };
+
+// Whether every attention kernel's CTA at head dim kD (16-bit elements) fits the shared memory
+// a CTA may opt in to: 163 KB on an A100 for the sm_80 kernels, 227 KB on an H100 for the
+// Hopper ones. Held at compile time (run_fwd, run_bwd), so a tile change that breaks it fails
+// the build rather than the launch's check on a GPU.
+template <int kD>
+constexpr bool smem_fits() {
+  using C = Tiles<kD>;
+  constexpr size_t sm80 = 163 * 1024, sm90 = 227 * 1024;
+  return C::template fwd_smem<false>(2) <= sm80 && C::template dq_smem<false>(2) <= sm80 &&
+         C::template dkdv_smem<false>(2) <= sm80 && C::template fwd_smem<true>(2) <= sm90 &&
+         C::template dq_smem<true>(2) <= sm90 && C::template dkdv_smem<true>(2) <= sm90 &&
+         (!C::kTma || (C::fwd_tma_smem(2) <= sm90 && C::dq_tma_smem(2) <= sm90 &&
+                       C::dkdv_tma_smem(2) <= sm90));
+}
 
 // The wgmma descriptor of a shared-memory operand starting at `start` whose core matrices lie
 // `strides` apart (wgmma_layout.h).
@@ -857,7 +905,7 @@ __global__ void __launch_bounds__(kWgmma && kD >= 96 ? 256 : 128)
   }
 }
 
-// The start of a warp-specialised Hopper kernel (fwd_tma, dkdv_tma): the producer warpgroup's
+// The start of a warp-specialised Hopper kernel (fwd_tma, dq_tma, dkdv_tma): the producer's
 // first thread (`producer`) fetches the tensor maps while thread 0 sets up the mbarriers (init),
 // then the one barrier of the whole CTA: the producer warpgroup leaves after it.
 template <class Init, class... Maps>
@@ -1013,6 +1061,97 @@ __global__ void __launch_bounds__(256) attention_bwd_prep_kernel(const AttnParam
   }
 }
 
+// A dQ warp's two query rows (rows[r]: this thread's rows g and g + 8 of the warp's 16): their
+// base-2 lse and delta (rows past L: lse2 +inf, so p = 0).
+__device__ __forceinline__ void dq_row_stats(const AttnParams& p, int64_t b, int64_t h,
+                                             const int64_t (&rows)[2], float (&lse2)[2],
+                                             float (&delta)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const bool in = rows[r] < p.L;
+    lse2[r] = in ? p.lse2[(b * p.Hq + h) * p.L + rows[r]] : INFINITY;
+    delta[r] = in ? p.delta[(b * p.Hq + h) * p.L + rows[r]] : 0.f;
+  }
+}
+
+// dS' = p (dP z / (1 - dropout_p) - delta) (1 - tanh^2) of a dQ warp's rows and key tile n0
+// (s: the raw scores, dp: dO V^T, both in the mma.sync / wgmma accumulator layout), into s.
+template <int NT>
+__device__ __forceinline__ void dq_dscores(const AttnParams& p, float (&s)[NT][4],
+                                           const float (&dp)[NT][4], const int64_t (&rows)[2],
+                                           const float (&lse2)[2], const float (&delta)[2],
+                                           int64_t b, int64_t h, int64_t n0, bool edge,
+                                           uint64_t seed) {
+  const int t = threadIdx.x & 3;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t i = rows[e / 2], j = n0 + nt * 8 + 2 * t + (e & 1);
+      float th;
+      const float s2 = score2(p, s[nt][e], b, h, i, j, edge, th);
+      const float pr = exp2f(s2 - lse2[e / 2]);
+      float dpv = dp[nt][e];
+      if (p.dropout) {
+        dpv = pr != 0.f && i < p.L && j < p.S && keep_at(p, seed, b, h, i, j)
+                  ? dpv * p.drop_scale
+                  : 0.f;
+      }
+      float ds = pr * (dpv - delta[e / 2]);
+      if (p.softcap) ds *= 1.f - th * th;
+      s[nt][e] = ds;
+    }
+  }
+}
+
+// The Hopper dQ kernels' products for one warpgroup and key tile (attention_bwd_dq_kernel's
+// kWgmma, dq_tma): S = Q K^T and dP = dO V^T as one group of wgmma chains (the warpgroup's Q and
+// dO rows at sQw / sdOw in layout QL, the K and V stage in KL, all K-major), waited for.
+template <typename T, int kD, class QL, class KL, int NT>
+__device__ __forceinline__ void dq_wgmma_scores(float (&s)[NT][4], float (&dp)[NT][4],
+                                                const T* sQw, const T* sdOw, const T* sKs,
+                                                const T* sVs) {
+  wgmma_fence_operands(s);
+  wgmma_fence_operands(dp);
+  wgmma_fence();
+  wgmma_abt<T, kD, QL, KL>(s, sQw, sKs);
+  wgmma_abt<T, kD, QL, KL>(dp, sdOw, sVs);
+  wgmma_commit();
+  wgmma_wait<0>();
+  wgmma_fence_operands(s);
+  wgmma_fence_operands(dp);
+}
+
+// dQ += dS K for one warpgroup (dS from the accumulators s as the A operand, K MN-major in
+// layout KL), waited for.
+template <typename T, int kD, class KL, int NT, int DT>
+__device__ __forceinline__ void dq_wgmma_accumulate(float (&dq)[DT][4], const float (&s)[NT][4],
+                                                    const T* sKs) {
+  uint32_t da[NT / 2][4];
+#pragma unroll
+  for (int kk = 0; kk < NT / 2; ++kk) a_fragment<T>(s, kk, da[kk]);
+  wgmma_fence_operands(dq);
+  wgmma_fence();
+  wgmma_pb<T, kD, KL>(dq, da, sKs);
+  wgmma_commit();
+  wgmma_wait<0>();
+  wgmma_fence_operands(dq);
+}
+
+// Writes a dQ warp's 16 rows (scaled) from m0w on: staged in sO (16 rows of pitch kLds that only
+// this warp uses), then stored.
+template <typename T, int kD, int DT>
+__device__ __forceinline__ void dq_store_warp(const AttnParams& p, const float (&dq)[DT][4],
+                                              T* sO, int64_t b, int64_t h, int64_t m0w) {
+  constexpr int LDS = Tiles<kD>::kLds;
+  const int lane = threadIdx.x % 32;
+  stage_fragment<T, LDS>(sO, dq, lane >> 2, 0, p.scale);
+  __syncwarp();
+  const int nrows = static_cast<int>(max(int64_t(0), min(int64_t(16), p.L - m0w)));
+  T* out = static_cast<T*>(p.dq) + b * p.sdq[0] + h * p.sdq[1] + m0w * p.sdq[2];
+  store_rows<T, LDS>(sO, out, p.sdq[2], p.sdq[3], nrows, p.D, p.dq_vec, lane, 32);
+}
+
 // dQ: one CTA of 4 warps per (query tile, head, batch); 16 query rows per warp. Its three
 // products, like the forward's, come in two versions: kWgmma false, each warp's mma.sync with
 // ldmatrix operands; kWgmma true (Hopper, sm_90a), the four warps as one warpgroup: S = Q K^T
@@ -1030,7 +1169,7 @@ __global__ void __launch_bounds__(128) attention_bwd_dq_kernel(const AttnParams 
   T* sK = sdO + BM * LDS;              // 2 x BN x KV
   T* sV = sK + 2 * BN * KV;            // 2 x BN x KV
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2;
   const int64_t tiles = (p.L + BM - 1) / BM;
   const int64_t m0 = (tiles - 1 - blockIdx.x) * BM;
   const int64_t h = blockIdx.y, b = blockIdx.z, hk = h / p.group;
@@ -1054,12 +1193,7 @@ __global__ void __launch_bounds__(128) attention_bwd_dq_kernel(const AttnParams 
   const uint64_t seed = p.dropout ? seed_of(p) : 0;
   const int64_t rows[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};
   float lse2[2], delta[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const bool in = rows[r] < p.L;
-    lse2[r] = in ? p.lse2[(b * p.Hq + h) * p.L + rows[r]] : INFINITY;  // rows past L: p = 0
-    delta[r] = in ? p.delta[(b * p.Hq + h) * p.L + rows[r]] : 0.f;
-  }
+  dq_row_stats(p, b, h, rows, lse2, delta);
   float dq[DT][4];
 #pragma unroll
   for (int i = 0; i < DT; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
@@ -1074,15 +1208,7 @@ __global__ void __launch_bounds__(128) attention_bwd_dq_kernel(const AttnParams 
     // S = Q K^T and dP = dO V^T (both: B operand rows are keys, as K in the forward).
     float s[NT][4], dp[NT][4];
     if constexpr (kWgmma) {
-      wgmma_fence_operands(s);
-      wgmma_fence_operands(dp);
-      wgmma_fence();
-      wgmma_abt<T, kD>(s, sQ, sKs);
-      wgmma_abt<T, kD>(dp, sdO, sVs);
-      wgmma_commit();
-      wgmma_wait<0>();
-      wgmma_fence_operands(s);
-      wgmma_fence_operands(dp);
+      dq_wgmma_scores<T, kD, CoreLayout<kD>, CoreLayout<kD>>(s, dp, sQ, sdO, sKs, sVs);
     } else {
       const T* sQw = sQ + warp * 16 * LDS;
       const T* sdOw = sdO + warp * 16 * LDS;
@@ -1111,40 +1237,12 @@ __global__ void __launch_bounds__(128) attention_bwd_dq_kernel(const AttnParams 
       }
     }
 
-    // dS' = p (dP z / (1 - dropout_p) - delta) (1 - tanh^2), into s.
-    const bool edge = !full_tile<BM, BN>(p, m0, n0);
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int64_t i = rows[e / 2], j = n0 + nt * 8 + 2 * t + (e & 1);
-        float th;
-        const float s2 = score2(p, s[nt][e], b, h, i, j, edge, th);
-        const float pr = exp2f(s2 - lse2[e / 2]);
-        float dpv = dp[nt][e];
-        if (p.dropout) {
-          dpv = pr != 0.f && i < p.L && j < p.S && keep_at(p, seed, b, h, i, j)
-                    ? dpv * p.drop_scale
-                    : 0.f;
-        }
-        float ds = pr * (dpv - delta[e / 2]);
-        if (p.softcap) ds *= 1.f - th * th;
-        s[nt][e] = ds;
-      }
-    }
+    dq_dscores(p, s, dp, rows, lse2, delta, b, h, n0, !full_tile<BM, BN>(p, m0, n0), seed);
 
     // dQ += dS K: dS from the accumulators as the A operand; K MN-major (wgmma) or its
     // fragments by ldmatrix.trans.
     if constexpr (kWgmma) {
-      uint32_t da[PS][4];
-#pragma unroll
-      for (int kk = 0; kk < PS; ++kk) a_fragment<T>(s, kk, da[kk]);
-      wgmma_fence_operands(dq);
-      wgmma_fence();
-      wgmma_pb<T, kD>(dq, da, sKs);
-      wgmma_commit();
-      wgmma_wait<0>();
-      wgmma_fence_operands(dq);
+      dq_wgmma_accumulate<T, kD, CoreLayout<kD>>(dq, s, sKs);
     } else {
 #pragma unroll
       for (int kk = 0; kk < PS; ++kk) {
@@ -1165,12 +1263,97 @@ __global__ void __launch_bounds__(128) attention_bwd_dq_kernel(const AttnParams 
   cp_async_wait<0>();
   __syncthreads();
 
-  T* sO = sQ + warp * 16 * LDS;  // this warp's rows of sQ, read only by this warp
-  stage_fragment<T, LDS>(sO, dq, g, 0, p.scale);
-  __syncwarp();
-  const int nrows = static_cast<int>(max(int64_t(0), min(int64_t(16), p.L - (m0 + warp * 16))));
-  T* out = static_cast<T*>(p.dq) + b * p.sdq[0] + h * p.sdq[1] + (m0 + warp * 16) * p.sdq[2];
-  store_rows<T, LDS>(sO, out, p.sdq[2], p.sdq[3], nrows, p.D, p.dq_vec, lane, 32);
+  dq_store_warp<T, kD>(p, dq, sQ + warp * 16 * LDS, b, h, m0 + warp * 16);
+}
+
+// dQ on Hopper with TMA and warp specialisation (head dims 96 up, Tiles::kTma; picked by the
+// launch logic where the inputs suit tensor maps): two consumer warpgroups of 64 query rows each
+// (a CTA of 128 rows: the K / V tiles shared, as fwd_tma) and a producer warpgroup whose first
+// thread loads the Q and dO tile once and K_j, V_j into stage j % 2 of a two-stage ring, as TMA
+// boxes in the slab layout. Per key tile each consumer warpgroup runs the products of
+// attention_bwd_dq_kernel's kWgmma (dq_wgmma_scores, dq_dscores, dq_wgmma_accumulate) and its
+// warps release the stage ("empty") once dQ += dS K has read K; no barrier joins the two
+// warpgroups until the end, where Q's rows take the output.
+template <typename T, int kD>
+__device__ __forceinline__ void dq_tma(const TmaBwdParams& tp) {
+  const AttnParams& p = tp.p;
+  using Cfg = Tiles<kD>;
+  constexpr int BM = Cfg::kDqTmaM, BN = Cfg::kFwdN, LDS = Cfg::kLds;
+  constexpr int CONSUMERS = Cfg::kTmaThreads - 128;
+  constexpr int NT = BN / 8, DT = kD / 8;
+  static_assert(Cfg::kTma && BM == 128 && CONSUMERS == 256, "two consumer warpgroups");
+  using QL = SlabLayout<BM>;
+  using KL = SlabLayout<BN>;
+  constexpr uint32_t kQBytes = BM * kD * sizeof(T), kKvBytes = BN * kD * sizeof(T);
+  extern __shared__ __align__(128) unsigned char smem[];
+  // At the end dQ's rows (pitch kLds) are staged from sQ on, into sdO's first rows too: both
+  // have been read by then.
+  static_assert(BM * LDS <= 2 * BM * kD, "dQ's staged rows fit in sQ and sdO");
+  T* sQ = reinterpret_cast<T*>(smem);  // BM x kD, slab layout
+  T* sdO = sQ + BM * kD;               // BM x kD
+  T* sK = sdO + BM * kD;               // 2 x BN x kD: K_j in stage (j - nb_lo) % 2
+  T* sV = sK + 2 * BN * kD;            // 2 x BN x kD: V_j likewise
+  const TmaRing bar(sV + 2 * BN * kD);  // once: Q and dO; the ring: K_j and V_j
+
+  const FwdTile<T, BM, BN> w(p);  // the same query tiles and visible key tiles as the forward
+  const int64_t m0 = w.m0, h = w.h, b = w.b;
+  tma_cta_start(CONSUMERS, [&] { bar.init(CONSUMERS / 32); }, &tp.q, &tp.dout, &tp.k, &tp.v);
+
+  if (threadIdx.x >= CONSUMERS) {
+    setmaxnreg_dec<Cfg::kProducerRegs>();
+    if (threadIdx.x == CONSUMERS) {
+      const int hk = static_cast<int>(h / p.group), bi = static_cast<int>(b);
+      const int r = static_cast<int>(m0), hi = static_cast<int>(h);
+      mbar_arrive_expect_tx(bar.once, 2 * kQBytes);
+      tma_load(sQ, &tp.q, bar.once, 0, r, 0, hi, bi);
+      tma_load(sdO, &tp.dout, bar.once, 0, r, 0, hi, bi);
+      for (int64_t nb = w.nb_lo; nb < w.nb_hi; ++nb) {
+        const int i = static_cast<int>(nb - w.nb_lo), st = i & 1, phase = (i >> 1) & 1;
+        const int row = static_cast<int>(nb * BN);
+        mbar_wait(bar.empty + st, phase ^ 1);  // a fresh barrier passes (fwd_tma)
+        mbar_arrive_expect_tx(bar.full + st, 2 * kKvBytes);
+        tma_load(sK + st * BN * kD, &tp.k, bar.full + st, 0, row, 0, hk, bi);
+        tma_load(sV + st * BN * kD, &tp.v, bar.full + st, 0, row, 0, hk, bi);
+      }
+    }
+    return;
+  }
+
+  setmaxnreg_inc<Cfg::kConsumerRegs>();
+  const int warp = threadIdx.x / 32, wg = threadIdx.x / 128;
+  const int64_t m0w = m0 + 64 * wg;  // this warpgroup's rows
+  const T* sQw = sQ + QL::offset(64 * wg, 0);
+  const T* sdOw = sdO + QL::offset(64 * wg, 0);
+  const uint64_t seed = p.dropout ? seed_of(p) : 0;
+  const int64_t rows[2] = {m0 + warp * 16 + (threadIdx.x % 32) / 4,
+                           m0 + warp * 16 + (threadIdx.x % 32) / 4 + 8};
+  float lse2[2], delta[2];
+  dq_row_stats(p, b, h, rows, lse2, delta);
+  float dq[DT][4];
+#pragma unroll
+  for (int i = 0; i < DT; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+
+  mbar_wait(bar.once, 0);
+  for (int64_t nb = w.nb_lo; nb < w.nb_hi; ++nb) {
+    const int i = static_cast<int>(nb - w.nb_lo), st = i & 1;
+    const T* sKs = sK + st * BN * kD;
+    const int64_t n0 = nb * BN;
+    mbar_wait(bar.full + st, (i >> 1) & 1);
+    float s[NT][4], dp[NT][4];
+    dq_wgmma_scores<T, kD, QL, KL>(s, dp, sQw, sdOw, sKs, sV + st * BN * kD);
+    dq_dscores(p, s, dp, rows, lse2, delta, b, h, n0, !full_tile<64, BN>(p, m0w, n0), seed);
+    dq_wgmma_accumulate<T, kD, KL>(dq, s, sKs);
+    warp_release(bar.empty + st);  // this warp's products have read K_nb and V_nb
+  }
+  // Every load has landed; Q's rows take the output once both warpgroups' products are done.
+  named_barrier_sync(1, CONSUMERS);
+  dq_store_warp<T, kD>(p, dq, sQ + warp * 16 * LDS, b, h, m0 + warp * 16);
+}
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(Tiles<kD>::kTmaThreads, 1)
+    attention_bwd_dq_tma_kernel(const __grid_constant__ TmaBwdParams tp) {
+  dq_tma<T, kD>(tp);
 }
 
 // Where a dK/dV CTA works: its key tile [n0, n0 + BN), K/V head and batch, and the query tiles
@@ -1595,21 +1778,10 @@ __device__ __forceinline__ void dkdv_tma(const TmaBwdParams& tp) {
   float* sCap = sP + 2 * BN * BM;                            // 2 x BN x BM
   float* sL = sCap + 2 * BN * BM;                            // 2 x BM: lse2
   float* sDl = sL + 2 * BM;                                  // 2 x BM: delta
-  uint64_t* full_kv = reinterpret_cast<uint64_t*>(sDl + 2 * BM);
-  uint64_t* full = full_kv + 1;   // [2]
-  uint64_t* empty = full_kv + 3;  // [2]
+  const TmaRing bar(sDl + 2 * BM);  // once: K and V; the ring: a query tile's Q and dO
 
   const KvTile<T, BN, BM> w(p);
-  tma_cta_start(
-      CONSUMERS,
-      [&] {
-        mbar_init(full_kv, 1);
-        for (int st = 0; st < 2; ++st) {
-          mbar_init(full + st, 1);
-          mbar_init(empty + st, CONSUMERS / 32);
-        }
-      },
-      &tp.k, &tp.v, &tp.q, &tp.dout);
+  tma_cta_start(CONSUMERS, [&] { bar.init(CONSUMERS / 32); }, &tp.k, &tp.v, &tp.q, &tp.dout);
 
   if (threadIdx.x >= CONSUMERS) {
     setmaxnreg_dec<Cfg::kProducerRegs>();
@@ -1617,22 +1789,22 @@ __device__ __forceinline__ void dkdv_tma(const TmaBwdParams& tp) {
       const int lane = threadIdx.x % 32, hk = static_cast<int>(w.hk), bi = static_cast<int>(w.b);
       if (lane == 0 && w.iters > 0) {
         const int row = static_cast<int>(w.n0);
-        mbar_arrive_expect_tx(full_kv, 2 * kKvBytes);
-        tma_load(sK, &tp.k, full_kv, 0, row, 0, hk, bi);
-        tma_load(sV, &tp.v, full_kv, 0, row, 0, hk, bi);
+        mbar_arrive_expect_tx(bar.once, 2 * kKvBytes);
+        tma_load(sK, &tp.k, bar.once, 0, row, 0, hk, bi);
+        tma_load(sV, &tp.v, bar.once, 0, row, 0, hk, bi);
       }
       for (int64_t it = 0; it < w.iters; ++it) {
         const int st = static_cast<int>(it & 1), phase = static_cast<int>((it >> 1) & 1);
         const int64_t h = w.head(it), m0 = w.row0(it);
         // A fresh barrier is in phase 0: the first use of a stage passes (fwd_tma).
-        mbar_wait(empty + st, phase ^ 1);
+        mbar_wait(bar.empty + st, phase ^ 1);
         q_stage_rows<BM>(p, w.b, h, m0, sL + st * BM, sDl + st * BM, lane, 32);
         __syncwarp();  // the warp's lse2 and delta before the arrival that publishes them
         if (lane == 0) {
           const int r = static_cast<int>(m0), hi = static_cast<int>(h);
-          mbar_arrive_expect_tx(full + st, 2 * kQBytes);
-          tma_load(sQ + st * BM * kD, &tp.q, full + st, 0, r, 0, hi, bi);
-          tma_load(sdO + st * BM * kD, &tp.dout, full + st, 0, r, 0, hi, bi);
+          mbar_arrive_expect_tx(bar.full + st, 2 * kQBytes);
+          tma_load(sQ + st * BM * kD, &tp.q, bar.full + st, 0, r, 0, hi, bi);
+          tma_load(sdO + st * BM * kD, &tp.dout, bar.full + st, 0, r, 0, hi, bi);
         }
       }
     }
@@ -1646,14 +1818,14 @@ __device__ __forceinline__ void dkdv_tma(const TmaBwdParams& tp) {
   for (int i = 0; i < DT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
   auto consumers_sync = [] { named_barrier_sync(1, CONSUMERS); };
 
-  if (w.iters > 0) mbar_wait(full_kv, 0);
+  if (w.iters > 0) mbar_wait(bar.once, 0);
   for (int64_t it = 0; it < w.iters; ++it) {
     const int st = static_cast<int>(it & 1);
-    mbar_wait(full + st, static_cast<int>((it >> 1) & 1));
+    mbar_wait(bar.full + st, static_cast<int>((it >> 1) & 1));
     dkdv_wgmma_step<T, kD, KL, QL>(p, w, acc, it, sK, sV, sQ + st * BM * kD,
                                    sdO + st * BM * kD, sL + st * BM, sDl + st * BM,
                                    sP + st * BN * BM, sCap + st * BN * BM, seed, consumers_sync);
-    warp_release(empty + st);  // this warp's products have read the stage (the step's wait)
+    warp_release(bar.empty + st);  // this warp's products have read the stage (the step's wait)
   }
   // Every load has landed (each was waited for), so the tiles take the outputs once both
   // warpgroups' products are complete.
@@ -1832,11 +2004,13 @@ struct TmaBox {
 // The box of `base` (strides s: batch, head, row, in elements; `width` readable columns, a
 // multiple of 8) for tiles of box_rows rows; none where a stride a dimension of more than one
 // element steps by is not a positive multiple of 16 bytes (a tensor map's rule: such inputs take
-// the cp.async forward).
+// the cp.async kernels), nor for an empty tensor (no keys or no queries: its data pointer may
+// be null, which no tensor map can hold).
 template <int kD>
 std::optional<TmaBox> slab_box(const void* base, const int64_t (&s)[3], int64_t B, int64_t H,
                                int64_t rows, int width, int box_rows) {
-  TmaBox t{base, {8, static_cast<uint64_t>(max(rows, int64_t(1))),
+  if (rows < 1 || base == nullptr) return std::nullopt;
+  TmaBox t{base, {8, static_cast<uint64_t>(rows),
                   static_cast<uint64_t>(width / 8), static_cast<uint64_t>(H),
                   static_cast<uint64_t>(B)},
            {}, {8, static_cast<uint32_t>(box_rows), kD / 8, 1, 1}};
@@ -1859,10 +2033,11 @@ std::optional<TmaBox> slab_box(const void* base, const int64_t (&s)[3], int64_t 
 // stream; a CPU emulation of the CUDA model can stand in, which is why everything above the
 // launch lives in this header): `Launcher::launch(kernel, grid, threads, smem, params)` runs
 // `kernel` over `grid` with `smem` bytes of dynamic shared memory, `Launcher::wgmma()` says
-// whether the Hopper kernels may run, `Launcher::tma()` whether the Hopper forward may load by
-// TMA, and `Launcher::encode(map, box)` makes a TmaBox's tensor map.
+// whether the Hopper kernels may run, `Launcher::tma()` whether they may load by TMA (head dims
+// 96 up), and `Launcher::encode(map, box)` makes a TmaBox's tensor map.
 template <typename T, int kD, class Launcher>
 void run_fwd(const AttnParams& p) {
+  static_assert(smem_fits<kD>(), "a CTA's shared memory past what an A100 or H100 allows");
   // One CTA per (query tile of BM rows, head, batch), heavy tiles first (FwdTile).
   auto grid = [&](int BM) {
     return dim3(static_cast<unsigned>((p.L + BM - 1) / BM), static_cast<unsigned>(p.Hq),
@@ -1899,50 +2074,74 @@ void run_fwd(const AttnParams& p) {
   }
 }
 
+// The Hopper backward kernels' tensor maps (dq_tma, dkdv_tma): q and dout in boxes of q_rows
+// rows, k and v in boxes of kv_rows; nullopt where some input's strides suit no map (slab_box).
+template <int kD, class Launcher>
+std::optional<TmaBwdParams> bwd_tma_params(const AttnParams& p, int q_rows, int kv_rows) {
+  const auto q = slab_box<kD>(p.q, p.sq, p.B, p.Hq, p.L, p.d_load, q_rows);
+  const auto dout = slab_box<kD>(p.dout, p.sdo, p.B, p.Hq, p.L, p.dv_load, q_rows);
+  const auto k = slab_box<kD>(p.k, p.sk, p.B, p.Hk, p.S, p.d_load, kv_rows);
+  const auto v = slab_box<kD>(p.v, p.sv, p.B, p.Hk, p.S, p.dv_load, kv_rows);
+  if (!q || !dout || !k || !v) return std::nullopt;
+  TmaBwdParams pt;
+  pt.p = p;
+  Launcher::encode(&pt.q, *q);
+  Launcher::encode(&pt.dout, *dout);
+  Launcher::encode(&pt.k, *k);
+  Launcher::encode(&pt.v, *v);
+  return pt;
+}
+
 template <typename T, int kD, class Launcher>
 void run_bwd(const AttnParams& p) {
+  using Cfg = Tiles<kD>;
+  static_assert(smem_fits<kD>(), "a CTA's shared memory past what an A100 or H100 allows");
   const int64_t rows = p.B * p.Hq * p.L;
   Launcher::launch(attention_bwd_prep_kernel<T>, dim3(static_cast<unsigned>((rows + 7) / 8)),
                    256, 0, p);
-  const dim3 grid_q(static_cast<unsigned>((p.L + Tiles<kD>::kFwdM - 1) / Tiles<kD>::kFwdM),
-                    static_cast<unsigned>(p.Hq), static_cast<unsigned>(p.B));
-  if (Launcher::wgmma()) {
-    Launcher::launch(attention_bwd_dq_kernel<T, kD, true>, grid_q, 128,
-                     Tiles<kD>::template dq_smem<true>(sizeof(T)), p);
-  } else {
-    Launcher::launch(attention_bwd_dq_kernel<T, kD, false>, grid_q, 128,
-                     Tiles<kD>::template dq_smem<false>(sizeof(T)), p);
+  auto grid = [&](int64_t n, int tile, int64_t heads) {
+    return dim3(static_cast<unsigned>((n + tile - 1) / tile), static_cast<unsigned>(heads),
+                static_cast<unsigned>(p.B));
+  };
+  // The TMA kernels where they serve (head dims 96 up on Hopper, FASTATTN_CUDA_TMA not "0") and
+  // the inputs suit tensor maps; else the cp.async ones.
+  bool tma = false;
+  if constexpr (Cfg::kTma) tma = Launcher::wgmma() && Launcher::tma();
+  std::optional<TmaBwdParams> tq, tkv;
+  if (tma) {  // none with no keys (slab_box): the cp.async dQ kernel writes its zeros
+    tq = bwd_tma_params<kD, Launcher>(p, Cfg::kDqTmaM, Cfg::kFwdN);
+    tkv = bwd_tma_params<kD, Launcher>(p, Cfg::kKvM, Cfg::kKvN);
   }
-  if (p.S > 0) {
-    const dim3 grid_kv(static_cast<unsigned>((p.S + Tiles<kD>::kKvN - 1) / Tiles<kD>::kKvN),
-                       static_cast<unsigned>(p.Hk), static_cast<unsigned>(p.B));
-    if (Launcher::wgmma()) {
-      if constexpr (Tiles<kD>::kTma) {
-        if (Launcher::tma()) {
-          constexpr int BN = Tiles<kD>::kKvN, BM = Tiles<kD>::kKvM;
-          const auto q = slab_box<kD>(p.q, p.sq, p.B, p.Hq, p.L, p.d_load, BM);
-          const auto k = slab_box<kD>(p.k, p.sk, p.B, p.Hk, p.S, p.d_load, BN);
-          const auto v = slab_box<kD>(p.v, p.sv, p.B, p.Hk, p.S, p.dv_load, BN);
-          const auto dout = slab_box<kD>(p.dout, p.sdo, p.B, p.Hq, p.L, p.dv_load, BM);
-          if (q && k && v && dout) {
-            TmaBwdParams pt;
-            pt.p = p;
-            Launcher::encode(&pt.q, *q);
-            Launcher::encode(&pt.k, *k);
-            Launcher::encode(&pt.v, *v);
-            Launcher::encode(&pt.dout, *dout);
-            Launcher::launch(attention_bwd_dkdv_tma_kernel<T, kD>, grid_kv,
-                             Tiles<kD>::kTmaThreads, Tiles<kD>::dkdv_tma_smem(sizeof(T)), pt);
-            return;
-          }
-        }
-      }
-      Launcher::launch(attention_bwd_dkdv_kernel<T, kD, true>, grid_kv, 256,
-                       Tiles<kD>::template dkdv_smem<true>(sizeof(T)), p);
-    } else {
-      Launcher::launch(attention_bwd_dkdv_kernel<T, kD, false>, grid_kv, 256,
-                       Tiles<kD>::template dkdv_smem<false>(sizeof(T)), p);
+  if constexpr (Cfg::kTma) {
+    if (tq) {
+      Launcher::launch(attention_bwd_dq_tma_kernel<T, kD>, grid(p.L, Cfg::kDqTmaM, p.Hq),
+                       Cfg::kTmaThreads, Cfg::dq_tma_smem(sizeof(T)), *tq);
     }
+  }
+  if (!tq) {
+    if (Launcher::wgmma()) {
+      Launcher::launch(attention_bwd_dq_kernel<T, kD, true>, grid(p.L, Cfg::kFwdM, p.Hq), 128,
+                       Cfg::template dq_smem<true>(sizeof(T)), p);
+    } else {
+      Launcher::launch(attention_bwd_dq_kernel<T, kD, false>, grid(p.L, Cfg::kFwdM, p.Hq), 128,
+                       Cfg::template dq_smem<false>(sizeof(T)), p);
+    }
+  }
+  if (p.S == 0) return;
+  const dim3 grid_kv = grid(p.S, Cfg::kKvN, p.Hk);
+  if constexpr (Cfg::kTma) {
+    if (tkv) {
+      Launcher::launch(attention_bwd_dkdv_tma_kernel<T, kD>, grid_kv, Cfg::kTmaThreads,
+                       Cfg::dkdv_tma_smem(sizeof(T)), *tkv);
+      return;
+    }
+  }
+  if (Launcher::wgmma()) {
+    Launcher::launch(attention_bwd_dkdv_kernel<T, kD, true>, grid_kv, 256,
+                     Cfg::template dkdv_smem<true>(sizeof(T)), p);
+  } else {
+    Launcher::launch(attention_bwd_dkdv_kernel<T, kD, false>, grid_kv, 256,
+                     Cfg::template dkdv_smem<false>(sizeof(T)), p);
   }
 }
 

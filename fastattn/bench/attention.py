@@ -298,8 +298,8 @@ def _native_cuda_limits(provider: Provider) -> Provider:
 
 
 # The native CUDA attention kernels a variable forces, read at each launch: the sm_80 ones
-# (mma.sync) where the launcher would pick Hopper's (wgmma), and Hopper's forward and dK/dV with
-# cp.async loads where it would pick the TMA ones (head dims 96 up).
+# (mma.sync) where the launcher would pick Hopper's (wgmma), and Hopper's kernels with cp.async
+# loads where it would pick the TMA ones (head dims 96 up).
 KERNEL_VARS = {"sm80": ("FASTATTN_CUDA_WGMMA", "0"), "no-tma": ("FASTATTN_CUDA_TMA", "0")}
 
 

@@ -19,9 +19,10 @@
 namespace attention = fastattn::cuda::attention;
 
 // Whether the launch logic picks the Hopper kernels (attention_fwd_kernel<T, kD, true>), as
-// CudaLauncher does on an H100, set by use_wgmma; and among them the TMA forward and dK/dV from
-// head dim 96 up (attention_fwd_tma_kernel, attention_bwd_dkdv_tma_kernel), as CudaLauncher
-// does unless FASTATTN_CUDA_TMA=0, set by use_tma.
+// CudaLauncher does on an H100, set by use_wgmma; and among them the TMA kernels from head dim
+// 96 up (attention_fwd_tma_kernel, attention_bwd_dq_tma_kernel,
+// attention_bwd_dkdv_tma_kernel), as CudaLauncher does unless FASTATTN_CUDA_TMA=0, set by
+// use_tma.
 inline bool wgmma_kernels = false;
 inline bool tma_forward = true;
 

@@ -711,6 +711,9 @@ namespace emu {
 // driver arguments it rejects fails here too.
 inline void encode_tensor_map(CUtensorMap* map, const void* base, const uint64_t (&dims)[5],
                               const uint64_t (&strides)[4], const uint32_t (&box)[5]) {
+  // A null address (an empty tensor's) is refused too: the driver's documentation does not
+  // promise to take one, so the launch logic must not ask.
+  TORCH_CHECK(base != nullptr, "tensor map: null address");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(base) % 16 == 0,
               "tensor map: address not 16-byte aligned");
   for (int d = 0; d < 5; ++d) {
