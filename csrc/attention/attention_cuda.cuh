@@ -1798,14 +1798,18 @@ __device__ __forceinline__ void dkdv_tma(const TmaBwdParams& tp) {
         const int64_t h = w.head(it), m0 = w.row0(it);
         // A fresh barrier is in phase 0: the first use of a stage passes (fwd_tma).
         mbar_wait(bar.empty + st, phase ^ 1);
-        q_stage_rows<BM>(p, w.b, h, m0, sL + st * BM, sDl + st * BM, lane, 32);
-        __syncwarp();  // the warp's lse2 and delta before the arrival that publishes them
+        // Q and dO are issued first, so their loads overlap the warp's loads of lse2 and delta;
+        // the phase completes with both the copies' bytes and the arrival after the warp's
+        // stores of lse2 and delta, which it publishes.
         if (lane == 0) {
           const int r = static_cast<int>(m0), hi = static_cast<int>(h);
-          mbar_arrive_expect_tx(bar.full + st, 2 * kQBytes);
+          mbar_expect_tx(bar.full + st, 2 * kQBytes);
           tma_load(sQ + st * BM * kD, &tp.q, bar.full + st, 0, r, 0, hi, bi);
           tma_load(sdO + st * BM * kD, &tp.dout, bar.full + st, 0, r, 0, hi, bi);
         }
+        q_stage_rows<BM>(p, w.b, h, m0, sL + st * BM, sDl + st * BM, lane, 32);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(bar.full + st);
       }
     }
     return;

@@ -307,6 +307,15 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t by
                                  : "memory");)
 }
 
+// Announces `bytes` of transactions on the barrier's current phase without arriving: the
+// copies can be issued before the arrival that completes the phase (mbar_arrive) is due.
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  FASTATTN_IF_SM90A(asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(
+                                     smem_addr(bar)),
+                                 "r"(bytes)
+                                 : "memory");)
+}
+
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, int parity) {
   FASTATTN_IF_SM90A(asm volatile("{\n.reg .pred done;\nLAB_WAIT:\n"
                                  "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"

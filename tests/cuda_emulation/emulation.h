@@ -631,6 +631,9 @@ inline void mbar_arrive(uint64_t* bar) {
 inline void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
   if (emu::Mbar* m = mbar_emu::find(bar)) mbar_emu::update(*m, 1, bytes);
 }
+inline void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  if (emu::Mbar* m = mbar_emu::find(bar)) mbar_emu::update(*m, 0, bytes);
+}
 // Returns once the phase of this parity has completed (the current phase's parity differs). A
 // wait that lasts two minutes is a deadlock: the process stops rather than hang the tests.
 inline void mbar_wait(uint64_t* bar, int parity) {
