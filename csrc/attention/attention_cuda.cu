@@ -85,7 +85,10 @@ struct CudaLauncher {
     }
     const CUresult r = encode_tiled()(
         map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 5, const_cast<void*>(t.base), dims, strides, box,
-        element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
+        element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+        t.swizzle == 128  ? CU_TENSOR_MAP_SWIZZLE_128B
+        : t.swizzle == 64 ? CU_TENSOR_MAP_SWIZZLE_64B
+                          : CU_TENSOR_MAP_SWIZZLE_32B,
         CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
     TORCH_CHECK(r == CUDA_SUCCESS, "native CUDA attention: cuTensorMapEncodeTiled failed (error ",
                 static_cast<int>(r), ") for a tensor of dims [", t.dims[0], ", ", t.dims[1], ", ",

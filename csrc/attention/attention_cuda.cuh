@@ -61,9 +61,11 @@
 // - Forward on Hopper with TMA (attention_fwd_tma_kernel, head dims 96 up, FASTATTN_CUDA_TMA
 //   not "0", and inputs a tensor map can describe: no stride 0): the two-warpgroup schedule
 //   above with warp specialisation, as FA3: a third, producer warpgroup (its registers given
-//   to the consumers by setmaxnreg) issues every tile load as one TMA box, and mbarriers (full
+//   to the consumers by setmaxnreg) issues every tile load as TMA boxes, and mbarriers (full
 //   and empty per stage) replace the per-tile __syncthreads, so each consumer warpgroup waits
-//   only for the tile it needs (fwd_tma).
+//   only for the tile it needs (fwd_tma). The TMA kernels' tiles are swizzled (wgmma_layout.h:
+//   SwizzleLayout, 128-byte rows from head dim 128, 64-byte at 96), one box per column block
+//   of the swizzle's width, as FA3 and CUTLASS load them.
 // - Backward: a preprocess kernel, delta = rowsum(dO * O) and lse in base 2 (+inf for a fully
 //   masked row, so its probabilities recompute as 0); a dK/dV kernel, one CTA of 8 warps per
 //   key tile (64 keys) looping over the query tiles of every query head of its group (Q, dO,
@@ -103,11 +105,12 @@
 // Not yet (first version, not yet run on a GPU): float32 / float64 inputs (TypeError: the
 // triton or torch backend serves them), a SIMT fallback; on Hopper, TMA and warp
 // specialisation below head dim 96 (the one-warpgroup forward, dQ, dK/dV), TMA stores,
-// swizzled layouts (the TMA boxes' inner dimension is 16 bytes without them), scheduling one
-// warpgroup's softmax against the other's products (FA3's ping-pong; in dK/dV, one
-// warpgroup's elementwise work against the other's products); split-KV, a persistent
-// scheduler, vectorised mask loads (masks are read one element per score, through their
-// strides), tuning of tile sizes. Performance is to be measured with the harness on a GPU.
+// swizzled tiles in the cp.async Hopper kernels (theirs are in the no-swizzle core-matrix
+// layout), scheduling one warpgroup's softmax against the other's products (FA3's ping-pong;
+// in dK/dV, one warpgroup's elementwise work against the other's products); split-KV, a
+// persistent scheduler, vectorised mask loads (masks are read one element per score, through
+// their strides), tuning of tile sizes. Performance is to be measured with the harness on a
+// GPU.
 
 #pragma once
 
@@ -191,8 +194,8 @@ struct AttnParams {
   float* dmask;  // (B, Hq, L, S) contiguous, or null
 };
 
-// The Hopper TMA forward's parameters (fwd_tma): q, k and v also as 5-d tensor maps whose boxes
-// land in the slab layout (encoded by the launch logic: slab_box). The kernel takes them as
+// The Hopper TMA forward's parameters (fwd_tma): q, k and v also as tensor maps whose boxes
+// land in the swizzled layout (encoded by the launch logic: tile_box). The kernel takes them as
 // __grid_constant__, so the maps have addresses TMA can read. Not in AttnParams: a map's 64-byte
 // alignment there costs the other kernels registers (ptxas: 118 -> 144 for the Hopper forward
 // at head dim 32).
@@ -250,7 +253,8 @@ struct Tiles {
   static constexpr int fwd_threads = 2 * fwd_m<kWgmma>;
   // The Hopper kernels with TMA (fwd_tma, dq_tma, dkdv_tma) serve the head dims whose two-warpgroup
   // CTAs hold an SM alone anyway (by their register counts): those two consumer warpgroups and
-  // a producer warpgroup; the tiles in the slab layout, then the mbarriers. Below head dim 96
+  // a producer warpgroup; the tiles in the swizzled layout from a 1024-byte boundary (up to
+  // kSwizzleSlack bytes skipped to reach it), then the mbarriers. Below head dim 96
   // the forward has one-warpgroup CTAs and dK/dV fits two CTAs an SM, which a producer
   // warpgroup's register split (one CTA an SM) would cost.
   static constexpr bool kTma = kD >= 96;
@@ -259,6 +263,7 @@ struct Tiles {
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
   static constexpr int kTmaBarriers = 9;  // Q; K full and empty, V full and empty, two stages
   static constexpr int kDqTmaM = 128;  // dQ with TMA: two warpgroups' query rows
+  static constexpr int kSwizzleSlack = 1024;  // swizzle_base's step
   static constexpr int kFwdN = kD <= 128 ? 64 : 32;
   // per warp: n-tiles of S and of O, k-steps of Q K^T and of P V
   static constexpr int kFwdNT = kFwdN / 8, kFwdDT = kD / 8, kFwdKS = kD / 16, kFwdPS = kFwdN / 16;
@@ -276,7 +281,7 @@ struct Tiles {
     return static_cast<size_t>(fwd_m<kWgmma> * kLds + 4 * kFwdN * (kWgmma ? kD : kLds)) * elem;
   }
   static constexpr size_t fwd_tma_smem(int elem) {
-    return fwd_smem<true>(elem) + kTmaBarriers * sizeof(uint64_t);
+    return fwd_smem<true>(elem) + kTmaBarriers * sizeof(uint64_t) + kSwizzleSlack;
   }
   // dQ: Q and dO with pitch kLds (the dQ tile reuses Q's); K and V as in the forward.
   template <bool kWgmma>
@@ -296,18 +301,18 @@ struct Tiles {
     return static_cast<size_t>(2 * kKvN + 4 * kKvM) * kLds * elem +
            static_cast<size_t>(2 * kKvN) * kLdp * elem + 4 * kKvM * sizeof(float);
   }
-  // dQ with TMA: Q and dO (kDqTmaM rows), two K and two V stages, in the slab layout; then the
+  // dQ with TMA: Q and dO (kDqTmaM rows), two K and two V stages, swizzled; then the
   // mbarriers (dq_tma).
   static constexpr size_t dq_tma_smem(int elem) {
     return static_cast<size_t>(2 * kDqTmaM + 4 * kFwdN) * kD * elem +
-           TmaRing::kBarriers * sizeof(uint64_t);
+           TmaRing::kBarriers * sizeof(uint64_t) + kSwizzleSlack;
   }
-  // dK/dV with TMA: dkdv_wgmma's tiles in the slab layout, P and 1 - tanh^2 double-buffered,
-  // then the mbarriers.
+  // dK/dV with TMA: dkdv_wgmma's tiles, swizzled, P and 1 - tanh^2 double-buffered, then the
+  // mbarriers.
   static constexpr size_t dkdv_tma_smem(int elem) {
     return static_cast<size_t>(2 * kKvN + 4 * kKvM) * kD * elem +
            static_cast<size_t>(4 * kKvN * kKvM + 4 * kKvM) * sizeof(float) +
-           TmaRing::kBarriers * sizeof(uint64_t);
+           TmaRing::kBarriers * sizeof(uint64_t) + kSwizzleSlack;
   }
 };
 
@@ -645,7 +650,7 @@ __device__ __forceinline__ void a_fragment(const float (&s)[NT][4], int kk, uint
 
 // Issues S (the warpgroup's 64 rows x N) = A B^T as one wgmma chain (Hopper kernels): A (64
 // rows) and B (N rows) are K-major tiles of kD columns in the core-matrix layout LA / LB
-// (wgmma_layout.h: CoreLayout, or the TMA forward's SlabLayout); a k-step of 16 is two core
+// (wgmma_layout.h: CoreLayout, or the TMA kernels' SwizzleLayout); a k-step of 16 is two core
 // matrices along K. The first step overwrites s (scale-d 0). The caller fences
 // before and commits and waits after.
 template <typename T, int kD, class LA = CoreLayout<kD>, class LB = LA, int NT>
@@ -925,17 +930,36 @@ __device__ __forceinline__ void warp_release(uint64_t* bar) {
   if (threadIdx.x % 32 == 0) mbar_arrive(bar);
 }
 
+// The TMA kernels' shared memory from its first 1024-byte boundary on (Tiles::kSwizzleSlack
+// bytes are launched for the step): their tiles are carved from there in multiples of 1024
+// bytes, so each starts where its swizzle pattern does (SwizzleLayout), which the launch
+// promises nothing about.
+__device__ __forceinline__ unsigned char* swizzle_base(unsigned char* smem) {
+  return smem + (1024 - smem_addr(smem) % 1024) % 1024;
+}
+
+// A ROWS x kD tile from row `row` of head h, batch b into `dst` (SwizzleLayout<ROWS, kD>), by
+// the producer's thread: one TMA box per column block, each completing its bytes on `bar`.
+template <int ROWS, int kD, typename T>
+__device__ __forceinline__ void tma_load_tile(T* dst, const CUtensorMap* map, uint64_t* bar,
+                                              int row, int h, int b) {
+  using L = SwizzleLayout<ROWS, kD>;
+  static_assert(ROWS * L::kSpan % 1024 == 0, "each column block on its pattern's boundary");
+#pragma unroll
+  for (int c = 0; c < kD; c += L::kCols) tma_load(dst + L::offset(0, c), map, bar, c, row, h, b, 0);
+}
+
 // The Hopper forward with TMA and warp specialisation (head dims 96 up, Tiles::kTma; picked
-// by the launch logic where the inputs suit a tensor map, slab_box): fwd_wgmma's two consumer
+// by the launch logic where the inputs suit a tensor map, tile_box): fwd_wgmma's two consumer
 // warpgroups (128 query rows, the softmax of key tile j beside O += P_{j-1} V_{j-1}) and a
 // producer warpgroup, whose first thread issues every load as a TMA box (the Q tile, then K_j
 // and V_j into stage j % 2 of their rings) and goes. Each stage has a "full" mbarrier (the
 // producer's arrival with the box's bytes; complete when they have landed) and an "empty" one
 // (one arrival per consumer warp once its wgmma has read the stage), so no thread of the CTA waits
 // at a __syncthreads per key tile: a warpgroup waits only for the tile it needs, and K_{j+2}
-// loads as soon as both warpgroups' S_j has read K_j. The tiles are in the slab layout
-// (wgmma_layout.h), which a box of {8 columns, rows, column blocks} writes: rows past L or S
-// and columns past the loaded width land as zeros, as load_tile's zero fill. Why a whole
+// loads as soon as both warpgroups' S_j has read K_j. The tiles are swizzled (wgmma_layout.h:
+// SwizzleLayout), a box per column block (tma_load_tile): rows past L or S and columns past
+// the loaded width land as zeros, as load_tile's zero fill. Why a whole
 // warpgroup to issue loads from one thread: registers are allocated per SM sub-partition, each
 // holding a quarter of the CTA's warps, so one extra warp caps every thread at 168 registers
 // (ptxas then spills at head dims 128 and 256); a warpgroup can give its registers to the
@@ -948,11 +972,13 @@ __device__ __forceinline__ void fwd_tma(const TmaFwdParams& tp) {
   constexpr int CONSUMERS = Cfg::kTmaThreads - 128;
   constexpr int DT = Cfg::kFwdDT, PS = Cfg::kFwdPS;
   static_assert(Cfg::kTma && BM == 128 && CONSUMERS == 256, "two consumer warpgroups");
-  using QL = SlabLayout<BM>;
-  using KL = SlabLayout<BN>;
+  using QL = SwizzleLayout<BM, kD>;
+  using KL = SwizzleLayout<BN, kD>;
   constexpr uint32_t kQBytes = BM * kD * sizeof(T), kKvBytes = BN * kD * sizeof(T);
+  static_assert(BM * Cfg::kLds * sizeof(T) % 1024 == 0 && kKvBytes % 1024 == 0,
+                "every tile on a 1024-byte boundary (swizzle_base)");
   extern __shared__ __align__(128) unsigned char smem[];
-  T* sQ = reinterpret_cast<T*>(smem);  // BM x kD, slab layout (the epilogue: rows of kLds)
+  T* sQ = reinterpret_cast<T*>(swizzle_base(smem));  // BM x kD (the epilogue: rows of kLds)
   T* sK = sQ + BM * Cfg::kLds;         // 2 x BN x kD: K_j in stage (j - nb_lo) % 2
   T* sV = sK + 2 * BN * kD;            // 2 x BN x kD: V_j likewise
   uint64_t* full_q = reinterpret_cast<uint64_t*>(sV + 2 * BN * kD);
@@ -981,7 +1007,7 @@ __device__ __forceinline__ void fwd_tma(const TmaFwdParams& tp) {
     if (threadIdx.x == CONSUMERS) {
       const int hk = static_cast<int>(h / p.group), bi = static_cast<int>(b);
       mbar_arrive_expect_tx(full_q, kQBytes);
-      tma_load(sQ, &tp.q, full_q, 0, static_cast<int>(m0), 0, static_cast<int>(h), bi);
+      tma_load_tile<BM, kD>(sQ, &tp.q, full_q, static_cast<int>(m0), static_cast<int>(h), bi);
       for (int64_t nb = w.nb_lo; nb < w.nb_hi; ++nb) {
         const int i = static_cast<int>(nb - w.nb_lo), st = i & 1, phase = (i >> 1) & 1;
         const int row = static_cast<int>(nb * BN);
@@ -989,10 +1015,10 @@ __device__ __forceinline__ void fwd_tma(const TmaFwdParams& tp) {
         // passes; the next waits until every consumer warp released the previous tile.
         mbar_wait(empty_k + st, phase ^ 1);
         mbar_arrive_expect_tx(full_k + st, kKvBytes);
-        tma_load(sK + st * BN * kD, &tp.k, full_k + st, 0, row, 0, hk, bi);
+        tma_load_tile<BN, kD>(sK + st * BN * kD, &tp.k, full_k + st, row, hk, bi);
         mbar_wait(empty_v + st, phase ^ 1);
         mbar_arrive_expect_tx(full_v + st, kKvBytes);
-        tma_load(sV + st * BN * kD, &tp.v, full_v + st, 0, row, 0, hk, bi);
+        tma_load_tile<BN, kD>(sV + st * BN * kD, &tp.v, full_v + st, row, hk, bi);
       }
     }
     return;
@@ -1270,7 +1296,7 @@ __global__ void __launch_bounds__(128) attention_bwd_dq_kernel(const AttnParams 
 // launch logic where the inputs suit tensor maps): two consumer warpgroups of 64 query rows each
 // (a CTA of 128 rows: the K / V tiles shared, as fwd_tma) and a producer warpgroup whose first
 // thread loads the Q and dO tile once and K_j, V_j into stage j % 2 of a two-stage ring, as TMA
-// boxes in the slab layout. Per key tile each consumer warpgroup runs the products of
+// boxes, swizzled. Per key tile each consumer warpgroup runs the products of
 // attention_bwd_dq_kernel's kWgmma (dq_wgmma_scores, dq_dscores, dq_wgmma_accumulate) and its
 // warps release the stage ("empty") once dQ += dS K has read K; no barrier joins the two
 // warpgroups until the end, where Q's rows take the output.
@@ -1282,14 +1308,16 @@ __device__ __forceinline__ void dq_tma(const TmaBwdParams& tp) {
   constexpr int CONSUMERS = Cfg::kTmaThreads - 128;
   constexpr int NT = BN / 8, DT = kD / 8;
   static_assert(Cfg::kTma && BM == 128 && CONSUMERS == 256, "two consumer warpgroups");
-  using QL = SlabLayout<BM>;
-  using KL = SlabLayout<BN>;
+  using QL = SwizzleLayout<BM, kD>;
+  using KL = SwizzleLayout<BN, kD>;
   constexpr uint32_t kQBytes = BM * kD * sizeof(T), kKvBytes = BN * kD * sizeof(T);
+  static_assert(kQBytes % 1024 == 0 && kKvBytes % 1024 == 0,
+                "every tile on a 1024-byte boundary (swizzle_base)");
   extern __shared__ __align__(128) unsigned char smem[];
   // At the end dQ's rows (pitch kLds) are staged from sQ on, into sdO's first rows too: both
   // have been read by then.
   static_assert(BM * LDS <= 2 * BM * kD, "dQ's staged rows fit in sQ and sdO");
-  T* sQ = reinterpret_cast<T*>(smem);  // BM x kD, slab layout
+  T* sQ = reinterpret_cast<T*>(swizzle_base(smem));  // BM x kD
   T* sdO = sQ + BM * kD;               // BM x kD
   T* sK = sdO + BM * kD;               // 2 x BN x kD: K_j in stage (j - nb_lo) % 2
   T* sV = sK + 2 * BN * kD;            // 2 x BN x kD: V_j likewise
@@ -1305,15 +1333,15 @@ __device__ __forceinline__ void dq_tma(const TmaBwdParams& tp) {
       const int hk = static_cast<int>(h / p.group), bi = static_cast<int>(b);
       const int r = static_cast<int>(m0), hi = static_cast<int>(h);
       mbar_arrive_expect_tx(bar.once, 2 * kQBytes);
-      tma_load(sQ, &tp.q, bar.once, 0, r, 0, hi, bi);
-      tma_load(sdO, &tp.dout, bar.once, 0, r, 0, hi, bi);
+      tma_load_tile<BM, kD>(sQ, &tp.q, bar.once, r, hi, bi);
+      tma_load_tile<BM, kD>(sdO, &tp.dout, bar.once, r, hi, bi);
       for (int64_t nb = w.nb_lo; nb < w.nb_hi; ++nb) {
         const int i = static_cast<int>(nb - w.nb_lo), st = i & 1, phase = (i >> 1) & 1;
         const int row = static_cast<int>(nb * BN);
         mbar_wait(bar.empty + st, phase ^ 1);  // a fresh barrier passes (fwd_tma)
         mbar_arrive_expect_tx(bar.full + st, 2 * kKvBytes);
-        tma_load(sK + st * BN * kD, &tp.k, bar.full + st, 0, row, 0, hk, bi);
-        tma_load(sV + st * BN * kD, &tp.v, bar.full + st, 0, row, 0, hk, bi);
+        tma_load_tile<BN, kD>(sK + st * BN * kD, &tp.k, bar.full + st, row, hk, bi);
+        tma_load_tile<BN, kD>(sV + st * BN * kD, &tp.v, bar.full + st, row, hk, bi);
       }
     }
     return;
@@ -1751,7 +1779,7 @@ __device__ __forceinline__ void dkdv_wgmma(const AttnParams& p) {
 // dK, dV on Hopper with TMA and warp specialisation (head dims 96 up, Tiles::kTma; picked by the
 // launch logic where the inputs suit tensor maps): dkdv_wgmma's two warpgroups as consumers and
 // a producer warpgroup, as fwd_tma. The producer's first thread loads K and V once and each
-// query tile's Q and dO into stage it % 2 of a two-stage ring, as TMA boxes in the slab layout;
+// query tile's Q and dO into stage it % 2 of a two-stage ring, as TMA boxes, swizzled;
 // its first warp writes the stage's lse2 and delta (rows past L: +inf and 0, as load_q_stage)
 // before that thread's arrival on the stage's "full" mbarrier. A consumer warp releases a stage
 // ("empty", one arrival per warp) once its last product of the tile has read it. P and 1 - tanh^2
@@ -1766,11 +1794,13 @@ __device__ __forceinline__ void dkdv_tma(const TmaBwdParams& tp) {
   constexpr int CONSUMERS = Cfg::kTmaThreads - 128;
   constexpr int DT = kD / 8;
   static_assert(Cfg::kTma && BN == 64 && CONSUMERS == 256, "two consumer warpgroups");
-  using KL = SlabLayout<BN>;
-  using QL = SlabLayout<BM>;
+  using KL = SwizzleLayout<BN, kD>;
+  using QL = SwizzleLayout<BM, kD>;
   constexpr uint32_t kKvBytes = BN * kD * sizeof(T), kQBytes = BM * kD * sizeof(T);
+  static_assert(kKvBytes % 1024 == 0 && kQBytes % 1024 == 0,
+                "every tile on a 1024-byte boundary (swizzle_base)");
   extern __shared__ __align__(128) unsigned char smem[];
-  T* sK = reinterpret_cast<T*>(smem);  // BN x kD, slab layout (the end: dK rows of kLds)
+  T* sK = reinterpret_cast<T*>(swizzle_base(smem));  // BN x kD (the end: dK rows of kLds)
   T* sV = sK + BN * kD;                // BN x kD
   T* sQ = sV + BN * kD;                // 2 x BM x kD (the end: dV rows of kLds)
   T* sdO = sQ + 2 * BM * kD;           // 2 x BM x kD
@@ -1790,8 +1820,8 @@ __device__ __forceinline__ void dkdv_tma(const TmaBwdParams& tp) {
       if (lane == 0 && w.iters > 0) {
         const int row = static_cast<int>(w.n0);
         mbar_arrive_expect_tx(bar.once, 2 * kKvBytes);
-        tma_load(sK, &tp.k, bar.once, 0, row, 0, hk, bi);
-        tma_load(sV, &tp.v, bar.once, 0, row, 0, hk, bi);
+        tma_load_tile<BN, kD>(sK, &tp.k, bar.once, row, hk, bi);
+        tma_load_tile<BN, kD>(sV, &tp.v, bar.once, row, hk, bi);
       }
       for (int64_t it = 0; it < w.iters; ++it) {
         const int st = static_cast<int>(it & 1), phase = static_cast<int>((it >> 1) & 1);
@@ -1804,8 +1834,8 @@ __device__ __forceinline__ void dkdv_tma(const TmaBwdParams& tp) {
         if (lane == 0) {
           const int r = static_cast<int>(m0), hi = static_cast<int>(h);
           mbar_expect_tx(bar.full + st, 2 * kQBytes);
-          tma_load(sQ + st * BM * kD, &tp.q, bar.full + st, 0, r, 0, hi, bi);
-          tma_load(sdO + st * BM * kD, &tp.dout, bar.full + st, 0, r, 0, hi, bi);
+          tma_load_tile<BM, kD>(sQ + st * BM * kD, &tp.q, bar.full + st, r, hi, bi);
+          tma_load_tile<BM, kD>(sdO + st * BM * kD, &tp.dout, bar.full + st, r, hi, bi);
         }
         q_stage_rows<BM>(p, w.b, h, m0, sL + st * BM, sDl + st * BM, lane, 32);
         __syncwarp();
@@ -1995,14 +2025,16 @@ inline void check_and_fill(const at::Tensor& q, const at::Tensor& k, const at::T
 inline bool vec_ok(const at::Tensor& t) { return rows_aligned(t); }
 
 // A 5-d tensor map of 16-bit elements, as cuTensorMapEncodeTiled takes it (innermost dim first,
-// strides in bytes for dims 1-4, no swizzle or interleave, out-of-bound elements read as zero):
-// one of q, k, v viewed as (8 columns, rows, width / 8 column blocks, heads, batch), so that a
-// box of {8, box_rows, kD / 8, 1, 1} lands as a box_rows x kD tile in the slab layout.
+// strides in bytes for dims 1-4, no interleave, out-of-bound elements read as zero): one of
+// q, k, v viewed as (columns, rows, heads, batch, 1), its boxes {kCols, box_rows, 1, 1, 1}
+// swizzled by `swizzle` bytes, so that the box at column c lands as column block c / kCols of
+// a box_rows x kD tile in the kernels' SwizzleLayout (tma_load_tile).
 struct TmaBox {
   const void* base;
   uint64_t dims[5];
   uint64_t strides[4];
   uint32_t box[5];
+  uint32_t swizzle;  // span in bytes: 32, 64 or 128
 };
 
 // The box of `base` (strides s: batch, head, row, in elements; `width` readable columns, a
@@ -2011,22 +2043,25 @@ struct TmaBox {
 // the cp.async kernels), nor for an empty tensor (no keys or no queries: its data pointer may
 // be null, which no tensor map can hold).
 template <int kD>
-std::optional<TmaBox> slab_box(const void* base, const int64_t (&s)[3], int64_t B, int64_t H,
+std::optional<TmaBox> tile_box(const void* base, const int64_t (&s)[3], int64_t B, int64_t H,
                                int64_t rows, int width, int box_rows) {
   if (rows < 1 || base == nullptr) return std::nullopt;
-  TmaBox t{base, {8, static_cast<uint64_t>(rows),
-                  static_cast<uint64_t>(width / 8), static_cast<uint64_t>(H),
-                  static_cast<uint64_t>(B)},
-           {}, {8, static_cast<uint32_t>(box_rows), kD / 8, 1, 1}};
+  using L = SwizzleLayout<8, kD>;  // the column blocks are the same for any rows
+  TmaBox t{base,
+           {static_cast<uint64_t>(width), static_cast<uint64_t>(rows),
+            static_cast<uint64_t>(H), static_cast<uint64_t>(B), 1},
+           {},
+           {L::kCols, static_cast<uint32_t>(box_rows), 1, 1, 1},
+           L::kSpan};
   // The byte stride of a dimension of `size` elements (any multiple of 16 where it never steps).
   auto stride = [](int64_t elems, int64_t size, uint64_t& out) {
     const int64_t bytes = elems * 2;
     out = size > 1 ? static_cast<uint64_t>(bytes) : 16;
     return size <= 1 || (bytes > 0 && bytes % 16 == 0 && bytes < (int64_t(1) << 40));
   };
-  t.strides[1] = 16;  // the next 8 columns
-  if (!stride(s[2], rows, t.strides[0]) || !stride(s[1], H, t.strides[2]) ||
-      !stride(s[0], B, t.strides[3])) {
+  t.strides[3] = 16;  // the trailing dim of one
+  if (!stride(s[2], rows, t.strides[0]) || !stride(s[1], H, t.strides[1]) ||
+      !stride(s[0], B, t.strides[2])) {
     return std::nullopt;
   }
   if (reinterpret_cast<uintptr_t>(base) % 16 != 0) return std::nullopt;
@@ -2050,9 +2085,9 @@ void run_fwd(const AttnParams& p) {
   if constexpr (Tiles<kD>::kTma) {
     if (Launcher::wgmma() && Launcher::tma()) {
       constexpr int BM = Tiles<kD>::template fwd_m<true>, BN = Tiles<kD>::kFwdN;
-      const auto q = slab_box<kD>(p.q, p.sq, p.B, p.Hq, p.L, p.d_load, BM);
-      const auto k = slab_box<kD>(p.k, p.sk, p.B, p.Hk, p.S, p.d_load, BN);
-      const auto v = slab_box<kD>(p.v, p.sv, p.B, p.Hk, p.S, p.dv_load, BN);
+      const auto q = tile_box<kD>(p.q, p.sq, p.B, p.Hq, p.L, p.d_load, BM);
+      const auto k = tile_box<kD>(p.k, p.sk, p.B, p.Hk, p.S, p.d_load, BN);
+      const auto v = tile_box<kD>(p.v, p.sv, p.B, p.Hk, p.S, p.dv_load, BN);
       if (q && k && v) {
         TmaFwdParams pt;
         pt.p = p;
@@ -2079,13 +2114,13 @@ void run_fwd(const AttnParams& p) {
 }
 
 // The Hopper backward kernels' tensor maps (dq_tma, dkdv_tma): q and dout in boxes of q_rows
-// rows, k and v in boxes of kv_rows; nullopt where some input's strides suit no map (slab_box).
+// rows, k and v in boxes of kv_rows; nullopt where some input's strides suit no map (tile_box).
 template <int kD, class Launcher>
 std::optional<TmaBwdParams> bwd_tma_params(const AttnParams& p, int q_rows, int kv_rows) {
-  const auto q = slab_box<kD>(p.q, p.sq, p.B, p.Hq, p.L, p.d_load, q_rows);
-  const auto dout = slab_box<kD>(p.dout, p.sdo, p.B, p.Hq, p.L, p.dv_load, q_rows);
-  const auto k = slab_box<kD>(p.k, p.sk, p.B, p.Hk, p.S, p.d_load, kv_rows);
-  const auto v = slab_box<kD>(p.v, p.sv, p.B, p.Hk, p.S, p.dv_load, kv_rows);
+  const auto q = tile_box<kD>(p.q, p.sq, p.B, p.Hq, p.L, p.d_load, q_rows);
+  const auto dout = tile_box<kD>(p.dout, p.sdo, p.B, p.Hq, p.L, p.dv_load, q_rows);
+  const auto k = tile_box<kD>(p.k, p.sk, p.B, p.Hk, p.S, p.d_load, kv_rows);
+  const auto v = tile_box<kD>(p.v, p.sv, p.B, p.Hk, p.S, p.dv_load, kv_rows);
   if (!q || !dout || !k || !v) return std::nullopt;
   TmaBwdParams pt;
   pt.p = p;
@@ -2112,7 +2147,7 @@ void run_bwd(const AttnParams& p) {
   bool tma = false;
   if constexpr (Cfg::kTma) tma = Launcher::wgmma() && Launcher::tma();
   std::optional<TmaBwdParams> tq, tkv;
-  if (tma) {  // none with no keys (slab_box): the cp.async dQ kernel writes its zeros
+  if (tma) {  // none with no keys (tile_box): the cp.async dQ kernel writes its zeros
     tq = bwd_tma_params<kD, Launcher>(p, Cfg::kDqTmaM, Cfg::kFwdN);
     tkv = bwd_tma_params<kD, Launcher>(p, Cfg::kKvM, Cfg::kKvN);
   }

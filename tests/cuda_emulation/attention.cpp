@@ -30,7 +30,7 @@ struct EmulatedLauncher {
   static bool wgmma() { return wgmma_kernels; }
   static bool tma() { return tma_forward; }
   static void encode(CUtensorMap* map, const attention::TmaBox& t) {
-    emu::encode_tensor_map(map, t.base, t.dims, t.strides, t.box);
+    emu::encode_tensor_map(map, t.base, t.dims, t.strides, t.box, t.swizzle);
   }
 
   template <typename Kernel, typename Params>

@@ -180,8 +180,8 @@ struct Wgmma {
   uint16_t a[16][16];  // a register A operand: the warp's 16 rows (row % 16), k = 0..15
 };
 inline thread_local AsyncGroups<Wgmma> mmas;
-// Descriptors the emulation cannot read (a swizzle mode, a base offset): counted, and the
-// launch fails, as for a misaligned access.
+// Descriptors the emulation cannot read (a base offset): counted, and the launch fails, as for
+// a misaligned access.
 inline std::atomic<int64_t> bad_descriptors{0};
 // Declares to ThreadSanitizer an access the emulation makes on a CUDA thread's behalf with
 // memset / memcpy: GCC expands those inline for a known size, out of its interceptors' sight.
@@ -232,6 +232,7 @@ struct alignas(64) CUtensorMap {
   uint64_t dims[5];
   uint64_t strides[4];
   uint32_t box[5];
+  uint32_t swizzle;  // span in bytes (32, 64, 128), 0 without
 };
 
 namespace emu {
@@ -482,8 +483,8 @@ namespace wgmma_emu {
 // Element (mn, k) of an operand in shared memory, read through its descriptor (wgmma_isa.h).
 inline float desc_load(uint64_t desc, int mn, int k, bool mn_major, bool bf16) {
   const wgmma_isa::Descriptor d = wgmma_isa::decode(desc);
-  if (d.swizzle != 0 || d.base_offset != 0) ++emu::bad_descriptors;
-  const unsigned char* p = attention::smem + d.start + wgmma_isa::smem_offset(d, mn, k, mn_major);
+  if (d.base_offset != 0) ++emu::bad_descriptors;
+  const unsigned char* p = attention::smem + wgmma_isa::smem_address(d, mn, k, mn_major);
   uint16_t v;
   std::memcpy(&v, p, 2);
   emu::tsan_access(p, 2, false);
@@ -564,12 +565,18 @@ inline void update(emu::Mbar& m, uint32_t arrivals, int64_t tx) {
 }
 
 // Performs a TMA box load (elements outside the tensor's dims land as zeros; box order is dim 0
-// fastest), the destination written and the source read in the performing thread's name for
-// ThreadSanitizer, and completes its bytes on `m`.
+// fastest; with a swizzle mode each 16-byte unit of the box's image goes to its address
+// swizzled as wgmma_isa::smem_address reads it), the destination written and the source read
+// in the performing thread's name for ThreadSanitizer, and completes its bytes on `m`.
 EMU_UNCHECKED inline void perform(emu::Mbar& m, const emu::TmaCopy& copy) {
   const CUtensorMap& map = copy.map;
   const auto* base = static_cast<const unsigned char*>(map.base);
-  auto* out = static_cast<uint16_t*>(copy.dst);
+  const uint32_t dst = smem_addr(copy.dst), units = map.swizzle / 16;
+  auto out = [&](int64_t n) {  // the image's element n
+    uint32_t a = dst + static_cast<uint32_t>(2 * n);
+    if (units > 1) a ^= ((a >> 7) & (units - 1)) << 4;
+    return attention::smem + a;
+  };
   int64_t n = 0;
   int64_t i[5];
   for (i[4] = 0; i[4] < map.box[4]; ++i[4]) {
@@ -589,7 +596,7 @@ EMU_UNCHECKED inline void perform(emu::Mbar& m, const emu::TmaCopy& copy) {
               std::memcpy(&v, base + offset, 2);
               emu::tsan_access(base + offset, 2, false);
             }
-            out[n++] = v;
+            std::memcpy(out(n++), &v, 2);
           }
         }
       }
@@ -667,9 +674,11 @@ inline void mbar_wait(uint64_t* bar, int parity) {
 // stage to be free), but the issuing thread is not ordered after the copy, so a later barrier
 // the same thread arrives on does not cover it; only a wait on `bar` orders a reader after the
 // copy, and a stage refilled while a wgmma still reads it (at the wgmma's wait) is a race.
+// A swizzled box must start on its pattern's boundary (8 rows of the span), as the kernels'
+// layouts (SwizzleLayout) assume.
 EMU_UNCHECKED inline void tma_load(void* dst, const CUtensorMap* map, uint64_t* bar, int c0,
                                    int c1, int c2, int c3, int c4) {
-  if (smem_addr(dst) % 128 != 0) ++emu::tma_faults;
+  if (smem_addr(dst) % std::max<uint32_t>(128, 8 * map->swizzle) != 0) ++emu::tma_faults;
   emu::Mbar* m = mbar_emu::find(bar);
   if (m == nullptr) return;
   const emu::TmaCopy copy{dst, *map, {c0, c1, c2, c3, c4}};
@@ -709,11 +718,12 @@ template <int N> inline void wgmma_wait() { emu::mmas.complete_all_but(N, wgmma_
 }  // namespace fastattn::cuda
 
 namespace emu {
-// cuTensorMapEncodeTiled's checks for a 16-bit tiled map without interleave or swizzle (CUDA
-// driver API, "Tensor Map Object Management"), then the map: a launch logic that hands the
-// driver arguments it rejects fails here too.
+// cuTensorMapEncodeTiled's checks for a 16-bit tiled map without interleave, swizzled by
+// `swizzle` bytes (0: none; CUDA driver API, "Tensor Map Object Management"), then the map: a
+// launch logic that hands the driver arguments it rejects fails here too.
 inline void encode_tensor_map(CUtensorMap* map, const void* base, const uint64_t (&dims)[5],
-                              const uint64_t (&strides)[4], const uint32_t (&box)[5]) {
+                              const uint64_t (&strides)[4], const uint32_t (&box)[5],
+                              uint32_t swizzle) {
   // A null address (an empty tensor's) is refused too: the driver's documentation does not
   // promise to take one, so the launch logic must not ask.
   TORCH_CHECK(base != nullptr, "tensor map: null address");
@@ -729,7 +739,12 @@ inline void encode_tensor_map(CUtensorMap* map, const void* base, const uint64_t
     }
   }
   TORCH_CHECK(box[0] * 2 % 16 == 0, "tensor map: the inner box dim is not a multiple of 16 bytes");
+  TORCH_CHECK(swizzle == 0 || swizzle == 32 || swizzle == 64 || swizzle == 128,
+              "tensor map: swizzle of ", swizzle, " bytes");
+  TORCH_CHECK(swizzle == 0 || box[0] * 2 <= swizzle, "tensor map: an inner box dim of ",
+              box[0] * 2, " bytes is wider than the ", swizzle, "-byte swizzle");
   map->base = base;
+  map->swizzle = swizzle;
   std::memcpy(map->dims, dims, sizeof(dims));
   std::memcpy(map->strides, strides, sizeof(strides));
   std::memcpy(map->box, box, sizeof(box));

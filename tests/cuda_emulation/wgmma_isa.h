@@ -1,4 +1,4 @@
-// The layouts of wgmma.mma_async m64nNk16 (16-bit A and B, fp32 D, no swizzling) as the CUDA
+// The layouts of wgmma.mma_async m64nNk16 (16-bit A and B, fp32 D) as the CUDA
 // emulation reads them from the PTX ISA ("Asynchronous Warpgroup Level Matrix Multiply-
 // Accumulate": register fragments, "Shared Memory Matrix Layout", "Matrix Descriptor Format").
 // emulation.h computes every emulated wgmma through these functions, and cute_check.cu holds
@@ -36,7 +36,7 @@ struct Descriptor {
 };
 
 // Bits 0-13 start address, 16-29 leading byte offset, 32-45 stride byte offset (each stored
-// >> 4), 49-51 base offset, 62-63 swizzle mode (0: none).
+// >> 4), 49-51 base offset, 62-63 swizzle mode (0: none, 1: 128 bytes, 2: 64, 3: 32).
 constexpr Descriptor decode(uint64_t desc) {
   return {static_cast<uint32_t>(desc & 0x3FFF) << 4,
           static_cast<uint32_t>((desc >> 16) & 0x3FFF) << 4,
@@ -52,6 +52,22 @@ constexpr Descriptor decode(uint64_t desc) {
 constexpr uint32_t smem_offset(const Descriptor& d, int mn, int k, bool mn_major) {
   const uint32_t in_core = mn_major ? (mn % 8) * 2 + (k % 8) * 16 : (k % 8) * 2 + (mn % 8) * 16;
   return in_core + (mn / 8) * d.sbo + (k / 8) * d.lbo;
+}
+
+// The shared-memory byte address of element (mn, k), any swizzle mode. Swizzled, with a span of
+// W bytes (U = W / 16 units of T = 8 values) the canonical layouts are K-major
+// ((8,m),(T,2k)):((W,SBO),(2,16)) and MN-major ((T,U,n),(8,k)):((2,16,LBO),(W,SBO)) in bytes
+// (LBO unused K-major), and the address they give has its bits 4 up XORed with its bits 7 up
+// (U - 1 of them: the 16-byte unit within the row by the row within its group of eight).
+constexpr uint32_t smem_address(const Descriptor& d, int mn, int k, bool mn_major) {
+  if (d.swizzle == 0) return d.start + smem_offset(d, mn, k, mn_major);
+  const uint32_t span = 256u >> d.swizzle, units = span / 16;
+  const uint32_t offset =
+      mn_major ? (mn % 8) * 2 + (mn / 8 % units) * 16 + (mn / 8 / units) * d.lbo +
+                     (k % 8) * span + (k / 8) * d.sbo
+               : (mn % 8) * span + (mn / 8) * d.sbo + k * 2;
+  const uint32_t addr = d.start + offset;
+  return addr ^ (((addr >> 7) & (units - 1)) << 4);
 }
 
 }  // namespace wgmma_isa
