@@ -32,6 +32,11 @@
 # lease that has room for one call only (15 minutes of device time, the machine's start
 # included):
 #   STEPS="smoke tests bench" TESTS_S=140 BENCH_S=140 bash benchmarks/gpu_session.sh OUT_DIR
+# After the plain run (and the sanitizer's, if asked), the steps that follow run the newest
+# attention kernel set that passed it: with FASTATTN_CUDA_TMA=0 if the default (TMA) kernels
+# failed or hung there, FASTATTN_CUDA_WGMMA=0 if Hopper's cp.async ones did too, since a kernel
+# that fails, faults or hangs once does so in every step, and one hang would use up the tests'
+# and the sweep's time; session.log says which ("=== smoke: ...").
 # OUT_DIR gets at most 7 files (the device tool brings back at most 8): session.log, junit.xml,
 # bench.json, bench.csv, plots.tar.gz (one PNG per op), pytest-benchmark.json, train.json,
 # tune.json, memcheck.log, racecheck.log (never all in one call).
@@ -68,6 +73,26 @@ signal.signal(signal.SIGTERM, signal.default_int_handler)
 sys.exit(pytest.main(sys.argv[1:]))')
 
 wants() { [[ " $STEPS " == *" $1 "* ]]; }
+
+# The attention kernel set the steps after the smoke run use, from the verdicts sanitize_cuda.py
+# wrote to $1 (one line per set, in the order sm80, no-tma, default, as each set finishes: a set
+# that hung or faulted, and every set after it, has none).
+use_kernels_that_passed() {
+    local summary=$1
+    if grep -qx 'kernels default: all ok' "$summary"; then
+        return
+    elif grep -qx 'kernels no-tma: all ok' "$summary"; then
+        export FASTATTN_CUDA_TMA=0
+        echo "=== smoke: the default attention kernels failed or hung; the steps below run with" \
+            "FASTATTN_CUDA_TMA=0 (Hopper's cp.async kernels)"
+    elif grep -qx 'kernels sm80: all ok' "$summary"; then
+        export FASTATTN_CUDA_WGMMA=0
+        echo "=== smoke: the Hopper attention kernels failed or hung; the steps below run with" \
+            "FASTATTN_CUDA_WGMMA=0 (the sm_80 kernels)"
+    else
+        echo "=== smoke: no attention kernel set passed; the steps below run the default ones"
+    fi
+}
 
 train_runs() {  # GPT-2-small shape, 16k tokens per step, fastattn and plain PyTorch per context
     local dir=$OUT/train-runs ctx batch impl
@@ -129,7 +154,8 @@ for op in (\"softmax\", \"cross_entropy\", \"attention\"):
 # Sanitize first: a kernel that faults leaves the CUDA context unusable for the rest of a
 # process, so each run here is its own process, and the plain run's per-case lines come first.
 if wants smoke || wants sanitize; then
-    step cuda-smoke 45 python benchmarks/sanitize_cuda.py
+    smoke_summary=$(mktemp)
+    step cuda-smoke 45 python benchmarks/sanitize_cuda.py --summary "$smoke_summary"
 fi
 if wants sanitize; then
     # compute-sanitizer ships with the CUDA toolkit; PATH may not have it
@@ -139,6 +165,10 @@ if wants sanitize; then
         step "$tool" "$SANITIZE_S" "${SANITIZER:-compute-sanitizer}" --tool "$tool" \
             --error-exitcode 1 --log-file "$OUT/$tool.log" python benchmarks/sanitize_cuda.py
     done
+fi
+# after the sanitizer, which is there to look into the kernels that failed
+if wants smoke || wants sanitize; then
+    use_kernels_that_passed "$smoke_summary"
 fi
 
 wants tests && step tests "$TESTS_S" "${PYTEST[@]}" -q -p no:cacheprovider \

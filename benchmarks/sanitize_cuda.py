@@ -19,12 +19,22 @@ row, and the strided one).
 Each result is also compared, on the CPU, with the float64 reference under a loose bound, so a
 kernel that computes garbage without touching bad memory fails here too (the tests hold the
 kernels to the real rule). Prints one line per case; exit status 1 if any case failed.
+
+The attention kernel sets run in the order sm80, no-tma, default (the newest kernels last), each
+set's cases closed by a line ``kernels <set>: all ok`` or ``kernels <set>: N of M failed``, also
+appended to the file ``--summary PATH`` names as soon as the set is done: a set that hangs (a
+TMA kernel waiting on an mbarrier that never completes) or faults (which spoils the CUDA context
+for every later case) leaves the earlier sets' verdicts written. ``gpu_session.sh`` reads them
+to run its later steps with the newest kernel set that passed.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -159,15 +169,15 @@ def _attention_with(kernel: str, args) -> None:
         _attention_case(*args)
 
 
-def cases():
-    # each case with the kernels the launcher picks (Hopper's wgmma kernels on an H100 built
-    # with sm_90a, from head dim 96 up by TMA), with the sm_80 ones, and with Hopper's
-    # cp.async ones (the same as the default below compute
-    # capability 9)
-    for kernel in ("default", "sm80", "no-tma"):
-        for name, *args in ATTENTION:
-            yield (f"attention {name} (kernels: {kernel})",
-                   lambda args=args, kernel=kernel: _attention_with(kernel, args))
+# Attention kernel sets, the newest last: "default" is what the launcher picks (on an H100
+# built with sm_90a: Hopper's wgmma kernels, by TMA from head dim 96 up), "no-tma" Hopper's
+# cp.async ones (the same as the default below compute capability 9), "sm80" mma.sync's.
+KERNEL_SETS = ("sm80", "no-tma", "default")
+
+
+def cases() -> Iterator[tuple[str, str | None, Callable[[], None]]]:
+    """(name, attention kernel set or None, run) per case: softmax and cross-entropy first, then
+    every attention case with each kernel set in KERNEL_SETS' order."""
     for dtype, shape, dim, mask, causal, log in [
         (torch.float32, (4, 37), -1, None, False, False),
         (torch.bfloat16, (3, 33, 1025), -1, "bool", True, True),
@@ -176,29 +186,52 @@ def cases():
         (torch.bfloat16, (3, 5001), -1, None, True, False),  # 16-byte vectors, rows misaligned
         (torch.float16, (40, 250), -1, None, False, True),  # vectors, a warp per row
     ]:
-        yield (f"softmax {dtype} {shape} dim={dim} mask={mask} causal={causal} log={log}",
+        yield (f"softmax {dtype} {shape} dim={dim} mask={mask} causal={causal} log={log}", None,
                lambda a=(dtype, shape, dim, mask, causal, log): _softmax_case(*a))
     for dtype, N, C, smoothing, softcap in [(torch.float32, 8, 1000, 0.0, 0.0),
                                             (torch.bfloat16, 5, 50257, 0.1, 30.0),
                                             (torch.float16, 40, 101, 0.0, 0.0)]:
-        yield (f"cross_entropy {dtype} {N}x{C} smoothing={smoothing} softcap={softcap}",
+        yield (f"cross_entropy {dtype} {N}x{C} smoothing={smoothing} softcap={softcap}", None,
                lambda a=(dtype, N, C, smoothing, softcap): _cross_entropy_case(*a))
+    for kernel in KERNEL_SETS:
+        for name, *args in ATTENTION:
+            yield (f"attention {name} (kernels: {kernel})", kernel,
+                   lambda args=args, kernel=kernel: _attention_with(kernel, args))
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--summary", type=Path, help="append each attention kernel set's "
+                        "verdict line to this file as soon as the set is done")
+    args = parser.parse_args(argv)
     why = _ext.reason(None, "cuda")
     if why is not None:
         print(f"sanitize_cuda: the native CUDA kernels cannot run here: {why}")
         return 1
     torch.manual_seed(0)
     failed = 0
-    for name, run in cases():
+    per_set: dict[str, list[int]] = {}  # kernel set -> [cases, failed]
+    for name, kernel, run in cases():
+        ok = True
         try:
             run()
             print(f"ok      {name}", flush=True)
         except Exception:  # noqa: BLE001 - report every case, then fail
+            ok = False
             failed += 1
             print(f"FAILED  {name}\n{traceback.format_exc()}", flush=True)
+        if kernel is None:
+            continue
+        counts = per_set.setdefault(kernel, [0, 0])
+        counts[0] += 1
+        counts[1] += not ok
+        if counts[0] == len(ATTENTION):
+            verdict = "all ok" if counts[1] == 0 else f"{counts[1]} of {counts[0]} failed"
+            line = f"kernels {kernel}: {verdict}"
+            print(line, flush=True)
+            if args.summary is not None:
+                with args.summary.open("a") as f:
+                    f.write(line + "\n")
     print(f"sanitize_cuda: {failed} of the cases failed" if failed else "sanitize_cuda: all ok")
     return 1 if failed else 0
 
