@@ -514,6 +514,25 @@ struct FwdTile {
   }
 };
 
+// The key tiles [lo, hi) (of BN keys) that some of the query rows [i0, min(i0 + 64, L)) see: a
+// Hopper warpgroup's own part of its CTA's tiles (FwdTile), which on a causal diagonal or a
+// window's edge is smaller, the other warpgroup's rows seeing more. Empty (lo = hi) for rows
+// past L.
+template <int BN>
+struct WarpgroupTiles {
+  int64_t lo, hi;
+
+  __device__ __forceinline__ WarpgroupTiles(const AttnParams& p, int64_t i0) : lo(0), hi(0) {
+    if (i0 >= p.L) return;
+    int64_t klo, khi;
+    visible_keys(p, i0, min(i0 + 64, p.L) - 1, klo, khi);
+    if (khi <= klo) return;
+    lo = klo / BN;
+    hi = (khi + BN - 1) / BN;
+  }
+  __device__ __forceinline__ bool has(int64_t nb) const { return nb >= lo && nb < hi; }
+};
+
 // A warp's 16 query rows in the forward (rows g and g + 8 of the warp's 16 from m0 on): their
 // indices, the output accumulators (o[dt][e]: row rows[e / 2], column 8 dt + 2t + e % 2, the
 // mma.sync and wgmma layout), and the online softmax's running base-2 max and partial sum.
@@ -911,8 +930,10 @@ __global__ void __launch_bounds__(kWgmma && kD >= 96 ? 256 : 128)
 }
 
 // The start of a warp-specialised Hopper kernel (fwd_tma, dq_tma, dkdv_tma): the producer's
-// first thread (`producer`) fetches the tensor maps while thread 0 sets up the mbarriers (init),
-// then the one barrier of the whole CTA: the producer warpgroup leaves after it.
+// first thread (`producer`) fetches the tensor maps while thread 0 sets up the mbarriers (init)
+// and every thread has zeroed its share of the tiles' unloaded columns (tma_zero_tail), then
+// the fence that shows those zeros to wgmma and the one barrier of the whole CTA: the producer
+// warpgroup leaves after it.
 template <class Init, class... Maps>
 __device__ __forceinline__ void tma_cta_start(int producer, Init init, const Maps*... maps) {
   if (threadIdx.x == producer) (tma_prefetch_map(maps), ...);
@@ -920,6 +941,7 @@ __device__ __forceinline__ void tma_cta_start(int producer, Init init, const Map
     init();
     mbar_init_fence();
   }
+  fence_proxy_async();
   __syncthreads();
 }
 
@@ -938,15 +960,42 @@ __device__ __forceinline__ unsigned char* swizzle_base(unsigned char* smem) {
   return smem + (1024 - smem_addr(smem) % 1024) % 1024;
 }
 
-// A ROWS x kD tile from row `row` of head h, batch b into `dst` (SwizzleLayout<ROWS, kD>), by
-// the producer's thread: one TMA box per column block, each completing its bytes on `bar`.
+// The bytes TMA writes into a ROWS x kD tile (SwizzleLayout) of `width` loaded columns: its
+// column blocks that hold a column below the width. The blocks past it, which a box would read
+// wholly outside the tensor, are not loaded (tma_load_tile) but zeroed once (tma_zero_tail).
+template <int ROWS, int kD>
+__device__ __forceinline__ uint32_t tma_tile_bytes(int width) {
+  constexpr int C = SwizzleLayout<ROWS, kD>::kCols;
+  return static_cast<uint32_t>(min(kD, (width + C - 1) / C * C) * ROWS * 2);
+}
+
+// A ROWS x kD tile of `width` loaded columns from row `row` of head h, batch b into `dst`
+// (SwizzleLayout<ROWS, kD>), by the producer's thread: one TMA box per column block below the
+// width, each completing its bytes on `bar` (tma_tile_bytes in all).
 template <int ROWS, int kD, typename T>
 __device__ __forceinline__ void tma_load_tile(T* dst, const CUtensorMap* map, uint64_t* bar,
-                                              int row, int h, int b) {
+                                              int width, int row, int h, int b) {
   using L = SwizzleLayout<ROWS, kD>;
   static_assert(ROWS * L::kSpan % 1024 == 0, "each column block on its pattern's boundary");
 #pragma unroll
-  for (int c = 0; c < kD; c += L::kCols) tma_load(dst + L::offset(0, c), map, bar, c, row, h, b, 0);
+  for (int c = 0; c < kD; c += L::kCols) {
+    if (c < width) tma_load(dst + L::offset(0, c), map, bar, c, row, h, b, 0);
+  }
+}
+
+// Zeroes the column blocks of a ROWS x kD tile (SwizzleLayout) that TMA never loads (those past
+// `width`, tma_tile_bytes): a contiguous tail, the blocks being outermost. By every thread of
+// the CTA at its start, before the fence that hands the zeros to wgmma's async proxy and the
+// CTA's barrier (tma_cta_start); the zeros leave dot products unchanged, as load_tile's.
+template <int ROWS, int kD, typename T>
+__device__ __forceinline__ void tma_zero_tail(T* tile, int width) {
+  const int from = static_cast<int>(tma_tile_bytes<ROWS, kD>(width) / 16);
+  uint4 zero;
+  zero.x = zero.y = zero.z = zero.w = 0;
+  for (int i = from + static_cast<int>(threadIdx.x); i < ROWS * kD * 2 / 16;
+       i += static_cast<int>(blockDim.x)) {
+    reinterpret_cast<uint4*>(tile)[i] = zero;
+  }
 }
 
 // The Hopper forward with TMA and warp specialisation (head dims 96 up, Tiles::kTma; picked
@@ -974,8 +1023,7 @@ __device__ __forceinline__ void fwd_tma(const TmaFwdParams& tp) {
   static_assert(Cfg::kTma && BM == 128 && CONSUMERS == 256, "two consumer warpgroups");
   using QL = SwizzleLayout<BM, kD>;
   using KL = SwizzleLayout<BN, kD>;
-  constexpr uint32_t kQBytes = BM * kD * sizeof(T), kKvBytes = BN * kD * sizeof(T);
-  static_assert(BM * Cfg::kLds * sizeof(T) % 1024 == 0 && kKvBytes % 1024 == 0,
+  static_assert(BM * Cfg::kLds * sizeof(T) % 1024 == 0 && BN * kD * sizeof(T) % 1024 == 0,
                 "every tile on a 1024-byte boundary (swizzle_base)");
   extern __shared__ __align__(128) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(swizzle_base(smem));  // BM x kD (the epilogue: rows of kLds)
@@ -989,6 +1037,11 @@ __device__ __forceinline__ void fwd_tma(const TmaFwdParams& tp) {
 
   const FwdTile<T, BM, BN> w(p);
   const int64_t m0 = w.m0, h = w.h, b = w.b;
+  tma_zero_tail<BM, kD>(sQ, p.d_load);
+  for (int st = 0; st < 2; ++st) {
+    tma_zero_tail<BN, kD>(sK + st * BN * kD, p.d_load);
+    tma_zero_tail<BN, kD>(sV + st * BN * kD, p.dv_load);
+  }
   tma_cta_start(
       CONSUMERS,
       [&] {
@@ -1006,19 +1059,20 @@ __device__ __forceinline__ void fwd_tma(const TmaFwdParams& tp) {
     setmaxnreg_dec<Cfg::kProducerRegs>();
     if (threadIdx.x == CONSUMERS) {
       const int hk = static_cast<int>(h / p.group), bi = static_cast<int>(b);
-      mbar_arrive_expect_tx(full_q, kQBytes);
-      tma_load_tile<BM, kD>(sQ, &tp.q, full_q, static_cast<int>(m0), static_cast<int>(h), bi);
+      mbar_arrive_expect_tx(full_q, tma_tile_bytes<BM, kD>(p.d_load));
+      tma_load_tile<BM, kD>(sQ, &tp.q, full_q, p.d_load, static_cast<int>(m0),
+                            static_cast<int>(h), bi);
       for (int64_t nb = w.nb_lo; nb < w.nb_hi; ++nb) {
         const int i = static_cast<int>(nb - w.nb_lo), st = i & 1, phase = (i >> 1) & 1;
         const int row = static_cast<int>(nb * BN);
         // A fresh barrier is in phase 0: the first use of a stage waits for "phase 1" and
         // passes; the next waits until every consumer warp released the previous tile.
         mbar_wait(empty_k + st, phase ^ 1);
-        mbar_arrive_expect_tx(full_k + st, kKvBytes);
-        tma_load_tile<BN, kD>(sK + st * BN * kD, &tp.k, full_k + st, row, hk, bi);
+        mbar_arrive_expect_tx(full_k + st, tma_tile_bytes<BN, kD>(p.d_load));
+        tma_load_tile<BN, kD>(sK + st * BN * kD, &tp.k, full_k + st, p.d_load, row, hk, bi);
         mbar_wait(empty_v + st, phase ^ 1);
-        mbar_arrive_expect_tx(full_v + st, kKvBytes);
-        tma_load_tile<BN, kD>(sV + st * BN * kD, &tp.v, full_v + st, row, hk, bi);
+        mbar_arrive_expect_tx(full_v + st, tma_tile_bytes<BN, kD>(p.dv_load));
+        tma_load_tile<BN, kD>(sV + st * BN * kD, &tp.v, full_v + st, p.dv_load, row, hk, bi);
       }
     }
     return;
@@ -1039,19 +1093,40 @@ __device__ __forceinline__ void fwd_tma(const TmaFwdParams& tp) {
     wgmma_commit();
   };
 
+  // The CTA's key tiles that none of this warpgroup's rows see (a causal diagonal, a window's
+  // edges: all its scores masked, so O and the row sums would not change) are only waited for
+  // and released, K and V (dq_tma says why the wait); its own tiles run the pipeline over its
+  // own range, and V of the last one is released after that tile's product when a later tile
+  // of the CTA refills the stage.
+  const WarpgroupTiles<BN> own(p, m0 + 64 * (threadIdx.x / 128));
+  FwdTile<T, BM, BN> wo = w;  // the CTA's tile with this warpgroup's key tiles
+  wo.nb_lo = own.lo;
+  wo.nb_hi = own.hi;
+  auto pass = [&](int64_t nb) {
+    const int i = static_cast<int>(nb - w.nb_lo), st = i & 1;
+    mbar_wait(full_k + st, (i >> 1) & 1);
+    warp_release(empty_k + st);
+    mbar_wait(full_v + st, (i >> 1) & 1);
+    warp_release(empty_v + st);
+  };
+
   mbar_wait(full_q, 0);
-  for (int64_t nb = w.nb_lo; nb < w.nb_hi; ++nb) {
+  int64_t nb = w.nb_lo;
+  for (; nb < w.nb_hi && nb < own.lo; ++nb) pass(nb);
+  for (; nb < own.hi; ++nb) {
     const int i = static_cast<int>(nb - w.nb_lo), st = i & 1;
     mbar_wait(full_k + st, (i >> 1) & 1);
     fwd_wgmma_step<T, kD, true, QL, KL>(
-        p, w, fr, pa, sQw, sK + st * BN * kD, nb, seed, [&] { issue_pv(nb - 1); },
+        p, wo, fr, pa, sQw, sK + st * BN * kD, nb, seed, [&] { issue_pv(nb - 1); },
         [&] { warp_release(empty_k + st); }, [&] { warp_release(empty_v + (st ^ 1)); });
   }
-  if (w.nb_lo < w.nb_hi) {  // O += P V of the last key tile
-    issue_pv(w.nb_hi - 1);
+  if (own.lo < own.hi) {  // O += P V of the last key tile
+    issue_pv(own.hi - 1);
     wgmma_wait<0>();
     wgmma_fence_operands(fr.o);
+    if (own.hi < w.nb_hi) warp_release(empty_v + ((own.hi - 1 - w.nb_lo) & 1));
   }
+  for (; nb < w.nb_hi; ++nb) pass(nb);
   // Both warpgroups' S = Q K^T have completed, so sQ is free for the output rows.
   named_barrier_sync(1, CONSUMERS);
   fwd_epilogue<T, kD>(p, fr, m0, b, h, sQ);
@@ -1325,6 +1400,12 @@ __device__ __forceinline__ void dq_tma(const TmaBwdParams& tp) {
 
   const FwdTile<T, BM, BN> w(p);  // the same query tiles and visible key tiles as the forward
   const int64_t m0 = w.m0, h = w.h, b = w.b;
+  tma_zero_tail<BM, kD>(sQ, p.d_load);
+  tma_zero_tail<BM, kD>(sdO, p.dv_load);
+  for (int st = 0; st < 2; ++st) {
+    tma_zero_tail<BN, kD>(sK + st * BN * kD, p.d_load);
+    tma_zero_tail<BN, kD>(sV + st * BN * kD, p.dv_load);
+  }
   tma_cta_start(CONSUMERS, [&] { bar.init(CONSUMERS / 32); }, &tp.q, &tp.dout, &tp.k, &tp.v);
 
   if (threadIdx.x >= CONSUMERS) {
@@ -1332,16 +1413,18 @@ __device__ __forceinline__ void dq_tma(const TmaBwdParams& tp) {
     if (threadIdx.x == CONSUMERS) {
       const int hk = static_cast<int>(h / p.group), bi = static_cast<int>(b);
       const int r = static_cast<int>(m0), hi = static_cast<int>(h);
-      mbar_arrive_expect_tx(bar.once, 2 * kQBytes);
-      tma_load_tile<BM, kD>(sQ, &tp.q, bar.once, r, hi, bi);
-      tma_load_tile<BM, kD>(sdO, &tp.dout, bar.once, r, hi, bi);
+      mbar_arrive_expect_tx(bar.once, tma_tile_bytes<BM, kD>(p.d_load) +
+                                          tma_tile_bytes<BM, kD>(p.dv_load));
+      tma_load_tile<BM, kD>(sQ, &tp.q, bar.once, p.d_load, r, hi, bi);
+      tma_load_tile<BM, kD>(sdO, &tp.dout, bar.once, p.dv_load, r, hi, bi);
       for (int64_t nb = w.nb_lo; nb < w.nb_hi; ++nb) {
         const int i = static_cast<int>(nb - w.nb_lo), st = i & 1, phase = (i >> 1) & 1;
         const int row = static_cast<int>(nb * BN);
         mbar_wait(bar.empty + st, phase ^ 1);  // a fresh barrier passes (fwd_tma)
-        mbar_arrive_expect_tx(bar.full + st, 2 * kKvBytes);
-        tma_load_tile<BN, kD>(sK + st * BN * kD, &tp.k, bar.full + st, row, hk, bi);
-        tma_load_tile<BN, kD>(sV + st * BN * kD, &tp.v, bar.full + st, row, hk, bi);
+        mbar_arrive_expect_tx(bar.full + st, tma_tile_bytes<BN, kD>(p.d_load) +
+                                                 tma_tile_bytes<BN, kD>(p.dv_load));
+        tma_load_tile<BN, kD>(sK + st * BN * kD, &tp.k, bar.full + st, p.d_load, row, hk, bi);
+        tma_load_tile<BN, kD>(sV + st * BN * kD, &tp.v, bar.full + st, p.dv_load, row, hk, bi);
       }
     }
     return;
@@ -1361,16 +1444,22 @@ __device__ __forceinline__ void dq_tma(const TmaBwdParams& tp) {
 #pragma unroll
   for (int i = 0; i < DT; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
 
+  // The CTA's key tiles that none of this warpgroup's rows see (its scores there all masked:
+  // dS = 0) are only waited for and released: a release without the wait could count toward
+  // the stage's previous phase while the other warpgroup still reads it.
+  const WarpgroupTiles<BN> own(p, m0w);
   mbar_wait(bar.once, 0);
   for (int64_t nb = w.nb_lo; nb < w.nb_hi; ++nb) {
     const int i = static_cast<int>(nb - w.nb_lo), st = i & 1;
     const T* sKs = sK + st * BN * kD;
     const int64_t n0 = nb * BN;
     mbar_wait(bar.full + st, (i >> 1) & 1);
-    float s[NT][4], dp[NT][4];
-    dq_wgmma_scores<T, kD, QL, KL>(s, dp, sQw, sdOw, sKs, sV + st * BN * kD);
-    dq_dscores(p, s, dp, rows, lse2, delta, b, h, n0, !full_tile<64, BN>(p, m0w, n0), seed);
-    dq_wgmma_accumulate<T, kD, KL>(dq, s, sKs);
+    if (own.has(nb)) {
+      float s[NT][4], dp[NT][4];
+      dq_wgmma_scores<T, kD, QL, KL>(s, dp, sQw, sdOw, sKs, sV + st * BN * kD);
+      dq_dscores(p, s, dp, rows, lse2, delta, b, h, n0, !full_tile<64, BN>(p, m0w, n0), seed);
+      dq_wgmma_accumulate<T, kD, KL>(dq, s, sKs);
+    }
     warp_release(bar.empty + st);  // this warp's products have read K_nb and V_nb
   }
   // Every load has landed; Q's rows take the output once both warpgroups' products are done.
@@ -1811,6 +1900,12 @@ __device__ __forceinline__ void dkdv_tma(const TmaBwdParams& tp) {
   const TmaRing bar(sDl + 2 * BM);  // once: K and V; the ring: a query tile's Q and dO
 
   const KvTile<T, BN, BM> w(p);
+  tma_zero_tail<BN, kD>(sK, p.d_load);
+  tma_zero_tail<BN, kD>(sV, p.dv_load);
+  for (int st = 0; st < 2; ++st) {
+    tma_zero_tail<BM, kD>(sQ + st * BM * kD, p.d_load);
+    tma_zero_tail<BM, kD>(sdO + st * BM * kD, p.dv_load);
+  }
   tma_cta_start(CONSUMERS, [&] { bar.init(CONSUMERS / 32); }, &tp.k, &tp.v, &tp.q, &tp.dout);
 
   if (threadIdx.x >= CONSUMERS) {
@@ -1819,9 +1914,10 @@ __device__ __forceinline__ void dkdv_tma(const TmaBwdParams& tp) {
       const int lane = threadIdx.x % 32, hk = static_cast<int>(w.hk), bi = static_cast<int>(w.b);
       if (lane == 0 && w.iters > 0) {
         const int row = static_cast<int>(w.n0);
-        mbar_arrive_expect_tx(bar.once, 2 * kKvBytes);
-        tma_load_tile<BN, kD>(sK, &tp.k, bar.once, row, hk, bi);
-        tma_load_tile<BN, kD>(sV, &tp.v, bar.once, row, hk, bi);
+        mbar_arrive_expect_tx(bar.once, tma_tile_bytes<BN, kD>(p.d_load) +
+                                            tma_tile_bytes<BN, kD>(p.dv_load));
+        tma_load_tile<BN, kD>(sK, &tp.k, bar.once, p.d_load, row, hk, bi);
+        tma_load_tile<BN, kD>(sV, &tp.v, bar.once, p.dv_load, row, hk, bi);
       }
       for (int64_t it = 0; it < w.iters; ++it) {
         const int st = static_cast<int>(it & 1), phase = static_cast<int>((it >> 1) & 1);
@@ -1833,9 +1929,11 @@ __device__ __forceinline__ void dkdv_tma(const TmaBwdParams& tp) {
         // stores of lse2 and delta, which it publishes.
         if (lane == 0) {
           const int r = static_cast<int>(m0), hi = static_cast<int>(h);
-          mbar_expect_tx(bar.full + st, 2 * kQBytes);
-          tma_load_tile<BM, kD>(sQ + st * BM * kD, &tp.q, bar.full + st, r, hi, bi);
-          tma_load_tile<BM, kD>(sdO + st * BM * kD, &tp.dout, bar.full + st, r, hi, bi);
+          mbar_expect_tx(bar.full + st, tma_tile_bytes<BM, kD>(p.d_load) +
+                                            tma_tile_bytes<BM, kD>(p.dv_load));
+          tma_load_tile<BM, kD>(sQ + st * BM * kD, &tp.q, bar.full + st, p.d_load, r, hi, bi);
+          tma_load_tile<BM, kD>(sdO + st * BM * kD, &tp.dout, bar.full + st, p.dv_load, r, hi,
+                                bi);
         }
         q_stage_rows<BM>(p, w.b, h, m0, sL + st * BM, sDl + st * BM, lane, 32);
         __syncwarp();
@@ -2053,16 +2151,16 @@ std::optional<TmaBox> tile_box(const void* base, const int64_t (&s)[3], int64_t 
            {},
            {L::kCols, static_cast<uint32_t>(box_rows), 1, 1, 1},
            L::kSpan};
-  // The byte stride of a dimension of `size` elements (any multiple of 16 where it never steps).
-  auto stride = [](int64_t elems, int64_t size, uint64_t& out) {
-    const int64_t bytes = elems * 2;
-    out = size > 1 ? static_cast<uint64_t>(bytes) : 16;
-    return size <= 1 || (bytes > 0 && bytes % 16 == 0 && bytes < (int64_t(1) << 40));
-  };
-  t.strides[3] = 16;  // the trailing dim of one
-  if (!stride(s[2], rows, t.strides[0]) || !stride(s[1], H, t.strides[1]) ||
-      !stride(s[0], B, t.strides[2])) {
-    return std::nullopt;
+  // Byte strides of dims 1-4. One that steps (more than one element) must be a positive
+  // multiple of 16 below 2^40; one that never steps takes a packed tensor's (the previous
+  // dimension's stride times its size), so no stride is ever smaller than a row needs.
+  const int64_t elems[4] = {s[2], s[1], s[0], 0}, sizes[4] = {rows, H, B, 1};
+  int64_t packed = int64_t(width) * 2;  // a packed row
+  for (int d = 0; d < 4; ++d) {
+    const int64_t bytes = sizes[d] > 1 ? elems[d] * 2 : packed;
+    if (bytes <= 0 || bytes % 16 != 0 || bytes >= (int64_t(1) << 40)) return std::nullopt;
+    t.strides[d] = static_cast<uint64_t>(bytes);
+    packed = bytes * sizes[d];
   }
   if (reinterpret_cast<uintptr_t>(base) % 16 != 0) return std::nullopt;
   return t;

@@ -349,10 +349,11 @@ void run_grid(dim3 grid, int threads, Body body, BeforeCta before_cta) {
   TORCH_CHECK(bad == 0, bad, " misaligned vector accesses (a misaligned-address fault on a GPU)");
   const int64_t tma = tma_faults.exchange(0);
   TORCH_CHECK(tma == 0, tma, " faults of mbarriers or TMA copies (an uninitialised or overfull "
-              "mbarrier, a box destination not 128-byte aligned, a copy no wait made land)");
+              "mbarrier, a box destination not aligned to 128 bytes or its swizzle pattern, a "
+              "box wholly outside its tensor, a copy no wait made land)");
   const int64_t desc = bad_descriptors.exchange(0);
-  TORCH_CHECK(desc == 0, desc, " wgmma descriptors with a swizzle mode or base offset, which "
-              "this emulation does not read");
+  TORCH_CHECK(desc == 0, desc, " wgmma descriptors with a base offset, which this emulation "
+              "does not read");
   for (int t = 0; t < threads; ++t) {
     if (unwaited[t] >= 0) {
       const dim3 b = block_idx(unwaited[t]);
@@ -675,10 +676,17 @@ inline void mbar_wait(uint64_t* bar, int parity) {
 // the same thread arrives on does not cover it; only a wait on `bar` orders a reader after the
 // copy, and a stage refilled while a wgmma still reads it (at the wgmma's wait) is a race.
 // A swizzled box must start on its pattern's boundary (8 rows of the span), as the kernels'
-// layouts (SwizzleLayout) assume.
+// layouts (SwizzleLayout) assume. A box wholly outside the tensor is refused too: the PTX ISA
+// fills a box's out-of-bound elements, but does not say what a box with none inside counts
+// toward its mbarrier, so the kernels never issue one (tma_tile_bytes).
 EMU_UNCHECKED inline void tma_load(void* dst, const CUtensorMap* map, uint64_t* bar, int c0,
                                    int c1, int c2, int c3, int c4) {
   if (smem_addr(dst) % std::max<uint32_t>(128, 8 * map->swizzle) != 0) ++emu::tma_faults;
+  const int c[5] = {c0, c1, c2, c3, c4};
+  for (int d = 0; d < 5; ++d) {
+    const int64_t lo = c[d], hi = lo + static_cast<int64_t>(map->box[d]);
+    if (lo >= static_cast<int64_t>(map->dims[d]) || hi <= 0) ++emu::tma_faults;
+  }
   emu::Mbar* m = mbar_emu::find(bar);
   if (m == nullptr) return;
   const emu::TmaCopy copy{dst, *map, {c0, c1, c2, c3, c4}};
