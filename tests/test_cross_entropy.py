@@ -181,11 +181,12 @@ def test_extreme_logits_follow_pytorch(backend):
 
 @pytest.mark.parametrize("backend", backends())
 def test_return_lse(backend):
-    x = torch.randn(3, 4, 700, device=DEVICE, dtype=torch.bfloat16)
+    # 210 rows: the Triton interpreter runs a program per row
+    x = torch.randn(3, 4, 70, device=DEVICE, dtype=torch.bfloat16)
     target = _targets(x.shape, 4, False)
     with fastattn.use_backend(backend):
         loss, lse = fastattn.cross_entropy(x, target, softcap=2.0, return_lse=True)
-    assert lse.dtype == torch.float32 and lse.shape == (3, 700)
+    assert lse.dtype == torch.float32 and lse.shape == (3, 70)
     expected = torch.logsumexp(R.apply_softcap(x.double(), 2.0), 1)
     torch.testing.assert_close(lse.double(), expected, atol=1e-5, rtol=1e-5)
 
