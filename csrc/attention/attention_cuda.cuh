@@ -377,6 +377,17 @@ __device__ __forceinline__ void visible_keys(const AttnParams& p, int64_t i0, in
   hi = p.has_right ? min(p.S, i1 + p.offset + p.right + 1) : p.S;
 }
 
+// The key tiles (of BN keys) [lo, hi) holding some key a query row in [i0, i1] may see
+// (visible_keys); hi = lo when none.
+template <int BN>
+__device__ __forceinline__ void visible_key_tiles(const AttnParams& p, int64_t i0, int64_t i1,
+                                                  int64_t& lo, int64_t& hi) {
+  int64_t klo, khi;
+  visible_keys(p, i0, i1, klo, khi);
+  lo = klo / BN;
+  hi = khi > klo ? (khi + BN - 1) / BN : lo;
+}
+
 // Whether every (query, key) pair of rows [i0, i0 + M) and keys [j0, j0 + N) lies inside the
 // window and keys < S: such a tile needs no position checks.
 template <int M, int N>
@@ -507,28 +518,20 @@ struct FwdTile {
     qb = static_cast<const T*>(p.q) + b * p.sq[0] + h * p.sq[1];
     kb = static_cast<const T*>(p.k) + b * p.sk[0] + hk * p.sk[1];
     vb = static_cast<const T*>(p.v) + b * p.sv[0] + hk * p.sv[1];
-    int64_t klo, khi;
-    visible_keys(p, m0, min(m0 + BM, p.L) - 1, klo, khi);
-    nb_lo = klo / BN;
-    nb_hi = khi > klo ? (khi + BN - 1) / BN : nb_lo;
+    visible_key_tiles<BN>(p, m0, min(m0 + BM, p.L) - 1, nb_lo, nb_hi);
   }
 };
 
-// The key tiles [lo, hi) (of BN keys) that some of the query rows [i0, min(i0 + 64, L)) see: a
-// Hopper warpgroup's own part of its CTA's tiles (FwdTile), which on a causal diagonal or a
-// window's edge is smaller, the other warpgroup's rows seeing more. Empty (lo = hi) for rows
-// past L.
+// The key tiles [lo, hi) (of BN keys) that some of the query rows [i0, min(i0 + 64, L)) see
+// (visible_key_tiles): a Hopper warpgroup's own part of its CTA's tiles (FwdTile), which on a
+// causal diagonal or a window's edge is smaller, the other warpgroup's rows seeing more. Empty
+// (lo = hi) for rows past L.
 template <int BN>
 struct WarpgroupTiles {
-  int64_t lo, hi;
+  int64_t lo = 0, hi = 0;
 
-  __device__ __forceinline__ WarpgroupTiles(const AttnParams& p, int64_t i0) : lo(0), hi(0) {
-    if (i0 >= p.L) return;
-    int64_t klo, khi;
-    visible_keys(p, i0, min(i0 + 64, p.L) - 1, klo, khi);
-    if (khi <= klo) return;
-    lo = klo / BN;
-    hi = (khi + BN - 1) / BN;
+  __device__ __forceinline__ WarpgroupTiles(const AttnParams& p, int64_t i0) {
+    if (i0 < p.L) visible_key_tiles<BN>(p, i0, min(i0 + 64, p.L) - 1, lo, hi);
   }
   __device__ __forceinline__ bool has(int64_t nb) const { return nb >= lo && nb < hi; }
 };
@@ -1279,9 +1282,8 @@ __global__ void __launch_bounds__(128) attention_bwd_dq_kernel(const AttnParams 
   const T* kb = static_cast<const T*>(p.k) + b * p.sk[0] + hk * p.sk[1];
   const T* vb = static_cast<const T*>(p.v) + b * p.sv[0] + hk * p.sv[1];
 
-  int64_t klo, khi;
-  visible_keys(p, m0, min(m0 + BM, p.L) - 1, klo, khi);
-  const int64_t nb_lo = klo / BN, nb_hi = khi > klo ? (khi + BN - 1) / BN : nb_lo;
+  int64_t nb_lo, nb_hi;
+  visible_key_tiles<BN>(p, m0, min(m0 + BM, p.L) - 1, nb_lo, nb_hi);
 
   load_tile<T, BM, kD, 128, kWgmma>(sQ, qb, p.sq[2], m0, p.L, p.d_load);
   load_tile<T, BM, kD, 128, kWgmma>(sdO, dob, p.sdo[2], m0, p.L, p.dv_load);
