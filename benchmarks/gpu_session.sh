@@ -33,10 +33,12 @@
 # included):
 #   STEPS="smoke tests bench" TESTS_S=140 BENCH_S=140 bash benchmarks/gpu_session.sh OUT_DIR
 # After the plain run (and the sanitizer's, if asked), the steps that follow run the newest
-# attention kernel set that passed it: with FASTATTN_CUDA_TMA=0 if the default (TMA) kernels
-# failed or hung there, FASTATTN_CUDA_WGMMA=0 if Hopper's cp.async ones did too, since a kernel
-# that fails, faults or hangs once does so in every step, and one hang would use up the tests'
-# and the sweep's time; session.log says which ("=== smoke: ...").
+# attention kernel set that passed it: with FASTATTN_CUDA_PINGPONG=0 if the default kernels
+# failed or hung there but passed without the TMA forward's turns on the tensor cores,
+# FASTATTN_CUDA_TMA=0 if the TMA kernels failed either way, FASTATTN_CUDA_WGMMA=0 if Hopper's
+# cp.async ones did too, since a kernel that fails, faults or hangs once does so in every step,
+# and one hang would use up the tests' and the sweep's time; session.log says which
+# ("=== smoke: ...").
 # OUT_DIR gets at most 7 files (the device tool brings back at most 8): session.log, junit.xml,
 # bench.json, bench.csv, plots.tar.gz (one PNG per op), pytest-benchmark.json, train.json,
 # tune.json, memcheck.log, racecheck.log (never all in one call).
@@ -75,12 +77,16 @@ sys.exit(pytest.main(sys.argv[1:]))')
 wants() { [[ " $STEPS " == *" $1 "* ]]; }
 
 # The attention kernel set the steps after the smoke run use, from the verdicts sanitize_cuda.py
-# wrote to $1 (one line per set, in the order sm80, no-tma, default, as each set finishes: a set
-# that hung or faulted, and every set after it, has none).
+# wrote to $1 (one line per set, in the order sm80, no-tma, no-pingpong, default, as each set
+# finishes: a set that hung or faulted, and every set after it, has none).
 use_kernels_that_passed() {
     local summary=$1
     if grep -qx 'kernels default: all ok' "$summary"; then
         return
+    elif grep -qx 'kernels no-pingpong: all ok' "$summary"; then
+        export FASTATTN_CUDA_PINGPONG=0
+        echo "=== smoke: the default attention kernels failed or hung; the steps below run with" \
+            "FASTATTN_CUDA_PINGPONG=0 (the TMA forward without its warpgroups' turns)"
     elif grep -qx 'kernels no-tma: all ok' "$summary"; then
         export FASTATTN_CUDA_TMA=0
         echo "=== smoke: the default attention kernels failed or hung; the steps below run with" \

@@ -182,21 +182,28 @@ def _check_case(ext, case, tensors=None) -> None:
     torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), atol=1e-4, rtol=1e-4)
 
 
-# The Hopper forward, dQ and dK/dV without TMA (FASTATTN_CUDA_TMA=0, or inputs no tensor map can
-# describe: their cp.async loads) where the TMA kernels would serve, head
-# dims 96 up: two-warpgroup CTAs with softcap and an additive mask, two query tiles, dropout at
-# head dim 256.
-CPASYNC_CASES = [CASES[2], CASES[4], CASES[7]]
+# The Hopper kernels with one of the launcher's switches off, where it changes them:
+# - "no-tma": the forward, dQ and dK/dV by cp.async (FASTATTN_CUDA_TMA=0, or inputs no tensor
+#   map can describe) where the TMA kernels would serve, head dims 96 up: two-warpgroup CTAs
+#   with softcap and an additive mask, two query tiles, dropout at head dim 256;
+# - "no-pingpong": the TMA forward without its warpgroups' turns on the tensor cores
+#   (FASTATTN_CUDA_PINGPONG=0, for comparing the two on a GPU; the turns run at head dims 96
+#   and 128): an additive mask at head dim 96, two 128-row tiles whose warpgroups see different
+#   key ranges.
+SWITCHED_CASES = [("no-tma", CASES[2]), ("no-tma", CASES[4]), ("no-tma", CASES[7]),
+                  ("no-pingpong", CASES[2]), ("no-pingpong", CASES[4])]
 
 
-@pytest.mark.parametrize("case", CPASYNC_CASES, ids=[c[0] for c in CPASYNC_CASES])
-def test_emulated_cuda_hopper_cpasync_kernels_match_reference(emulated, case):
+@pytest.mark.parametrize("switch,case", SWITCHED_CASES,
+                         ids=[f"{k}-{c[0]}" for k, c in SWITCHED_CASES])
+def test_emulated_cuda_hopper_kernels_with_a_switch_off(emulated, switch, case):
+    use = {"no-tma": emulated.use_tma, "no-pingpong": emulated.use_turns}[switch]
     emulated.use_wgmma(True)
-    emulated.use_tma(False)
+    use(False)
     try:
         _check_case(emulated, case)
     finally:
-        emulated.use_tma(True)
+        use(True)
         emulated.use_wgmma(False)
 
 

@@ -74,6 +74,14 @@ struct CudaLauncher {
     return env == nullptr || std::strcmp(env, "0") != 0;
   }
 
+  // Whether the TMA forward's two consumer warpgroups take turns on the tensor cores (FA3's
+  // ping-pong, head dims 96 and 128): FASTATTN_CUDA_PINGPONG not "0" (read per call, for
+  // comparing the two).
+  static bool turns() {
+    const char* env = std::getenv("FASTATTN_CUDA_PINGPONG");
+    return env == nullptr || std::strcmp(env, "0") != 0;
+  }
+
   static void encode(CUtensorMap* map, const attention::TmaBox& t) {
     cuuint64_t dims[5], strides[4];
     cuuint32_t box[5], element_strides[5];

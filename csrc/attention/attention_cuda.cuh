@@ -65,7 +65,10 @@
 //   and empty per stage) replace the per-tile __syncthreads, so each consumer warpgroup waits
 //   only for the tile it needs (fwd_tma). The TMA kernels' tiles are swizzled (wgmma_layout.h:
 //   SwizzleLayout, 128-byte rows from head dim 128, 64-byte at 96), one box per column block
-//   of the swizzle's width, as FA3 and CUTLASS load them.
+//   of the swizzle's width, as FA3 and CUTLASS load them. At head dims 96 and 128 the two
+//   consumer warpgroups also take turns on the tensor cores (FA3's ping-pong, TensorCoreTurns):
+//   one issues its S_j and O += P_{j-1} V_{j-1} while the other runs its softmax
+//   (FASTATTN_CUDA_PINGPONG=0 turns it off, for comparing the two).
 // - Backward: a preprocess kernel, delta = rowsum(dO * O) and lse in base 2 (+inf for a fully
 //   masked row, so its probabilities recompute as 0); a dK/dV kernel, one CTA of 8 warps per
 //   key tile (64 keys) looping over the query tiles of every query head of its group (Q, dO,
@@ -106,8 +109,8 @@
 // triton or torch backend serves them), a SIMT fallback; on Hopper, TMA and warp
 // specialisation below head dim 96 (the one-warpgroup forward, dQ, dK/dV), TMA stores,
 // swizzled tiles in the cp.async Hopper kernels (theirs are in the no-swizzle core-matrix
-// layout), scheduling one warpgroup's softmax against the other's products (FA3's ping-pong;
-// in dK/dV, one warpgroup's elementwise work against the other's products); split-KV, a
+// layout), taking turns on the tensor cores in dQ and dK/dV (in dK/dV, one warpgroup's
+// elementwise work against the other's products) and above head dim 128; split-KV, a
 // persistent scheduler, vectorised mask loads (masks are read one element per score, through
 // their strides), tuning of tile sizes. Performance is to be measured with the harness on a
 // GPU.
@@ -202,6 +205,7 @@ struct AttnParams {
 struct TmaFwdParams {
   AttnParams p;
   CUtensorMap q, k, v;
+  bool turns;  // the consumer warpgroups take turns (TensorCoreTurns; Launcher::turns())
 };
 // The Hopper TMA backward kernels' (dq_tma, dkdv_tma): q, k, v and dout as tensor maps, as
 // TmaFwdParams.
@@ -536,6 +540,35 @@ struct WarpgroupTiles {
   __device__ __forceinline__ bool has(int64_t nb) const { return nb >= lo && nb < hi; }
 };
 
+// The two consumer warpgroups of fwd_tma taking turns on the tensor cores (FA3's ping-pong, its
+// "warp scheduler barrier"): per key tile of the CTA, a warpgroup waits for its turn (wait),
+// issues its products (S_j, then O += P_{j-1} V_{j-1}) and hands the turn to the other (pass),
+// then runs its softmax while the other's products occupy the tensor cores. Warpgroup 0 goes
+// first: warpgroup 1 arrives on its barrier once (first). Each warpgroup takes one turn per key
+// tile of the CTA, computing it or not (WarpgroupTiles), and warpgroup 1 does not pass its last
+// turn, so every bar.arrive has its bar.sync and both barriers end the CTA with no arrival
+// pending. Named barriers kFirstId (warpgroup 0's) and kFirstId + 1, 256 threads each: the
+// arriving warpgroup and the waiting one. kOn false: no turns (fwd_wgmma, and fwd_tma where FA3
+// keeps them off, above head dim 128); `on` false likewise, at run time (Launcher::turns(), the
+// same for the whole CTA).
+template <bool kOn>
+struct TensorCoreTurns {
+  static constexpr int kFirstId = 2;  // 1 is the consumers' barrier (fwd_tma's epilogue)
+  bool on;
+  int wg;
+  int64_t last;  // the CTA's last key tile: warpgroup 1 keeps its turn there
+
+  __device__ __forceinline__ void first() const {
+    if (kOn && on && wg == 1) named_barrier_arrive(kFirstId, 256);
+  }
+  __device__ __forceinline__ void wait() const {
+    if (kOn && on) named_barrier_sync(kFirstId + wg, 256);
+  }
+  __device__ __forceinline__ void pass(int64_t nb) const {
+    if (kOn && on && (wg == 0 || nb != last)) named_barrier_arrive(kFirstId + (wg ^ 1), 256);
+  }
+};
+
 // A warp's 16 query rows in the forward (rows g and g + 8 of the warp's 16 from m0 on): their
 // indices, the output accumulators (o[dt][e]: row rows[e / 2], column 8 dt + 2t + e % 2, the
 // mma.sync and wgmma layout), and the online softmax's running base-2 max and partial sum.
@@ -782,29 +815,33 @@ __device__ __forceinline__ void fwd_mma(const AttnParams& p) {
 }
 
 // One key tile nb of the Hopper forward's softmax step for one warpgroup (fwd_wgmma, fwd_tma):
-// issues S = Q K_nb^T (Q at sQw in layout QL, K_nb's stage at sKs in KL); with kOverlap and past
-// the first tile, then O += P_{nb-1} V_{nb-1} through issue_prev_pv() (pa, fr.o), and waits for
-// S only, so the softmax runs while that product does; calls k_read() once S is complete (K_nb's
-// stage is read), forms P_nb and the rescale factor, waits for the previous product and calls
-// pv_read() (kOverlap past the first tile: V_{nb-1}'s stage and the old pa are read), rescales O
-// and packs P_nb into pa. Without kOverlap the caller issues O += P_nb V_nb after it.
+// in its tensor-core turn (turns: TensorCoreTurns), issues S = Q K_nb^T (Q at sQw in layout QL,
+// K_nb's stage at sKs in KL); with kOverlap and past the first tile, then O += P_{nb-1} V_{nb-1}
+// through issue_prev_pv() (pa, fr.o), and waits for S only, so the softmax runs while that
+// product does; calls k_read() once S is complete (K_nb's stage is read), forms P_nb and the
+// rescale factor, waits for the previous product and calls pv_read() (kOverlap past the first
+// tile: V_{nb-1}'s stage and the old pa are read), rescales O and packs P_nb into pa. Without
+// kOverlap the caller issues O += P_nb V_nb after it.
 template <typename T, int kD, bool kOverlap, class QL, class KL, int BM, int BN, int DT, int PS,
-          class IssuePv, class KRead, class PvRead>
+          bool kTurns, class IssuePv, class KRead, class PvRead>
 __device__ __forceinline__ void fwd_wgmma_step(const AttnParams& p, const FwdTile<T, BM, BN>& w,
                                                FwdRows<DT>& fr, uint32_t (&pa)[PS][4],
                                                const T* sQw, const T* sKs, int64_t nb,
-                                               uint64_t seed, IssuePv issue_prev_pv,
-                                               KRead k_read, PvRead pv_read) {
+                                               uint64_t seed, const TensorCoreTurns<kTurns>& turns,
+                                               IssuePv issue_prev_pv, KRead k_read,
+                                               PvRead pv_read) {
   constexpr int NT = Tiles<kD>::kFwdNT;
   const int64_t n0 = nb * BN;
   float s[NT][4];
   wgmma_fence_operands(s);
+  turns.wait();
   wgmma_fence();
   wgmma_abt<T, kD, QL, KL>(s, sQw, sKs);
   wgmma_commit();
   const bool prev = kOverlap && nb > w.nb_lo;
+  if (prev) issue_prev_pv();
+  turns.pass(nb);
   if (prev) {
-    issue_prev_pv();
     wgmma_wait<1>();  // S only: the softmax runs while O += P V does
   } else {
     wgmma_wait<0>();
@@ -898,7 +935,7 @@ __device__ __forceinline__ void fwd_wgmma(const AttnParams& p) {
     // S = Q K^T: this warpgroup's 64 rows x BN keys (kOverlap: then O += P_{nb-1} V_{nb-1}).
     // The stages are released by the __syncthreads of the next iteration, or below.
     fwd_wgmma_step<T, kD, kOverlap, CoreLayout<kD>, CoreLayout<kD>>(
-        p, w, fr, pa, sQw, sK + st * BN * kD, nb, seed,
+        p, w, fr, pa, sQw, sK + st * BN * kD, nb, seed, TensorCoreTurns<false>{false, 0, 0},
         [&] { issue_pv(sV + (st ^ 1) * BN * kD); }, [] {}, [] {});
     if constexpr (!kOverlap) {
       issue_pv(sV + st * BN * kD);
@@ -1011,11 +1048,12 @@ __device__ __forceinline__ void tma_zero_tail(T* tile, int width) {
 // at a __syncthreads per key tile: a warpgroup waits only for the tile it needs, and K_{j+2}
 // loads as soon as both warpgroups' S_j has read K_j. The tiles are swizzled (wgmma_layout.h:
 // SwizzleLayout), a box per column block (tma_load_tile): rows past L or S and columns past
-// the loaded width land as zeros, as load_tile's zero fill. Why a whole
-// warpgroup to issue loads from one thread: registers are allocated per SM sub-partition, each
-// holding a quarter of the CTA's warps, so one extra warp caps every thread at 168 registers
-// (ptxas then spills at head dims 128 and 256); a warpgroup can give its registers to the
-// consumers (setmaxnreg: 24 and 240 a thread), as FA3 does.
+// the loaded width land as zeros, as load_tile's zero fill. At head dims 96 and 128 the two
+// consumer warpgroups take turns to issue their products (TensorCoreTurns, as FA3 there). Why a
+// whole warpgroup to issue loads from one thread: registers are allocated per SM sub-partition,
+// each holding a quarter of the CTA's warps, so one extra warp caps every thread at 168
+// registers (ptxas then spills at head dims 128 and 256); a warpgroup can give its registers to
+// the consumers (setmaxnreg: 24 and 240 a thread), as FA3 does.
 template <typename T, int kD>
 __device__ __forceinline__ void fwd_tma(const TmaFwdParams& tp) {
   const AttnParams& p = tp.p;
@@ -1105,8 +1143,12 @@ __device__ __forceinline__ void fwd_tma(const TmaFwdParams& tp) {
   FwdTile<T, BM, BN> wo = w;  // the CTA's tile with this warpgroup's key tiles
   wo.nb_lo = own.lo;
   wo.nb_hi = own.hi;
+  const TensorCoreTurns<(kD <= 128)> turns{tp.turns, static_cast<int>(threadIdx.x / 128),
+                                           w.nb_hi - 1};
   auto pass = [&](int64_t nb) {
     const int i = static_cast<int>(nb - w.nb_lo), st = i & 1;
+    turns.wait();  // a turn not taken, so that both warpgroups take one per key tile
+    turns.pass(nb);
     mbar_wait(full_k + st, (i >> 1) & 1);
     warp_release(empty_k + st);
     mbar_wait(full_v + st, (i >> 1) & 1);
@@ -1114,13 +1156,14 @@ __device__ __forceinline__ void fwd_tma(const TmaFwdParams& tp) {
   };
 
   mbar_wait(full_q, 0);
+  if (w.nb_lo < w.nb_hi) turns.first();
   int64_t nb = w.nb_lo;
   for (; nb < w.nb_hi && nb < own.lo; ++nb) pass(nb);
   for (; nb < own.hi; ++nb) {
     const int i = static_cast<int>(nb - w.nb_lo), st = i & 1;
     mbar_wait(full_k + st, (i >> 1) & 1);
     fwd_wgmma_step<T, kD, true, QL, KL>(
-        p, wo, fr, pa, sQw, sK + st * BN * kD, nb, seed, [&] { issue_pv(nb - 1); },
+        p, wo, fr, pa, sQw, sK + st * BN * kD, nb, seed, turns, [&] { issue_pv(nb - 1); },
         [&] { warp_release(empty_k + st); }, [&] { warp_release(empty_v + (st ^ 1)); });
   }
   if (own.lo < own.hi) {  // O += P V of the last key tile
@@ -2173,7 +2216,9 @@ std::optional<TmaBox> tile_box(const void* base, const int64_t (&s)[3], int64_t 
 // launch lives in this header): `Launcher::launch(kernel, grid, threads, smem, params)` runs
 // `kernel` over `grid` with `smem` bytes of dynamic shared memory, `Launcher::wgmma()` says
 // whether the Hopper kernels may run, `Launcher::tma()` whether they may load by TMA (head dims
-// 96 up), and `Launcher::encode(map, box)` makes a TmaBox's tensor map.
+// 96 up), `Launcher::turns()` whether the TMA forward's consumer warpgroups take turns on the
+// tensor cores (TensorCoreTurns, head dims 96 and 128), and `Launcher::encode(map, box)` makes
+// a TmaBox's tensor map.
 template <typename T, int kD, class Launcher>
 void run_fwd(const AttnParams& p) {
   static_assert(smem_fits<kD>(), "a CTA's shared memory past what an A100 or H100 allows");
@@ -2191,6 +2236,7 @@ void run_fwd(const AttnParams& p) {
       if (q && k && v) {
         TmaFwdParams pt;
         pt.p = p;
+        pt.turns = Launcher::turns();
         Launcher::encode(&pt.q, *q);
         Launcher::encode(&pt.k, *k);
         Launcher::encode(&pt.v, *v);

@@ -257,6 +257,7 @@ class AttentionBench(OpBench):
             *ours,
             _native_variant(native, "sm80"),
             _native_variant(native, "no-tma"),
+            _native_variant(native, "no-pingpong"),
             sdpa_provider("torch", None),
             *[sdpa_provider(name, backend) for name, backend in SDPA_BACKENDS.items()],
             compile_provider(_composition, scratch_bytes=_materialized_scores),
@@ -298,16 +299,20 @@ def _native_cuda_limits(provider: Provider) -> Provider:
 
 
 # The native CUDA attention kernels a variable forces, read at each launch: the sm_80 ones
-# (mma.sync) where the launcher would pick Hopper's (wgmma), and Hopper's kernels with cp.async
-# loads where it would pick the TMA ones (head dims 96 up).
-KERNEL_VARS = {"sm80": ("FASTATTN_CUDA_WGMMA", "0"), "no-tma": ("FASTATTN_CUDA_TMA", "0")}
+# (mma.sync) where the launcher would pick Hopper's (wgmma), Hopper's kernels with cp.async
+# loads where it would pick the TMA ones (head dims 96 up), and the TMA forward without its two
+# consumer warpgroups taking turns on the tensor cores (FA3's ping-pong; head dims 96 and 128
+# take turns, padded: 65 to 128).
+KERNEL_VARS = {"sm80": ("FASTATTN_CUDA_WGMMA", "0"), "no-tma": ("FASTATTN_CUDA_TMA", "0"),
+               "no-pingpong": ("FASTATTN_CUDA_PINGPONG", "0")}
 
 
 @contextlib.contextmanager
 def native_kernels(kind: str) -> Iterator[None]:
     """Native CUDA attention runs the kernels ``kind`` names inside: ``"default"`` (what the
-    launcher picks), ``"sm80"`` (``FASTATTN_CUDA_WGMMA=0``) or ``"no-tma"``
-    (``FASTATTN_CUDA_TMA=0``); the variable is restored on exit."""
+    launcher picks), ``"sm80"`` (``FASTATTN_CUDA_WGMMA=0``), ``"no-tma"``
+    (``FASTATTN_CUDA_TMA=0``) or ``"no-pingpong"`` (``FASTATTN_CUDA_PINGPONG=0``); the variable
+    is restored on exit."""
     if kind == "default":
         yield
         return
@@ -328,7 +333,8 @@ def native_kernels(kind: str) -> Iterator[None]:
 def _native_variant(native: Provider, kind: str) -> Provider:
     """``fastattn-native`` with the kernels ``kind`` forces (``native_kernels``), beside those
     the launcher picks; only on a Hopper GPU do they differ (for ``"no-tma"``, only from head
-    dim 96 up), so elsewhere it is skipped."""
+    dim 96 up; for ``"no-pingpong"``, only at head dims 65 to 128), so elsewhere it is
+    skipped."""
 
     def make(case: Case) -> Callable[..., torch.Tensor]:
         fn = native.make(case)
@@ -345,6 +351,8 @@ def _native_variant(native: Provider, kind: str) -> Provider:
             why = f"the {kind} kernels differ from fastattn-native's only on a Hopper GPU"
         if why is None and kind == "no-tma" and case.p["head_dim"] <= 64:
             why = "the TMA kernels serve head dims 96 up"
+        if why is None and kind == "no-pingpong" and not 64 < case.p["head_dim"] <= 128:
+            why = "the TMA forward's warpgroups take turns at head dims 96 and 128 (padded)"
         return why
 
     return dataclasses.replace(native, name=f"fastattn-native-{kind}", make=make,

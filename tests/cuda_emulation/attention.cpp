@@ -22,13 +22,16 @@ namespace attention = fastattn::cuda::attention;
 // CudaLauncher does on an H100, set by use_wgmma; and among them the TMA kernels from head dim
 // 96 up (attention_fwd_tma_kernel, attention_bwd_dq_tma_kernel,
 // attention_bwd_dkdv_tma_kernel), as CudaLauncher does unless FASTATTN_CUDA_TMA=0, set by
-// use_tma.
+// use_tma; whether the TMA forward's warpgroups take turns on the tensor cores (TensorCoreTurns),
+// as CudaLauncher does unless FASTATTN_CUDA_PINGPONG=0, set by use_turns.
 inline bool wgmma_kernels = false;
 inline bool tma_forward = true;
+inline bool tma_turns = true;
 
 struct EmulatedLauncher {
   static bool wgmma() { return wgmma_kernels; }
   static bool tma() { return tma_forward; }
+  static bool turns() { return tma_turns; }
   static void encode(CUtensorMap* map, const attention::TmaBox& t) {
     emu::encode_tensor_map(map, t.base, t.dims, t.strides, t.box, t.swizzle);
   }
@@ -56,4 +59,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_bwd", &attention::attention_bwd_impl<EmulatedLauncher>);
   m.def("use_wgmma", [](bool on) { wgmma_kernels = on; });
   m.def("use_tma", [](bool on) { tma_forward = on; });
+  m.def("use_turns", [](bool on) { tma_turns = on; });
 }

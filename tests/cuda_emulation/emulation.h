@@ -14,7 +14,9 @@
 // asynchronous as PTX allows (see cp_async_16): its destination holds NaN from the issue until
 // the wait_group that covers it, so a tile read too early gives wrong numbers. For the Hopper
 // TMA kernels: mbarriers (arrivals, transaction bytes, phases), TMA box loads of a tensor map
-// (cp.async.bulk.tensor, with the driver's encode checks), named barriers (see tma_load).
+// (cp.async.bulk.tensor, with the driver's encode checks), named barriers (bar.sync and
+// bar.arrive; a wait of two minutes aborts as a deadlock, and a CTA that leaves one with
+// arrivals pending fails the launch).
 // Built with -fsanitize=thread it is also a race checker: ThreadSanitizer sees the barriers as
 // happens-before edges and checks every shared and global memory access of the kernels, so a
 // missing __syncthreads, __syncwarp or cp_async_wait, or a stage refilled while another warp
@@ -106,24 +108,45 @@ namespace emu {
 class Barrier {
  public:
   explicit Barrier(int n) : n_(n) {}
-  void arrive_and_wait() {
+  // bar.sync. With `timed` (named barriers, whose counts the kernels must balance between
+  // warpgroups), a wait of two minutes is a deadlock and stops the process, as an mbarrier's.
+  void arrive_and_wait(bool timed = false) {
     const unsigned phase = phase_.load(std::memory_order_relaxed);
-    if (arrived_.fetch_add(1, std::memory_order_acq_rel) + 1 == n_) {
-      arrived_.store(0, std::memory_order_relaxed);
-      phase_.store(phase + 1, std::memory_order_release);
-      syscall(SYS_futex, &phase_, FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
-    } else {
+    if (!arrive_at(phase)) {
       for (int i = 0; i < 8 && phase_.load(std::memory_order_relaxed) == phase; ++i) {
         std::this_thread::yield();
       }
+      const auto start = std::chrono::steady_clock::now();
+      const timespec poll{0, 50'000'000};
       while (phase_.load(std::memory_order_relaxed) == phase) {
-        syscall(SYS_futex, &phase_, FUTEX_WAIT_PRIVATE, phase, nullptr, nullptr, 0);
+        syscall(SYS_futex, &phase_, FUTEX_WAIT_PRIVATE, phase, timed ? &poll : nullptr, nullptr,
+                0);
+        if (timed && std::chrono::steady_clock::now() - start > std::chrono::minutes(2)) {
+          std::fprintf(stderr, "emulation: named barrier wait (%d threads) deadlocked\n", n_);
+          std::abort();
+        }
       }
       (void)phase_.load(std::memory_order_acquire);
     }
   }
+  // bar.arrive: counts toward the phase without waiting for it.
+  void arrive() { (void)arrive_at(phase_.load(std::memory_order_relaxed)); }
+  int threads() const { return n_; }
+  // Arrivals of a phase not yet complete.
+  int pending() const { return arrived_.load(std::memory_order_relaxed); }
 
  private:
+  // One arrival; true for the one that completes the phase (it starts the next). The count
+  // drops by n rather than to 0, so a bar.arrive toward the next phase that lands before the
+  // drop still counts.
+  bool arrive_at(unsigned phase) {
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) + 1 != n_) return false;
+    arrived_.fetch_sub(n_, std::memory_order_relaxed);
+    phase_.store(phase + 1, std::memory_order_release);
+    syscall(SYS_futex, &phase_, FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
+    return true;
+  }
+
   const int n_;
   std::atomic<int> arrived_{0};
   std::atomic<unsigned> phase_{0};
@@ -271,6 +294,31 @@ inline void check_unwaited_copies() {
     if (!m.copies.empty()) ++tma_faults;
   }
 }
+// Named barriers a CTA left with arrivals of an incomplete phase (bar.arrive without the
+// matching bar.sync, or a count that differs between uses): counted as faults, so a kernel's
+// barrier protocol balances within each CTA.
+inline std::atomic<int64_t> named_faults{0};
+inline void check_named_barriers() {
+  for (auto& b : named) {
+    if (b && b->pending() != 0) ++named_faults;
+  }
+}
+// Named barrier `id` of `threads` threads, made at its first use in the CTA; ids outside 1..15
+// and a second thread count for one id are faults.
+inline Barrier* named_barrier(int id, int threads) {
+  if (id < 1 || id > 15 || threads % 32 != 0 || threads < 32) {
+    ++named_faults;
+    return nullptr;
+  }
+  std::lock_guard<std::mutex> lock(named_mutex);
+  auto& slot = named[id];
+  if (!slot) slot = std::make_unique<Barrier>(threads);
+  if (slot->threads() != threads) {
+    ++named_faults;
+    return nullptr;
+  }
+  return slot.get();
+}
 inline void reset_cta_barriers() {
   for (auto& m : mbars) {
     m.state.store(0, std::memory_order_relaxed);
@@ -325,6 +373,7 @@ void run_grid(dim3 grid, int threads, Body body, BeforeCta before_cta) {
   start_block();
   std::barrier next_block(threads, [&]() noexcept {
     check_unwaited_copies();
+    check_named_barriers();
     ++block;
     start_block();
   });
@@ -351,6 +400,10 @@ void run_grid(dim3 grid, int threads, Body body, BeforeCta before_cta) {
   TORCH_CHECK(tma == 0, tma, " faults of mbarriers or TMA copies (an uninitialised or overfull "
               "mbarrier, a box destination not aligned to 128 bytes or its swizzle pattern, a "
               "box wholly outside its tensor, a copy no wait made land)");
+  const int64_t named_bad = named_faults.exchange(0);
+  TORCH_CHECK(named_bad == 0, named_bad, " named barriers left with arrivals pending at the end "
+              "of a CTA (bar.arrive without the bar.sync it pairs with), or used with two thread "
+              "counts");
   const int64_t desc = bad_descriptors.exchange(0);
   TORCH_CHECK(desc == 0, desc, " wgmma descriptors with a base offset, which this emulation "
               "does not read");
@@ -708,14 +761,10 @@ EMU_UNCHECKED inline void tma_load(void* dst, const CUtensorMap* map, uint64_t* 
 }
 
 inline void named_barrier_sync(int id, int threads) {
-  emu::Barrier* b;
-  {
-    std::lock_guard<std::mutex> lock(emu::named_mutex);
-    auto& slot = emu::named[id];
-    if (!slot) slot = std::make_unique<emu::Barrier>(threads);
-    b = slot.get();
-  }
-  b->arrive_and_wait();
+  if (::emu::Barrier* b = ::emu::named_barrier(id, threads)) b->arrive_and_wait(true);
+}
+inline void named_barrier_arrive(int id, int threads) {
+  if (::emu::Barrier* b = ::emu::named_barrier(id, threads)) b->arrive();
 }
 inline void tma_prefetch_map(const CUtensorMap*) {}
 template <int N> inline void setmaxnreg_dec() {}
