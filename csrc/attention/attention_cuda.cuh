@@ -838,12 +838,16 @@ __device__ __forceinline__ void fwd_wgmma_step(const AttnParams& p, const FwdTil
   wgmma_fence();
   wgmma_abt<T, kD, QL, KL>(s, sQw, sKs);
   wgmma_commit();
+  // The turn is passed in each branch: with the two branches split around it, the accumulators
+  // of the products in flight would cross a join in the control flow, and ptxas serialises the
+  // wgmma pipeline there (C7514).
   const bool prev = kOverlap && nb > w.nb_lo;
-  if (prev) issue_prev_pv();
-  turns.pass(nb);
   if (prev) {
+    issue_prev_pv();
+    turns.pass(nb);
     wgmma_wait<1>();  // S only: the softmax runs while O += P V does
   } else {
+    turns.pass(nb);
     wgmma_wait<0>();
   }
   k_read();
