@@ -99,7 +99,8 @@ CASES = [
      False),
     ("d59/111 bottom-right, rows that see no key", torch.float16, (1, 2, 2, 100, 45, 59, 111),
      None, 0.0, (10, 0), True, 0.0, False),
-    ("d96 additive mask + grad, softcap", torch.bfloat16, (1, 2, 1, 66, 129, 96, 96), "additive",
+    # (three key tiles of the Hopper TMA forward's 128 at head dim 96: its stages refilled)
+    ("d96 additive mask + grad, softcap", torch.bfloat16, (1, 2, 1, 66, 260, 96, 96), "additive",
      0.0, (-1, -1), False, 3.0, False),
     ("d128 bool mask, window", torch.float16, (1, 2, 2, 65, 70, 128, 128), "bool", 0.0, (5, 7),
      False, 0.0, False),
@@ -309,13 +310,17 @@ RACE_CASES = [
 
 
 # The Hopper kernels under ThreadSanitizer: a forward and a dQ K/V stage refilled (three key
-# tiles) with one warpgroup (d32) and with two sharing it (d96, by TMA), a dK/dV Q/dO stage
+# tiles; of 128 keys in the d96 TMA forward) with one warpgroup (d32) and with two sharing it (d96,
+# by TMA, the forward's warpgroups taking turns on the tensor cores), a dK/dV Q/dO stage
 # refilled (three query heads: d32 by cp.async, d96 by TMA, where P's two buffers are each used
 # again) and P handed between its two warpgroups, and a query tile that sees no key. wgmma reads
 # shared memory at the wait that covers it (emulation.h), so a stage refilled before that wait
 # is a race.
 RACE_CASES_SM90 = [
-    RACE_CASES[0], RACE_CASES[1], RACE_CASES[3],
+    RACE_CASES[0],
+    ("d96 additive mask + grad, softcap, 260 keys", torch.bfloat16, (1, 1, 1, 40, 260, 96, 96),
+     "additive", 0.0, (-1, -1), False, 3.0, False),
+    RACE_CASES[3],
     ("d96 gqa, three query heads a K/V tile", torch.float16, (1, 3, 1, 24, 40, 96, 96), None,
      0.0, (-1, -1), False, 0.0, False),
 ]

@@ -63,12 +63,14 @@
 //   above with warp specialisation, as FA3: a third, producer warpgroup (its registers given
 //   to the consumers by setmaxnreg) issues every tile load as TMA boxes, and mbarriers (full
 //   and empty per stage) replace the per-tile __syncthreads, so each consumer warpgroup waits
-//   only for the tile it needs (fwd_tma). The TMA kernels' tiles are swizzled (wgmma_layout.h:
-//   SwizzleLayout, 128-byte rows from head dim 128, 64-byte at 96), one box per column block
-//   of the swizzle's width, as FA3 and CUTLASS load them. At head dims 96 and 128 the two
-//   consumer warpgroups also take turns on the tensor cores (FA3's ping-pong, TensorCoreTurns):
-//   one issues its S_j and O += P_{j-1} V_{j-1} while the other runs its softmax
-//   (FASTATTN_CUDA_PINGPONG=0 turns it off, for comparing the two).
+//   only for the tile it needs (fwd_tma). Its key tiles are of 128 keys at head dim 96
+//   (Tiles::kFwdTmaN: S one m64n128k16 chain), elsewhere of 64 and 32 as the other forward
+//   and dQ kernels'. The TMA kernels' tiles are swizzled
+//   (wgmma_layout.h: SwizzleLayout, 128-byte rows from head dim 128, 64-byte at 96), one box
+//   per column block of the swizzle's width, as FA3 and CUTLASS load them. At head dims 96 and
+//   128 the two consumer warpgroups also take turns on the tensor cores (FA3's ping-pong,
+//   TensorCoreTurns): one issues its S_j and O += P_{j-1} V_{j-1} while the other runs its
+//   softmax (FASTATTN_CUDA_PINGPONG=0 turns it off, for comparing the two).
 // - Backward: a preprocess kernel, delta = rowsum(dO * O) and lse in base 2 (+inf for a fully
 //   masked row, so its probabilities recompute as 0); a dK/dV kernel, one CTA of 8 warps per
 //   key tile (64 keys) looping over the query tiles of every query head of its group (Q, dO,
@@ -269,6 +271,11 @@ struct Tiles {
   static constexpr int kDqTmaM = 128;  // dQ with TMA: two warpgroups' query rows
   static constexpr int kSwizzleSlack = 1024;  // swizzle_base's step
   static constexpr int kFwdN = kD <= 128 ? 64 : 32;
+  // The TMA forward's key tiles: 128 keys at head dim 96 (S = Q K^T one m64n128k16 chain per
+  // warpgroup, 64 accumulators a thread beside the output's 48 and the previous P's 32, in the
+  // consumers' 240 registers), kFwdN above: at head dim 128, 128-key tiles (FA3's tile there)
+  // spill 372 bytes a thread (ptxas), the output taking 16 registers more.
+  static constexpr int kFwdTmaN = kD <= 96 ? 128 : kFwdN;
   // per warp: n-tiles of S and of O, k-steps of Q K^T and of P V
   static constexpr int kFwdNT = kFwdN / 8, kFwdDT = kD / 8, kFwdKS = kD / 16, kFwdPS = kFwdN / 16;
   // dK/dV: 8 warps (two warpgroups on Hopper), 64 keys, 64 query rows (32 above head dim 128,
@@ -284,8 +291,10 @@ struct Tiles {
   static constexpr size_t fwd_smem(int elem) {
     return static_cast<size_t>(fwd_m<kWgmma> * kLds + 4 * kFwdN * (kWgmma ? kD : kLds)) * elem;
   }
+  // The TMA forward: fwd_smem<true>'s tiles with kFwdTmaN-key stages, then the mbarriers.
   static constexpr size_t fwd_tma_smem(int elem) {
-    return fwd_smem<true>(elem) + kTmaBarriers * sizeof(uint64_t) + kSwizzleSlack;
+    return static_cast<size_t>(fwd_m<true> * kLds + 4 * kFwdTmaN * kD) * elem +
+           kTmaBarriers * sizeof(uint64_t) + kSwizzleSlack;
   }
   // dQ: Q and dO with pitch kLds (the dQ tile reuses Q's); K and V as in the forward.
   template <bool kWgmma>
@@ -830,7 +839,7 @@ __device__ __forceinline__ void fwd_wgmma_step(const AttnParams& p, const FwdTil
                                                uint64_t seed, const TensorCoreTurns<kTurns>& turns,
                                                IssuePv issue_prev_pv, KRead k_read,
                                                PvRead pv_read) {
-  constexpr int NT = Tiles<kD>::kFwdNT;
+  constexpr int NT = BN / 8;
   const int64_t n0 = nb * BN;
   float s[NT][4];
   wgmma_fence_operands(s);
@@ -1062,9 +1071,9 @@ template <typename T, int kD>
 __device__ __forceinline__ void fwd_tma(const TmaFwdParams& tp) {
   const AttnParams& p = tp.p;
   using Cfg = Tiles<kD>;
-  constexpr int BM = Cfg::template fwd_m<true>, BN = Cfg::kFwdN;
+  constexpr int BM = Cfg::template fwd_m<true>, BN = Cfg::kFwdTmaN;
   constexpr int CONSUMERS = Cfg::kTmaThreads - 128;
-  constexpr int DT = Cfg::kFwdDT, PS = Cfg::kFwdPS;
+  constexpr int DT = Cfg::kFwdDT, PS = BN / 16;
   static_assert(Cfg::kTma && BM == 128 && CONSUMERS == 256, "two consumer warpgroups");
   using QL = SwizzleLayout<BM, kD>;
   using KL = SwizzleLayout<BN, kD>;
@@ -2233,7 +2242,7 @@ void run_fwd(const AttnParams& p) {
   };
   if constexpr (Tiles<kD>::kTma) {
     if (Launcher::wgmma() && Launcher::tma()) {
-      constexpr int BM = Tiles<kD>::template fwd_m<true>, BN = Tiles<kD>::kFwdN;
+      constexpr int BM = Tiles<kD>::template fwd_m<true>, BN = Tiles<kD>::kFwdTmaN;
       const auto q = tile_box<kD>(p.q, p.sq, p.B, p.Hq, p.L, p.d_load, BM);
       const auto k = tile_box<kD>(p.k, p.sk, p.B, p.Hk, p.S, p.d_load, BN);
       const auto v = tile_box<kD>(p.v, p.sv, p.B, p.Hk, p.S, p.dv_load, BN);

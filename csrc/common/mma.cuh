@@ -216,14 +216,22 @@ __device__ __forceinline__ void wgmma_fence_operands(float (&d)[M][4]) {
 #define FASTATTN_D32                                                                   \
   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, " \
   "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define FASTATTN_F64 FASTATTN_F32, FASTATTN_F4(32), FASTATTN_F4(36), FASTATTN_F4(40),           \
+                     FASTATTN_F4(44), FASTATTN_F4(48), FASTATTN_F4(52), FASTATTN_F4(56),        \
+                     FASTATTN_F4(60)
+#define FASTATTN_D64                                                                        \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "  \
+  "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, "   \
+  "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, "   \
+  "%53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
 #define FASTATTN_PRED(i) "{\n.reg .pred p;\nsetp.ne.b32 p, %" #i ", 0;\n"
 
 // D (64 x N) = A B + (scale_d ? D : 0), A (64 x 16) and B (N x 16) both K-major in shared
-// memory. N is 32 or 64.
+// memory. N is 32, 64 or 128.
 template <typename T, int N>
 __device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b,
                                          int scale_d) {
-  static_assert(N == 32 || N == 64, "wgmma_ss: N is 32 or 64");
+  static_assert(N == 32 || N == 64 || N == 128, "wgmma_ss: N is 32, 64 or 128");
   constexpr bool bf16 = std::is_same_v<T, __nv_bfloat16>;
 #define FASTATTN_WGMMA_SS(n, TY, DL, FL, A, B, S)                                               \
   asm volatile(FASTATTN_PRED(S) "wgmma.mma_async.sync.aligned.m64n" #n "k16.f32." TY "." TY   \
@@ -234,10 +242,14 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t desc_a, uin
     FASTATTN_IF_SM90A(FASTATTN_WGMMA_SS(32, "bf16", FASTATTN_D16, FASTATTN_F16, 16, 17, 18))
   } else if constexpr (N == 32) {
     FASTATTN_IF_SM90A(FASTATTN_WGMMA_SS(32, "f16", FASTATTN_D16, FASTATTN_F16, 16, 17, 18))
-  } else if constexpr (bf16) {
+  } else if constexpr (N == 64 && bf16) {
     FASTATTN_IF_SM90A(FASTATTN_WGMMA_SS(64, "bf16", FASTATTN_D32, FASTATTN_F32, 32, 33, 34))
-  } else {
+  } else if constexpr (N == 64) {
     FASTATTN_IF_SM90A(FASTATTN_WGMMA_SS(64, "f16", FASTATTN_D32, FASTATTN_F32, 32, 33, 34))
+  } else if constexpr (bf16) {
+    FASTATTN_IF_SM90A(FASTATTN_WGMMA_SS(128, "bf16", FASTATTN_D64, FASTATTN_F64, 64, 65, 66))
+  } else {
+    FASTATTN_IF_SM90A(FASTATTN_WGMMA_SS(128, "f16", FASTATTN_D64, FASTATTN_F64, 64, 65, 66))
   }
 #undef FASTATTN_WGMMA_SS
 }
@@ -366,8 +378,10 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
 }
 
 #undef FASTATTN_PRED
+#undef FASTATTN_D64
 #undef FASTATTN_D32
 #undef FASTATTN_D16
+#undef FASTATTN_F64
 #undef FASTATTN_F32
 #undef FASTATTN_F16
 #undef FASTATTN_F4
