@@ -26,12 +26,13 @@
 # "sanitize" runs benchmarks/sanitize_cuda.py (every native CUDA kernel once, small sizes, with
 # a loose check against the float64 reference) plainly, then under compute-sanitizer's memcheck
 # and racecheck tools into memcheck.log and racecheck.log, within SANITIZE_S seconds each
-# (45 + 2 x 140 s at most: with a cold build, 30+240+45+280 s in all); a call of its own, best before the first "tests" of a new kernel:
+# (60 + 2 x 140 s at most: with a cold build, 30+240+60+280 s in all); a call of its own, best
+# before the first "tests" of a new kernel:
 #   STEPS="sanitize" bash benchmarks/gpu_session.sh OUT_DIR4
-# "smoke" is sanitize's plain run alone (45 s: which kernel, if any, faults or is wrong), for a
+# "smoke" is sanitize's plain run alone (60 s: which kernel, if any, faults or is wrong), for a
 # lease that has room for one call only (15 minutes of device time, the machine's start
 # included):
-#   STEPS="smoke tests bench" TESTS_S=140 BENCH_S=140 bash benchmarks/gpu_session.sh OUT_DIR
+#   STEPS="smoke tests bench" TESTS_S=140 BENCH_S=125 bash benchmarks/gpu_session.sh OUT_DIR
 # After the plain run (and the sanitizer's, if asked), the steps that follow run the newest
 # attention kernel set that passed it: with FASTATTN_CUDA_PINGPONG=0 if the default kernels
 # failed or hung there but passed without the TMA forward's turns on the tensor cores,
@@ -161,7 +162,7 @@ for op in (\"softmax\", \"cross_entropy\", \"attention\"):
 # process, so each run here is its own process, and the plain run's per-case lines come first.
 if wants smoke || wants sanitize; then
     smoke_summary=$(mktemp)
-    step cuda-smoke 45 python benchmarks/sanitize_cuda.py --summary "$smoke_summary"
+    step cuda-smoke 60 python benchmarks/sanitize_cuda.py --summary "$smoke_summary"
 fi
 if wants sanitize; then
     # compute-sanitizer ships with the CUDA toolkit; PATH may not have it
