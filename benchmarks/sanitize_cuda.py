@@ -77,8 +77,8 @@ ATTENTION = [
      None, 0.1, "cpu", (-1, 0), False, 0.0, True),
     ("d96/80 fp16 additive fp16 mask, odd window", torch.float16, 1, 2, 2, 33, 200, 96, 80,
      "additive", 0.0, None, (40, 3), True, 0.0, False),
-    # Hopper: three 128-row query tiles, each of two warpgroups sharing K/V stages that refill
-    # (the TMA forward's 128-key tiles too), the last one's second warpgroup past L
+    # Hopper: three 128-row query tiles, each of two warpgroups sharing K/V stages that refill,
+    # the last one's second warpgroup past L
     ("d128 causal, L 300", torch.float16, 1, 2, 1, 300, 300, 128, 128, None, 0.0, None, (-1, 0),
      False, 0.0, False),
 ]

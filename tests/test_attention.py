@@ -615,15 +615,19 @@ def test_native_cuda_head_dims(D, Dv, dtype, cuda_kernels):
             q, k, v, is_causal=True, enable_gqa=True), q, k, v, window=(-1, 0))
 
 
-# The Hopper TMA forward without its consumer warpgroups' turns on the tensor cores
-# (FASTATTN_CUDA_PINGPONG=0, for comparing the two; the turns run at head dims 96 and 128).
+# The Hopper TMA forward where its consumer warpgroups take turns on the tensor cores (head dims
+# 96 and 128), with and without the turns (FASTATTN_CUDA_PINGPONG=0, for comparing the two):
+# the last query tiles see all 290 keys, three of the 128-key tiles at head dim 96 (its stages
+# refill) and five of 64 at 128.
 @needs_native_cuda
+@pytest.mark.parametrize("turns", [True, False])
 @pytest.mark.parametrize("D", [80, 128])
-def test_native_cuda_tma_forward_without_turns(D, monkeypatch):
+def test_native_cuda_tma_forward_turns(D, turns, monkeypatch):
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the TMA forward runs on a Hopper GPU only")
-    monkeypatch.setenv(*KERNEL_VARS["no-pingpong"])
-    q, k, v = _qkv(2, 2, 1, 300, 203, D, D, torch.bfloat16)
+    if not turns:
+        monkeypatch.setenv(*KERNEL_VARS["no-pingpong"])
+    q, k, v = _qkv(2, 2, 1, 300, 290, D, D, torch.bfloat16)
     with fastattn.use_backend("native"):
         _check(lambda q, k, v: fastattn.scaled_dot_product_attention(
             q, k, v, is_causal=True, enable_gqa=True), q, k, v, window=(-1, 0))
