@@ -65,12 +65,12 @@
 //   and empty per stage) replace the per-tile __syncthreads, so each consumer warpgroup waits
 //   only for the tile it needs (fwd_tma). Its key tiles are of 128 keys at head dim 96
 //   (Tiles::kFwdTmaN: S one m64n128k16 chain), elsewhere of 64 and 32 as the other forward
-//   and dQ kernels'. The TMA kernels' tiles are swizzled
-//   (wgmma_layout.h: SwizzleLayout, 128-byte rows from head dim 128, 64-byte at 96), one box
-//   per column block of the swizzle's width, as FA3 and CUTLASS load them. At head dims 96 and
-//   128 the two consumer warpgroups also take turns on the tensor cores (FA3's ping-pong,
-//   TensorCoreTurns): one issues its S_j and O += P_{j-1} V_{j-1} while the other runs its
-//   softmax (FASTATTN_CUDA_PINGPONG=0 turns it off, for comparing the two).
+//   and dQ kernels'. The TMA kernels' tiles are swizzled (wgmma_layout.h: SwizzleLayout,
+//   128-byte rows from head dim 128, 64-byte at 96), one box per column block of the swizzle's
+//   width, as FA3 and CUTLASS load them. At head dims 96 and 128 the two consumer warpgroups
+//   also take turns on the tensor cores (FA3's ping-pong, TensorCoreTurns): one issues its S_j
+//   and O += P_{j-1} V_{j-1} while the other runs its softmax (FASTATTN_CUDA_PINGPONG=0 turns
+//   it off, for comparing the two).
 // - Backward: a preprocess kernel, delta = rowsum(dO * O) and lse in base 2 (+inf for a fully
 //   masked row, so its probabilities recompute as 0); a dK/dV kernel, one CTA of 8 warps per
 //   key tile (64 keys) looping over the query tiles of every query head of its group (Q, dO,
