@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from fastattn import _ext, reference
-from fastattn.bench.attention import native_kernels
+from fastattn.bench.attention import native_kernels, takes_turns
 
 OPS = torch.ops.fastattn
 DEV = "cuda"
@@ -184,7 +184,7 @@ def set_cases(kernel: str) -> list[tuple]:
     those it changes, whose larger head dim pads to 96 or 128."""
     if kernel != "no-pingpong":
         return ATTENTION
-    return [case for case in ATTENTION if 64 < max(case[7], case[8]) <= 128]
+    return [case for case in ATTENTION if takes_turns(max(case[7], case[8]))]
 
 
 def cases() -> Iterator[tuple[str, str | None, Callable[[], None]]]:

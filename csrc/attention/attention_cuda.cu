@@ -15,6 +15,13 @@
 namespace fastattn::cuda {
 namespace {
 
+// Whether the switch `var` is on: unset, or set to anything but "0" (read per call, so a process
+// can compare the kernels on both sides of it).
+bool switched_on(const char* var) {
+  const char* env = std::getenv(var);
+  return env == nullptr || std::strcmp(env, "0") != 0;
+}
+
 // Whether the Hopper forward, dQ and dK/dV kernels serve this device: compute capability 9.x,
 // sm_90a code in the build (setup.py defines FASTATTN_SM90A when FASTATTN_CUDA_ARCHS lists
 // 90a; the kernels' wgmma is compiled for sm_90a only and traps anywhere else), and
@@ -22,8 +29,7 @@ namespace {
 // comparing the two).
 bool hopper_kernels(int device) {
 #if defined(FASTATTN_SM90A)
-  const char* env = std::getenv("FASTATTN_CUDA_WGMMA");
-  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  if (!switched_on("FASTATTN_CUDA_WGMMA")) return false;
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   return major == 9;
@@ -69,18 +75,12 @@ struct CudaLauncher {
   // Whether the Hopper kernels load their tiles by TMA (attention_fwd_tma_kernel,
   // attention_bwd_dq_tma_kernel, attention_bwd_dkdv_tma_kernel, head dims 96 up) rather than
   // cp.async: FASTATTN_CUDA_TMA not "0" (read per call, for comparing the two).
-  static bool tma() {
-    const char* env = std::getenv("FASTATTN_CUDA_TMA");
-    return env == nullptr || std::strcmp(env, "0") != 0;
-  }
+  static bool tma() { return switched_on("FASTATTN_CUDA_TMA"); }
 
   // Whether the TMA forward's two consumer warpgroups take turns on the tensor cores (FA3's
   // ping-pong, head dims 96 and 128): FASTATTN_CUDA_PINGPONG not "0" (read per call, for
   // comparing the two).
-  static bool turns() {
-    const char* env = std::getenv("FASTATTN_CUDA_PINGPONG");
-    return env == nullptr || std::strcmp(env, "0") != 0;
-  }
+  static bool turns() { return switched_on("FASTATTN_CUDA_PINGPONG"); }
 
   static void encode(CUtensorMap* map, const attention::TmaBox& t) {
     cuuint64_t dims[5], strides[4];

@@ -287,14 +287,13 @@ struct Tiles {
   // Q staged with pitch kLds (the output tile reuses it); two K and two V stages with pitch
   // kLds, or with kWgmma in wgmma's core-matrix layout (core_offset, wgmma_layout.h), unpadded
   // (with two warpgroups the V ring runs one key tile behind the K ring: fwd_wgmma).
-  template <bool kWgmma>
+  // BN keys a stage (the TMA forward's: kFwdTmaN).
+  template <bool kWgmma, int BN = kFwdN>
   static constexpr size_t fwd_smem(int elem) {
-    return static_cast<size_t>(fwd_m<kWgmma> * kLds + 4 * kFwdN * (kWgmma ? kD : kLds)) * elem;
+    return static_cast<size_t>(fwd_m<kWgmma> * kLds + 4 * BN * (kWgmma ? kD : kLds)) * elem;
   }
-  // The TMA forward: fwd_smem<true>'s tiles with kFwdTmaN-key stages, then the mbarriers.
   static constexpr size_t fwd_tma_smem(int elem) {
-    return static_cast<size_t>(fwd_m<true> * kLds + 4 * kFwdTmaN * kD) * elem +
-           kTmaBarriers * sizeof(uint64_t) + kSwizzleSlack;
+    return fwd_smem<true, kFwdTmaN>(elem) + kTmaBarriers * sizeof(uint64_t) + kSwizzleSlack;
   }
   // dQ: Q and dO with pitch kLds (the dQ tile reuses Q's); K and V as in the forward.
   template <bool kWgmma>

@@ -307,6 +307,13 @@ KERNEL_VARS = {"sm80": ("FASTATTN_CUDA_WGMMA", "0"), "no-tma": ("FASTATTN_CUDA_T
                "no-pingpong": ("FASTATTN_CUDA_PINGPONG", "0")}
 
 
+def takes_turns(head_dim: int) -> bool:
+    """Whether the Hopper TMA forward's warpgroups take turns on the tensor cores (what
+    ``"no-pingpong"`` switches off) at ``head_dim``, the larger of D and Dv: those padded to 96
+    or 128 (attention_cuda.cuh, TensorCoreTurns)."""
+    return 64 < head_dim <= 128
+
+
 @contextlib.contextmanager
 def native_kernels(kind: str) -> Iterator[None]:
     """Native CUDA attention runs the kernels ``kind`` names inside: ``"default"`` (what the
@@ -351,7 +358,7 @@ def _native_variant(native: Provider, kind: str) -> Provider:
             why = f"the {kind} kernels differ from fastattn-native's only on a Hopper GPU"
         if why is None and kind == "no-tma" and case.p["head_dim"] <= 64:
             why = "the TMA kernels serve head dims 96 up"
-        if why is None and kind == "no-pingpong" and not 64 < case.p["head_dim"] <= 128:
+        if why is None and kind == "no-pingpong" and not takes_turns(case.p["head_dim"]):
             why = "the TMA forward's warpgroups take turns at head dims 96 and 128 (padded)"
         return why
 
