@@ -67,10 +67,14 @@ ATTENTION = [
      False),
     ("unaligned d59/111 causal bottom-right, L > S", torch.float16, 1, 2, 2, 100, 45, 59, 111,
      None, 0.0, None, (10, 0), True, 0.0, False),
-    ("d128 GQA additive mask + grad, softcap", torch.bfloat16, 2, 4, 2, 65, 129, 128, 128,
-     "additive", 0.0, None, (-1, -1), False, 3.0, False),
+    # (on Hopper the TMA forward's kernel with dropout: 64-key tiles at head dim 128)
+    ("d128 GQA additive mask + grad, softcap, dropout (cuda seed)", torch.bfloat16, 2, 4, 2, 65,
+     129, 128, 128, "additive", 0.1, "cuda", (-1, -1), False, 3.0, False),
     ("d256 bool mask, dropout (cuda seed), window", torch.bfloat16, 1, 2, 1, 80, 75, 256, 256,
      "bool", 0.2, "cuda", (5, 7), False, 0.0, False),
+    # (on Hopper the TMA forward's kernel without dropout at head dim 256: three 64-key tiles)
+    ("d256 causal bottom-right, GQA", torch.float16, 1, 4, 2, 70, 150, 256, 256, None, 0.0, None,
+     (-1, 0), True, 0.0, False),
     ("d192/32 L = S = 1", torch.float16, 1, 3, 3, 1, 1, 192, 32, None, 0.0, None, (-1, -1),
      False, 0.0, False),
     ("d32 causal, flash layout, dropout (cpu seed)", torch.bfloat16, 2, 3, 1, 130, 257, 32, 32,

@@ -617,20 +617,27 @@ def test_native_cuda_head_dims(D, Dv, dtype, cuda_kernels):
 
 # The Hopper TMA forward where its consumer warpgroups take turns on the tensor cores (head dims
 # 96 and 128), with and without the turns (FASTATTN_CUDA_PINGPONG=0, for comparing the two):
-# the last query tiles see all 290 keys, three of the 128-key tiles at head dim 96 (its stages
-# refill) and five of 64 at 128.
+# the last query tiles see all 290 keys, three 128-key tiles (its stages refill) at head dim 96
+# and at 128 without dropout, five of 64 at 128 with dropout (its other kernel there).
 @needs_native_cuda
 @pytest.mark.parametrize("turns", [True, False])
-@pytest.mark.parametrize("D", [80, 128])
-def test_native_cuda_tma_forward_turns(D, turns, monkeypatch):
+@pytest.mark.parametrize("D,dropout_p", [(80, 0.0), (128, 0.0), (128, 0.2)])
+def test_native_cuda_tma_forward_turns(D, dropout_p, turns, monkeypatch):
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the TMA forward runs on a Hopper GPU only")
     if not turns:
         monkeypatch.setenv(*KERNEL_VARS["no-pingpong"])
     q, k, v = _qkv(2, 2, 1, 300, 290, D, D, torch.bfloat16)
+
+    keep = None
+    if dropout_p > 0:  # the mask of the seed the call will draw from the device's generator
+        rng = torch.cuda.get_rng_state()
+        keep = _dropout_mask("native", dropout_seed(q.device), (2, 2, 300, 290), dropout_p)
+        torch.cuda.set_rng_state(rng)
     with fastattn.use_backend("native"):
         _check(lambda q, k, v: fastattn.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=True), q, k, v, window=(-1, 0))
+            q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=True), q, k, v,
+            window=(-1, 0), keep=keep, dropout_p=dropout_p)
 
 
 # Single query or key, one side shorter than a tile, several tiles with remainders both ways.

@@ -102,15 +102,18 @@ CASES = [
     # (three key tiles of the Hopper TMA forward's 128 at head dim 96: its stages refilled)
     ("d96 additive mask + grad, softcap", torch.bfloat16, (1, 2, 1, 66, 260, 96, 96), "additive",
      0.0, (-1, -1), False, 3.0, False),
-    ("d128 bool mask, window", torch.float16, (1, 2, 2, 65, 70, 128, 128), "bool", 0.0, (5, 7),
-     False, 0.0, False),
-    # Hopper: two 128-row tiles, whose warpgroups see different key ranges
-    ("d128 causal bottom-right, L 150", torch.float16, (1, 1, 1, 150, 160, 128, 128), None, 0.0,
+    # (the Hopper TMA forward's kernel with dropout at head dim 128: 64-key tiles)
+    ("d128 bool mask, window, dropout", torch.float16, (1, 2, 2, 65, 70, 128, 128), "bool", 0.1,
+     (5, 7), False, 0.0, False),
+    # Hopper: two 128-row tiles, whose warpgroups see different key ranges; three key tiles of
+    # the TMA forward's 128 without dropout (its stages refilled)
+    ("d128 causal bottom-right, L 150", torch.float16, (1, 1, 1, 150, 290, 128, 128), None, 0.0,
      (-1, 0), True, 0.0, False),
     ("d160 causal", torch.bfloat16, (1, 2, 1, 40, 75, 160, 160), None, 0.0, (-1, 0), False, 0.0,
      False),
-    ("d256/64 flash layout, bottom-right", torch.bfloat16, (1, 2, 2, 17, 65, 256, 64), None, 0.0,
-     (-1, 0), True, 0.0, True),
+    # (three of the Hopper TMA forward's 64-key tiles at head dim 256 without dropout)
+    ("d256/64 flash layout, bottom-right", torch.bfloat16, (1, 2, 2, 17, 140, 256, 64), None,
+     0.0, (-1, 0), True, 0.0, True),
     ("d200/256 dropout", torch.float16, (1, 2, 2, 33, 40, 200, 256), None, 0.2, (-1, -1), False,
      0.0, False),
     ("L = S = 1", torch.bfloat16, (1, 3, 3, 1, 1, 64, 32), None, 0.0, (-1, -1), False, 0.0, False),

@@ -58,19 +58,19 @@
 //   while the tensor cores compute O += P_{j-1} V_{j-1} (FA3's intra-warpgroup overlap), K and
 //   V then having rings of their own (tile j needs K_j and V_{j-1} at once); with one, each
 //   product is waited for before its result is used (fwd_wgmma says why).
-// - Forward on Hopper with TMA (attention_fwd_tma_kernel, head dims 96 up, FASTATTN_CUDA_TMA
-//   not "0", and inputs a tensor map can describe: no stride 0): the two-warpgroup schedule
-//   above with warp specialisation, as FA3: a third, producer warpgroup (its registers given
-//   to the consumers by setmaxnreg) issues every tile load as TMA boxes, and mbarriers (full
-//   and empty per stage) replace the per-tile __syncthreads, so each consumer warpgroup waits
-//   only for the tile it needs (fwd_tma). Its key tiles are of 128 keys at head dim 96
-//   (Tiles::kFwdTmaN: S one m64n128k16 chain), elsewhere of 64 and 32 as the other forward
-//   and dQ kernels'. The TMA kernels' tiles are swizzled (wgmma_layout.h: SwizzleLayout,
-//   128-byte rows from head dim 128, 64-byte at 96), one box per column block of the swizzle's
-//   width, as FA3 and CUTLASS load them. At head dims 96 and 128 the two consumer warpgroups
-//   also take turns on the tensor cores (FA3's ping-pong, TensorCoreTurns): one issues its S_j
-//   and O += P_{j-1} V_{j-1} while the other runs its softmax (FASTATTN_CUDA_PINGPONG=0 turns
-//   it off, for comparing the two).
+// - Forward on Hopper with TMA (attention_fwd_tma_kernel, head dims 96 up, FASTATTN_CUDA_TMA not
+//   "0", and inputs a tensor map can describe: no stride 0): the two-warpgroup schedule above with
+//   warp specialisation, as FA3: a third, producer warpgroup (its registers given to the consumers
+//   by setmaxnreg) issues every tile load as TMA boxes, and mbarriers (full and empty per stage)
+//   replace the per-tile __syncthreads, so each consumer warpgroup waits only for the tile it needs
+//   (fwd_tma). Its key tiles (Tiles::fwd_tma_n) are of 128 keys at head dims 96 and 128, 64 at 192
+//   and 256, where a call has no dropout, and for dropout, whose per-score hash costs registers, a
+//   second build of the kernel with 64 at 128 and 32 at 256. The TMA kernels' tiles are swizzled
+//   (wgmma_layout.h: SwizzleLayout, 128-byte rows from head dim 128, 64-byte at 96), one box per
+//   column block of the swizzle's width, as FA3 and CUTLASS load them. At head dims 96 and 128 the
+//   two consumer warpgroups also take turns on the tensor cores (FA3's ping-pong, TensorCoreTurns):
+//   one issues its S_j and O += P_{j-1} V_{j-1} while the other runs its softmax
+//   (FASTATTN_CUDA_PINGPONG=0 turns it off, for comparing the two).
 // - Backward: a preprocess kernel, delta = rowsum(dO * O) and lse in base 2 (+inf for a fully
 //   masked row, so its probabilities recompute as 0); a dK/dV kernel, one CTA of 8 warps per
 //   key tile (64 keys) looping over the query tiles of every query head of its group (Q, dO,
@@ -271,11 +271,24 @@ struct Tiles {
   static constexpr int kDqTmaM = 128;  // dQ with TMA: two warpgroups' query rows
   static constexpr int kSwizzleSlack = 1024;  // swizzle_base's step
   static constexpr int kFwdN = kD <= 128 ? 64 : 32;
-  // The TMA forward's key tiles: 128 keys at head dim 96 (S = Q K^T one m64n128k16 chain per
-  // warpgroup, 64 accumulators a thread beside the output's 48 and the previous P's 32, in the
-  // consumers' 240 registers), kFwdN above: at head dim 128, 128-key tiles (FA3's tile there)
-  // spill 372 bytes a thread (ptxas), the output taking 16 registers more.
-  static constexpr int kFwdTmaN = kD <= 96 ? 128 : kFwdN;
+  // The TMA forward's key tiles, for its kernel built with dropout or without (kDropout): the
+  // largest of 32, 64 and 128 keys whose scores fit a consumer's 240 registers beside the
+  // output's kD / 2 and the previous P's (ptxas: no spill), and two K and two V stages of
+  // which fit shared memory.
+  //   head dim      96   128   192   256
+  //   no dropout   128   128    64    64
+  //   dropout      128    64    64    32
+  // Dropout's per-score hash and keep test cost registers: with it, 128 keys at head dim 128
+  // spill 372 bytes a thread and 64 at 256 spill 72; without it, 128 at 256 spill 232 (and
+  // serialise wgmma). At 192, 128-key stages would take 242 KB of shared memory.
+  template <bool kDropout>
+  static constexpr int fwd_tma_n = kD <= 96    ? 128
+                                   : kD == 128 ? (kDropout ? 64 : 128)
+                                   : kD == 192 ? 64
+                                               : (kDropout ? 32 : 64);
+  // Whether the TMA forward has a kernel without dropout beside the one with it (run_fwd
+  // launches it when dropout is off): where their key tiles differ.
+  static constexpr bool kFwdTmaNoDropout = fwd_tma_n<false> != fwd_tma_n<true>;
   // per warp: n-tiles of S and of O, k-steps of Q K^T and of P V
   static constexpr int kFwdNT = kFwdN / 8, kFwdDT = kD / 8, kFwdKS = kD / 16, kFwdPS = kFwdN / 16;
   // dK/dV: 8 warps (two warpgroups on Hopper), 64 keys, 64 query rows (32 above head dim 128,
@@ -287,13 +300,15 @@ struct Tiles {
   // Q staged with pitch kLds (the output tile reuses it); two K and two V stages with pitch
   // kLds, or with kWgmma in wgmma's core-matrix layout (core_offset, wgmma_layout.h), unpadded
   // (with two warpgroups the V ring runs one key tile behind the K ring: fwd_wgmma).
-  // BN keys a stage (the TMA forward's: kFwdTmaN).
+  // BN keys a stage (the TMA forward's: fwd_tma_n).
   template <bool kWgmma, int BN = kFwdN>
   static constexpr size_t fwd_smem(int elem) {
     return static_cast<size_t>(fwd_m<kWgmma> * kLds + 4 * BN * (kWgmma ? kD : kLds)) * elem;
   }
+  template <bool kDropout>
   static constexpr size_t fwd_tma_smem(int elem) {
-    return fwd_smem<true, kFwdTmaN>(elem) + kTmaBarriers * sizeof(uint64_t) + kSwizzleSlack;
+    return fwd_smem<true, fwd_tma_n<kDropout>>(elem) + kTmaBarriers * sizeof(uint64_t) +
+           kSwizzleSlack;
   }
   // dQ: Q and dO with pitch kLds (the dQ tile reuses Q's); K and V as in the forward.
   template <bool kWgmma>
@@ -339,7 +354,8 @@ constexpr bool smem_fits() {
   return C::template fwd_smem<false>(2) <= sm80 && C::template dq_smem<false>(2) <= sm80 &&
          C::template dkdv_smem<false>(2) <= sm80 && C::template fwd_smem<true>(2) <= sm90 &&
          C::template dq_smem<true>(2) <= sm90 && C::template dkdv_smem<true>(2) <= sm90 &&
-         (!C::kTma || (C::fwd_tma_smem(2) <= sm90 && C::dq_tma_smem(2) <= sm90 &&
+         (!C::kTma || (C::template fwd_tma_smem<false>(2) <= sm90 &&
+                       C::template fwd_tma_smem<true>(2) <= sm90 && C::dq_tma_smem(2) <= sm90 &&
                        C::dkdv_tma_smem(2) <= sm90));
 }
 
@@ -609,8 +625,9 @@ struct FwdRows {
 // One key tile of the forward, after S = Q K^T for this warp's 16 rows (s[nt][e]: row
 // rows[e / 2], key n0 + nt * 8 + 2t + e % 2, the mma accumulator layout): scores in base 2,
 // the online softmax (row_m / row_l updated; alpha, the factor the output accumulated so far
-// takes, returned for FwdRows::rescale) and dropout; s then holds P.
-template <int NT, int DT>
+// takes, returned for FwdRows::rescale) and dropout where p asks for it and the kernel serves it
+// (kDropout: fwd_tma's kernel without dropout leaves its code out); s then holds P.
+template <bool kDropout, int NT, int DT>
 __device__ __forceinline__ void fwd_softmax_tile(const AttnParams& p, float (&s)[NT][4],
                                                  float (&alpha)[2], FwdRows<DT>& fr, int64_t b,
                                                  int64_t h, int64_t n0, bool edge,
@@ -652,7 +669,8 @@ __device__ __forceinline__ void fwd_softmax_tile(const AttnParams& p, float (&s)
       }
     }
   }
-  if (p.dropout) {  // the sum above is before dropout; dropped weights leave the product only
+  // The sum above is before dropout: dropped weights leave the product only.
+  if (kDropout && p.dropout) {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
@@ -799,7 +817,7 @@ __device__ __forceinline__ void fwd_mma(const AttnParams& p) {
       }
     }
     float alpha[2];
-    fwd_softmax_tile(p, s, alpha, fr, b, h, n0, !full_tile<BM, BN>(p, m0, n0), seed);
+    fwd_softmax_tile<true>(p, s, alpha, fr, b, h, n0, !full_tile<BM, BN>(p, m0, n0), seed);
     fr.rescale(alpha);
 
     // O += P V: P from the accumulators (a_fragment), V^T fragments by ldmatrix.trans.
@@ -829,9 +847,9 @@ __device__ __forceinline__ void fwd_mma(const AttnParams& p) {
 // product does; calls k_read() once S is complete (K_nb's stage is read), forms P_nb and the
 // rescale factor, waits for the previous product and calls pv_read() (kOverlap past the first
 // tile: V_{nb-1}'s stage and the old pa are read), rescales O and packs P_nb into pa. Without
-// kOverlap the caller issues O += P_nb V_nb after it.
-template <typename T, int kD, bool kOverlap, class QL, class KL, int BM, int BN, int DT, int PS,
-          bool kTurns, class IssuePv, class KRead, class PvRead>
+// kOverlap the caller issues O += P_nb V_nb after it. kDropout: fwd_softmax_tile's.
+template <typename T, int kD, bool kOverlap, bool kDropout, class QL, class KL, int BM, int BN,
+          int DT, int PS, bool kTurns, class IssuePv, class KRead, class PvRead>
 __device__ __forceinline__ void fwd_wgmma_step(const AttnParams& p, const FwdTile<T, BM, BN>& w,
                                                FwdRows<DT>& fr, uint32_t (&pa)[PS][4],
                                                const T* sQw, const T* sKs, int64_t nb,
@@ -861,7 +879,8 @@ __device__ __forceinline__ void fwd_wgmma_step(const AttnParams& p, const FwdTil
   k_read();
   wgmma_fence_operands(s);
   float alpha[2];
-  fwd_softmax_tile(p, s, alpha, fr, w.b, w.h, n0, !full_tile<BM, BN>(p, w.m0, n0), seed);
+  fwd_softmax_tile<kDropout>(p, s, alpha, fr, w.b, w.h, n0, !full_tile<BM, BN>(p, w.m0, n0),
+                            seed);
   if constexpr (kOverlap) {
     wgmma_wait<0>();  // O and the previous P's registers are free, V_{nb-1} read
     wgmma_fence_operands(fr.o);
@@ -946,7 +965,7 @@ __device__ __forceinline__ void fwd_wgmma(const AttnParams& p) {
     }
     // S = Q K^T: this warpgroup's 64 rows x BN keys (kOverlap: then O += P_{nb-1} V_{nb-1}).
     // The stages are released by the __syncthreads of the next iteration, or below.
-    fwd_wgmma_step<T, kD, kOverlap, CoreLayout<kD>, CoreLayout<kD>>(
+    fwd_wgmma_step<T, kD, kOverlap, true, CoreLayout<kD>, CoreLayout<kD>>(
         p, w, fr, pa, sQw, sK + st * BN * kD, nb, seed, TensorCoreTurns<false>{false, 0, 0},
         [&] { issue_pv(sV + (st ^ 1) * BN * kD); }, [] {}, [] {});
     if constexpr (!kOverlap) {
@@ -1066,11 +1085,11 @@ __device__ __forceinline__ void tma_zero_tail(T* tile, int width) {
 // each holding a quarter of the CTA's warps, so one extra warp caps every thread at 168
 // registers (ptxas then spills at head dims 128 and 256); a warpgroup can give its registers to
 // the consumers (setmaxnreg: 24 and 240 a thread), as FA3 does.
-template <typename T, int kD>
+template <typename T, int kD, bool kDropout>
 __device__ __forceinline__ void fwd_tma(const TmaFwdParams& tp) {
   const AttnParams& p = tp.p;
   using Cfg = Tiles<kD>;
-  constexpr int BM = Cfg::template fwd_m<true>, BN = Cfg::kFwdTmaN;
+  constexpr int BM = Cfg::template fwd_m<true>, BN = Cfg::template fwd_tma_n<kDropout>;
   constexpr int CONSUMERS = Cfg::kTmaThreads - 128;
   constexpr int DT = Cfg::kFwdDT, PS = BN / 16;
   static_assert(Cfg::kTma && BM == 128 && CONSUMERS == 256, "two consumer warpgroups");
@@ -1133,7 +1152,7 @@ __device__ __forceinline__ void fwd_tma(const TmaFwdParams& tp) {
 
   setmaxnreg_inc<Cfg::kConsumerRegs>();
   const T* sQw = sQ + QL::offset(64 * (threadIdx.x / 128), 0);  // this warpgroup's rows
-  const uint64_t seed = p.dropout ? seed_of(p) : 0;
+  const uint64_t seed = kDropout && p.dropout ? seed_of(p) : 0;
   FwdRows<DT> fr(m0);
   uint32_t pa[PS][4];  // P as A operands: the previous key tile's, in flight
   // O += P V of key tile nb (pa) as one wgmma group, once V_nb has landed.
@@ -1174,7 +1193,7 @@ __device__ __forceinline__ void fwd_tma(const TmaFwdParams& tp) {
   for (; nb < own.hi; ++nb) {
     const int i = static_cast<int>(nb - w.nb_lo), st = i & 1;
     mbar_wait(full_k + st, (i >> 1) & 1);
-    fwd_wgmma_step<T, kD, true, QL, KL>(
+    fwd_wgmma_step<T, kD, true, kDropout, QL, KL>(
         p, wo, fr, pa, sQw, sK + st * BN * kD, nb, seed, turns, [&] { issue_pv(nb - 1); },
         [&] { warp_release(empty_k + st); }, [&] { warp_release(empty_v + (st ^ 1)); });
   }
@@ -1190,10 +1209,11 @@ __device__ __forceinline__ void fwd_tma(const TmaFwdParams& tp) {
   fwd_epilogue<T, kD>(p, fr, m0, b, h, sQ);
 }
 
-template <typename T, int kD>
+// kDropout: built to serve dropout, or not (Tiles::fwd_tma_n; run_fwd picks).
+template <typename T, int kD, bool kDropout>
 __global__ void __launch_bounds__(Tiles<kD>::kTmaThreads, 1)
     attention_fwd_tma_kernel(const __grid_constant__ TmaFwdParams tp) {
-  fwd_tma<T, kD>(tp);
+  fwd_tma<T, kD, kDropout>(tp);
 }
 
 // --- backward ------------------------------------------------------------------------------
@@ -2239,23 +2259,35 @@ void run_fwd(const AttnParams& p) {
     return dim3(static_cast<unsigned>((p.L + BM - 1) / BM), static_cast<unsigned>(p.Hq),
                 static_cast<unsigned>(p.B));
   };
-  if constexpr (Tiles<kD>::kTma) {
+  using Cfg = Tiles<kD>;
+  // The TMA forward built with dropout or without (Tiles::fwd_tma_n), where the inputs suit
+  // tensor maps (tile_box): whether it was launched.
+  auto launch_tma = [&](auto dropout) {
+    constexpr bool kDropout = decltype(dropout)::value;
+    constexpr int BM = Cfg::template fwd_m<true>, BN = Cfg::template fwd_tma_n<kDropout>;
+    const auto q = tile_box<kD>(p.q, p.sq, p.B, p.Hq, p.L, p.d_load, BM);
+    const auto k = tile_box<kD>(p.k, p.sk, p.B, p.Hk, p.S, p.d_load, BN);
+    const auto v = tile_box<kD>(p.v, p.sv, p.B, p.Hk, p.S, p.dv_load, BN);
+    if (!q || !k || !v) return false;
+    TmaFwdParams pt;
+    pt.p = p;
+    pt.turns = Launcher::turns();
+    Launcher::encode(&pt.q, *q);
+    Launcher::encode(&pt.k, *k);
+    Launcher::encode(&pt.v, *v);
+    Launcher::launch(attention_fwd_tma_kernel<T, kD, kDropout>, grid(BM), Cfg::kTmaThreads,
+                     Cfg::template fwd_tma_smem<kDropout>(sizeof(T)), pt);
+    return true;
+  };
+  if constexpr (Cfg::kTma) {
     if (Launcher::wgmma() && Launcher::tma()) {
-      constexpr int BM = Tiles<kD>::template fwd_m<true>, BN = Tiles<kD>::kFwdTmaN;
-      const auto q = tile_box<kD>(p.q, p.sq, p.B, p.Hq, p.L, p.d_load, BM);
-      const auto k = tile_box<kD>(p.k, p.sk, p.B, p.Hk, p.S, p.d_load, BN);
-      const auto v = tile_box<kD>(p.v, p.sv, p.B, p.Hk, p.S, p.dv_load, BN);
-      if (q && k && v) {
-        TmaFwdParams pt;
-        pt.p = p;
-        pt.turns = Launcher::turns();
-        Launcher::encode(&pt.q, *q);
-        Launcher::encode(&pt.k, *k);
-        Launcher::encode(&pt.v, *v);
-        Launcher::launch(attention_fwd_tma_kernel<T, kD>, grid(BM), Tiles<kD>::kTmaThreads,
-                         Tiles<kD>::fwd_tma_smem(sizeof(T)), pt);
-        return;
+      bool launched;
+      if constexpr (Cfg::kFwdTmaNoDropout) {
+        launched = p.dropout ? launch_tma(std::true_type{}) : launch_tma(std::false_type{});
+      } else {
+        launched = launch_tma(std::true_type{});
       }
+      if (launched) return;
     }
   }
   auto launch = [&](auto wgmma) {
