@@ -313,8 +313,8 @@ RACE_CASES = [
 
 
 # The Hopper kernels under ThreadSanitizer: a forward and a dQ K/V stage refilled (three key
-# tiles; of 128 keys in the d96 TMA forward) with one warpgroup (d32) and with two sharing it (d96,
-# by TMA, the forward's warpgroups taking turns on the tensor cores), a dK/dV Q/dO stage
+# tiles; of 128 keys in d96's TMA forward and dQ) with one warpgroup (d32) and with two sharing
+# it (d96, by TMA, the forward's warpgroups taking turns on the tensor cores), a dK/dV Q/dO stage
 # refilled (three query heads: d32 by cp.async, d96 by TMA, where P's two buffers are each used
 # again) and P handed between its two warpgroups, and a query tile that sees no key. wgmma reads
 # shared memory at the wait that covers it (emulation.h), so a stage refilled before that wait

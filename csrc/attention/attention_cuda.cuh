@@ -95,7 +95,8 @@
 //   barrier per query tile (dkdv_tma).
 // - dQ on Hopper with TMA (attention_bwd_dq_tma_kernel, picked likewise): two consumer
 //   warpgroups (128 query rows sharing each K/V tile) of the dQ kernel's wgmma products and a
-//   producer warpgroup loading Q and dO once and K_j, V_j into a two-stage ring (dq_tma).
+//   producer warpgroup loading Q and dO once and K_j, V_j into a two-stage ring (dq_tma); its
+//   key tiles (Tiles::kDqTmaN) are of 128 keys up to head dim 128, 64 at 192, 32 at 256.
 //
 // Work: forward 2 L S (D + Dv) flops per head (halved by causal skipping), backward 2.5x that;
 // each score tile is computed once forward, twice backward (dK/dV and dQ kernels). Memory: the
@@ -269,6 +270,10 @@ struct Tiles {
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
   static constexpr int kTmaBarriers = 9;  // Q; K full and empty, V full and empty, two stages
   static constexpr int kDqTmaM = 128;  // dQ with TMA: two warpgroups' query rows
+  // dQ with TMA: keys a tile, the most (of 32, 64, 128) whose two stages of K and V fit shared
+  // memory beside Q and dO. Their S and dP (BN / 2 accumulators a thread each) fit the
+  // consumers' registers beside dQ's kD / 2, with dropout and masks (ptxas: no spill).
+  static constexpr int kDqTmaN = kD <= 128 ? 128 : kD == 192 ? 64 : 32;
   static constexpr int kSwizzleSlack = 1024;  // swizzle_base's step
   static constexpr int kFwdN = kD <= 128 ? 64 : 32;
   // The TMA forward's key tiles, for its kernel built with dropout or without (kDropout): the
@@ -331,7 +336,7 @@ struct Tiles {
   // dQ with TMA: Q and dO (kDqTmaM rows), two K and two V stages, swizzled; then the
   // mbarriers (dq_tma).
   static constexpr size_t dq_tma_smem(int elem) {
-    return static_cast<size_t>(2 * kDqTmaM + 4 * kFwdN) * kD * elem +
+    return static_cast<size_t>(2 * kDqTmaM + 4 * kDqTmaN) * kD * elem +
            TmaRing::kBarriers * sizeof(uint64_t) + kSwizzleSlack;
   }
   // dK/dV with TMA: dkdv_wgmma's tiles, swizzled, P and 1 - tanh^2 double-buffered, then the
@@ -1456,7 +1461,7 @@ template <typename T, int kD>
 __device__ __forceinline__ void dq_tma(const TmaBwdParams& tp) {
   const AttnParams& p = tp.p;
   using Cfg = Tiles<kD>;
-  constexpr int BM = Cfg::kDqTmaM, BN = Cfg::kFwdN, LDS = Cfg::kLds;
+  constexpr int BM = Cfg::kDqTmaM, BN = Cfg::kDqTmaN, LDS = Cfg::kLds;
   constexpr int CONSUMERS = Cfg::kTmaThreads - 128;
   constexpr int NT = BN / 8, DT = kD / 8;
   static_assert(Cfg::kTma && BM == 128 && CONSUMERS == 256, "two consumer warpgroups");
@@ -2338,7 +2343,7 @@ void run_bwd(const AttnParams& p) {
   if constexpr (Cfg::kTma) tma = Launcher::wgmma() && Launcher::tma();
   std::optional<TmaBwdParams> tq, tkv;
   if (tma) {  // none with no keys (tile_box): the cp.async dQ kernel writes its zeros
-    tq = bwd_tma_params<kD, Launcher>(p, Cfg::kDqTmaM, Cfg::kFwdN);
+    tq = bwd_tma_params<kD, Launcher>(p, Cfg::kDqTmaM, Cfg::kDqTmaN);
     tkv = bwd_tma_params<kD, Launcher>(p, Cfg::kKvM, Cfg::kKvN);
   }
   if constexpr (Cfg::kTma) {
