@@ -56,7 +56,7 @@ def nvcc_flags() -> list[str]:
     # No --use_fast_math: its approximate expf/logf and flush-to-zero would move results past
     # the twice-PyTorch's-error bound and change inf/NaN handling the tests check.
     # FASTATTN_SM90A: the build holds sm_90a code, so the Hopper kernels may be launched on
-    # compute capability 9.x (csrc/attention/attention_cuda.cu).
+    # compute capability 9.x (csrc/attention/attention_cuda_launcher.cuh).
     sm90a = ["-DFASTATTN_SM90A"] if "90a" in archs else []
     return ["-O3", "--expt-relaxed-constexpr", *gencode, *sm90a]
 

@@ -5,8 +5,9 @@
 # step failed. Every call first builds the C++/CUDA extension in place (ninja: a rebuild on a
 # still-warm machine only relinks), so the native backend's CUDA kernels are tested and timed.
 # Fits the device tool's 10-minute call: at most 30+240+180+200 s plus 15 s of grace per step
-# that overruns, and the build's 240 s are only reached on a cold machine (the CUDA attention
-# file alone took 105 s of nvcc for sm_90a on the 2-core CPU machine); after a cold build the
+# that overruns, and the build's 240 s are only reached on a cold machine (its longest nvcc
+# job, csrc/attention/attention_cuda_d128.cu, took 45 s for sm_90a on the 2-core CPU machine,
+# the attention files 230 s in all, which ninja spreads over MAX_JOBS); after a cold build the
 # rest of a call is 30+~10+180+200 s.
 #
 #   bash benchmarks/gpu_session.sh OUT_DIR                                  # tests, sweep

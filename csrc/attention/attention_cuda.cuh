@@ -1,8 +1,9 @@
 // Fused attention on CUDA (FlashAttention-2 style, tensor cores through mma.sync; on Hopper the
 // forward through wgmma), forward and backward: the kernels and the launch logic of
 // fastattn::native_attention_fwd / native_attention_bwd for CUDA tensors (attention_cuda.cu
-// launches them and registers the ops; the CPU kernels are attention_cpu.cpp). Written for sm_80
-// and newer; compiled for sm_80 and sm_90a.
+// registers the ops, attention_cuda_launcher.cuh launches the kernels, attention_cuda_d<kD>.cu
+// compiles each head dim's; the CPU kernels are attention_cpu.cpp). Written for sm_80 and newer;
+// compiled for sm_80 and sm_90a.
 //
 // What it computes, per batch b and query head h (key/value head hk = h / (Hq / Hk), GQA by
 // index, K/V never repeated), as fastattn.reference.attention_fwd / attention_bwd and the CPU
@@ -2248,14 +2249,14 @@ std::optional<TmaBox> tile_box(const void* base, const int64_t (&s)[3], int64_t 
   return t;
 }
 
-// Kernel launches go through a Launcher (attention_cuda.cu's CudaLauncher on the current
-// stream; a CPU emulation of the CUDA model can stand in, which is why everything above the
-// launch lives in this header): `Launcher::launch(kernel, grid, threads, smem, params)` runs
-// `kernel` over `grid` with `smem` bytes of dynamic shared memory, `Launcher::wgmma()` says
-// whether the Hopper kernels may run, `Launcher::tma()` whether they may load by TMA (head dims
-// 96 up), `Launcher::turns()` whether the TMA forward's consumer warpgroups take turns on the
-// tensor cores (TensorCoreTurns, head dims 96 and 128), and `Launcher::encode(map, box)` makes
-// a TmaBox's tensor map.
+// Kernel launches go through a Launcher (attention_cuda_launcher.cuh's CudaLauncher on the current
+// stream; a CPU emulation of the CUDA model can stand in, which is why everything above the launch
+// lives in this header): `Launcher::launch(kernel, grid, threads, smem, params)` runs `kernel` over
+// `grid` with `smem` bytes of dynamic shared memory, `Launcher::wgmma()` says whether the Hopper
+// kernels may run, `Launcher::tma()` whether they may load by TMA (head dims 96 up),
+// `Launcher::turns()` whether the TMA forward's consumer warpgroups take turns on the tensor cores
+// (TensorCoreTurns, head dims 96 and 128), and `Launcher::encode(map, box)` makes a TmaBox's tensor
+// map.
 template <typename T, int kD, class Launcher>
 void run_fwd(const AttnParams& p) {
   static_assert(smem_fits<kD>(), "a CTA's shared memory past what an A100 or H100 allows");
@@ -2379,33 +2380,36 @@ void run_bwd(const AttnParams& p) {
   }
 }
 
-// Calls run<T, kD, Launcher>(p) for q's dtype and the padded head dim.
-template <class Launcher, bool kForward>
-void dispatch(at::ScalarType dtype, const AttnParams& p) {
-  const int kd = padded_head_dim(p.D, p.Dv);
-  auto by_dim = [&](auto tag) {
+// The forward (kForward) or backward launch logic at padded head dim kD, for q's dtype. Its
+// own function template so that a build can compile each head dim in a file of its own
+// (attention_cuda_launcher.cuh: extern template; nvcc builds them in parallel).
+template <class Launcher, bool kForward, int kD>
+void run_head_dim(at::ScalarType dtype, const AttnParams& p) {
+  auto run = [&](auto tag) {
     using T = decltype(tag);
-    auto run = [&](auto dim) {
-      constexpr int kD = decltype(dim)::value;
-      if constexpr (kForward) {
-        run_fwd<T, kD, Launcher>(p);
-      } else {
-        run_bwd<T, kD, Launcher>(p);
-      }
-    };
-    switch (kd) {
-      case 32: run(std::integral_constant<int, 32>{}); break;
-      case 64: run(std::integral_constant<int, 64>{}); break;
-      case 96: run(std::integral_constant<int, 96>{}); break;
-      case 128: run(std::integral_constant<int, 128>{}); break;
-      case 192: run(std::integral_constant<int, 192>{}); break;
-      default: run(std::integral_constant<int, 256>{}); break;
+    if constexpr (kForward) {
+      run_fwd<T, kD, Launcher>(p);
+    } else {
+      run_bwd<T, kD, Launcher>(p);
     }
   };
   if (dtype == at::kBFloat16) {
-    by_dim(__nv_bfloat16{});
+    run(__nv_bfloat16{});
   } else {
-    by_dim(__half{});
+    run(__half{});
+  }
+}
+
+// run_head_dim for the padded head dim of p.
+template <class Launcher, bool kForward>
+void dispatch(at::ScalarType dtype, const AttnParams& p) {
+  switch (padded_head_dim(p.D, p.Dv)) {
+    case 32: run_head_dim<Launcher, kForward, 32>(dtype, p); break;
+    case 64: run_head_dim<Launcher, kForward, 64>(dtype, p); break;
+    case 96: run_head_dim<Launcher, kForward, 96>(dtype, p); break;
+    case 128: run_head_dim<Launcher, kForward, 128>(dtype, p); break;
+    case 192: run_head_dim<Launcher, kForward, 192>(dtype, p); break;
+    default: run_head_dim<Launcher, kForward, 256>(dtype, p); break;
   }
 }
 

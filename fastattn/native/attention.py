@@ -7,7 +7,7 @@ bool or additive masks read through broadcast strides, windows in both alignment
 dropout (a counter-based generator keyed by the seed; :func:`dropout_mask` shows the mask it
 draws), and float64 end to end.
 
-CUDA tensors (``attention_cuda.cu``, tensor cores through mma.sync, sm_80 and newer; written and
+CUDA tensors (``attention_cuda*.cu``, tensor cores through mma.sync, sm_80 and newer; written and
 compiled, not yet run on a GPU): float16 and bfloat16 only, head dims 1 to 256 (``D`` and ``Dv``
 may differ), batch and query heads up to 65535 each, and every option above: strided q, k, v
 (a tensor whose last dim is not contiguous or whose rows are not 16-byte aligned is copied into
