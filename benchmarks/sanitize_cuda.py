@@ -8,7 +8,7 @@ and misaligned global and shared accesses, racecheck shared-memory hazards (a mi
 ``__syncthreads`` between the cp.async pipeline stages, the staged P/dS tiles, the epilogues).
 The cases cover each kernel family and the paths that index differently: every attention
 kernel template's shared-memory layout at some head dim (each attention case three times:
-with the kernels the launcher picks, Hopper's wgmma ones, by TMA from head dim 96 up, on an
+with the kernels the launcher picks, Hopper's wgmma ones, by TMA from head dim 64 up, on an
 H100, with the sm_80 ones, and with Hopper's cp.async ones), the
 padded-copy path for unaligned head dims, sequence lengths that are not multiples of any tile,
 L = S = 1, rows that see no key, GQA, masks, windows, softcap, dropout with a CPU and a CUDA
@@ -21,7 +21,7 @@ kernel that computes garbage without touching bad memory fails here too (the tes
 kernels to the real rule). Prints one line per case; exit status 1 if any case failed.
 
 The attention kernel sets run in the order sm80, no-tma, no-pingpong, default (the newest
-kernels last; no-pingpong runs only the cases it changes, head dims 96 and 128 padded), each
+kernels last; no-pingpong runs only the cases it changes, head dims 64 to 128 padded), each
 set's cases closed by a line ``kernels <set>: all ok`` or ``kernels <set>: N of M failed``, also
 appended to the file ``--summary PATH`` names as soon as the set is done: a set that hangs (a
 TMA kernel waiting on an mbarrier that never completes) or faults (which spoils the CUDA context
@@ -176,8 +176,8 @@ def _attention_with(kernel: str, args) -> None:
 
 
 # Attention kernel sets, the newest last: "default" is what the launcher picks (on an H100
-# built with sm_90a: Hopper's wgmma kernels, by TMA from head dim 96 up, the TMA forward's
-# warpgroups taking turns on the tensor cores at head dims 96 and 128), "no-pingpong" the same
+# built with sm_90a: Hopper's wgmma kernels, by TMA from head dim 64 up, the TMA forward's
+# warpgroups taking turns on the tensor cores at head dims 64 to 128), "no-pingpong" the same
 # without those turns, "no-tma" Hopper's cp.async ones (the same as the default below compute
 # capability 9), "sm80" mma.sync's.
 KERNEL_SETS = ("sm80", "no-tma", "no-pingpong", "default")
@@ -185,7 +185,7 @@ KERNEL_SETS = ("sm80", "no-tma", "no-pingpong", "default")
 
 def set_cases(kernel: str) -> list[tuple]:
     """The ATTENTION cases kernel set ``kernel`` runs: all of them, but for "no-pingpong" only
-    those it changes, whose larger head dim pads to 96 or 128."""
+    those it changes, whose larger head dim pads to 64, 96 or 128."""
     if kernel != "no-pingpong":
         return ATTENTION
     return [case for case in ATTENTION if takes_turns(max(case[7], case[8]))]

@@ -588,8 +588,8 @@ CUDA_HEAD_DIMS = [(16, 16), (32, 32), (59, 59), (64, 64), (80, 96), (111, 111), 
 
 
 # The kernels the launcher picks (on a Hopper GPU built with sm_90a: the wgmma forward, dQ and
-# dK/dV kernels, all three from head dim 96 up by TMA), the sm_80 ones forced by
-# FASTATTN_CUDA_WGMMA=0, and Hopper's cp.async kernels forced by FASTATTN_CUDA_TMA=0,
+# dK/dV kernels, by TMA the forward from head dim 64 up and the others from 96), the sm_80 ones
+# forced by FASTATTN_CUDA_WGMMA=0, and Hopper's cp.async kernels forced by FASTATTN_CUDA_TMA=0,
 # which on an H100 run nowhere else (elsewhere "no-tma" is the default again, and skipped).
 CUDA_KERNELS = ["default", "sm80", "no-tma"]
 
@@ -616,12 +616,12 @@ def test_native_cuda_head_dims(D, Dv, dtype, cuda_kernels):
 
 
 # The Hopper TMA forward where its consumer warpgroups take turns on the tensor cores (head dims
-# 96 and 128), with and without the turns (FASTATTN_CUDA_PINGPONG=0, for comparing the two):
-# the last query tiles see all 290 keys, three 128-key tiles (its stages refill) at head dim 96
-# and at 128 without dropout, five of 64 at 128 with dropout (its other kernel there).
+# 64 to 128), with and without the turns (FASTATTN_CUDA_PINGPONG=0, for comparing the two):
+# the last query tiles see all 290 keys, three 128-key tiles (its stages refill) at head dims 64
+# and 96 and at 128 without dropout, five of 64 at 128 with dropout (its other kernel there).
 @needs_native_cuda
 @pytest.mark.parametrize("turns", [True, False])
-@pytest.mark.parametrize("D,dropout_p", [(80, 0.0), (128, 0.0), (128, 0.2)])
+@pytest.mark.parametrize("D,dropout_p", [(64, 0.0), (80, 0.0), (128, 0.0), (128, 0.2)])
 def test_native_cuda_tma_forward_turns(D, dropout_p, turns, monkeypatch):
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the TMA forward runs on a Hopper GPU only")

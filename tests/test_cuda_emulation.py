@@ -118,10 +118,13 @@ CASES = [
      0.0, False),
     ("L = S = 1", torch.bfloat16, (1, 3, 3, 1, 1, 64, 32), None, 0.0, (-1, -1), False, 0.0, False),
     ("L = 1", torch.float16, (1, 2, 2, 1, 77, 40, 40), None, 0.0, (-1, -1), False, 0.0, True),
+    # Hopper: the TMA forward at head dim 64, two 128-row tiles, three 128-key tiles
+    ("d64 bool mask, L 140", torch.bfloat16, (1, 2, 1, 140, 270, 64, 64), "bool", 0.0, (-1, -1),
+     False, 0.0, False),
 ]
 
 
-# The kernels: sm_80's (mma.sync) or Hopper's (wgmma: the kWgmma forward, from head dim 96 up
+# The kernels: sm_80's (mma.sync) or Hopper's (wgmma: the kWgmma forward, from head dim 64 up
 # its TMA version, dQ and dK/dV kernels), as the launch logic picks them on an A100 or an H100.
 KERNELS = ["sm80", "sm90"]
 
@@ -188,14 +191,15 @@ def _check_case(ext, case, tensors=None) -> None:
 
 # The Hopper kernels with one of the launcher's switches off, where it changes them:
 # - "no-tma": the forward, dQ and dK/dV by cp.async (FASTATTN_CUDA_TMA=0, or inputs no tensor
-#   map can describe) where the TMA kernels would serve, head dims 96 up: two-warpgroup CTAs
-#   with softcap and an additive mask, two query tiles, dropout at head dim 256;
+#   map can describe) where the TMA kernels would serve (the forward from head dim 64 up, dQ and
+#   dK/dV from 96): two-warpgroup CTAs with softcap and an additive mask, two query tiles,
+#   dropout at head dim 256, the one-warpgroup forward at 64;
 # - "no-pingpong": the TMA forward without its warpgroups' turns on the tensor cores
-#   (FASTATTN_CUDA_PINGPONG=0, for comparing the two on a GPU; the turns run at head dims 96
-#   and 128): an additive mask at head dim 96, two 128-row tiles whose warpgroups see different
+#   (FASTATTN_CUDA_PINGPONG=0, for comparing the two on a GPU; the turns run at head dims 64
+#   to 128): an additive mask at head dim 96, two 128-row tiles whose warpgroups see different
 #   key ranges.
 SWITCHED_CASES = [("no-tma", CASES[2]), ("no-tma", CASES[4]), ("no-tma", CASES[7]),
-                  ("no-pingpong", CASES[2]), ("no-pingpong", CASES[4])]
+                  ("no-tma", CASES[10]), ("no-pingpong", CASES[2]), ("no-pingpong", CASES[4])]
 
 
 @pytest.mark.parametrize("switch,case", SWITCHED_CASES,

@@ -59,18 +59,19 @@
 //   while the tensor cores compute O += P_{j-1} V_{j-1} (FA3's intra-warpgroup overlap), K and
 //   V then having rings of their own (tile j needs K_j and V_{j-1} at once); with one, each
 //   product is waited for before its result is used (fwd_wgmma says why).
-// - Forward on Hopper with TMA (attention_fwd_tma_kernel, head dims 96 up, FASTATTN_CUDA_TMA not
+// - Forward on Hopper with TMA (attention_fwd_tma_kernel, head dims 64 up, FASTATTN_CUDA_TMA not
 //   "0", and inputs a tensor map can describe: no stride 0): the two-warpgroup schedule above with
 //   warp specialisation, as FA3: a third, producer warpgroup (its registers given to the consumers
 //   by setmaxnreg) issues every tile load as TMA boxes, and mbarriers (full and empty per stage)
 //   replace the per-tile __syncthreads, so each consumer warpgroup waits only for the tile it needs
-//   (fwd_tma). Its key tiles (Tiles::fwd_tma_n) are of 128 keys at head dims 96 and 128, 64 at 192
-//   and 256, where a call has no dropout, and for dropout, whose per-score hash costs registers, a
+//   (fwd_tma); at head dim 64 it stands in for the one-warpgroup forward above (Tiles::kFwdTma says
+//   why). Its key tiles (Tiles::fwd_tma_n) are of 128 keys at head dims 64 to 128, 64 at 192 and
+//   256, where a call has no dropout, and for dropout, whose per-score hash costs registers, a
 //   second build of the kernel with 64 at 128 and 32 at 256. The TMA kernels' tiles are swizzled
-//   (wgmma_layout.h: SwizzleLayout, 128-byte rows from head dim 128, 64-byte at 96), one box per
-//   column block of the swizzle's width, as FA3 and CUTLASS load them. At head dims 96 and 128 the
-//   two consumer warpgroups also take turns on the tensor cores (FA3's ping-pong, TensorCoreTurns):
-//   one issues its S_j and O += P_{j-1} V_{j-1} while the other runs its softmax
+//   (wgmma_layout.h: SwizzleLayout, 128-byte rows at head dims 64, 128 and up, 64-byte at 96), one
+//   box per column block of the swizzle's width, as FA3 and CUTLASS load them. At head dims 64 to
+//   128 the two consumer warpgroups also take turns on the tensor cores (FA3's ping-pong,
+//   TensorCoreTurns): one issues its S_j and O += P_{j-1} V_{j-1} while the other runs its softmax
 //   (FASTATTN_CUDA_PINGPONG=0 turns it off, for comparing the two).
 // - Backward: a preprocess kernel, delta = rowsum(dO * O) and lse in base 2 (+inf for a fully
 //   masked row, so its probabilities recompute as 0); a dK/dV kernel, one CTA of 8 warps per
@@ -111,7 +112,8 @@
 //
 // Not yet (first version, not yet run on a GPU): float32 / float64 inputs (TypeError: the
 // triton or torch backend serves them), a SIMT fallback; on Hopper, TMA and warp
-// specialisation below head dim 96 (the one-warpgroup forward, dQ, dK/dV), TMA stores,
+// specialisation at head dim 32 and in dQ and dK/dV below 96, three consumer warpgroups in the
+// forward at head dim 64 (FA3's), TMA stores,
 // swizzled tiles in the cp.async Hopper kernels (theirs are in the no-swizzle core-matrix
 // layout), taking turns on the tensor cores in dQ and dK/dV (in dK/dV, one warpgroup's
 // elementwise work against the other's products) and above head dim 128; split-KV, a
@@ -266,6 +268,13 @@ struct Tiles {
   // the forward has one-warpgroup CTAs and dK/dV fits two CTAs an SM, which a producer
   // warpgroup's register split (one CTA an SM) would cost.
   static constexpr bool kTma = kD >= 96;
+  // The TMA forward serves head dim 64 too, with the same two consumer warpgroups (kFwdTmaM
+  // query rows) taking turns on the tensor cores, against the cp.async forward's three or four
+  // one-warpgroup CTAs an SM interleaving by themselves: which is faster is for the sweep on a
+  // GPU to say (its no-tma provider times the cp.async one). FA3's forward at head dim 64 is
+  // warp-specialised too (with three consumer warpgroups of 64 rows).
+  static constexpr bool kFwdTma = kD >= 64;
+  static constexpr int kFwdTmaM = 128;
   static constexpr int kTmaThreads = 3 * 128;
   // Registers a thread after the split (setmaxnreg): 128 x 24 + 256 x 240 fit the 64K of an SM.
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
@@ -281,9 +290,9 @@ struct Tiles {
   // largest of 32, 64 and 128 keys whose scores fit a consumer's 240 registers beside the
   // output's kD / 2 and the previous P's (ptxas: no spill), and two K and two V stages of
   // which fit shared memory.
-  //   head dim      96   128   192   256
-  //   no dropout   128   128    64    64
-  //   dropout      128    64    64    32
+  //   head dim      64    96   128   192   256
+  //   no dropout   128   128   128    64    64
+  //   dropout      128   128    64    64    32
   // Dropout's per-score hash and keep test cost registers: with it, 128 keys at head dim 128
   // spill 372 bytes a thread and 64 at 256 spill 72; without it, 128 at 256 spill 232 (and
   // serialise wgmma). At 192, 128-key stages would take 242 KB of shared memory.
@@ -311,10 +320,12 @@ struct Tiles {
   static constexpr size_t fwd_smem(int elem) {
     return static_cast<size_t>(fwd_m<kWgmma> * kLds + 4 * BN * (kWgmma ? kD : kLds)) * elem;
   }
+  // The TMA forward: Q (kFwdTmaM rows, pitch kLds for the epilogue), two K and two V stages,
+  // swizzled; then the mbarriers.
   template <bool kDropout>
   static constexpr size_t fwd_tma_smem(int elem) {
-    return fwd_smem<true, fwd_tma_n<kDropout>>(elem) + kTmaBarriers * sizeof(uint64_t) +
-           kSwizzleSlack;
+    return static_cast<size_t>(kFwdTmaM * kLds + 4 * fwd_tma_n<kDropout> * kD) * elem +
+           kTmaBarriers * sizeof(uint64_t) + kSwizzleSlack;
   }
   // dQ: Q and dO with pitch kLds (the dQ tile reuses Q's); K and V as in the forward.
   template <bool kWgmma>
@@ -360,9 +371,9 @@ constexpr bool smem_fits() {
   return C::template fwd_smem<false>(2) <= sm80 && C::template dq_smem<false>(2) <= sm80 &&
          C::template dkdv_smem<false>(2) <= sm80 && C::template fwd_smem<true>(2) <= sm90 &&
          C::template dq_smem<true>(2) <= sm90 && C::template dkdv_smem<true>(2) <= sm90 &&
-         (!C::kTma || (C::template fwd_tma_smem<false>(2) <= sm90 &&
-                       C::template fwd_tma_smem<true>(2) <= sm90 && C::dq_tma_smem(2) <= sm90 &&
-                       C::dkdv_tma_smem(2) <= sm90));
+         (!C::kFwdTma || (C::template fwd_tma_smem<false>(2) <= sm90 &&
+                          C::template fwd_tma_smem<true>(2) <= sm90)) &&
+         (!C::kTma || (C::dq_tma_smem(2) <= sm90 && C::dkdv_tma_smem(2) <= sm90));
 }
 
 // The wgmma descriptor of a shared-memory operand starting at `start` whose core matrices lie
@@ -1075,7 +1086,7 @@ __device__ __forceinline__ void tma_zero_tail(T* tile, int width) {
   }
 }
 
-// The Hopper forward with TMA and warp specialisation (head dims 96 up, Tiles::kTma; picked
+// The Hopper forward with TMA and warp specialisation (head dims 64 up, Tiles::kFwdTma; picked
 // by the launch logic where the inputs suit a tensor map, tile_box): fwd_wgmma's two consumer
 // warpgroups (128 query rows, the softmax of key tile j beside O += P_{j-1} V_{j-1}) and a
 // producer warpgroup, whose first thread issues every load as a TMA box (the Q tile, then K_j
@@ -1085,7 +1096,7 @@ __device__ __forceinline__ void tma_zero_tail(T* tile, int width) {
 // at a __syncthreads per key tile: a warpgroup waits only for the tile it needs, and K_{j+2}
 // loads as soon as both warpgroups' S_j has read K_j. The tiles are swizzled (wgmma_layout.h:
 // SwizzleLayout), a box per column block (tma_load_tile): rows past L or S and columns past
-// the loaded width land as zeros, as load_tile's zero fill. At head dims 96 and 128 the two
+// the loaded width land as zeros, as load_tile's zero fill. At head dims 64 to 128 the two
 // consumer warpgroups take turns to issue their products (TensorCoreTurns, as FA3 there). Why a
 // whole warpgroup to issue loads from one thread: registers are allocated per SM sub-partition,
 // each holding a quarter of the CTA's warps, so one extra warp caps every thread at 168
@@ -1095,10 +1106,10 @@ template <typename T, int kD, bool kDropout>
 __device__ __forceinline__ void fwd_tma(const TmaFwdParams& tp) {
   const AttnParams& p = tp.p;
   using Cfg = Tiles<kD>;
-  constexpr int BM = Cfg::template fwd_m<true>, BN = Cfg::template fwd_tma_n<kDropout>;
+  constexpr int BM = Cfg::kFwdTmaM, BN = Cfg::template fwd_tma_n<kDropout>;
   constexpr int CONSUMERS = Cfg::kTmaThreads - 128;
   constexpr int DT = Cfg::kFwdDT, PS = BN / 16;
-  static_assert(Cfg::kTma && BM == 128 && CONSUMERS == 256, "two consumer warpgroups");
+  static_assert(Cfg::kFwdTma && BM == 128 && CONSUMERS == 256, "two consumer warpgroups");
   using QL = SwizzleLayout<BM, kD>;
   using KL = SwizzleLayout<BN, kD>;
   static_assert(BM * Cfg::kLds * sizeof(T) % 1024 == 0 && BN * kD * sizeof(T) % 1024 == 0,
@@ -2253,9 +2264,9 @@ std::optional<TmaBox> tile_box(const void* base, const int64_t (&s)[3], int64_t 
 // stream; a CPU emulation of the CUDA model can stand in, which is why everything above the launch
 // lives in this header): `Launcher::launch(kernel, grid, threads, smem, params)` runs `kernel` over
 // `grid` with `smem` bytes of dynamic shared memory, `Launcher::wgmma()` says whether the Hopper
-// kernels may run, `Launcher::tma()` whether they may load by TMA (head dims 96 up),
+// kernels may run, `Launcher::tma()` whether they may load by TMA (head dims 64 up),
 // `Launcher::turns()` whether the TMA forward's consumer warpgroups take turns on the tensor cores
-// (TensorCoreTurns, head dims 96 and 128), and `Launcher::encode(map, box)` makes a TmaBox's tensor
+// (TensorCoreTurns, head dims 64 to 128), and `Launcher::encode(map, box)` makes a TmaBox's tensor
 // map.
 template <typename T, int kD, class Launcher>
 void run_fwd(const AttnParams& p) {
@@ -2270,7 +2281,7 @@ void run_fwd(const AttnParams& p) {
   // tensor maps (tile_box): whether it was launched.
   auto launch_tma = [&](auto dropout) {
     constexpr bool kDropout = decltype(dropout)::value;
-    constexpr int BM = Cfg::template fwd_m<true>, BN = Cfg::template fwd_tma_n<kDropout>;
+    constexpr int BM = Cfg::kFwdTmaM, BN = Cfg::template fwd_tma_n<kDropout>;
     const auto q = tile_box<kD>(p.q, p.sq, p.B, p.Hq, p.L, p.d_load, BM);
     const auto k = tile_box<kD>(p.k, p.sk, p.B, p.Hk, p.S, p.d_load, BN);
     const auto v = tile_box<kD>(p.v, p.sv, p.B, p.Hk, p.S, p.dv_load, BN);
@@ -2285,7 +2296,7 @@ void run_fwd(const AttnParams& p) {
                      Cfg::template fwd_tma_smem<kDropout>(sizeof(T)), pt);
     return true;
   };
-  if constexpr (Cfg::kTma) {
+  if constexpr (Cfg::kFwdTma) {
     if (Launcher::wgmma() && Launcher::tma()) {
       bool launched;
       if constexpr (Cfg::kFwdTmaNoDropout) {

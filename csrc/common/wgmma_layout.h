@@ -55,7 +55,7 @@ FASTATTN_HOST_DEVICE constexpr uint32_t swizzle_mode(int span) {
   return span == 128 ? 1 : span == 64 ? 2 : 3;
 }
 // The widest swizzle span that splits a row of kD 16-bit values evenly: 128 bytes (64 columns)
-// at head dims 128, 192, 256; 64 (32 columns) at 96; 32 at the rest.
+// at head dims 64, 128, 192, 256; 64 (32 columns) at 96; 32 at the rest.
 template <int kD>
 constexpr int kSwizzleSpan = kD % 64 == 0 ? 128 : kD % 32 == 0 ? 64 : 32;
 

@@ -300,18 +300,18 @@ def _native_cuda_limits(provider: Provider) -> Provider:
 
 # The native CUDA attention kernels a variable forces, read at each launch: the sm_80 ones
 # (mma.sync) where the launcher would pick Hopper's (wgmma), Hopper's kernels with cp.async
-# loads where it would pick the TMA ones (head dims 96 up), and the TMA forward without its two
-# consumer warpgroups taking turns on the tensor cores (FA3's ping-pong; head dims 96 and 128
-# take turns, padded: 65 to 128).
+# loads where it would pick the TMA ones (the forward from head dim 64 up, dQ and dK/dV from 96
+# up, padded: 33 up), and the TMA forward without its two consumer warpgroups taking turns on
+# the tensor cores (FA3's ping-pong; head dims 64 to 128 take turns, padded: 33 to 128).
 KERNEL_VARS = {"sm80": ("FASTATTN_CUDA_WGMMA", "0"), "no-tma": ("FASTATTN_CUDA_TMA", "0"),
                "no-pingpong": ("FASTATTN_CUDA_PINGPONG", "0")}
 
 
 def takes_turns(head_dim: int) -> bool:
     """Whether the Hopper TMA forward's warpgroups take turns on the tensor cores (what
-    ``"no-pingpong"`` switches off) at ``head_dim``, the larger of D and Dv: those padded to 96
-    or 128 (attention_cuda.cuh, TensorCoreTurns)."""
-    return 64 < head_dim <= 128
+    ``"no-pingpong"`` switches off) at ``head_dim``, the larger of D and Dv: those padded to 64,
+    96 or 128 (attention_cuda.cuh, TensorCoreTurns)."""
+    return 32 < head_dim <= 128
 
 
 @contextlib.contextmanager
@@ -340,7 +340,7 @@ def native_kernels(kind: str) -> Iterator[None]:
 def _native_variant(native: Provider, kind: str) -> Provider:
     """``fastattn-native`` with the kernels ``kind`` forces (``native_kernels``), beside those
     the launcher picks; only on a Hopper GPU do they differ (for ``"no-tma"``, only from head
-    dim 96 up; for ``"no-pingpong"``, only at head dims 65 to 128), so elsewhere it is
+    dim 33 up; for ``"no-pingpong"``, only at head dims 33 to 128), so elsewhere it is
     skipped."""
 
     def make(case: Case) -> Callable[..., torch.Tensor]:
@@ -356,10 +356,10 @@ def _native_variant(native: Provider, kind: str) -> Provider:
         if why is None and (device.type != "cuda"
                             or torch.cuda.get_device_capability(device)[0] != 9):
             why = f"the {kind} kernels differ from fastattn-native's only on a Hopper GPU"
-        if why is None and kind == "no-tma" and case.p["head_dim"] <= 64:
-            why = "the TMA kernels serve head dims 96 up"
+        if why is None and kind == "no-tma" and case.p["head_dim"] <= 32:
+            why = "the TMA kernels serve head dims 64 up (padded)"
         if why is None and kind == "no-pingpong" and not takes_turns(case.p["head_dim"]):
-            why = "the TMA forward's warpgroups take turns at head dims 96 and 128 (padded)"
+            why = "the TMA forward's warpgroups take turns at head dims 64 to 128 (padded)"
         return why
 
     return dataclasses.replace(native, name=f"fastattn-native-{kind}", make=make,

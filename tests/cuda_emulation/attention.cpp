@@ -19,11 +19,11 @@
 namespace attention = fastattn::cuda::attention;
 
 // Whether the launch logic picks the Hopper kernels (attention_fwd_kernel<T, kD, true>), as
-// CudaLauncher does on an H100, set by use_wgmma; and among them the TMA kernels from head dim
-// 96 up (attention_fwd_tma_kernel, attention_bwd_dq_tma_kernel,
-// attention_bwd_dkdv_tma_kernel), as CudaLauncher does unless FASTATTN_CUDA_TMA=0, set by
-// use_tma; whether the TMA forward's warpgroups take turns on the tensor cores (TensorCoreTurns),
-// as CudaLauncher does unless FASTATTN_CUDA_PINGPONG=0, set by use_turns.
+// CudaLauncher does on an H100, set by use_wgmma; and among them the TMA kernels
+// (attention_fwd_tma_kernel from head dim 64 up, attention_bwd_dq_tma_kernel and
+// attention_bwd_dkdv_tma_kernel from 96 up), as CudaLauncher does unless FASTATTN_CUDA_TMA=0, set
+// by use_tma; whether the TMA forward's warpgroups take turns on the tensor cores
+// (TensorCoreTurns), as CudaLauncher does unless FASTATTN_CUDA_PINGPONG=0, set by use_turns.
 inline bool wgmma_kernels = false;
 inline bool tma_forward = true;
 inline bool tma_turns = true;
