@@ -74,9 +74,9 @@ struct CudaLauncher {
     return hopper_kernels(device);
   }
 
-  // Whether the Hopper kernels load their tiles by TMA (attention_fwd_tma_kernel,
-  // from head dim 64 up; attention_bwd_dq_tma_kernel, attention_bwd_dkdv_tma_kernel from 96
-  // up) rather than cp.async: FASTATTN_CUDA_TMA not "0" (read per call, for comparing the two).
+  // Whether the Hopper kernels load their tiles by TMA (attention_fwd_tma_kernel from head dim
+  // 64 up, attention_bwd_dq_tma_kernel and attention_bwd_dkdv_tma_kernel from 96 up) rather
+  // than cp.async: FASTATTN_CUDA_TMA not "0" (read per call, for comparing the two).
   static bool tma() { return switched_on("FASTATTN_CUDA_TMA"); }
 
   // Whether the TMA forward's two consumer warpgroups take turns on the tensor cores (FA3's
