@@ -32,8 +32,9 @@
 #   STEPS="sanitize" bash benchmarks/gpu_session.sh OUT_DIR4
 # "smoke" is sanitize's plain run alone (60 s: which kernel, if any, faults or is wrong), for a
 # lease that has room for one call only (15 minutes of device time, the machine's start
-# included):
-#   STEPS="smoke tests bench" TESTS_S=140 BENCH_S=125 bash benchmarks/gpu_session.sh OUT_DIR
+# included; the build's 180 s there are four times its longest nvcc job here, the rest goes to
+# the sweep):
+#   STEPS="smoke tests bench" BUILD_S=180 TESTS_S=140 BENCH_S=185 bash benchmarks/gpu_session.sh OUT_DIR
 # After the plain run (and the sanitizer's, if asked), the steps that follow run the newest
 # attention kernel set that passed it: with FASTATTN_CUDA_PINGPONG=0 if the default kernels
 # failed or hung there but passed without the TMA forward's turns on the tensor cores,
