@@ -315,10 +315,9 @@ struct Tiles {
   // Q staged with pitch kLds (the output tile reuses it); two K and two V stages with pitch
   // kLds, or with kWgmma in wgmma's core-matrix layout (core_offset, wgmma_layout.h), unpadded
   // (with two warpgroups the V ring runs one key tile behind the K ring: fwd_wgmma).
-  // BN keys a stage (the TMA forward's: fwd_tma_n).
-  template <bool kWgmma, int BN = kFwdN>
+  template <bool kWgmma>
   static constexpr size_t fwd_smem(int elem) {
-    return static_cast<size_t>(fwd_m<kWgmma> * kLds + 4 * BN * (kWgmma ? kD : kLds)) * elem;
+    return static_cast<size_t>(fwd_m<kWgmma> * kLds + 4 * kFwdN * (kWgmma ? kD : kLds)) * elem;
   }
   // The TMA forward: Q (kFwdTmaM rows, pitch kLds for the epilogue), two K and two V stages,
   // swizzled; then the mbarriers.
@@ -2270,13 +2269,13 @@ std::optional<TmaBox> tile_box(const void* base, const int64_t (&s)[3], int64_t 
 // map.
 template <typename T, int kD, class Launcher>
 void run_fwd(const AttnParams& p) {
+  using Cfg = Tiles<kD>;
   static_assert(smem_fits<kD>(), "a CTA's shared memory past what an A100 or H100 allows");
   // One CTA per (query tile of BM rows, head, batch), heavy tiles first (FwdTile).
   auto grid = [&](int BM) {
     return dim3(static_cast<unsigned>((p.L + BM - 1) / BM), static_cast<unsigned>(p.Hq),
                 static_cast<unsigned>(p.B));
   };
-  using Cfg = Tiles<kD>;
   // The TMA forward built with dropout or without (Tiles::fwd_tma_n), where the inputs suit
   // tensor maps (tile_box): whether it was launched.
   auto launch_tma = [&](auto dropout) {
@@ -2309,9 +2308,9 @@ void run_fwd(const AttnParams& p) {
   }
   auto launch = [&](auto wgmma) {
     constexpr bool kWgmma = decltype(wgmma)::value;
-    Launcher::launch(attention_fwd_kernel<T, kD, kWgmma>, grid(Tiles<kD>::template fwd_m<kWgmma>),
-                     Tiles<kD>::template fwd_threads<kWgmma>,
-                     Tiles<kD>::template fwd_smem<kWgmma>(sizeof(T)), p);
+    Launcher::launch(attention_fwd_kernel<T, kD, kWgmma>, grid(Cfg::template fwd_m<kWgmma>),
+                     Cfg::template fwd_threads<kWgmma>, Cfg::template fwd_smem<kWgmma>(sizeof(T)),
+                     p);
   };
   if (Launcher::wgmma()) {
     launch(std::true_type{});
