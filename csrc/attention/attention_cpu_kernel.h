@@ -139,11 +139,11 @@ void gemm(int64_t M, int64_t N, int64_t K, const A* a, int64_t lda, const A* b, 
 template <typename A>
 constexpr A kNegInf = -std::numeric_limits<A>::infinity();
 
-// exp(x) of scores minus their row maximum (x <= 0, -inf for masked keys, NaN propagates):
-// vec_rows.h's fast_exp without the overflow side, which these arguments never reach. x =
-// n ln2 + r, |r| <= ln2/2, e^r by its degree-6 Taylor polynomial (truncation about 1 ulp),
-// times 2^n built in the exponent bits (n >= -126 after the clamp, so one step suffices);
-// x below ln(FLT_MIN), -inf included, gives exactly 0.
+// exp(x) of scores minus their row maximum (x <= 0, -inf for masked keys, NaN propagates),
+// where AVX-512 is absent: vec_rows.h's fast_exp without the overflow side, which these
+// arguments never reach. x = n ln2 + r, |r| <= ln2/2, e^r by its degree-6 Taylor polynomial
+// (truncation about 1 ulp), times 2^n built in the exponent bits (n >= -126 after the clamp, so
+// one step suffices); x below ln(FLT_MIN), -inf included, gives exactly 0.
 inline Vectorized<float> exp_scores(const Vectorized<float>& x) {
   using V = Vectorized<float>;
   using VI = Vectorized<int32_t>;
@@ -164,6 +164,25 @@ inline Vectorized<float> exp_scores(const Vectorized<float>& x) {
 }
 
 inline Vectorized<double> exp_scores(const Vectorized<double>& x) { return x.exp(); }
+
+// s[0:n] = exp(s[0:n] - m) in place (m >= every s, or NaN); returns the sum. With AVX-512 the
+// float rows go through vec_rows.h's base-2 sweep (exp_sum_chunk: 8 multiply-add-class
+// instructions a vector and vscalefps, exactly 0 for -inf); elsewhere through exp_scores.
+template <typename A>
+A exp_row(A* s, int64_t n, A m) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<A, float>) return exp_sum_chunk<true>(s, n, 1.f, m, s);
+#endif
+  using V = Vectorized<A>;
+  const V vm(m);
+  V acc(A(0));
+  for (int64_t c = 0; c < n; c += V::size()) {
+    const V e = exp_scores(V::loadu(s + c) - vm);
+    e.store(s + c);
+    acc += e;
+  }
+  return vec_sum(acc);
+}
 
 // The keys [lo, hi) that query row i may see (window and sequence end).
 inline void key_range(const AttentionParams& p, int64_t i, int64_t& lo, int64_t& hi) {
@@ -226,7 +245,6 @@ inline uint64_t drop_index(const AttentionParams& p, int64_t b, int64_t h, int64
 // later score of the block is masked for this row.
 template <typename A>
 A online_row(A* s, int64_t n, A& m, A& l) {
-  using V = Vectorized<A>;
   const A mx = row_max(s, n);
   const A mnew = std::isnan(mx) ? mx : std::max(m, mx);
   if (mnew == kNegInf<A>) {
@@ -234,16 +252,31 @@ A online_row(A* s, int64_t n, A& m, A& l) {
     return A(1);
   }
   const A alpha = mnew == m ? A(1) : std::exp(m - mnew);
-  const V vm(mnew);
-  V acc(A(0));
-  for (int64_t c = 0; c < n; c += V::size()) {
-    const V e = exp_scores(V::loadu(s + c) - vm);
-    e.store(s + c);
-    acc += e;
-  }
-  l = l * alpha + vec_sum(acc);
+  l = l * alpha + exp_row(s, n, mnew);
   m = mnew;
   return alpha;
+}
+
+// Keys are packed kKeyGroup at a time: their rows are read into a buffer, then transposed.
+constexpr int64_t kKeyGroup = 16;
+static_assert(kBlockN % kKeyGroup == 0, "a key group never straddles two blocks");
+
+// dst[d * ld + c] = rows[c * lr + d] for c < n, d < D: the rows of n <= kKeyGroup keys become
+// columns of a D x ld block. Float groups of 16 go through at::vec's 16 x 16 register
+// transpose (vector loads and stores, where an element at a time was most of packing).
+template <typename A>
+void keys_to_columns(const A* rows, int64_t lr, int64_t n, int64_t D, A* dst, int64_t ld) {
+  int64_t d0 = 0;
+  if constexpr (std::is_same_v<A, float>) {
+    if (n == kKeyGroup) {
+      for (; d0 + 16 <= D; d0 += 16) {
+        at::vec::transpose_mxn<float, 16, 16>(rows + d0, lr, dst + d0 * ld, ld);
+      }
+    }
+  }
+  for (int64_t c = 0; c < n; ++c) {
+    for (int64_t d = d0; d < D; ++d) dst[d * ld + c] = rows[c * lr + d];
+  }
 }
 
 // Packs key block `idx` of (B, Hk, blocks) into the workspace unless done: the first thread to
@@ -259,7 +292,7 @@ void fwd_pack(const AttentionParams& p, int64_t idx, std::vector<A>& row) {
   }
   const int64_t blocks = (p.S + kBlockN - 1) / kBlockN;
   const int64_t D = p.D, Dv = p.Dv, Dvp = round_up(Dv, kPad);
-  row.resize(std::max<int64_t>(D, 1));
+  row.resize(kKeyGroup * std::max<int64_t>(D, 1));
   {
     const int64_t blk = idx % blocks, bh = idx / blocks, hk = bh % p.Hk, b = bh / p.Hk;
     A* kt = static_cast<A*>(p.work) + idx * kBlockN * (D + Dvp);  // (D, kBlockN)
@@ -270,13 +303,17 @@ void fwd_pack(const AttentionParams& p, int64_t idx, std::vector<A>& row) {
     // was most of a short sequence's forward.
     const int64_t nkeys = std::min(kBlockN, p.S - blk * kBlockN);
     const int64_t ncols = std::min(kBlockN, round_up(nkeys, kPad));
-    for (int64_t c = 0; c < nkeys; ++c) {
-      const int64_t j = blk * kBlockN + c;
-      load_any(p.k, p.dtype, b * p.sk[0] + hk * p.sk[1] + j * p.sk[2], p.sk[3], D, row.data());
-      for (int64_t d = 0; d < D; ++d) kt[d * kBlockN + c] = row[d];
-      load_any(p.v, p.dtype, b * p.sv[0] + hk * p.sv[1] + j * p.sv[2], p.sv[3], Dv,
-               vb + c * Dvp);
-      std::fill(vb + c * Dvp + Dv, vb + (c + 1) * Dvp, A(0));
+    for (int64_t c0 = 0; c0 < nkeys; c0 += kKeyGroup) {
+      const int64_t n = std::min(kKeyGroup, nkeys - c0);
+      for (int64_t c = c0; c < c0 + n; ++c) {
+        const int64_t j = blk * kBlockN + c;
+        load_any(p.k, p.dtype, b * p.sk[0] + hk * p.sk[1] + j * p.sk[2], p.sk[3], D,
+                 row.data() + (c - c0) * D);
+        load_any(p.v, p.dtype, b * p.sv[0] + hk * p.sv[1] + j * p.sv[2], p.sv[3], Dv,
+                 vb + c * Dvp);
+        std::fill(vb + c * Dvp + Dv, vb + (c + 1) * Dvp, A(0));
+      }
+      keys_to_columns(row.data(), D, n, D, kt + c0, kBlockN);
     }
     for (int64_t d = 0; d < D; ++d) {
       std::fill(kt + d * kBlockN + nkeys, kt + d * kBlockN + ncols, A(0));
@@ -383,14 +420,19 @@ void bwd_head(const AttentionParams& p, int64_t b, int64_t hk, int64_t chunk, Bw
   w.kr.assign(Sp * Dp, A(0));
   w.dk.assign(Sp * Dp, A(0));
   w.dv.assign(Sp * Dvp, A(0));
-  w.row.resize(std::max<int64_t>({D, Dv, 1}));
-  for (int64_t j = jb; j < je; ++j) {
-    const int64_t blk = (j - jb) / kBlockN, c = (j - jb) % kBlockN;
-    A* kr = w.kr.data() + (j - jb) * Dp;
-    load_any(p.k, p.dtype, b * p.sk[0] + hk * p.sk[1] + j * p.sk[2], p.sk[3], D, kr);
-    for (int64_t d = 0; d < D; ++d) w.kt[(blk * D + d) * kBlockN + c] = kr[d];
-    load_any(p.v, p.dtype, b * p.sv[0] + hk * p.sv[1] + j * p.sv[2], p.sv[3], Dv, w.row.data());
-    for (int64_t d = 0; d < Dv; ++d) w.vt[(blk * Dv + d) * kBlockN + c] = w.row[d];
+  w.row.resize(kKeyGroup * std::max<int64_t>({D, Dv, 1}));
+  for (int64_t j0 = jb; j0 < je; j0 += kKeyGroup) {  // groups never straddle blocks
+    const int64_t n = std::min(kKeyGroup, je - j0);
+    const int64_t blk = (j0 - jb) / kBlockN, c0 = (j0 - jb) % kBlockN;
+    for (int64_t j = j0; j < j0 + n; ++j) {
+      load_any(p.k, p.dtype, b * p.sk[0] + hk * p.sk[1] + j * p.sk[2], p.sk[3], D,
+               w.kr.data() + (j - jb) * Dp);
+      load_any(p.v, p.dtype, b * p.sv[0] + hk * p.sv[1] + j * p.sv[2], p.sv[3], Dv,
+               w.row.data() + (j - j0) * Dv);
+    }
+    keys_to_columns(w.kr.data() + (j0 - jb) * Dp, Dp, n, D, w.kt.data() + blk * D * kBlockN + c0,
+                    kBlockN);
+    keys_to_columns(w.row.data(), Dv, n, Dv, w.vt.data() + blk * Dv * kBlockN + c0, kBlockN);
   }
   w.q.assign(kBlockM * Dp, A(0));
   w.go.assign(kBlockM * Dvp, A(0));
@@ -420,9 +462,7 @@ void bwd_head(const AttentionParams& p, int64_t b, int64_t hk, int64_t chunk, Bw
                  p.sg[3], Dv, g);
         load_any(p.out_in, p.out_dtype, b * p.soi[0] + h * p.soi[1] + i * p.soi[2], p.soi[3],
                  Dv, w.row.data());
-        A delta = 0;
-        for (int64_t d = 0; d < Dv; ++d) delta += g[d] * w.row[d];
-        w.delta[r] = delta;
+        w.delta[r] = row_dot_chunk(g, w.row.data(), Dv);  // Dv <= 256: one chunk
         const float lse = p.lse_in[(b * p.Hq + h) * p.L + i];
         w.lse[r] = static_cast<A>(lse);
       }
@@ -462,10 +502,7 @@ void bwd_head(const AttentionParams& p, int64_t b, int64_t hk, int64_t chunk, Bw
           if (lse == kNegInf<A>) {
             std::fill(s, s + ncols, A(0));
           } else {
-            const V vl(lse);
-            for (int64_t c = 0; c < ncols; c += V::size()) {
-              exp_scores(V::loadu(s + c) - vl).store(s + c);
-            }
+            exp_row(s, ncols, lse);  // the sum is not needed here
           }
           A* pd = PD + r * kBlockN;
           if (dropout) {

@@ -245,6 +245,28 @@ inline Vectorized<double> fast_exp(const Vectorized<double>& x) {
   return x.exp();
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// exp(x * scale - m) for 16 float lanes, in base 2 as exp_sum_chunk (below) describes: exact 0
+// for x = -inf, NaN stays NaN, and for x * scale - m <= 0 (to rounding) within about 1 ulp plus
+// the relative error |x * scale - m| 2^-24 of the base change.
+inline __m512 exp2_shifted(__m512 x, __m512 scale, __m512 m) {
+  // 2^-150 rounds to 0; the clamp keeps n finite for x = -inf. NaN passes (second operand).
+  const __m512 d = _mm512_fmsub_ps(x, scale, m);
+  const __m512 t = _mm512_max_ps(_mm512_set1_ps(-150.f),
+                                 _mm512_mul_ps(d, _mm512_set1_ps(1.44269504088896341f)));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.535331248e-04f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339886105e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437849e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332367e-02f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264774e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471825e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
 // sum_i exp(x_i * scale - m) over x[0:n], also written to out[0:n] when kStore (out may be x).
 // kNonPositive: m is row_max(x, n, scale), so the exponents are <= 0 (to rounding) or NaN.
 // x * scale - m is one fused multiply-add, so a scale costs nothing.
@@ -269,22 +291,7 @@ A exp_sum_chunk(const A* x, int64_t n, A scale, A m, A* out, const A* next_x = n
   if constexpr (kNonPositive && std::is_same_v<A, float>) {
     constexpr int64_t W = Vectorized<float>::size();
     const __m512 vscale = _mm512_set1_ps(scale), vm = _mm512_set1_ps(m);
-    const __m512 vlog2e = _mm512_set1_ps(1.44269504088896341f);
-    auto exp2_of = [&](__m512 xv) {
-      // 2^-150 rounds to 0; the clamp keeps n finite for x = -inf. NaN passes (second operand).
-      const __m512 d = _mm512_fmsub_ps(xv, vscale, vm);
-      const __m512 t = _mm512_max_ps(_mm512_set1_ps(-150.f), _mm512_mul_ps(d, vlog2e));
-      const __m512 nn = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      const __m512 f = _mm512_sub_ps(t, nn);
-      __m512 p = _mm512_set1_ps(1.535331248e-04f);
-      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339886105e-03f));
-      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437849e-03f));
-      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332367e-02f));
-      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264774e-01f));
-      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471825e-01f));
-      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-      return _mm512_scalef_ps(p, nn);
-    };
+    auto exp2_of = [&](__m512 xv) { return exp2_shifted(xv, vscale, vm); };
     __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i + 2 * W <= n; i += 2 * W) {
