@@ -34,6 +34,8 @@ JIT_VAR = "FASTATTN_JIT"
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
+# (op, device type) -> reason, once the extension has loaded (see reason()).
+_reasons: dict[tuple[str | None, str | None], str | None] = {}
 
 
 def _jit_build() -> None:
@@ -82,16 +84,17 @@ def _load() -> str | None:
 @torch.compiler.assume_constant_result  # fixed once loaded; dynamo runs it, never traces it
 def reason(op: str | None = None, device_type: str | None = None) -> str | None:
     """Why ``native`` cannot run ``op`` (any op if None) on ``device_type`` (any if None)."""
+    # Every call of a native op asks this; the dispatcher's answer is fixed once the library is
+    # loaded (its kernels register at load), and asking costs microseconds, so it is kept (and
+    # looked up first: this runs on every call, where each Python step counts).
+    key = (op, device_type)
+    if key in _reasons:
+        return _reasons[key]
     why = _load()
     if why is not None:
         return why
-    # Every call of a native op asks this; the dispatcher's answer is fixed once the library is
-    # loaded (its kernels register at load), and asking costs microseconds, so it is kept.
-    cache = _state.setdefault("reasons", {})
-    key = (op, device_type)
-    if key not in cache:
-        cache[key] = _reason_loaded(op, device_type)
-    return cache[key]
+    _reasons[key] = why = _reason_loaded(op, device_type)
+    return why
 
 
 def _reason_loaded(op: str | None, device_type: str | None) -> str | None:

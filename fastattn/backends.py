@@ -46,7 +46,7 @@ import importlib
 import importlib.util
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -132,26 +132,35 @@ def _check_known(name: object) -> str:
     return name
 
 
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
-    """Force backend ``name`` for fastattn calls made on this thread inside the block.
+class use_backend(contextlib.ContextDecorator):
+    """Force backend ``name`` for fastattn calls made on this thread inside the block (also
+    usable as a decorator).
 
     Raises ``ValueError`` for an unknown name and :class:`BackendUnavailableError` when the
-    backend cannot run on this machine at all. A backend that runs here but not for a given
-    tensor's device (``triton`` with CPU tensors and no interpreter) raises at that call.
+    backend cannot run on this machine at all (both when it is created, so in the ``with``
+    statement). A backend that runs here but not for a given tensor's device (``triton`` with
+    CPU tensors and no interpreter) raises at that call.
+
+    A class rather than a ``contextlib.contextmanager`` generator: entering and leaving a block
+    is then two list operations, where the generator's machinery cost several microseconds a
+    block, more with cold caches, which a call wrapped in its own block (as the benchmark
+    providers are) pays every time.
     """
-    _check_known(name)
-    why = _reason_unavailable(name, None)
-    if why is not None:
-        raise BackendUnavailableError(
-            f"backend {name!r} is unavailable: {why}; available: {', '.join(available_backends())}"
-        )
-    stack = _state.stack
-    stack.append(name)
-    try:
-        yield
-    finally:
-        stack.pop()
+
+    def __init__(self, name: str) -> None:
+        _check_known(name)
+        why = _reason_unavailable(name, None)
+        if why is not None:
+            raise BackendUnavailableError(
+                f"backend {name!r} is unavailable: {why}; available: "
+                f"{', '.join(available_backends())}")
+        self.name = name
+
+    def __enter__(self) -> None:
+        _state.stack.append(self.name)
+
+    def __exit__(self, *exc: object) -> None:
+        _state.stack.pop()
 
 
 def requested_backend() -> tuple[str | None, str]:
@@ -214,10 +223,14 @@ def select(device: torch.device, op: str | None = None, *, dtype: torch.dtype | 
     ``dtype`` and ``size`` place the call in a shape class of the tuned table: ``size`` is the
     row length (softmax), the class count (cross-entropy) or ``(head_dim, key_len)``
     (attention); without them the fixed order applies when nothing is requested."""
-    name, origin = requested_backend()
-    if name is None:
-        tuned = _lazy("fastattn._tuned")
-        return tuned.choose(device.type, device.index, op, tuned.shape_class(op, dtype, size))
+    stack = _state.stack
+    if stack:  # requested_backend()'s first case, inline: this runs on every call
+        name, origin = stack[-1], "use_backend()"
+    else:
+        name, origin = requested_backend()
+        if name is None:
+            tuned = _lazy("fastattn._tuned")
+            return tuned.choose(device.type, device.index, op, tuned.shape_class(op, dtype, size))
     _check_request(name, origin, device, op)
     return name
 
