@@ -110,6 +110,24 @@ def _reason_unavailable(name: str, device_type: str | None, op: str | None = Non
     raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(BACKENDS)}")
 
 
+# (backend, device type or None, op or None) found to serve. torch's and native's answers never
+# change once given (native's is fixed when the extension loads), so they are asked once; not
+# numba's or triton's, which follow the environment (TRITON_INTERPRET, what imports).
+_SERVES: set[tuple[str, str | None, str | None]] = set()
+
+
+def _reason_checked(name: str, device_type: str | None, op: str | None = None) -> str | None:
+    """:func:`_reason_unavailable` for a known ``name``, remembered where it cannot change: a
+    request runs this on every call, where each Python step counts."""
+    key = (name, device_type, op)
+    if key in _SERVES:
+        return None
+    why = _reason_unavailable(name, device_type, op)
+    if why is None and name in ("torch", "native"):
+        _SERVES.add(key)
+    return why
+
+
 def backend_status(
     device: torch.device | str | None = None, op: str | None = None
 ) -> dict[str, str | None]:
@@ -149,7 +167,7 @@ class use_backend(contextlib.ContextDecorator):
 
     def __init__(self, name: str) -> None:
         _check_known(name)
-        why = _reason_unavailable(name, None)
+        why = _reason_checked(name, None)
         if why is not None:
             raise BackendUnavailableError(
                 f"backend {name!r} is unavailable: {why}; available: "
@@ -207,7 +225,7 @@ def reload_tuned() -> None:
 
 
 def _check_request(name: str, origin: str, device: torch.device, op: str | None) -> None:
-    why = _reason_unavailable(name, device.type, op)
+    why = _reason_checked(name, device.type, op)
     if why is not None:
         what = f"{op} on {device.type} tensors" if op else f"on {device.type} tensors"
         raise BackendUnavailableError(

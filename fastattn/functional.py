@@ -332,7 +332,7 @@ def _check_qkv(names: tuple[str, str, str], q, k, v) -> None:
                          "must match (the value head dim may differ)")
 
 
-# The default window: no bound on either side (also what the fast test below recognises).
+# The default window: no bound on either side (the fast test below also takes an equal tuple).
 NO_WINDOW = (-1, -1)
 
 
@@ -340,7 +340,10 @@ def _check_attention_extras(dropout_p, scale, window_size, softcap, deterministi
     """The options both attention entry points share; returns (dropout_p, scale, left, right,
     softcap). As in :func:`_check_qkv`, the first test passes the common calls (no dropout,
     window or softcap; any valid scale) at once."""
-    if (window_size is NO_WINDOW and type(dropout_p) is float and dropout_p == 0.0
+    if ((window_size is NO_WINDOW or (type(window_size) is tuple and window_size == NO_WINDOW
+                                      and type(window_size[0]) is int
+                                      and type(window_size[1]) is int))
+            and type(dropout_p) is float and dropout_p == 0.0
             and type(softcap) is float and softcap == 0.0 and deterministic is False
             and (scale is None or (type(scale) is float and math.isfinite(scale)))):
         return 0.0, head_dim**-0.5 if scale is None else scale, -1, -1, 0.0

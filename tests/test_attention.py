@@ -446,6 +446,8 @@ BAD_SDPA = [
      TypeError, "dropout_p"),
     (lambda: SDPA(_t(2, 3, 5, 16), _t(2, 3, 7, 16), _t(2, 3, 7, 16), window_size=(-1.0, -1)),
      TypeError, "window_size"),
+    (lambda: SDPA(_t(2, 3, 5, 16), _t(2, 3, 7, 16), _t(2, 3, 7, 16), window_size=(-1, -1.0)),
+     TypeError, "window_size"),
     (lambda: SDPA(_t(2, 3, 5, 16), _t(2, 3, 7, 16), _t(2, 3, 7, 16), deterministic=0),
      TypeError, "deterministic"),
     (lambda: SDPA(_t(2, 3, 5, 16), _t(2, 3, 7, 16), _t(2, 3, 7, 16), enable_gqa=None),
@@ -474,6 +476,8 @@ def test_option_spellings_agree():
     got = SDPA(q, k, v, scale=1, dropout_p=0, window_size=[-1, -1], softcap=0,
                deterministic=False, is_causal=False)
     assert torch.equal(got, want)
+    # a tuple equal to the default window (not the default object itself) means no window
+    assert torch.equal(SDPA(q, k, v, scale=1.0, window_size=tuple([-1, -1])), want)
     assert not torch.equal(SDPA(q, k, v), want)  # the default scale is 1/sqrt(16), not 1
 
 

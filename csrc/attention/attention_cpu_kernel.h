@@ -59,6 +59,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -330,9 +331,12 @@ void fwd_tiles(const AttentionParams& p, TaskQueue& tasks) {
   const int64_t D = p.D, Dv = p.Dv, Dvp = round_up(Dv, kPad), group = p.Hq / p.Hk;
   const uint64_t threshold = dropout_threshold(p.dropout_p);
   const A drop_scale = static_cast<A>(1.0 / (1.0 - p.dropout_p));
-  std::vector<A> qbuf(kBlockM * std::max<int64_t>(D, 1)), obuf(kBlockM * Dvp + 1),
-      sbuf(kBlockM * kBlockN), mbuf(kBlockN), mrow(kBlockM), lrow(kBlockM), row;
-  A *Q = qbuf.data(), *O = obuf.data(), *Sb = sbuf.data();
+  // Q, O and S tiles left uninitialised (new A[], not a vector's zeros: 64 KB of memset per
+  // call at head dim 64): each task writes every element it reads (O is zeroed per tile below).
+  const std::unique_ptr<A[]> qbuf(new A[kBlockM * std::max<int64_t>(D, 1)]),
+      obuf(new A[kBlockM * Dvp + 1]), sbuf(new A[kBlockM * kBlockN]);
+  std::vector<A> mbuf(kBlockN), mrow(kBlockM), lrow(kBlockM), row;
+  A *Q = qbuf.get(), *O = obuf.get(), *Sb = sbuf.get();
   for (int64_t idx; tasks.pop(idx);) {  // the buffers above carry nothing between tasks
     const int64_t tile = idx % tiles, bh = idx / tiles, h = bh % p.Hq, b = bh / p.Hq;
     const int64_t hk = h / group, i0 = tile * kBlockM, m = std::min(kBlockM, p.L - i0);
