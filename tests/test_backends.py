@@ -158,6 +158,33 @@ def test_nested_use_backend_inner_wins_and_outer_is_restored():
 
 
 @needs_triton
+def test_use_backend_as_a_decorator_and_entered_again():
+    # A ContextDecorator: a decorated function runs under the request on every call, and one
+    # use_backend object may be entered again, inside itself too.
+    @fastattn.use_backend(OTHER)
+    def other():
+        return ran_on()
+
+    assert other() == {OTHER}
+    assert other() == {OTHER}
+    assert ran_on() == {DEFAULT}
+    block = fastattn.use_backend(OTHER)
+    with block:
+        with block:
+            assert ran_on() == {OTHER}
+        assert ran_on() == {OTHER}
+    assert fastattn.backends.requested_backend() == (None, "default")
+
+
+def test_use_backend_checks_the_name_when_created():
+    with pytest.raises(ValueError, match="nope"):
+        fastattn.use_backend("nope")
+    with pytest.raises(ValueError, match="unknown backend"):
+        fastattn.use_backend(["torch"])  # not a name at all (unhashable, too)
+    assert fastattn.backends.requested_backend() == (None, "default")
+
+
+@needs_triton
 def test_use_backend_is_thread_local():
     seen = {}
 
