@@ -80,7 +80,12 @@ constexpr int kRows = kVecs<A> == 4 ? 6 : 4;
 static_assert(kPad % Vectorized<float>::size() == 0 && kBlockN % Vectorized<float>::size() == 0,
               "buffers are padded to whole vectors");
 
-// C[0:RM, 0:NV*VS] (+)= op(A)[0:RM, 0:K] B[0:K, 0:NV*VS], accumulators in registers.
+// C[0:RM, 0:NV*VS] (+)= op(A)[0:RM, 0:K] B[0:K, 0:NV*VS], accumulators in registers. The
+// product is summed from zero and added to C at the end, not summed onto C: an accumulator
+// that many tiles add into (dV and dK over every query tile, O over every key block) then
+// rounds one sum of K terms plus one add per tile, where a running sum would round all of
+// them in one chain (dV of the first key under a causal mask, L = 1024: 4-10x PyTorch's
+// error against float64, as one chain).
 template <typename A, bool kTransA, int RM, int NV>
 inline void micro(int64_t K, const A* a, int64_t lda, const A* b, int64_t ldb, A* c, int64_t ldc,
                   bool accumulate) {
@@ -88,7 +93,7 @@ inline void micro(int64_t K, const A* a, int64_t lda, const A* b, int64_t ldb, A
   constexpr int VS = V::size();
   V r[RM][NV];
   for (int i = 0; i < RM; ++i) {
-    for (int v = 0; v < NV; ++v) r[i][v] = accumulate ? V::loadu(c + i * ldc + v * VS) : V(A(0));
+    for (int v = 0; v < NV; ++v) r[i][v] = V(A(0));
   }
   for (int64_t k = 0; k < K; ++k) {
     V bv[NV];
@@ -99,7 +104,10 @@ inline void micro(int64_t K, const A* a, int64_t lda, const A* b, int64_t ldb, A
     }
   }
   for (int i = 0; i < RM; ++i) {
-    for (int v = 0; v < NV; ++v) r[i][v].store(c + i * ldc + v * VS);
+    for (int v = 0; v < NV; ++v) {
+      A* out = c + i * ldc + v * VS;
+      (accumulate ? V::loadu(out) + r[i][v] : r[i][v]).store(out);
+    }
   }
 }
 
