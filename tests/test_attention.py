@@ -90,10 +90,10 @@ def test_flash_attn_func_matches_reference(backend, L, S, D, Dv, causal):
 def test_long_causal_key_gradients_keep_float32_accuracy(backend):
     # Under a causal mask dk and dv of the first keys sum a term from every query row: 2048
     # here (1024 rows, two query heads per key head). Summed as one running float32 chain,
-    # the native CPU kernel's max error was 2-10x PyTorch's, which the usual rule's absolute
-    # slack hid. The maximum of the error swings from draw to draw, so this test compares
-    # root-mean-square errors, which do not: native's was 2.4-2.7x PyTorch's in 10 draws as one
-    # chain, 0.9-1.04x in 20 since.
+    # the native CPU kernel's max error was 2-10x that of PyTorch's CPU SDPA, which the usual
+    # rule's absolute slack hid. The maximum of the error swings from draw to draw, so this
+    # test compares root-mean-square errors, which do not: native's was 2.4-2.7x the float32
+    # reference's in 10 draws as one chain, 0.91-1.04x in 20 since.
     if DEVICE != "cpu":
         pytest.skip("a check of the CPU kernels' sums; the CUDA kernels' are not measured yet")
     if backend == "triton":
