@@ -5,7 +5,6 @@
 
 namespace fastattn::cuda::attention {
 
-template void run_head_dim<CudaLauncher, true, 128>(at::ScalarType, const AttnParams&);
-template void run_head_dim<CudaLauncher, false, 128>(at::ScalarType, const AttnParams&);
+FASTATTN_RUN_HEAD_DIM(template, 128);
 
 }  // namespace fastattn::cuda::attention

@@ -5,7 +5,6 @@
 
 namespace fastattn::cuda::attention {
 
-template void run_head_dim<CudaLauncher, true, 192>(at::ScalarType, const AttnParams&);
-template void run_head_dim<CudaLauncher, false, 192>(at::ScalarType, const AttnParams&);
+FASTATTN_RUN_HEAD_DIM(template, 192);
 
 }  // namespace fastattn::cuda::attention

@@ -5,7 +5,6 @@
 
 namespace fastattn::cuda::attention {
 
-template void run_head_dim<CudaLauncher, true, 256>(at::ScalarType, const AttnParams&);
-template void run_head_dim<CudaLauncher, false, 256>(at::ScalarType, const AttnParams&);
+FASTATTN_RUN_HEAD_DIM(template, 256);
 
 }  // namespace fastattn::cuda::attention

@@ -126,19 +126,20 @@ struct CudaLauncher {
 
 namespace attention {
 
-// The launch logic of each padded head dim (padded_head_dim), compiled in attention_cuda_d<kD>.cu.
-extern template void run_head_dim<CudaLauncher, true, 32>(at::ScalarType, const AttnParams&);
-extern template void run_head_dim<CudaLauncher, false, 32>(at::ScalarType, const AttnParams&);
-extern template void run_head_dim<CudaLauncher, true, 64>(at::ScalarType, const AttnParams&);
-extern template void run_head_dim<CudaLauncher, false, 64>(at::ScalarType, const AttnParams&);
-extern template void run_head_dim<CudaLauncher, true, 96>(at::ScalarType, const AttnParams&);
-extern template void run_head_dim<CudaLauncher, false, 96>(at::ScalarType, const AttnParams&);
-extern template void run_head_dim<CudaLauncher, true, 128>(at::ScalarType, const AttnParams&);
-extern template void run_head_dim<CudaLauncher, false, 128>(at::ScalarType, const AttnParams&);
-extern template void run_head_dim<CudaLauncher, true, 192>(at::ScalarType, const AttnParams&);
-extern template void run_head_dim<CudaLauncher, false, 192>(at::ScalarType, const AttnParams&);
-extern template void run_head_dim<CudaLauncher, true, 256>(at::ScalarType, const AttnParams&);
-extern template void run_head_dim<CudaLauncher, false, 256>(at::ScalarType, const AttnParams&);
+// The launch logic of each padded head dim (padded_head_dim) is compiled in its own
+// attention_cuda_d<kD>.cu, which instantiates run_head_dim's forward and backward with
+// FASTATTN_RUN_HEAD_DIM(template, kD); the extern declarations below tell every other file so.
+// One macro, so the signature is spelled once for both.
+#define FASTATTN_RUN_HEAD_DIM(how, kD)                                               \
+  how void run_head_dim<CudaLauncher, true, kD>(at::ScalarType, const AttnParams&); \
+  how void run_head_dim<CudaLauncher, false, kD>(at::ScalarType, const AttnParams&)
+
+FASTATTN_RUN_HEAD_DIM(extern template, 32);
+FASTATTN_RUN_HEAD_DIM(extern template, 64);
+FASTATTN_RUN_HEAD_DIM(extern template, 96);
+FASTATTN_RUN_HEAD_DIM(extern template, 128);
+FASTATTN_RUN_HEAD_DIM(extern template, 192);
+FASTATTN_RUN_HEAD_DIM(extern template, 256);
 
 }  // namespace attention
 }  // namespace fastattn::cuda
